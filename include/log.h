@@ -1,0 +1,25 @@
+/* Logging: one line per event, key=value, to stderr. */
+#ifndef STP_LOG_H
+#define STP_LOG_H
+
+#include <stdarg.h>
+
+enum stp_log_level {
+    STP_LOG_ERROR = 0,
+    STP_LOG_WARN,
+    STP_LOG_INFO,
+    STP_LOG_DEBUG,
+};
+
+void stp_log_set_level(enum stp_log_level level);
+enum stp_log_level stp_log_get_level(void);
+/* "error" | "warn" | "info" | "debug" -> level; -EINVAL otherwise. */
+int stp_log_parse_level(const char *text, enum stp_log_level *level);
+
+/* Writes "<timestamp> <level> <message>\n" to stderr in one write(). */
+void stp_log(enum stp_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+#define stp_log_enabled(lvl) ((lvl) <= stp_log_get_level())
+
+#endif

@@ -1,0 +1,199 @@
+/* SMTP protocol logic: line framing, command policy, reply parsing, the EHLO
+ * filter, message-content tracking. Pure: no sockets, no libuv, no wolfSSL.
+ * The session feeds it bytes and it emits actions through stp_smtp_ops, so it
+ * can be unit-tested and fuzzed on its own. */
+#ifndef STP_SMTP_H
+#define STP_SMTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "stp.h"
+
+/* ---- small parsers -------------------------------------------------------- */
+
+enum stp_line_status {
+    STP_LINE_MORE = 0,   /* no LF yet, and still under the limit */
+    STP_LINE_OK,         /* a line: *len excludes the terminator */
+    STP_LINE_TOO_LONG,   /* no LF within max bytes */
+};
+
+/* Find one line in p[0..n). Terminator is LF or CRLF. On STP_LINE_OK, *len is
+ * the line without terminator and *used includes it. A line (with its
+ * terminator) longer than max octets is STP_LINE_TOO_LONG even if it ends in
+ * this buffer. */
+enum stp_line_status stp_line_find(const char *p, size_t n, size_t max,
+                                   size_t *len, size_t *used);
+
+enum stp_cmd {
+    STP_CMD_UNKNOWN = 0,
+    STP_CMD_EHLO, STP_CMD_HELO, STP_CMD_MAIL, STP_CMD_RCPT, STP_CMD_DATA,
+    STP_CMD_BDAT, STP_CMD_RSET, STP_CMD_NOOP, STP_CMD_QUIT, STP_CMD_VRFY,
+    STP_CMD_EXPN, STP_CMD_HELP, STP_CMD_ETRN, STP_CMD_AUTH, STP_CMD_STARTTLS,
+    STP_CMD_XCLIENT, STP_CMD_XFORWARD,
+};
+
+/* Classify a command line (no terminator). The verb is case-insensitive and
+ * ends at a space or the end of the line. *arg points past the spaces after
+ * the verb (at the end of the line if there are no arguments). */
+enum stp_cmd stp_cmd_parse(const char *line, size_t len, const char **arg);
+const char *stp_cmd_name(enum stp_cmd cmd);
+
+/* "BDAT <size> [LAST]" arguments. 0 or -EINVAL. */
+int stp_bdat_parse(const char *arg, size_t len, uint64_t *size, bool *last);
+
+/* One reply line (no terminator): "250-text", "250 text" or "250".
+ * Returns 0 with *code and *last set, or -EINVAL if it is not a reply line. */
+int stp_reply_line(const char *line, size_t len, int *code, bool *last);
+
+/* EHLO reply filter. IN is a complete 250 reply (lines with CRLF). Writes the
+ * edited reply into OUT: drops extension lines named by FLAGS, always drops
+ * STARTTLS/XCLIENT/XFORWARD, appends STARTTLS when asked, and fixes the
+ * continuation markers so exactly the last line has "250 ". Returns the
+ * length written or -ENOSPC. *chunking reports whether CHUNKING was offered.*/
+enum {
+    STP_EHLO_OFFER_STARTTLS = 1 << 0,
+    STP_EHLO_STRIP_AUTH = 1 << 1,
+    STP_EHLO_STRIP_REQUIRETLS = 1 << 2,
+};
+int stp_ehlo_filter(const char *in, size_t inlen, char *out, size_t outcap,
+                    unsigned flags, bool *chunking);
+
+/* End-of-data scanner for DATA content. Looks only for CRLF "." CRLF, and for
+ * the ambiguous forms a lenient upstream could take as the end (a "." line
+ * opened or closed by a bare CR or LF: the SMTP smuggling family). */
+enum stp_dot_state {
+    STP_DOT_LINE_START = 0, /* after CRLF (content starts here) */
+    STP_DOT_TEXT,
+    STP_DOT_CR,             /* after CR */
+    STP_DOT_BARE_START,     /* after a bare LF or bare CR */
+    STP_DOT_DOT,            /* CRLF "." */
+    STP_DOT_DOT_CR,         /* CRLF "." CR */
+    STP_DOT_BARE_DOT,       /* bare line end then "." */
+};
+enum stp_dot_result {
+    STP_DOT_MORE = 0,  /* all of the input is content */
+    STP_DOT_END,       /* *used bytes end with CRLF.CRLF */
+    STP_DOT_SMUGGLE,   /* ambiguous end: *used bytes are safe, stop there */
+};
+enum stp_dot_result stp_dot_scan(enum stp_dot_state *st, const char *p,
+                                 size_t n, size_t *used);
+
+/* ---- the session's protocol engine ------------------------------------------ */
+
+enum stp_fwd {
+    STP_FWD_LINE,  /* a command line without terminator: send it + CRLF */
+    STP_FWD_RAW,   /* message content, verbatim, a slice of the input */
+};
+
+/* Why the engine wants the connection closed (for the log). */
+enum stp_close_reason {
+    STP_CLOSE_QUIT = 0,        /* client said QUIT and got the reply */
+    STP_CLOSE_UPSTREAM_421,    /* upstream said 421 */
+    STP_CLOSE_UPSTREAM_LOST,   /* upstream EOF/error: we sent 421 4.4.2 */
+    STP_CLOSE_UPSTREAM_PROTO,  /* upstream broke the protocol: 421 4.4.2 */
+    STP_CLOSE_TIMEOUT,         /* idle: we sent 421 4.4.2 */
+    STP_CLOSE_SMUGGLE,         /* ambiguous end of data: 554, upstream cut */
+    STP_CLOSE_CLIENT_EOF,
+};
+const char *stp_close_reason_name(enum stp_close_reason r);
+
+struct stp_smtp_ops {
+    /* Bytes for the upstream. For STP_FWD_RAW, P points into the buffer given
+     * to stp_smtp_client_input, so the caller can send it without copying. */
+    void (*to_upstream)(void *ctx, enum stp_fwd kind, const char *p, size_t n);
+    /* Reply bytes for the client (complete lines with CRLF). */
+    void (*to_client)(void *ctx, const char *p, size_t n);
+    /* A 220 to STARTTLS was queued: once it is flushed, discard any buffered
+     * client plaintext and start the TLS handshake, then call
+     * stp_smtp_tls_started(). */
+    void (*start_tls)(void *ctx);
+    /* Close both sides once the client's output is flushed. If CUT_UPSTREAM,
+     * close the upstream at once (unfinished message must not complete). */
+    void (*close)(void *ctx, enum stp_close_reason why, bool cut_upstream);
+    /* Policy decisions worth a log line: "reject" with a short reason. */
+    void (*event)(void *ctx, const char *event, const char *detail);
+};
+
+struct stp_smtp_cfg {
+    bool offer_starttls;    /* listener tls = starttls */
+    bool require_tls;       /* 530 before TLS */
+    bool tls_active;        /* implicit TLS: starts active */
+    bool upstream_tls;      /* upstream leg encrypted (REQUIRETLS passes) */
+    uint32_t max_line;      /* client command line limit incl. CRLF */
+    const char *hostname;   /* in 421 texts */
+};
+
+enum stp_phase {
+    STP_PH_GREETING = 0, /* waiting for the upstream's greeting */
+    STP_PH_COMMAND,      /* reading client commands */
+    STP_PH_CONTENT,      /* DATA content until CRLF.CRLF */
+    STP_PH_CHUNK,        /* BDAT octets, forwarded */
+    STP_PH_CHUNK_DISCARD,/* BDAT octets of a refused BDAT, dropped */
+    STP_PH_AUTH,         /* client lines are SASL responses */
+    STP_PH_STARTTLS,     /* 220 sent; waiting for the handshake */
+    STP_PH_QUIT,         /* QUIT forwarded; client input ignored */
+    STP_PH_CLOSED,       /* close requested; nothing more happens */
+    STP_PH_COUNT
+};
+const char *stp_phase_name(enum stp_phase ph);
+
+/* What each queued upstream reply answers. */
+enum stp_pend {
+    STP_PEND_GREETING = 0, STP_PEND_EHLO, STP_PEND_CMD, STP_PEND_DATA,
+    STP_PEND_DATA_END, STP_PEND_BDAT, STP_PEND_AUTH, STP_PEND_QUIT,
+    STP_PEND_RSET_INTERNAL, /* ours, at the TLS boundary: not relayed */
+};
+
+#define STP_SMTP_MAX_PENDING 64
+
+struct stp_smtp {
+    struct stp_smtp_cfg cfg;
+    const struct stp_smtp_ops *ops;
+    void *ctx;
+    enum stp_phase phase;
+    bool tls;            /* client leg encrypted */
+    bool auth_done;      /* an AUTH got 235 */
+    bool chunking;       /* upstream offered CHUNKING in its last EHLO */
+    bool skipping;       /* discarding the rest of an over-long line */
+    bool waiting;        /* stalled until the pending replies are in */
+    bool reply_421;      /* the client already got a 421 */
+    enum stp_dot_state dot;
+    uint64_t chunk_left;
+    uint8_t pend[STP_SMTP_MAX_PENDING];
+    unsigned pend_head, pend_count;
+    /* The upstream reply being assembled. Only an EHLO reply is held, in a
+     * buffer that exists only while it is assembled (a session is idle most
+     * of its life and should not carry it). */
+    bool in_reply;
+    int reply_code;
+    char *ehlo;
+    size_t ehlo_len;
+    bool ehlo_overflow;
+};
+
+void stp_smtp_init(struct stp_smtp *s, const struct stp_smtp_cfg *cfg,
+                   const struct stp_smtp_ops *ops, void *ctx);
+
+void stp_smtp_free(struct stp_smtp *s);
+
+/* Client bytes (plaintext). Returns how many were consumed; the rest must be
+ * offered again later (after more input, or after upstream replies). */
+size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n);
+
+/* Upstream bytes. Returns how many were consumed (whole lines), or a negative
+ * error after which the engine has already asked to close. */
+long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n);
+
+/* The client leg is now TLS: forget everything learnt in plaintext. */
+void stp_smtp_tls_started(struct stp_smtp *s);
+
+/* The upstream connection ended or failed. */
+void stp_smtp_upstream_lost(struct stp_smtp *s);
+/* The upstream could not be reached at all. */
+void stp_smtp_upstream_unreachable(struct stp_smtp *s);
+/* The idle timer fired. */
+void stp_smtp_timeout(struct stp_smtp *s);
+
+#endif

@@ -1,0 +1,41 @@
+# Test registration, included from the top-level CMakeLists.txt.
+
+# Unit tests: one executable per tests/unit/test_*.c, linked with stp_core.
+file(GLOB STP_UNIT_TESTS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/tests/unit/test_*.c)
+foreach(src ${STP_UNIT_TESTS})
+  get_filename_component(name ${src} NAME_WE)
+  add_executable(${name} ${src})
+  target_link_libraries(${name} PRIVATE stp_core)
+  add_test(NAME unit_${name} COMMAND ${name})
+endforeach()
+
+# Integration tests: each tests/integration/test_*.py runs the real daemon
+# (STP_BIN) against real peers, with Debian's python3 and pytest.
+if(STP_INTEGRATION_TESTS)
+  file(GLOB STP_INTEGRATION CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/tests/integration/test_*.py)
+  foreach(py ${STP_INTEGRATION})
+    get_filename_component(name ${py} NAME_WE)
+    add_test(NAME integration_${name}
+      COMMAND /usr/bin/python3 -m pytest -q -p no:cacheprovider ${py})
+    set_tests_properties(integration_${name} PROPERTIES
+      ENVIRONMENT "STP_BIN=$<TARGET_FILE:starttls-proxy>"
+      TIMEOUT 600)
+  endforeach()
+endif()
+
+# Fuzz targets (clang -fsanitize=fuzzer): built with -DSTP_FUZZ=ON, each
+# registered as a short bounded run over its seed corpus.
+if(STP_FUZZ)
+  file(GLOB STP_FUZZERS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/tests/fuzz/fuzz_*.c)
+  foreach(src ${STP_FUZZERS})
+    get_filename_component(name ${src} NAME_WE)
+    add_executable(${name} ${src} proxy/log.c proxy/config.c proxy/smtp.c)
+    target_include_directories(${name} PRIVATE include)
+    target_compile_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+    target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
+    target_link_libraries(${name} PRIVATE PkgConfig::INIH)
+    set(corpus ${CMAKE_CURRENT_SOURCE_DIR}/tests/fuzz/corpus/${name})
+    add_test(NAME fuzz_${name}
+      COMMAND ${name} -max_total_time=30 -timeout=5 ${corpus})
+  endforeach()
+endif()
