@@ -1,0 +1,481 @@
+/* libuv stream glue: pooled buffers, TLS pumping, a bounded output queue.
+ *
+ * Data path: ciphertext is read straight into `crx`, which the TLS recv
+ * callback consumes; wolfSSL decrypts into `rx`; the owner hands slices of
+ * `rx` to the other connection's queue (stp_conn_write_ref) without a copy.
+ * Records produced by wolfSSL are appended to the queue by the send callback.
+ * One uv_write is in flight at a time, carrying every queued slice. */
+#include <string.h>
+
+#include "io.h"
+
+/* ---- buffer pool (one event loop per thread: no locks) -------------------- */
+
+#define POOL_REST 64
+
+static __thread struct stp_buf *pool;
+static __thread unsigned pool_n;
+
+struct stp_buf *stp_buf_get(void)
+{
+    struct stp_buf *b = pool;
+    if (b) {
+        pool = b->next;
+        pool_n--;
+    } else if (!(b = malloc(sizeof(*b)))) {
+        return NULL;
+    }
+    b->next = NULL;
+    b->refs = 1;
+    b->len = 0;
+    return b;
+}
+
+void stp_buf_unref(struct stp_buf *b)
+{
+    if (!b || --b->refs > 0)
+        return;
+    if (pool_n >= POOL_REST) {
+        free(b);
+        return;
+    }
+    b->next = pool;
+    pool = b;
+    pool_n++;
+}
+
+void stp_buf_pool_trim(void)
+{
+    while (pool) {
+        struct stp_buf *b = pool;
+        pool = b->next;
+        free(b);
+    }
+    pool_n = 0;
+}
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static struct stp_conn *conn_of(void *handle_data)
+{
+    struct stp_conn *c = handle_data;
+    STP_ASSERT(c && c->magic == STP_CONN_MAGIC);
+    return c;
+}
+
+/* Make room at the end of *bp, keeping bytes from *off on. Returns the free
+ * space (0 when the buffer is full of unconsumed input). */
+static size_t make_room(struct stp_buf **bp, uint32_t *off)
+{
+    struct stp_buf *b = *bp;
+    if (!b) {
+        if (!(*bp = stp_buf_get()))
+            return 0;
+        *off = 0;
+        return STP_BUF_SIZE;
+    }
+    if (b->len < STP_BUF_SIZE || *off == 0)
+        return STP_BUF_SIZE - b->len;
+    size_t keep = b->len - *off;
+    if (b->refs == 1) {
+        memmove(b->data, b->data + *off, keep);
+        b->len = (uint32_t)keep;
+    } else {
+        /* Slices of it are still queued for writing: move on. */
+        struct stp_buf *nb = stp_buf_get();
+        if (!nb)
+            return 0;
+        memcpy(nb->data, b->data + *off, keep);
+        nb->len = (uint32_t)keep;
+        stp_buf_unref(b);
+        *bp = nb;
+    }
+    *off = 0;
+    return STP_BUF_SIZE - (*bp)->len;
+}
+
+/* Is there room for input? Does not allocate: a missing buffer is fetched
+ * from the pool by alloc_cb only when bytes actually arrive. */
+static bool input_room(struct stp_conn *c)
+{
+    struct stp_buf *b = c->tls ? c->crx : c->rx;
+    uint32_t off = c->tls ? c->crx_off : c->rx_off;
+    return !b || b->len < STP_BUF_SIZE || off > 0;
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    struct stp_conn *c = conn_of(h->data);
+    struct stp_buf **bp = c->tls ? &c->crx : &c->rx;
+    uint32_t *off = c->tls ? &c->crx_off : &c->rx_off;
+    size_t room = make_room(bp, off);
+    *buf = uv_buf_init(room ? (*bp)->data + (*bp)->len : NULL,
+                       (unsigned)room);
+}
+
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+static void update_reading(struct stp_conn *c)
+{
+    bool on = c->reading && !c->closing && input_room(c);
+    if (on == c->read_active)
+        return;
+    c->read_active = on;
+    if (on)
+        uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+    else
+        uv_read_stop((uv_stream_t *)&c->tcp);
+}
+
+/* ---- output queue ------------------------------------------------------- */
+
+static void write_cb(uv_write_t *req, int status);
+
+static int outq_push(struct stp_conn *c, struct stp_buf *b, uint32_t off,
+                     uint32_t len)
+{
+    if (c->out_count == STP_OUTQ_SLOTS)
+        return -ENOBUFS;
+    struct stp_slice *s =
+        &c->outq[(c->out_head + c->out_count) % STP_OUTQ_SLOTS];
+    s->buf = b;
+    s->off = off;
+    s->len = len;
+    c->out_count++;
+    c->out_bytes += len;
+    return 0;
+}
+
+/* Copy bytes onto the queue, filling the last buffer when it is ours alone
+ * and not yet being written. */
+static int outq_copy(struct stp_conn *c, const char *p, size_t n)
+{
+    while (n > 0) {
+        struct stp_slice *t = NULL;
+        if (c->out_count > c->out_inflight)
+            t = &c->outq[(c->out_head + c->out_count - 1) % STP_OUTQ_SLOTS];
+        if (t && t->buf->refs == 1 && t->off + t->len == t->buf->len &&
+            t->buf->len < STP_BUF_SIZE) {
+            size_t k = STP_MIN(n, (size_t)(STP_BUF_SIZE - t->buf->len));
+            memcpy(t->buf->data + t->buf->len, p, k);
+            t->buf->len += (uint32_t)k;
+            t->len += (uint32_t)k;
+            c->out_bytes += k;
+            p += k;
+            n -= k;
+            continue;
+        }
+        struct stp_buf *b = stp_buf_get();
+        if (!b)
+            return -ENOMEM;
+        int r = outq_push(c, b, 0, 0);
+        if (r < 0) {
+            stp_buf_unref(b);
+            return r;
+        }
+    }
+    return 0;
+}
+
+static void start_write(struct stp_conn *c)
+{
+    uv_buf_t bufs[STP_OUTQ_SLOTS];
+    if (c->out_inflight || !c->out_count || c->closing)
+        return;
+    for (unsigned i = 0; i < c->out_count; i++) {
+        struct stp_slice *s = &c->outq[(c->out_head + i) % STP_OUTQ_SLOTS];
+        bufs[i] = uv_buf_init(s->buf->data + s->off, s->len);
+    }
+    c->out_inflight = c->out_count;
+    int r = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs, c->out_count,
+                     write_cb);
+    if (r < 0) {
+        c->out_inflight = 0;
+        c->cb(c, STP_IO_ERROR, r);
+    }
+}
+
+static void write_cb(uv_write_t *req, int status)
+{
+    struct stp_conn *c = conn_of(req->handle->data);
+    for (unsigned i = 0; i < c->out_inflight; i++) {
+        struct stp_slice *s = &c->outq[c->out_head];
+        c->out_bytes -= s->len;
+        if (status == 0)
+            c->bytes_out += s->len;
+        stp_buf_unref(s->buf);
+        c->out_head = (c->out_head + 1) % STP_OUTQ_SLOTS;
+        c->out_count--;
+    }
+    c->out_inflight = 0;
+    if (status == UV_ECANCELED || c->closing)
+        return;
+    if (status < 0) {
+        c->cb(c, STP_IO_ERROR, status);
+        return;
+    }
+    if (c->out_count)
+        start_write(c);
+    else
+        c->cb(c, STP_IO_DRAINED, 0);
+}
+
+/* ---- TLS ------------------------------------------------------------------ */
+
+static int tls_recv(void *arg, char *buf, int sz)
+{
+    struct stp_conn *c = arg;
+    if (!c->crx || c->crx_off == c->crx->len)
+        return -EAGAIN;
+    size_t k = STP_MIN((size_t)sz, (size_t)(c->crx->len - c->crx_off));
+    memcpy(buf, c->crx->data + c->crx_off, k);
+    c->crx_off += (uint32_t)k;
+    if (c->crx_off == c->crx->len) {
+        /* Nothing left: give the buffer back so idle sessions hold none. */
+        stp_buf_unref(c->crx);
+        c->crx = NULL;
+        c->crx_off = 0;
+    }
+    return (int)k;
+}
+
+static int tls_send(void *arg, const char *buf, int sz)
+{
+    struct stp_conn *c = arg;
+    int r = outq_copy(c, buf, (size_t)sz);
+    return r < 0 ? r : sz;
+}
+
+static const struct stp_tls_io tls_io = {tls_recv, tls_send};
+
+/* Run the handshake and decrypt into rx while the owner takes input. */
+static void tls_pump(struct stp_conn *c)
+{
+    while (!c->closing) {
+        if (!c->tls_ready) {
+            int r = stp_tls_handshake(c->tls);
+            stp_conn_flush(c);
+            if (r == -EAGAIN)
+                break;
+            if (r < 0) {
+                c->cb(c, STP_IO_ERROR, r);
+                return;
+            }
+            c->tls_ready = true;
+            c->cb(c, STP_IO_TLS_READY, 0);
+            continue;
+        }
+        if (!c->reading)
+            break;
+        size_t room = make_room(&c->rx, &c->rx_off);
+        if (room == 0)
+            break;
+        int r = stp_tls_read(c->tls, c->rx->data + c->rx->len, room);
+        if (r == -EAGAIN) {
+            stp_conn_flush(c); /* a read may have produced alerts */
+            break;
+        }
+        if (r <= 0) {
+            c->cb(c, r == 0 ? STP_IO_EOF : STP_IO_ERROR, r);
+            return;
+        }
+        c->rx->len += (uint32_t)r;
+        c->cb(c, STP_IO_DATA, 0);
+    }
+    if (!c->closing)
+        update_reading(c);
+}
+
+/* ---- reading ---------------------------------------------------------------- */
+
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct stp_conn *c = conn_of(s->data);
+    if (nread == 0 || c->closing)
+        return;
+    if (nread == UV_ENOBUFS) {
+        update_reading(c);
+        return;
+    }
+    if (nread < 0) {
+        c->cb(c, nread == UV_EOF ? STP_IO_EOF : STP_IO_ERROR, (int)nread);
+        return;
+    }
+    c->bytes_in += (uint64_t)nread;
+    if (c->tls) {
+        c->crx->len += (uint32_t)nread;
+        tls_pump(c);
+        return;
+    }
+    c->rx->len += (uint32_t)nread;
+    c->cb(c, STP_IO_DATA, 0);
+    if (!c->closing)
+        update_reading(c);
+}
+
+/* ---- public ----------------------------------------------------------------- */
+
+int stp_conn_init(uv_loop_t *loop, struct stp_conn *c, stp_conn_cb cb,
+                  void *owner)
+{
+    memset(c, 0, sizeof(*c));
+    c->magic = STP_CONN_MAGIC;
+    c->cb = cb;
+    c->owner = owner;
+    int r = uv_tcp_init(loop, &c->tcp);
+    c->tcp.data = c;
+    return r;
+}
+
+static void connect_cb(uv_connect_t *req, int status)
+{
+    struct stp_conn *c = conn_of(req->handle->data);
+    if (status == UV_ECANCELED)
+        return;
+    if (status == 0)
+        uv_tcp_nodelay(&c->tcp, 1);
+    c->cb(c, STP_IO_CONNECTED, status);
+}
+
+int stp_conn_connect(struct stp_conn *c, const struct sockaddr *addr)
+{
+    return uv_tcp_connect(&c->creq, &c->tcp, addr, connect_cb);
+}
+
+void stp_conn_want_read(struct stp_conn *c, bool on)
+{
+    c->reading = on;
+    update_reading(c);
+}
+
+void stp_conn_consume(struct stp_conn *c, size_t n)
+{
+    STP_ASSERT(c->rx && n <= c->rx->len - c->rx_off);
+    c->rx_off += (uint32_t)n;
+    if (c->rx_off == c->rx->len) {
+        stp_buf_unref(c->rx);
+        c->rx = NULL;
+        c->rx_off = 0;
+    }
+}
+
+void stp_conn_discard_input(struct stp_conn *c)
+{
+    stp_buf_unref(c->rx);
+    c->rx = NULL;
+    c->rx_off = 0;
+}
+
+int stp_conn_write(struct stp_conn *c, const char *p, size_t n)
+{
+    if (!c->tls)
+        return outq_copy(c, p, n);
+    /* Stage replies so pipelined answers leave in one record. */
+    while (n > 0) {
+        if (!c->ptx && !(c->ptx = stp_buf_get()))
+            return -ENOMEM;
+        size_t k = STP_MIN(n, (size_t)(STP_BUF_SIZE - c->ptx->len));
+        memcpy(c->ptx->data + c->ptx->len, p, k);
+        c->ptx->len += (uint32_t)k;
+        p += k;
+        n -= k;
+        if (c->ptx->len == STP_BUF_SIZE) {
+            int r = stp_conn_flush(c);
+            if (r < 0)
+                return r;
+        }
+    }
+    return 0;
+}
+
+int stp_conn_write_ref(struct stp_conn *c, struct stp_conn *from,
+                       const char *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (c->tls) {
+        int r = stp_conn_flush(c);
+        return r < 0 ? r : stp_tls_write(c->tls, p, n);
+    }
+    struct stp_buf *b = from->rx;
+    STP_ASSERT(b && p >= b->data && p + n <= b->data + b->len);
+    int r = outq_push(c, b, (uint32_t)(p - b->data), (uint32_t)n);
+    if (r == 0)
+        b->refs++;
+    return r;
+}
+
+int stp_conn_flush(struct stp_conn *c)
+{
+    if (c->closing)
+        return 0;
+    if (c->tls && c->ptx) {
+        struct stp_buf *b = c->ptx;
+        c->ptx = NULL;
+        int r = b->len ? stp_tls_write(c->tls, b->data, b->len) : 0;
+        stp_buf_unref(b);
+        if (r < 0)
+            return r;
+    }
+    start_write(c);
+    return 0;
+}
+
+bool stp_conn_busy(const struct stp_conn *c)
+{
+    return c->out_bytes > STP_OUTQ_HIGH ||
+           STP_OUTQ_SLOTS - c->out_count < STP_OUTQ_SLOTS_LOW;
+}
+
+bool stp_conn_idle(const struct stp_conn *c)
+{
+    return c->out_count == 0 && (!c->ptx || c->ptx->len == 0);
+}
+
+int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx)
+{
+    STP_ASSERT(!c->tls);
+    stp_conn_discard_input(c);
+    int r = stp_tls_new(ctx, &tls_io, c, &c->tls);
+    if (r < 0)
+        return r;
+    c->tls_ready = false;
+    update_reading(c);
+    return 0;
+}
+
+void stp_conn_resume(struct stp_conn *c)
+{
+    if (c->closing)
+        return;
+    if (c->tls && c->reading)
+        tls_pump(c);
+    else
+        update_reading(c);
+}
+
+void stp_conn_close(struct stp_conn *c, uv_close_cb close_cb)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    c->read_active = false;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    uv_close((uv_handle_t *)&c->tcp, close_cb);
+}
+
+void stp_conn_release(struct stp_conn *c)
+{
+    while (c->out_count) {
+        stp_buf_unref(c->outq[c->out_head].buf);
+        c->out_head = (c->out_head + 1) % STP_OUTQ_SLOTS;
+        c->out_count--;
+    }
+    stp_conn_discard_input(c);
+    stp_buf_unref(c->crx);
+    stp_buf_unref(c->ptx);
+    c->crx = c->ptx = NULL;
+    stp_tls_free(c->tls);
+    c->tls = NULL;
+    c->magic = 0;
+}

@@ -1,0 +1,501 @@
+/* A proxied session: the client connection, the upstream connection, one
+ * timer, and the SMTP engine between them. The I/O layer reports events; the
+ * engine decides; this file carries out its actions and owns the lifetime.
+ * Memory is freed only in the last close callback. */
+#include <inttypes.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "io.h"
+#include "log.h"
+#include "session.h"
+#include "smtp.h"
+
+#define SESSION_MAGIC 0x53545053u /* "STPS" */
+#define DRAIN_TIMEOUT_MS 5000     /* for a final reply the client won't read */
+
+enum stp_sstate {
+    STP_SS_CONNECTING = 0, /* connecting upstream; the client waits */
+    STP_SS_RELAY,          /* both sides open, the engine runs */
+    STP_SS_STARTTLS,       /* 220 queued; the handshake starts once flushed */
+    STP_SS_HANDSHAKE,      /* TLS handshake with the client */
+    STP_SS_DRAINING,       /* final reply being flushed, then close */
+    STP_SS_CLOSED,         /* handles closing; freed in the last callback */
+    STP_SS_COUNT
+};
+
+static const char *const sstate_names[STP_SS_COUNT] = {
+    "connecting", "relay", "starttls", "handshake", "draining", "closed",
+};
+
+struct stp_session {
+    uint32_t magic;
+    enum stp_sstate state;
+    uint64_t id;
+    struct stp_listener *lst;
+    struct stp_conn client, upstream;
+    uv_timer_t timer;
+    struct stp_smtp smtp;
+    int open_handles;
+    bool upstream_closed;
+    const char *reason;
+    uint64_t start_ms;
+    char peer[64];
+    struct stp_session *prev, *next;
+};
+
+static uint64_t id_base;
+
+static struct stp_session *session_of(void *p)
+{
+    struct stp_session *s = p;
+    STP_ASSERT(s && s->magic == SESSION_MAGIC);
+    return s;
+}
+
+static void transition(struct stp_session *s, enum stp_sstate to)
+{
+    if (stp_log_enabled(STP_LOG_DEBUG))
+        stp_log(STP_LOG_DEBUG, "id=%016" PRIx64 " event=state from=%s to=%s",
+                s->id, sstate_names[s->state], sstate_names[to]);
+    s->state = to;
+}
+
+static void finish(struct stp_session *s);
+
+static void arm_timer(struct stp_session *s, uint64_t ms);
+
+/* ---- closing ---------------------------------------------------------------- */
+
+static void handle_closed(uv_handle_t *h)
+{
+    struct stp_session *s = session_of(h->data);
+    if (--s->open_handles > 0)
+        return;
+    struct stp_server *srv = s->lst->srv;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        srv->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    srv->n_sessions--;
+    stp_conn_release(&s->client);
+    stp_conn_release(&s->upstream);
+    stp_smtp_free(&s->smtp);
+    s->magic = 0;
+    free(s);
+}
+
+/* The conn handles carry the conn in .data; their close callback maps back. */
+static void conn_closed(uv_handle_t *h)
+{
+    struct stp_conn *c = h->data;
+    h->data = c->owner;
+    handle_closed(h);
+}
+
+static void close_upstream(struct stp_session *s)
+{
+    if (s->upstream_closed)
+        return;
+    s->upstream_closed = true;
+    stp_conn_close(&s->upstream, conn_closed);
+}
+
+static void finish(struct stp_session *s)
+{
+    if (s->state == STP_SS_CLOSED)
+        return;
+    transition(s, STP_SS_CLOSED);
+    stp_log(STP_LOG_INFO,
+            "id=%016" PRIx64 " event=disconnect reason=%s client_in=%" PRIu64
+            " client_out=%" PRIu64 " upstream_in=%" PRIu64
+            " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
+            s->id, s->reason ? s->reason : "unknown", s->client.bytes_in,
+            s->client.bytes_out, s->upstream.bytes_in, s->upstream.bytes_out,
+            uv_now(s->lst->srv->loop) - s->start_ms);
+    uv_timer_stop(&s->timer);
+    uv_close((uv_handle_t *)&s->timer, handle_closed);
+    stp_conn_close(&s->client, conn_closed);
+    close_upstream(s);
+}
+
+/* Close once the client has its last reply (bounded by a timer). */
+static void drain_and_close(struct stp_session *s, const char *reason,
+                            bool cut_upstream)
+{
+    if (s->state >= STP_SS_DRAINING)
+        return;
+    if (!s->reason)
+        s->reason = reason;
+    if (cut_upstream)
+        close_upstream(s);
+    bool tls_up = s->client.tls && s->client.tls_ready;
+    transition(s, STP_SS_DRAINING);
+    stp_conn_want_read(&s->client, false);
+    if (tls_up) {
+        stp_conn_flush(&s->client);
+        stp_tls_shutdown(s->client.tls);
+    }
+    stp_conn_flush(&s->client);
+    if (stp_conn_idle(&s->client))
+        finish(s);
+    else
+        arm_timer(s, DRAIN_TIMEOUT_MS);
+}
+
+/* ---- engine actions --------------------------------------------------------- */
+
+static void fail_write(struct stp_session *s, struct stp_conn *c, int r)
+{
+    stp_log(STP_LOG_WARN, "id=%016" PRIx64 " event=error side=%s error=%s",
+            s->id, c == &s->client ? "client" : "upstream", stp_strerror(r));
+    s->reason = "write_error";
+    if (c == &s->upstream)
+        stp_smtp_upstream_lost(&s->smtp);
+    else
+        finish(s);
+}
+
+static void act_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
+                            size_t n)
+{
+    struct stp_session *s = ctx;
+    if (s->upstream_closed)
+        return;
+    int r;
+    if (kind == STP_FWD_RAW) {
+        r = stp_conn_write_ref(&s->upstream, &s->client, p, n);
+    } else {
+        r = stp_conn_write(&s->upstream, p, n);
+        if (r == 0)
+            r = stp_conn_write(&s->upstream, "\r\n", 2);
+    }
+    if (r < 0)
+        fail_write(s, &s->upstream, r);
+}
+
+static void act_to_client(void *ctx, const char *p, size_t n)
+{
+    struct stp_session *s = ctx;
+    int r = stp_conn_write(&s->client, p, n);
+    if (r < 0)
+        fail_write(s, &s->client, r);
+}
+
+static void act_start_tls(void *ctx)
+{
+    struct stp_session *s = ctx;
+    transition(s, STP_SS_STARTTLS);
+    stp_conn_want_read(&s->client, false);
+}
+
+static void act_close(void *ctx, enum stp_close_reason why, bool cut)
+{
+    struct stp_session *s = ctx;
+    drain_and_close(s, stp_close_reason_name(why), cut);
+}
+
+static void act_event(void *ctx, const char *event, const char *detail)
+{
+    struct stp_session *s = ctx;
+    stp_log(STP_LOG_INFO, "id=%016" PRIx64 " event=%s %s", s->id, event,
+            detail);
+}
+
+static const struct stp_smtp_ops engine_ops = {
+    .to_upstream = act_to_upstream,
+    .to_client = act_to_client,
+    .start_tls = act_start_tls,
+    .close = act_close,
+    .event = act_event,
+};
+
+/* ---- flow ------------------------------------------------------------------- */
+
+static void set_client_reading(struct stp_session *s)
+{
+    bool on = (s->state == STP_SS_RELAY || s->state == STP_SS_HANDSHAKE) &&
+              !stp_conn_busy(&s->upstream);
+    stp_conn_want_read(&s->client, on);
+    stp_conn_want_read(&s->upstream,
+                       s->state == STP_SS_RELAY && !s->upstream_closed &&
+                           !stp_conn_busy(&s->client));
+}
+
+static void flush_both(struct stp_session *s)
+{
+    int r;
+    if (!s->upstream_closed && (r = stp_conn_flush(&s->upstream)) < 0)
+        fail_write(s, &s->upstream, r);
+    if (s->state != STP_SS_CLOSED && (r = stp_conn_flush(&s->client)) < 0)
+        fail_write(s, &s->client, r);
+}
+
+/* Offer buffered client plaintext to the engine. */
+static void process_client(struct stp_session *s)
+{
+    if (s->state != STP_SS_RELAY || stp_conn_busy(&s->upstream))
+        return;
+    size_t n;
+    const char *p = stp_conn_in(&s->client, &n);
+    if (n == 0)
+        return;
+    size_t k = stp_smtp_client_input(&s->smtp, p, n);
+    if (k && s->state != STP_SS_CLOSED)
+        stp_conn_consume(&s->client, k);
+}
+
+static void process_upstream(struct stp_session *s)
+{
+    size_t n;
+    const char *p = stp_conn_in(&s->upstream, &n);
+    if (n == 0)
+        return;
+    long k = stp_smtp_upstream_input(&s->smtp, p, n);
+    if (k > 0 && !s->upstream_closed)
+        stp_conn_consume(&s->upstream, (size_t)k);
+}
+
+/* After anything happened: push output, pick who may read. */
+static void settle(struct stp_session *s)
+{
+    if (s->state == STP_SS_CLOSED)
+        return;
+    flush_both(s);
+    if (s->state == STP_SS_STARTTLS && stp_conn_idle(&s->client)) {
+        /* Nothing of ours is left to send in plaintext. Whatever the client
+         * pipelined after STARTTLS is dropped with the buffer. */
+        int r = stp_conn_start_tls(&s->client, s->lst->tls);
+        if (r < 0) {
+            s->reason = "tls_init_failed";
+            finish(s);
+            return;
+        }
+        transition(s, STP_SS_HANDSHAKE);
+    }
+    if (s->state < STP_SS_DRAINING)
+        set_client_reading(s);
+}
+
+static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
+{
+    struct stp_session *s = session_of(c->owner);
+    switch (ev) {
+    case STP_IO_DATA:
+        arm_timer(s, s->lst->cfg->timeout_idle_ms);
+        process_client(s);
+        break;
+    case STP_IO_DRAINED:
+        if (s->state == STP_SS_DRAINING) {
+            finish(s);
+            return;
+        }
+        /* The upstream may have been held back by our queue. */
+        if (!s->upstream_closed)
+            process_upstream(s);
+        break;
+    case STP_IO_TLS_READY:
+        stp_log(STP_LOG_INFO,
+                "id=%016" PRIx64 " event=starttls tls=%s cipher=%s", s->id,
+                stp_tls_version(c->tls), stp_tls_cipher(c->tls));
+        transition(s, STP_SS_RELAY);
+        stp_smtp_tls_started(&s->smtp);
+        break;
+    case STP_IO_EOF:
+    case STP_IO_ERROR:
+        if (s->state == STP_SS_HANDSHAKE)
+            stp_log(STP_LOG_INFO,
+                    "id=%016" PRIx64 " event=tls_error error=\"%s\"", s->id,
+                    err == -EPROTO ? stp_tls_error(c->tls)
+                                   : stp_strerror(err));
+        if (!s->reason)
+            s->reason = ev == STP_IO_EOF ? "client_eof"
+                        : s->state == STP_SS_HANDSHAKE ? "tls_handshake_failed"
+                                                       : "client_error";
+        /* An unfinished message must not complete upstream. */
+        finish(s);
+        return;
+    case STP_IO_CONNECTED:
+        STP_ASSERT(!"client connects nowhere");
+    }
+    settle(s);
+}
+
+static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
+{
+    struct stp_session *s = session_of(c->owner);
+    switch (ev) {
+    case STP_IO_CONNECTED:
+        if (err < 0) {
+            stp_log(STP_LOG_WARN,
+                    "id=%016" PRIx64 " event=upstream_error upstream=%s "
+                    "error=\"%s\"",
+                    s->id, s->lst->cfg->upstream->address_text,
+                    stp_strerror(err));
+            s->reason = "upstream_unreachable";
+            stp_smtp_upstream_unreachable(&s->smtp);
+            break;
+        }
+        transition(s, STP_SS_RELAY);
+        arm_timer(s, s->lst->cfg->timeout_idle_ms);
+        break;
+    case STP_IO_DATA:
+        arm_timer(s, s->lst->cfg->timeout_idle_ms);
+        process_upstream(s);
+        /* Replies may have unblocked the client side; TLS may hold
+         * decrypted-but-unread bytes that no socket event will announce. */
+        process_client(s);
+        if (s->state == STP_SS_RELAY)
+            stp_conn_resume(&s->client);
+        break;
+    case STP_IO_DRAINED:
+        process_client(s);
+        if (s->state == STP_SS_RELAY)
+            stp_conn_resume(&s->client);
+        break;
+    case STP_IO_EOF:
+    case STP_IO_ERROR:
+        if (s->state >= STP_SS_DRAINING)
+            return;
+        stp_log(STP_LOG_INFO, "id=%016" PRIx64 " event=upstream_closed %s%s",
+                s->id, ev == STP_IO_EOF ? "" : "error=",
+                ev == STP_IO_EOF ? "eof" : stp_strerror(err));
+        /* Relay whatever complete replies arrived before the end. */
+        process_upstream(s);
+        stp_smtp_upstream_lost(&s->smtp);
+        break;
+    case STP_IO_TLS_READY:
+        STP_ASSERT(!"no upstream TLS yet");
+    }
+    settle(s);
+}
+
+static void on_timer(uv_timer_t *t)
+{
+    struct stp_session *s = session_of(t->data);
+    switch (s->state) {
+    case STP_SS_CONNECTING:
+        s->reason = "upstream_connect_timeout";
+        stp_log(STP_LOG_WARN,
+                "id=%016" PRIx64 " event=upstream_error upstream=%s "
+                "error=\"connect timeout\"",
+                s->id, s->lst->cfg->upstream->address_text);
+        stp_smtp_upstream_unreachable(&s->smtp);
+        break;
+    case STP_SS_HANDSHAKE:
+        /* Mid-handshake there is no channel for an SMTP reply. */
+        s->reason = "timeout";
+        finish(s);
+        return;
+    case STP_SS_RELAY:
+    case STP_SS_STARTTLS:
+        stp_log(STP_LOG_INFO, "id=%016" PRIx64 " event=timeout", s->id);
+        stp_smtp_timeout(&s->smtp);
+        break;
+    case STP_SS_DRAINING:
+        finish(s);
+        return;
+    case STP_SS_CLOSED:
+    case STP_SS_COUNT:
+        return;
+    }
+    settle(s);
+}
+
+static void arm_timer(struct stp_session *s, uint64_t ms)
+{
+    uv_timer_start(&s->timer, on_timer, ms, 0);
+}
+
+int stp_session_accept(struct stp_listener *lst)
+{
+    struct stp_server *srv = lst->srv;
+    struct stp_session *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->magic = SESSION_MAGIC;
+    if (!id_base && getrandom(&id_base, sizeof(id_base), 0) < 0)
+        id_base = (uint64_t)uv_hrtime();
+    s->id = ++id_base;
+    s->lst = lst;
+    s->start_ms = uv_now(srv->loop);
+
+    int r = stp_conn_init(srv->loop, &s->client, on_client, s);
+    if (r < 0) {
+        free(s);
+        return r;
+    }
+    s->open_handles = 1;
+    if ((r = uv_accept((uv_stream_t *)&lst->tcp,
+                       (uv_stream_t *)&s->client.tcp)) < 0) {
+        s->upstream_closed = true;
+        s->state = STP_SS_CLOSED;
+        stp_conn_close(&s->client, conn_closed);
+        goto linked;
+    }
+    uv_tcp_nodelay(&s->client.tcp, 1);
+    struct sockaddr_storage ss;
+    int len = sizeof(ss);
+    if (uv_tcp_getpeername(&s->client.tcp, (struct sockaddr *)&ss, &len) == 0)
+        stp_format_addr((struct sockaddr *)&ss, s->peer, sizeof(s->peer));
+    else
+        snprintf(s->peer, sizeof(s->peer), "unknown");
+    stp_log(STP_LOG_INFO,
+            "id=%016" PRIx64 " event=connect client=%s listener=%s", s->id,
+            s->peer, lst->cfg->name);
+
+    const struct stp_listener_cfg *lc = lst->cfg;
+    struct stp_smtp_cfg ec = {
+        .offer_starttls = lc->tls == STP_TLS_STARTTLS,
+        .require_tls = lc->require_tls,
+        .tls_active = false,
+        .upstream_tls = false,
+        .max_line = lc->max_line,
+        .hostname = srv->cfg->hostname,
+    };
+    stp_smtp_init(&s->smtp, &ec, &engine_ops, s);
+
+    uv_timer_init(srv->loop, &s->timer);
+    s->timer.data = s;
+    s->open_handles++;
+    stp_conn_init(srv->loop, &s->upstream, on_upstream, s);
+    s->open_handles++;
+    s->state = STP_SS_CONNECTING;
+    arm_timer(s, lc->upstream->timeout_connect_ms);
+    r = stp_conn_connect(&s->upstream,
+                         (const struct sockaddr *)&lc->upstream->addr);
+    if (r < 0) {
+        /* Report it through the same path as an asynchronous failure. */
+        on_upstream(&s->upstream, STP_IO_CONNECTED, r);
+    }
+linked:
+    s->next = srv->sessions;
+    if (s->next)
+        s->next->prev = s;
+    srv->sessions = s;
+    srv->n_sessions++;
+    return 0;
+}
+
+static void session_shutdown(struct stp_session *s)
+{
+    if (s->state >= STP_SS_DRAINING)
+        return;
+    s->reason = "shutdown";
+    if (s->state == STP_SS_RELAY) {
+        static const char bye[] = "421 4.3.2 Service shutting down, closing "
+                                  "transmission channel\r\n";
+        stp_conn_write(&s->client, bye, sizeof(bye) - 1);
+        drain_and_close(s, "shutdown", true);
+    } else {
+        finish(s);
+    }
+}
+
+void stp_sessions_shutdown(struct stp_server *srv)
+{
+    for (struct stp_session *s = srv->sessions; s; s = s->next)
+        session_shutdown(s);
+}

@@ -1,0 +1,747 @@
+/* SMTP protocol logic for one proxied session: client command policy, upstream
+ * reply tracking, the EHLO filter and message-content framing. No I/O here:
+ * bytes in, actions out (struct stp_smtp_ops). */
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "smtp.h"
+
+/* ---- small parsers -------------------------------------------------------- */
+
+enum stp_line_status stp_line_find(const char *p, size_t n, size_t max,
+                                   size_t *len, size_t *used)
+{
+    size_t lim = STP_MIN(n, max);
+    const char *lf = memchr(p, '\n', lim);
+    if (!lf)
+        return n >= max ? STP_LINE_TOO_LONG : STP_LINE_MORE;
+    size_t i = (size_t)(lf - p);
+    *used = i + 1;
+    *len = (i > 0 && p[i - 1] == '\r') ? i - 1 : i;
+    return STP_LINE_OK;
+}
+
+static const struct {
+    const char *verb;
+    enum stp_cmd cmd;
+} verbs[] = {
+    {"EHLO", STP_CMD_EHLO},         {"HELO", STP_CMD_HELO},
+    {"MAIL", STP_CMD_MAIL},         {"RCPT", STP_CMD_RCPT},
+    {"DATA", STP_CMD_DATA},         {"BDAT", STP_CMD_BDAT},
+    {"RSET", STP_CMD_RSET},         {"NOOP", STP_CMD_NOOP},
+    {"QUIT", STP_CMD_QUIT},         {"VRFY", STP_CMD_VRFY},
+    {"EXPN", STP_CMD_EXPN},         {"HELP", STP_CMD_HELP},
+    {"ETRN", STP_CMD_ETRN},         {"AUTH", STP_CMD_AUTH},
+    {"STARTTLS", STP_CMD_STARTTLS}, {"XCLIENT", STP_CMD_XCLIENT},
+    {"XFORWARD", STP_CMD_XFORWARD},
+};
+
+enum stp_cmd stp_cmd_parse(const char *line, size_t len, const char **arg)
+{
+    size_t v = 0;
+    while (v < len && line[v] != ' ')
+        v++;
+    size_t a = v;
+    while (a < len && line[a] == ' ')
+        a++;
+    *arg = line + a;
+    for (size_t i = 0; i < STP_ARRAY_LEN(verbs); i++) {
+        if (strlen(verbs[i].verb) == v &&
+            strncasecmp(line, verbs[i].verb, v) == 0)
+            return verbs[i].cmd;
+    }
+    return STP_CMD_UNKNOWN;
+}
+
+const char *stp_cmd_name(enum stp_cmd cmd)
+{
+    for (size_t i = 0; i < STP_ARRAY_LEN(verbs); i++)
+        if (verbs[i].cmd == cmd)
+            return verbs[i].verb;
+    return "UNKNOWN";
+}
+
+int stp_bdat_parse(const char *arg, size_t len, uint64_t *size, bool *last)
+{
+    size_t i = 0;
+    uint64_t v = 0;
+    if (len == 0 || arg[0] < '0' || arg[0] > '9')
+        return -EINVAL;
+    for (; i < len && arg[i] >= '0' && arg[i] <= '9'; i++) {
+        unsigned d = (unsigned)(arg[i] - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return -EINVAL;
+        v = v * 10 + d;
+    }
+    *last = false;
+    while (i < len && arg[i] == ' ')
+        i++;
+    if (i < len) {
+        if (len - i < 4 || strncasecmp(arg + i, "LAST", 4) != 0)
+            return -EINVAL;
+        i += 4;
+        while (i < len && arg[i] == ' ')
+            i++;
+        if (i < len)
+            return -EINVAL;
+        *last = true;
+    }
+    *size = v;
+    return 0;
+}
+
+int stp_reply_line(const char *line, size_t len, int *code, bool *last)
+{
+    if (len < 3 || line[0] < '2' || line[0] > '5' || line[1] < '0' ||
+        line[1] > '9' || line[2] < '0' || line[2] > '9')
+        return -EINVAL;
+    if (len == 3 || line[3] == ' ')
+        *last = true;
+    else if (line[3] == '-')
+        *last = false;
+    else
+        return -EINVAL;
+    *code = (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0');
+    return 0;
+}
+
+/* Does the extension text start with keyword KW as a whole token? */
+static bool ehlo_keyword_is(const char *t, size_t n, const char *kw)
+{
+    size_t k = strlen(kw);
+    return n >= k && strncasecmp(t, kw, k) == 0 &&
+           (n == k || t[k] == ' ' || t[k] == '=');
+}
+
+int stp_ehlo_filter(const char *in, size_t inlen, char *out, size_t outcap,
+                    unsigned flags, bool *chunking)
+{
+    size_t o = 0, off = 0;
+    const char *held = NULL; /* kept line not yet written: its marker waits */
+    size_t held_len = 0;
+    bool first = true;
+    *chunking = false;
+
+    for (;;) {
+        const char *t = NULL;
+        size_t tl = 0;
+        if (off < inlen) {
+            size_t len, used;
+            if (stp_line_find(in + off, inlen - off, inlen - off + 1, &len,
+                              &used) != STP_LINE_OK)
+                return -EINVAL;
+            int code;
+            bool last;
+            if (stp_reply_line(in + off, len, &code, &last) < 0 || code != 250)
+                return -EINVAL;
+            t = len > 4 ? in + off + 4 : in + off + len;
+            tl = len > 4 ? len - 4 : 0;
+            off += used;
+            bool drop = !first && (ehlo_keyword_is(t, tl, "STARTTLS") ||
+                                   ehlo_keyword_is(t, tl, "XCLIENT") ||
+                                   ehlo_keyword_is(t, tl, "XFORWARD") ||
+                                   ((flags & STP_EHLO_STRIP_AUTH) &&
+                                    ehlo_keyword_is(t, tl, "AUTH")) ||
+                                   ((flags & STP_EHLO_STRIP_REQUIRETLS) &&
+                                    ehlo_keyword_is(t, tl, "REQUIRETLS")));
+            first = false;
+            if (drop)
+                continue;
+            if (ehlo_keyword_is(t, tl, "CHUNKING"))
+                *chunking = true;
+        } else if (flags & STP_EHLO_OFFER_STARTTLS) {
+            t = "STARTTLS";
+            tl = 8;
+            flags &= ~(unsigned)STP_EHLO_OFFER_STARTTLS;
+        }
+        if (held) {
+            bool is_last = (t == NULL);
+            if (o + 4 + held_len + 2 > outcap)
+                return -ENOSPC;
+            memcpy(out + o, is_last ? "250 " : "250-", 4);
+            memcpy(out + o + 4, held, held_len);
+            memcpy(out + o + 4 + held_len, "\r\n", 2);
+            o += 4 + held_len + 2;
+        }
+        if (!t)
+            break;
+        held = t;
+        held_len = tl;
+    }
+    return first ? -EINVAL : (int)o;
+}
+
+enum stp_dot_result stp_dot_scan(enum stp_dot_state *st, const char *p,
+                                 size_t n, size_t *used)
+{
+    enum stp_dot_state s = *st;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        switch (s) {
+        case STP_DOT_TEXT:
+            /* The common case: skip to the next line-end byte at once. */
+            if (c != '\r' && c != '\n') {
+                const char *q = p + i;
+                while (++q < p + n && *q != '\r' && *q != '\n')
+                    ;
+                i = (size_t)(q - p) - 1;
+                continue;
+            }
+            s = c == '\r' ? STP_DOT_CR : STP_DOT_BARE_START;
+            break;
+        case STP_DOT_CR:
+            s = c == '\n'   ? STP_DOT_LINE_START
+                : c == '\r' ? STP_DOT_CR
+                : c == '.'  ? STP_DOT_BARE_DOT
+                            : STP_DOT_TEXT;
+            break;
+        case STP_DOT_LINE_START:
+        case STP_DOT_BARE_START:
+            if (c == '.')
+                s = s == STP_DOT_LINE_START ? STP_DOT_DOT : STP_DOT_BARE_DOT;
+            else
+                s = c == '\r' ? STP_DOT_CR
+                    : c == '\n' ? STP_DOT_BARE_START
+                                : STP_DOT_TEXT;
+            break;
+        case STP_DOT_DOT:
+            if (c == '\n') {
+                *used = i;
+                *st = s;
+                return STP_DOT_SMUGGLE;
+            }
+            s = c == '\r' ? STP_DOT_DOT_CR : STP_DOT_TEXT;
+            break;
+        case STP_DOT_DOT_CR:
+            if (c != '\n') {
+                /* The bare CR is in this buffer: a trailing one is held back. */
+                STP_ASSERT(i > 0);
+                *used = i - 1;
+                *st = s;
+                return STP_DOT_SMUGGLE;
+            }
+            *used = i + 1;
+            *st = STP_DOT_LINE_START;
+            return STP_DOT_END;
+        case STP_DOT_BARE_DOT:
+            if (c == '\r' || c == '\n') {
+                *used = i;
+                *st = s;
+                return STP_DOT_SMUGGLE;
+            }
+            s = STP_DOT_TEXT;
+            break;
+        }
+    }
+    *used = n;
+    /* Whether a CR after CRLF "." is bare depends on the next byte: keep it. */
+    if (s == STP_DOT_DOT_CR && n > 0) {
+        *used = n - 1;
+        s = STP_DOT_DOT;
+    }
+    *st = s;
+    return STP_DOT_MORE;
+}
+
+/* ---- the engine ---------------------------------------------------------- */
+
+static const char *const phase_names[STP_PH_COUNT] = {
+    [STP_PH_GREETING] = "greeting",   [STP_PH_COMMAND] = "command",
+    [STP_PH_CONTENT] = "content",     [STP_PH_CHUNK] = "chunk",
+    [STP_PH_CHUNK_DISCARD] = "chunk-discard",
+    [STP_PH_AUTH] = "auth",           [STP_PH_STARTTLS] = "starttls",
+    [STP_PH_QUIT] = "quit",           [STP_PH_CLOSED] = "closed",
+};
+
+const char *stp_phase_name(enum stp_phase ph)
+{
+    return ph < STP_PH_COUNT ? phase_names[ph] : "?";
+}
+
+const char *stp_close_reason_name(enum stp_close_reason r)
+{
+    static const char *const names[] = {
+        [STP_CLOSE_QUIT] = "quit",
+        [STP_CLOSE_UPSTREAM_421] = "upstream_421",
+        [STP_CLOSE_UPSTREAM_LOST] = "upstream_lost",
+        [STP_CLOSE_UPSTREAM_PROTO] = "upstream_protocol_error",
+        [STP_CLOSE_TIMEOUT] = "timeout",
+        [STP_CLOSE_SMUGGLE] = "smuggling",
+        [STP_CLOSE_CLIENT_EOF] = "client_eof",
+    };
+    return r < STP_ARRAY_LEN(names) && names[r] ? names[r] : "?";
+}
+
+/* The single place where the phase changes. */
+static void enter(struct stp_smtp *s, enum stp_phase ph)
+{
+    s->phase = ph;
+}
+
+void stp_smtp_init(struct stp_smtp *s, const struct stp_smtp_cfg *cfg,
+                   const struct stp_smtp_ops *ops, void *ctx)
+{
+    memset(s, 0, sizeof(*s));
+    s->cfg = *cfg;
+    s->ops = ops;
+    s->ctx = ctx;
+    s->tls = cfg->tls_active;
+    s->pend[0] = STP_PEND_GREETING;
+    s->pend_count = 1;
+    enter(s, STP_PH_GREETING);
+}
+
+void stp_smtp_free(struct stp_smtp *s)
+{
+    free(s->ehlo);
+    s->ehlo = NULL;
+}
+
+static void reply(struct stp_smtp *s, const char *text)
+{
+    s->ops->to_client(s->ctx, text, strlen(text));
+}
+
+static void close_session(struct stp_smtp *s, enum stp_close_reason why,
+                          bool cut)
+{
+    enter(s, STP_PH_CLOSED);
+    s->ops->close(s->ctx, why, cut);
+}
+
+static void reply_421_close(struct stp_smtp *s, const char *fmt,
+                            enum stp_close_reason why)
+{
+    if (s->phase == STP_PH_CLOSED)
+        return;
+    if (!s->reply_421) {
+        char buf[256];
+        snprintf(buf, sizeof(buf), fmt, s->cfg.hostname ? s->cfg.hostname
+                                                        : "localhost");
+        reply(s, buf);
+        s->reply_421 = true;
+    }
+    close_session(s, why, true);
+}
+
+static void reject(struct stp_smtp *s, const char *detail, const char *text)
+{
+    if (s->ops->event)
+        s->ops->event(s->ctx, "reject", detail);
+    reply(s, text);
+}
+
+static bool pend_push(struct stp_smtp *s, enum stp_pend kind)
+{
+    if (s->pend_count == STP_SMTP_MAX_PENDING)
+        return false;
+    s->pend[(s->pend_head + s->pend_count) % STP_SMTP_MAX_PENDING] =
+        (uint8_t)kind;
+    s->pend_count++;
+    return true;
+}
+
+static enum stp_pend pend_pop(struct stp_smtp *s)
+{
+    enum stp_pend k = (enum stp_pend)s->pend[s->pend_head];
+    s->pend_head = (s->pend_head + 1) % STP_SMTP_MAX_PENDING;
+    s->pend_count--;
+    return k;
+}
+
+static void forward_line(struct stp_smtp *s, const char *p, size_t n,
+                         enum stp_pend kind)
+{
+    s->ops->to_upstream(s->ctx, STP_FWD_LINE, p, n);
+    pend_push(s, kind);
+}
+
+/* RFC 3207 section 4: before TLS, a server requiring it answers 530 to all but
+ * these. */
+static bool allowed_before_tls(enum stp_cmd c)
+{
+    return c == STP_CMD_EHLO || c == STP_CMD_HELO || c == STP_CMD_STARTTLS ||
+           c == STP_CMD_QUIT || c == STP_CMD_NOOP || c == STP_CMD_RSET;
+}
+
+/* Does this command get a reply from us rather than from the upstream? Such
+ * replies wait until every earlier command has been answered. */
+static const char *local_reply(struct stp_smtp *s, enum stp_cmd c,
+                               const char *arg, const char *end,
+                               const char **why)
+{
+    if (c == STP_CMD_XCLIENT || c == STP_CMD_XFORWARD) {
+        *why = "client_identity_command";
+        return "550 5.7.0 Error: insufficient authorization\r\n";
+    }
+    if (c == STP_CMD_STARTTLS) {
+        *why = NULL;
+        if (arg != end)
+            return "501 5.5.4 Syntax: STARTTLS\r\n";
+        if (s->tls)
+            return "554 5.5.1 Error: TLS already active\r\n";
+        if (!s->cfg.offer_starttls)
+            return "502 5.5.1 Error: command not implemented\r\n";
+        if (s->auth_done)
+            return "503 5.5.1 Error: already authenticated\r\n";
+        return "220 2.0.0 Ready to start TLS\r\n";
+    }
+    if (s->cfg.require_tls && !s->tls && !allowed_before_tls(c)) {
+        *why = "tls_required";
+        return "530 5.7.0 Must issue a STARTTLS command first\r\n";
+    }
+    if (c == STP_CMD_BDAT) {
+        uint64_t size;
+        bool last;
+        if (stp_bdat_parse(arg, (size_t)(end - arg), &size, &last) < 0) {
+            *why = "bdat_syntax";
+            return "501 5.5.4 Syntax: BDAT size [LAST]\r\n";
+        }
+        if (!s->chunking) {
+            /* An upstream that does not know BDAT would read the chunk as
+             * commands: never forward it. */
+            *why = "bdat_not_offered";
+            return "502 5.5.1 Error: command not implemented\r\n";
+        }
+    }
+    return NULL;
+}
+
+/* Handle one complete client command line. Returns false to stall (the line is
+ * not consumed). */
+static bool client_command(struct stp_smtp *s, const char *line, size_t len)
+{
+    bool bad = memchr(line, '\r', len) || memchr(line, '\0', len);
+    if (s->phase == STP_PH_AUTH) {
+        /* A SASL response, not a command; a bad one cancels the exchange. */
+        forward_line(s, bad ? "*" : line, bad ? 1 : len, STP_PEND_AUTH);
+        s->waiting = true;
+        enter(s, STP_PH_COMMAND);
+        return true;
+    }
+    if (bad) {
+        if (s->pend_count)
+            return false;
+        reject(s, "reason=bad_character",
+               "500 5.5.2 Error: bad character in command\r\n");
+        return true;
+    }
+    const char *arg;
+    enum stp_cmd c = stp_cmd_parse(line, len, &arg);
+    const char *why = NULL;
+    const char *text = local_reply(s, c, arg, line + len, &why);
+    if (text) {
+        if (s->pend_count)
+            return false;
+        if (why) {
+            char detail[96];
+            snprintf(detail, sizeof(detail), "cmd=%s reason=%s",
+                     stp_cmd_name(c), why);
+            reject(s, detail, text);
+        } else {
+            reply(s, text);
+        }
+        if (c == STP_CMD_STARTTLS && text[0] == '2') {
+            enter(s, STP_PH_STARTTLS);
+            s->ops->start_tls(s->ctx);
+        } else if (c == STP_CMD_BDAT) {
+            uint64_t size;
+            bool last;
+            if (stp_bdat_parse(arg, (size_t)(line + len - arg), &size,
+                               &last) == 0 && size > 0) {
+                s->chunk_left = size;
+                enter(s, STP_PH_CHUNK_DISCARD);
+            }
+        }
+        return true;
+    }
+    if (s->pend_count == STP_SMTP_MAX_PENDING)
+        return false;
+    switch (c) {
+    case STP_CMD_EHLO:
+        forward_line(s, line, len, STP_PEND_EHLO);
+        break;
+    case STP_CMD_DATA:
+        forward_line(s, line, len, STP_PEND_DATA);
+        s->waiting = true;
+        break;
+    case STP_CMD_AUTH:
+        forward_line(s, line, len, STP_PEND_AUTH);
+        s->waiting = true;
+        break;
+    case STP_CMD_QUIT:
+        forward_line(s, line, len, STP_PEND_QUIT);
+        enter(s, STP_PH_QUIT);
+        break;
+    case STP_CMD_BDAT: {
+        bool last;
+        stp_bdat_parse(arg, (size_t)(line + len - arg), &s->chunk_left, &last);
+        forward_line(s, line, len, STP_PEND_BDAT);
+        if (s->chunk_left > 0)
+            enter(s, STP_PH_CHUNK);
+        break;
+    }
+    case STP_CMD_UNKNOWN: case STP_CMD_HELO: case STP_CMD_MAIL:
+    case STP_CMD_RCPT: case STP_CMD_RSET: case STP_CMD_NOOP:
+    case STP_CMD_VRFY: case STP_CMD_EXPN: case STP_CMD_HELP:
+    case STP_CMD_ETRN:
+        forward_line(s, line, len, STP_PEND_CMD);
+        break;
+    case STP_CMD_STARTTLS: case STP_CMD_XCLIENT: case STP_CMD_XFORWARD:
+        STP_ASSERT(!"answered locally");
+    }
+    return true;
+}
+
+size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
+{
+    size_t off = 0;
+    while (off < n && !s->waiting) {
+        const char *q = p + off;
+        size_t left = n - off;
+        switch (s->phase) {
+        case STP_PH_GREETING:
+        case STP_PH_STARTTLS:
+        case STP_PH_CLOSED:
+            return off;
+        case STP_PH_QUIT:
+            return n;
+        case STP_PH_CONTENT: {
+            size_t used;
+            enum stp_dot_result r = stp_dot_scan(&s->dot, q, left, &used);
+            if (r == STP_DOT_SMUGGLE) {
+                if (s->ops->event)
+                    s->ops->event(s->ctx, "reject", "reason=smuggling");
+                reply(s, "554 5.5.2 Error: bare <CR> or <LF> near end of "
+                         "data\r\n");
+                close_session(s, STP_CLOSE_SMUGGLE, true);
+                return n;
+            }
+            if (used)
+                s->ops->to_upstream(s->ctx, STP_FWD_RAW, q, used);
+            off += used;
+            if (r == STP_DOT_END) {
+                pend_push(s, STP_PEND_DATA_END);
+                enter(s, STP_PH_COMMAND);
+            } else if (used < left) {
+                return off; /* a held-back CR waits for its next byte */
+            }
+            break;
+        }
+        case STP_PH_CHUNK:
+        case STP_PH_CHUNK_DISCARD: {
+            size_t k = (size_t)STP_MIN((uint64_t)left, s->chunk_left);
+            if (s->phase == STP_PH_CHUNK)
+                s->ops->to_upstream(s->ctx, STP_FWD_RAW, q, k);
+            s->chunk_left -= k;
+            off += k;
+            if (s->chunk_left == 0)
+                enter(s, STP_PH_COMMAND);
+            break;
+        }
+        case STP_PH_COMMAND:
+        case STP_PH_AUTH: {
+            size_t len, used;
+            if (s->skipping) {
+                const char *lf = memchr(q, '\n', left);
+                off += lf ? (size_t)(lf - q) + 1 : left;
+                s->skipping = lf == NULL;
+                break;
+            }
+            enum stp_line_status st =
+                stp_line_find(q, left, s->cfg.max_line, &len, &used);
+            if (st == STP_LINE_MORE)
+                return off;
+            if (st == STP_LINE_TOO_LONG) {
+                if (s->pend_count)
+                    return off;
+                s->skipping = true;
+                if (s->phase == STP_PH_AUTH) {
+                    /* The upstream waits for a SASL response: cancel, and
+                     * its 501 answers the client. */
+                    client_command(s, "*", 1);
+                    break;
+                }
+                reject(s, "reason=line_too_long",
+                       "500 5.5.2 Error: line too long\r\n");
+                break;
+            }
+            if (!client_command(s, q, len))
+                return off;
+            off += used;
+            if (s->phase == STP_PH_STARTTLS)
+                return off;
+            break;
+        }
+        case STP_PH_COUNT:
+            STP_ASSERT(!"bad phase");
+        }
+    }
+    return off;
+}
+
+/* An upstream reply is complete: act on what it answered. */
+static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
+{
+    switch (kind) {
+    case STP_PEND_GREETING:
+        enter(s, STP_PH_COMMAND);
+        break;
+    case STP_PEND_DATA:
+        s->waiting = false;
+        if (code == 354) {
+            s->dot = STP_DOT_LINE_START;
+            enter(s, STP_PH_CONTENT);
+        }
+        break;
+    case STP_PEND_AUTH:
+        s->waiting = false;
+        if (code == 334)
+            enter(s, STP_PH_AUTH);
+        else if (code == 235)
+            s->auth_done = true;
+        break;
+    case STP_PEND_QUIT:
+        close_session(s, STP_CLOSE_QUIT, false);
+        break;
+    case STP_PEND_EHLO: case STP_PEND_CMD: case STP_PEND_DATA_END:
+    case STP_PEND_BDAT: case STP_PEND_RSET_INTERNAL:
+        break;
+    }
+}
+
+static bool ehlo_hold(struct stp_smtp *s, const char *p, size_t n)
+{
+    if (!s->ehlo && !(s->ehlo = malloc(STP_MAX_EHLO_REPLY)))
+        return false;
+    if (s->ehlo_len + n + 2 > STP_MAX_EHLO_REPLY)
+        return false;
+    memcpy(s->ehlo + s->ehlo_len, p, n);
+    memcpy(s->ehlo + s->ehlo_len + n, "\r\n", 2);
+    s->ehlo_len += n + 2;
+    return true;
+}
+
+static bool ehlo_flush(struct stp_smtp *s)
+{
+    char out[STP_MAX_EHLO_REPLY + 16];
+    unsigned flags = 0;
+    if (s->cfg.offer_starttls && !s->tls)
+        flags |= STP_EHLO_OFFER_STARTTLS | STP_EHLO_STRIP_AUTH;
+    if (!s->cfg.upstream_tls)
+        flags |= STP_EHLO_STRIP_REQUIRETLS;
+    int r = stp_ehlo_filter(s->ehlo, s->ehlo_len, out, sizeof(out), flags,
+                            &s->chunking);
+    free(s->ehlo);
+    s->ehlo = NULL;
+    s->ehlo_len = 0;
+    if (r < 0)
+        return false;
+    s->ops->to_client(s->ctx, out, (size_t)r);
+    return true;
+}
+
+static long upstream_error(struct stp_smtp *s, const char *detail)
+{
+    if (s->ops->event)
+        s->ops->event(s->ctx, "upstream_error", detail);
+    reply_421_close(s, "421 4.4.2 %s Error: upstream protocol error\r\n",
+                    STP_CLOSE_UPSTREAM_PROTO);
+    return -EPROTO;
+}
+
+long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n)
+{
+    size_t off = 0;
+    while (off < n && s->phase != STP_PH_CLOSED) {
+        size_t len, used;
+        enum stp_line_status st =
+            stp_line_find(p + off, n - off, STP_MAX_REPLY_LINE, &len, &used);
+        if (st == STP_LINE_MORE)
+            break;
+        if (st == STP_LINE_TOO_LONG)
+            return upstream_error(s, "reason=reply_line_too_long");
+        const char *line = p + off;
+        int code;
+        bool last;
+        if (stp_reply_line(line, len, &code, &last) < 0)
+            return upstream_error(s, "reason=bad_reply_line");
+        if (s->in_reply && code != s->reply_code)
+            return upstream_error(s, "reason=reply_code_changed");
+        off += used;
+        if (s->pend_count == 0) {
+            if (code == 421) {
+                s->ops->to_client(s->ctx, line, len);
+                s->ops->to_client(s->ctx, "\r\n", 2);
+                s->reply_421 = last;
+                if (last)
+                    close_session(s, STP_CLOSE_UPSTREAM_421, false);
+                s->in_reply = !last;
+                s->reply_code = code;
+                continue;
+            }
+            return upstream_error(s, "reason=unexpected_reply");
+        }
+        enum stp_pend kind = (enum stp_pend)s->pend[s->pend_head];
+        s->in_reply = !last;
+        s->reply_code = code;
+        if (kind == STP_PEND_EHLO && code == 250) {
+            if (!ehlo_hold(s, line, len))
+                return upstream_error(s, "reason=ehlo_reply_too_long");
+            if (last && !ehlo_flush(s))
+                return upstream_error(s, "reason=bad_ehlo_reply");
+        } else if (kind != STP_PEND_RSET_INTERNAL || code == 421) {
+            /* A reply line: relay it with a proper CRLF. The two calls are
+             * coalesced by the caller's output buffer. */
+            s->ops->to_client(s->ctx, line, len);
+            s->ops->to_client(s->ctx, "\r\n", 2);
+        }
+        if (!last)
+            continue;
+        pend_pop(s);
+        if (code == 421) {
+            s->reply_421 = true;
+            close_session(s, STP_CLOSE_UPSTREAM_421, false);
+            break;
+        }
+        reply_done(s, kind, code);
+    }
+    return (long)off;
+}
+
+void stp_smtp_tls_started(struct stp_smtp *s)
+{
+    STP_ASSERT(s->phase == STP_PH_STARTTLS || s->phase == STP_PH_CLOSED);
+    if (s->phase == STP_PH_CLOSED)
+        return;
+    s->tls = true;
+    s->auth_done = false;
+    s->chunking = false;
+    enter(s, STP_PH_COMMAND);
+    /* Clear any plaintext transaction on the upstream; the client must EHLO
+     * again anyway (RFC 3207 4.2). */
+    forward_line(s, "RSET", 4, STP_PEND_RSET_INTERNAL);
+}
+
+void stp_smtp_upstream_lost(struct stp_smtp *s)
+{
+    reply_421_close(s, "421 4.4.2 Upstream connection lost\r\n",
+                    STP_CLOSE_UPSTREAM_LOST);
+}
+
+void stp_smtp_upstream_unreachable(struct stp_smtp *s)
+{
+    reply_421_close(s,
+                    "421 4.3.2 Service not available, closing transmission "
+                    "channel\r\n",
+                    STP_CLOSE_UPSTREAM_LOST);
+}
+
+void stp_smtp_timeout(struct stp_smtp *s)
+{
+    reply_421_close(s, "421 4.4.2 %s Error: timeout exceeded\r\n",
+                    STP_CLOSE_TIMEOUT);
+}

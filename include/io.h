@@ -1,0 +1,123 @@
+/* I/O layer: one libuv TCP stream with pooled buffers, an optional TLS layer
+ * and a bounded output queue. It speaks to its owner in events. */
+#ifndef STP_IO_H
+#define STP_IO_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "stp.h"
+#include "tls.h"
+
+/* A pooled buffer. Reference-counted so that a slice of received plaintext can
+ * be written to the other side without a copy while new input goes elsewhere. */
+struct stp_buf {
+    struct stp_buf *next; /* pool free list */
+    uint32_t refs;
+    uint32_t len;
+    char data[STP_BUF_SIZE];
+};
+
+struct stp_buf *stp_buf_get(void);
+void stp_buf_unref(struct stp_buf *b);
+/* Release pooled buffers above the pool's resting size (idle trimming). */
+void stp_buf_pool_trim(void);
+
+struct stp_slice {
+    struct stp_buf *buf;
+    uint32_t off, len;
+};
+
+/* Slices queued for one uv_write at a time. */
+#define STP_OUTQ_SLOTS 64
+/* Back-pressure: stop reading the other side above this many queued bytes,
+ * or when few slots are left. */
+#define STP_OUTQ_HIGH (256 * 1024)
+#define STP_OUTQ_SLOTS_LOW 8
+
+enum stp_io_event {
+    STP_IO_DATA,       /* new plaintext in the input buffer */
+    STP_IO_DRAINED,    /* the output queue is empty */
+    STP_IO_TLS_READY,  /* handshake complete */
+    STP_IO_EOF,        /* peer closed (or TLS close_notify) */
+    STP_IO_ERROR,      /* read/write/TLS error; err says which */
+    STP_IO_CONNECTED,  /* outgoing connect done (err < 0: failed) */
+};
+
+struct stp_conn;
+typedef void (*stp_conn_cb)(struct stp_conn *c, enum stp_io_event ev, int err);
+
+#define STP_CONN_MAGIC 0x53545043u /* "STPC" */
+
+struct stp_conn {
+    uint32_t magic;
+    uv_tcp_t tcp;
+    uv_connect_t creq;
+    uv_write_t wreq;
+    stp_conn_cb cb;
+    void *owner;
+    struct stp_tls *tls;
+    bool tls_ready;
+    bool reading;       /* the owner wants input */
+    bool read_active;   /* uv_read_start is in effect */
+    bool closing;
+    /* Plaintext input: bytes [rx_off, rx->len) are not consumed yet. */
+    struct stp_buf *rx;
+    uint32_t rx_off;
+    /* Ciphertext input, consumed by the TLS recv callback. */
+    struct stp_buf *crx;
+    uint32_t crx_off;
+    /* Plaintext staged for one TLS record per flush. */
+    struct stp_buf *ptx;
+    /* Output queue of ciphertext or plaintext slices. */
+    struct stp_slice outq[STP_OUTQ_SLOTS];
+    unsigned out_head, out_count, out_inflight;
+    size_t out_bytes;
+    uint64_t bytes_in, bytes_out; /* on the wire */
+};
+
+int stp_conn_init(uv_loop_t *loop, struct stp_conn *c, stp_conn_cb cb,
+                  void *owner);
+int stp_conn_connect(struct stp_conn *c, const struct sockaddr *addr);
+
+/* Start or stop delivering input (and TLS progress). Idempotent. */
+void stp_conn_want_read(struct stp_conn *c, bool on);
+
+/* Input view and consumption. */
+static inline const char *stp_conn_in(const struct stp_conn *c, size_t *n)
+{
+    if (!c->rx) {
+        *n = 0;
+        return NULL;
+    }
+    *n = c->rx->len - c->rx_off;
+    return c->rx->data + c->rx_off;
+}
+void stp_conn_consume(struct stp_conn *c, size_t n);
+/* Drop all buffered plaintext input (the STARTTLS boundary). */
+void stp_conn_discard_input(struct stp_conn *c);
+
+/* Queue bytes (copied; encrypted if TLS). Nothing goes out until flush. */
+int stp_conn_write(struct stp_conn *c, const char *p, size_t n);
+/* Queue a slice of another connection's input buffer without copying
+ * (plaintext connections only; TLS ones encrypt it). */
+int stp_conn_write_ref(struct stp_conn *c, struct stp_conn *from,
+                       const char *p, size_t n);
+/* Encrypt staged plaintext and start writing. */
+int stp_conn_flush(struct stp_conn *c);
+bool stp_conn_busy(const struct stp_conn *c); /* over the high-water mark */
+bool stp_conn_idle(const struct stp_conn *c); /* nothing queued or in flight */
+
+/* Switch to TLS as a server. Input buffered so far is discarded. */
+int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx);
+/* Process buffered ciphertext and plaintext: used after the owner stalled
+ * and can take input again (bytes inside wolfSSL never wake the loop). */
+void stp_conn_resume(struct stp_conn *c);
+
+/* Close the handle; close_cb runs when libuv is done with it. */
+void stp_conn_close(struct stp_conn *c, uv_close_cb close_cb);
+/* Release buffers and TLS state (from the close callback only). */
+void stp_conn_release(struct stp_conn *c);
+
+#endif
