@@ -1,0 +1,876 @@
+/* Configuration: an INI file (inih) parsed into the plain structs of config.h.
+ *
+ * Debian's inih calls the handler without a line number and never when a new
+ * section starts, so the line reader does both jobs: it counts lines for
+ * "FILE:LINE:" messages and opens sections itself (an empty [listener a] must
+ * still exist and be checked). It also strips indentation, so inih never sees
+ * an indented key as a continuation of the previous value. */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <ini.h>
+
+#include "config.h"
+#include "stp.h"
+
+#define CFG_MAX_FILE_SIZE (1024 * 1024)
+#define CFG_DEFAULT_MAX_LINE 2048
+#define CFG_DEFAULT_IDLE_MS (300 * 1000)
+#define CFG_DEFAULT_CONNECT_MS (30 * 1000)
+
+enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
+
+/* One id per key; also indexes key_line[] to find duplicates and to report
+ * checks done at the end of a section at the line of the key concerned. */
+enum key_id {
+    K_LOG_LEVEL,
+    K_WORKERS,
+    K_HOSTNAME,
+    K_LISTEN,
+    K_TLS,
+    K_REQUIRE_TLS,
+    K_CERT,
+    K_KEY,
+    K_UPSTREAM,
+    K_MAX_LINE,
+    K_TIMEOUT_IDLE,
+    K_ADDRESS,
+    K_UPSTREAM_TLS,
+    K_TIMEOUT_CONNECT,
+    K_COUNT,
+};
+
+struct sect_state {
+    int key_line[K_COUNT]; /* 0: key absent */
+};
+
+struct parser {
+    const char *file;
+    const char *pos, *end; /* text not yet handed to inih */
+    int line;              /* line last handed to inih */
+    bool want_key;         /* that line must reach on_key(), else bad syntax */
+    struct stp_config *cfg;
+    enum sect_kind sect;
+    int idx;               /* current listener / upstream */
+    struct sect_state proxy;
+    int proxy_line;
+    struct sect_state *lst_state, *up_state; /* parallel to cfg arrays */
+    char *err;
+    size_t errlen;
+    int err_line;
+    int rc;
+};
+
+struct key_def;
+typedef int (*key_setter)(struct parser *p, const struct key_def *k,
+                          void *obj, const char *value);
+
+struct key_def {
+    enum sect_kind sect;
+    const char *name;
+    key_setter set;
+    size_t off;  /* field in the section's struct */
+    size_t off2; /* second field: the sockaddr of an address */
+};
+
+#define FIELD(obj, off, type) ((type *)(void *)((char *)(obj) + (off)))
+
+static int vfail(struct parser *p, int rc, int line, const char *fmt,
+                 va_list ap)
+{
+    if (p->rc < 0)
+        return p->rc; /* keep the first error */
+    p->rc = rc;
+    p->err_line = line;
+    if (p->err == NULL || p->errlen == 0)
+        return rc;
+    int n = snprintf(p->err, p->errlen, "%s:%d: ", p->file, line);
+    if (n >= 0 && (size_t)n < p->errlen)
+        vsnprintf(p->err + n, p->errlen - (size_t)n, fmt, ap);
+    return rc;
+}
+
+__attribute__((format(printf, 3, 4)))
+static int fail(struct parser *p, int line, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = vfail(p, -EINVAL, line, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+__attribute__((format(printf, 4, 5)))
+static int fail_rc(struct parser *p, int rc, int line, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    rc = vfail(p, rc, line, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+static int oom(struct parser *p)
+{
+    return fail_rc(p, -ENOMEM, p->line, "out of memory");
+}
+
+/* Decimal digits only: strtoul would accept blanks, signs and "0x". */
+static int parse_uint(const char **s, uint64_t max, uint64_t *out)
+{
+    const char *c = *s;
+    uint64_t v = 0;
+    if (!isdigit((unsigned char)*c))
+        return -EINVAL;
+    for (; isdigit((unsigned char)*c); c++) {
+        unsigned d = (unsigned)(*c - '0');
+        if (v > (max - d) / 10)
+            return -EINVAL;
+        v = v * 10 + d;
+    }
+    *s = c;
+    *out = v;
+    return 0;
+}
+
+int stp_parse_duration(const char *text, uint64_t *ms)
+{
+    static const struct { const char *unit; uint64_t ms; } units[] = {
+        {"", 1000}, {"ms", 1}, {"s", 1000}, {"m", 60 * 1000},
+        {"h", 60 * 60 * 1000},
+    };
+    uint64_t v;
+    if (parse_uint(&text, UINT64_MAX, &v) < 0)
+        return -EINVAL;
+    for (size_t i = 0; i < STP_ARRAY_LEN(units); i++) {
+        if (strcmp(text, units[i].unit) != 0)
+            continue;
+        if (v > UINT64_MAX / units[i].ms)
+            return -EINVAL;
+        *ms = v * units[i].ms;
+        return 0;
+    }
+    return -EINVAL;
+}
+
+int stp_parse_hostport(const char *text, struct sockaddr_storage *ss)
+{
+    char host[INET6_ADDRSTRLEN];
+    const char *colon;
+    const char *h = text;
+    bool v6 = text[0] == '[';
+
+    if (v6) {
+        const char *close = strchr(text, ']');
+        if (close == NULL || close[1] != ':')
+            return -EINVAL;
+        h = text + 1;
+        colon = close + 1;
+    } else {
+        colon = strrchr(text, ':');
+        /* A second colon means IPv6 without brackets: the port is ambiguous. */
+        if (colon == NULL || memchr(text, ':', (size_t)(colon - text)))
+            return -EINVAL;
+    }
+    size_t hlen = (size_t)(colon - h) - (v6 ? 1 : 0);
+    if (hlen == 0 || hlen >= sizeof(host))
+        return -EINVAL;
+    memcpy(host, h, hlen);
+    host[hlen] = '\0';
+
+    const char *port_text = colon + 1;
+    uint64_t port;
+    if (parse_uint(&port_text, 65535, &port) < 0 || *port_text != '\0' ||
+        port == 0)
+        return -EINVAL;
+
+    memset(ss, 0, sizeof(*ss));
+    if (v6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            return -EINVAL;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+    } else {
+        struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            return -EINVAL;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+    }
+    return 0;
+}
+
+void stp_format_addr(const struct sockaddr *sa, char *buf, size_t len)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (len == 0)
+        return;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
+        snprintf(buf, len, "%s:%u", host, ntohs(sin->sin_port));
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
+        snprintf(buf, len, "[%s]:%u", host, ntohs(sin6->sin6_port));
+    } else {
+        snprintf(buf, len, "?");
+    }
+}
+
+static bool same_addr(const struct sockaddr_storage *a,
+                      const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port &&
+               x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+    return x->sin6_port == y->sin6_port &&
+           memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
+}
+
+/* ---- values ---------------------------------------------------------- */
+
+static int bad_value(struct parser *p, const struct key_def *k,
+                     const char *value, const char *expected)
+{
+    return fail(p, p->line, "invalid value '%s' for %s (expected %s)", value,
+                k->name, expected);
+}
+
+static int set_string(struct parser *p, const struct key_def *k, void *obj,
+                      const char *value)
+{
+    char **field = FIELD(obj, k->off, char *);
+    if (*value == '\0')
+        return fail(p, p->line, "empty value for %s", k->name);
+    char *copy = strdup(value);
+    if (copy == NULL)
+        return oom(p);
+    free(*field);
+    *field = copy;
+    return 0;
+}
+
+/* Goes into SMTP reply texts: no blanks or control characters. */
+static int set_hostname(struct parser *p, const struct key_def *k, void *obj,
+                        const char *value)
+{
+    size_t n = strlen(value);
+    if (n == 0 || n > 255 || strspn(value, "abcdefghijklmnopqrstuvwxyz"
+                                           "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                           "0123456789-._") != n)
+        return bad_value(p, k, value, "a host name");
+    return set_string(p, k, obj, value);
+}
+
+static int set_log_level(struct parser *p, const struct key_def *k,
+                         void *obj, const char *value)
+{
+    if (stp_log_parse_level(value, FIELD(obj, k->off, enum stp_log_level)) < 0)
+        return bad_value(p, k, value, "error, warn, info or debug");
+    return 0;
+}
+
+static int set_workers(struct parser *p, const struct key_def *k, void *obj,
+                       const char *value)
+{
+    const char *s = value;
+    uint64_t n;
+    if (strcasecmp(value, "auto") == 0) {
+        n = 1; /* one worker until multi-worker support lands */
+    } else if (parse_uint(&s, INT32_MAX, &n) < 0 || *s != '\0' || n == 0) {
+        return bad_value(p, k, value, "a positive number or auto");
+    } else if (n > 1) {
+        return fail(p, p->line, "workers > 1 is not supported yet");
+    }
+    *FIELD(obj, k->off, int) = (int)n;
+    return 0;
+}
+
+static int set_addr(struct parser *p, const struct key_def *k, void *obj,
+                    const char *value)
+{
+    if (stp_parse_hostport(value, FIELD(obj, k->off2, struct sockaddr_storage)))
+        return bad_value(p, k, value,
+                         "a numeric HOST:PORT such as 127.0.0.1:25 or [::1]:25");
+    return set_string(p, k, obj, value);
+}
+
+static int parse_tls(struct parser *p, const struct key_def *k,
+                     const char *value, enum stp_tls_mode *mode)
+{
+    static const char *const names[] = {
+        [STP_TLS_NONE] = "none",
+        [STP_TLS_STARTTLS] = "starttls",
+        [STP_TLS_IMPLICIT] = "implicit",
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(names); i++) {
+        if (strcasecmp(value, names[i]) == 0) {
+            *mode = (enum stp_tls_mode)i;
+            return 0;
+        }
+    }
+    return bad_value(p, k, value, "starttls, implicit or none");
+}
+
+static int set_tls(struct parser *p, const struct key_def *k, void *obj,
+                   const char *value)
+{
+    return parse_tls(p, k, value, FIELD(obj, k->off, enum stp_tls_mode));
+}
+
+static int set_upstream_tls(struct parser *p, const struct key_def *k,
+                            void *obj, const char *value)
+{
+    enum stp_tls_mode mode;
+    int rc = parse_tls(p, k, value, &mode);
+    if (rc < 0)
+        return rc;
+    if (mode != STP_TLS_NONE)
+        return fail(p, p->line, "upstream TLS is not supported yet");
+    *FIELD(obj, k->off, enum stp_tls_mode) = mode;
+    return 0;
+}
+
+static int set_bool(struct parser *p, const struct key_def *k, void *obj,
+                    const char *value)
+{
+    static const char *const yes[] = {"yes", "true", "on", "1"};
+    static const char *const no[] = {"no", "false", "off", "0"};
+    for (size_t i = 0; i < STP_ARRAY_LEN(yes); i++) {
+        if (strcasecmp(value, yes[i]) == 0 || strcasecmp(value, no[i]) == 0) {
+            *FIELD(obj, k->off, bool) = strcasecmp(value, yes[i]) == 0;
+            return 0;
+        }
+    }
+    return bad_value(p, k, value, "yes or no");
+}
+
+static int set_max_line(struct parser *p, const struct key_def *k, void *obj,
+                        const char *value)
+{
+    const char *s = value;
+    uint64_t n;
+    if (parse_uint(&s, UINT32_MAX, &n) < 0 || *s != '\0' ||
+        n < STP_MAX_LINE_MIN || n > STP_MAX_LINE_MAX)
+        return bad_value(p, k, value, "512..8192");
+    *FIELD(obj, k->off, uint32_t) = (uint32_t)n;
+    return 0;
+}
+
+static int set_duration(struct parser *p, const struct key_def *k, void *obj,
+                        const char *value)
+{
+    uint64_t ms;
+    if (stp_parse_duration(value, &ms) < 0 || ms == 0)
+        return bad_value(p, k, value,
+                         "a duration greater than 0 like 300s, 5m, 1h or 250ms");
+    *FIELD(obj, k->off, uint64_t) = ms;
+    return 0;
+}
+
+#define PRX(f) offsetof(struct stp_config, f)
+#define LST(f) offsetof(struct stp_listener_cfg, f)
+#define UPS(f) offsetof(struct stp_upstream_cfg, f)
+
+static const struct key_def keys[K_COUNT] = {
+    [K_LOG_LEVEL] = {SECT_PROXY, "log_level", set_log_level, PRX(log_level), 0},
+    [K_WORKERS] = {SECT_PROXY, "workers", set_workers, PRX(workers), 0},
+    [K_HOSTNAME] = {SECT_PROXY, "hostname", set_hostname, PRX(hostname), 0},
+    [K_LISTEN] = {SECT_LISTENER, "listen", set_addr, LST(listen_text), LST(addr)},
+    [K_TLS] = {SECT_LISTENER, "tls", set_tls, LST(tls), 0},
+    [K_REQUIRE_TLS] = {SECT_LISTENER, "require_tls", set_bool, LST(require_tls), 0},
+    [K_CERT] = {SECT_LISTENER, "cert", set_string, LST(cert), 0},
+    [K_KEY] = {SECT_LISTENER, "key", set_string, LST(key), 0},
+    [K_UPSTREAM] = {SECT_LISTENER, "upstream", set_string, LST(upstream_name), 0},
+    [K_MAX_LINE] = {SECT_LISTENER, "max_line", set_max_line, LST(max_line), 0},
+    [K_TIMEOUT_IDLE] = {SECT_LISTENER, "timeout_idle", set_duration,
+                        LST(timeout_idle_ms), 0},
+    [K_ADDRESS] = {SECT_UPSTREAM, "address", set_addr, UPS(address_text), UPS(addr)},
+    [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_upstream_tls, UPS(tls), 0},
+    [K_TIMEOUT_CONNECT] = {SECT_UPSTREAM, "timeout_connect", set_duration,
+                           UPS(timeout_connect_ms), 0},
+};
+
+/* ---- sections -------------------------------------------------------- */
+
+static void *section_obj(struct parser *p, struct sect_state **state)
+{
+    switch (p->sect) {
+    case SECT_PROXY:
+        *state = &p->proxy;
+        return p->cfg;
+    case SECT_LISTENER:
+        *state = &p->lst_state[p->idx];
+        return &p->cfg->listeners[p->idx];
+    case SECT_UPSTREAM:
+        *state = &p->up_state[p->idx];
+        return &p->cfg->upstreams[p->idx];
+    case SECT_NONE:
+        break;
+    }
+    STP_ASSERT(!"no current section");
+    return NULL;
+}
+
+static const char *section_label(struct parser *p, char *buf, size_t len)
+{
+    if (p->sect == SECT_LISTENER)
+        snprintf(buf, len, "listener %s", p->cfg->listeners[p->idx].name);
+    else if (p->sect == SECT_UPSTREAM)
+        snprintf(buf, len, "upstream %s", p->cfg->upstreams[p->idx].name);
+    else
+        snprintf(buf, len, "proxy");
+    return buf;
+}
+
+/* ARR with n elements -> n + 1, the new one zeroed; NULL when out of memory. */
+static void *grow(void *arr, int n, size_t size)
+{
+    char *bigger = realloc(arr, ((size_t)n + 1) * size);
+    if (bigger != NULL)
+        memset(bigger + (size_t)n * size, 0, size);
+    return bigger;
+}
+
+static int check_file(struct parser *p, const char *what, const char *path,
+                      int line)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int e = fd < 0 ? errno : 0;
+    struct stat st;
+    if (fd >= 0) {
+        if (fstat(fd, &st) < 0)
+            e = errno;
+        else if (S_ISDIR(st.st_mode))
+            e = EISDIR;
+        close(fd);
+    }
+    if (e != 0)
+        return fail(p, line, "cannot read %s '%s': %s", what, path, strerror(e));
+    return 0;
+}
+
+static int end_listener(struct parser *p, int i)
+{
+    struct stp_listener_cfg *l = &p->cfg->listeners[i];
+    const int *kl = p->lst_state[i].key_line;
+
+    if (l->listen_text == NULL)
+        return fail(p, l->line, "listener '%s' has no listen address", l->name);
+    if (l->upstream_name == NULL)
+        return fail(p, l->line, "listener '%s' has no upstream", l->name);
+    if (l->cert != NULL && l->key == NULL)
+        return fail(p, kl[K_CERT], "cert without key");
+    if (l->key != NULL && l->cert == NULL)
+        return fail(p, kl[K_KEY], "key without cert");
+    if (l->cert != NULL && (check_file(p, "cert", l->cert, kl[K_CERT]) < 0 ||
+                            check_file(p, "key", l->key, kl[K_KEY]) < 0))
+        return p->rc;
+    if (l->tls == STP_TLS_NONE) {
+        if (kl[K_REQUIRE_TLS] && l->require_tls)
+            return fail(p, kl[K_REQUIRE_TLS],
+                        "require_tls = yes needs tls = starttls or implicit");
+        l->require_tls = false;
+    }
+    for (int j = 0; j < i; j++) {
+        if (same_addr(&l->addr, &p->cfg->listeners[j].addr))
+            return fail(p, kl[K_LISTEN],
+                        "listener '%s' uses the listen address of listener '%s'",
+                        l->name, p->cfg->listeners[j].name);
+    }
+    return 0;
+}
+
+static int end_upstream(struct parser *p, int i)
+{
+    struct stp_upstream_cfg *u = &p->cfg->upstreams[i];
+    if (u->address_text == NULL)
+        return fail(p, u->line, "upstream '%s' has no address", u->name);
+    return 0;
+}
+
+/* Checks that need the whole section: required keys, key pairs. */
+static int end_section(struct parser *p)
+{
+    if (p->sect == SECT_LISTENER)
+        return end_listener(p, p->idx);
+    if (p->sect == SECT_UPSTREAM)
+        return end_upstream(p, p->idx);
+    return 0;
+}
+
+static bool valid_name(const char *s)
+{
+    size_t n = strlen(s);
+    return n > 0 && strspn(s, "abcdefghijklmnopqrstuvwxyz"
+                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                              "0123456789_.-") == n;
+}
+
+/* One more zeroed listener or upstream, and its parse state. The state array
+ * may end up one longer than the config array: harmless. */
+static int add_slot(struct parser *p, bool lst, int n)
+{
+    struct stp_config *c = p->cfg;
+    struct sect_state **st = lst ? &p->lst_state : &p->up_state;
+    void *grown = grow(*st, n, sizeof(**st));
+    if (grown == NULL)
+        return -ENOMEM;
+    *st = grown;
+    if (lst && (grown = grow(c->listeners, n, sizeof(*c->listeners))) != NULL)
+        c->listeners = grown;
+    else if (!lst && (grown = grow(c->upstreams, n, sizeof(*c->upstreams))) != NULL)
+        c->upstreams = grown;
+    return grown ? 0 : -ENOMEM;
+}
+
+static int open_named(struct parser *p, bool lst, const char *name)
+{
+    struct stp_config *c = p->cfg;
+    const char *kind = lst ? "listener" : "upstream";
+    int n = lst ? c->n_listeners : c->n_upstreams;
+
+    if (*name == '\0')
+        return fail(p, p->line, "missing name in [%s]", kind);
+    if (!valid_name(name))
+        return fail(p, p->line,
+                    "invalid %s name '%s' (letters, digits, '_', '.', '-')",
+                    kind, name);
+    for (int i = 0; i < n; i++) {
+        const char *other = lst ? c->listeners[i].name : c->upstreams[i].name;
+        if (strcmp(other, name) == 0)
+            return fail(p, p->line, "duplicate %s '%s'", kind, name);
+    }
+    char *copy = strdup(name);
+    if (copy == NULL || add_slot(p, lst, n) < 0) {
+        free(copy);
+        return oom(p);
+    }
+    if (lst) {
+        struct stp_listener_cfg *l = &c->listeners[n];
+        l->name = copy;
+        l->line = p->line;
+        l->tls = STP_TLS_STARTTLS;
+        l->require_tls = true; /* turned off at the end for tls = none */
+        l->max_line = CFG_DEFAULT_MAX_LINE;
+        l->timeout_idle_ms = CFG_DEFAULT_IDLE_MS;
+        c->n_listeners++;
+    } else {
+        struct stp_upstream_cfg *u = &c->upstreams[n];
+        u->name = copy;
+        u->line = p->line;
+        u->tls = STP_TLS_NONE;
+        u->timeout_connect_ms = CFG_DEFAULT_CONNECT_MS;
+        c->n_upstreams++;
+    }
+    p->sect = lst ? SECT_LISTENER : SECT_UPSTREAM;
+    p->idx = n;
+    return 0;
+}
+
+static int syntax_error(struct parser *p, int line)
+{
+    return fail(p, line, "syntax error (expected [section] or key = value)");
+}
+
+/* LINE starts with '['. */
+static int begin_section(struct parser *p, char *line)
+{
+    char *close = strchr(line, ']');
+    if (close == NULL)
+        return syntax_error(p, p->line);
+    const char *rest = close + 1;
+    rest += strspn(rest, " \t\r\n");
+    if (*rest != '\0' && *rest != ';' && *rest != '#')
+        return fail(p, p->line, "unexpected text after section header");
+    if (end_section(p) < 0)
+        return p->rc;
+
+    /* Work on a copy: inih still has to parse the line itself. */
+    char text[256];
+    size_t len = (size_t)(close - line - 1);
+    if (len >= sizeof(text))
+        return fail(p, p->line, "section header too long");
+    memcpy(text, line + 1, len);
+    text[len] = '\0';
+    char *kind = text + strspn(text, " \t");
+    char *e = kind + strlen(kind);
+    while (e > kind && isspace((unsigned char)e[-1]))
+        *--e = '\0';
+    size_t klen = strcspn(kind, " \t");
+    const char *name = kind + klen + strspn(kind + klen, " \t");
+
+    if (klen == 5 && strncmp(kind, "proxy", klen) == 0 && *name == '\0') {
+        if (p->proxy_line != 0)
+            return fail(p, p->line, "duplicate section [proxy]");
+        p->proxy_line = p->line;
+        p->sect = SECT_PROXY;
+        return 0;
+    }
+    if (klen == 8 && strncmp(kind, "listener", klen) == 0)
+        return open_named(p, true, name);
+    if (klen == 8 && strncmp(kind, "upstream", klen) == 0)
+        return open_named(p, false, name);
+    return fail(p, p->line, "unknown section [%s]", kind);
+}
+
+/* ini_reader: hands inih one line at a time (see the top of the file). */
+static char *read_line(char *buf, int num, void *stream)
+{
+    struct parser *p = stream;
+    /* inih keeps going after a bad line; catch it here, in line order, so it
+     * is reported before whatever the end of its section finds missing. */
+    if (p->rc == 0 && p->want_key)
+        syntax_error(p, p->line);
+    if (p->rc < 0 || p->pos >= p->end)
+        return NULL;
+
+    const char *s = p->pos;
+    const char *nl = memchr(s, '\n', (size_t)(p->end - s));
+    const char *eol = nl ? nl : p->end;
+    p->pos = nl ? nl + 1 : p->end;
+    p->line++;
+
+    if (p->line == 1 && eol - s >= 3 && memcmp(s, "\xEF\xBB\xBF", 3) == 0)
+        s += 3;
+    while (s < eol && isspace((unsigned char)*s))
+        s++;
+    while (eol > s && isspace((unsigned char)eol[-1]))
+        eol--;
+    size_t len = (size_t)(eol - s);
+    if (num < 2 || len > (size_t)num - 2) {
+        fail(p, p->line, "line too long (max %d characters)", num - 2);
+        return NULL;
+    }
+    memcpy(buf, s, len);
+    buf[len] = '\n';
+    buf[len + 1] = '\0';
+    if (buf[0] == '[' && begin_section(p, buf) < 0)
+        return NULL;
+    p->want_key = len > 0 && strchr("[;#", buf[0]) == NULL;
+    return buf;
+}
+
+static const struct key_def *find_key(enum sect_kind sect, const char *name)
+{
+    for (size_t i = 0; i < STP_ARRAY_LEN(keys); i++) {
+        if (keys[i].sect == sect && strcmp(keys[i].name, name) == 0)
+            return &keys[i];
+    }
+    return NULL;
+}
+
+/* ini_handler: returns nonzero on success. */
+static int on_key(void *user, const char *section, const char *name,
+                  const char *value)
+{
+    struct parser *p = user;
+    char label[128];
+    (void)section; /* ours, from begin_section(), is authoritative */
+
+    p->want_key = false;
+    if (p->rc < 0)
+        return 0;
+    if (p->sect == SECT_NONE)
+        return !fail(p, p->line, "key '%s' outside of a section", name);
+    const struct key_def *k = find_key(p->sect, name);
+    if (k == NULL)
+        return !fail(p, p->line, "unknown key '%s' in [%s]", name,
+                     section_label(p, label, sizeof(label)));
+    struct sect_state *st;
+    void *obj = section_obj(p, &st);
+    int *line = &st->key_line[k - keys];
+    if (*line != 0)
+        return !fail(p, p->line, "duplicate key '%s'", name);
+    *line = p->line;
+    return k->set(p, k, obj, value ? value : "") == 0;
+}
+
+/* Checks across sections, once everything is read. */
+static int finish(struct parser *p)
+{
+    struct stp_config *c = p->cfg;
+
+    if (end_section(p) < 0)
+        return p->rc;
+    for (int i = 0; i < c->n_listeners; i++) {
+        struct stp_listener_cfg *l = &c->listeners[i];
+        for (int j = 0; j < c->n_upstreams && l->upstream == NULL; j++) {
+            if (strcmp(c->upstreams[j].name, l->upstream_name) == 0)
+                l->upstream = &c->upstreams[j];
+        }
+        if (l->upstream == NULL)
+            return fail(p, p->lst_state[i].key_line[K_UPSTREAM],
+                        "listener '%s' names unknown upstream '%s'", l->name,
+                        l->upstream_name);
+    }
+    if (c->n_listeners == 0)
+        return fail(p, p->line > 0 ? p->line : 1, "no listener defined");
+    if (c->hostname == NULL) {
+        char host[256];
+        if (gethostname(host, sizeof(host)) < 0 || host[0] == '\0')
+            snprintf(host, sizeof(host), "localhost");
+        host[sizeof(host) - 1] = '\0';
+        c->hostname = strdup(host);
+        if (c->hostname == NULL)
+            return oom(p);
+    }
+    return 0;
+}
+
+static int parse_text(const char *file, const char *text, size_t len,
+                      struct stp_config *out, char *err, size_t errlen)
+{
+    struct parser p = {
+        .file = file,
+        .pos = text,
+        .end = text + len,
+        .cfg = out,
+        .err = err,
+        .errlen = errlen,
+    };
+
+    out->log_level = STP_LOG_INFO;
+    out->workers = 1;
+    out->path = strdup(file);
+    if (out->path == NULL)
+        oom(&p);
+
+    int syntax = p.rc < 0 ? 0 : ini_parse_stream(read_line, &p, on_key, &p);
+    if (p.want_key)
+        syntax_error(&p, p.line); /* the last line */
+    if (syntax > 0)
+        syntax_error(&p, syntax); /* anything read_line() did not foresee */
+    if (p.rc == 0)
+        finish(&p);
+
+    free(p.lst_state);
+    free(p.up_state);
+    if (p.rc < 0)
+        stp_config_free(out);
+    return p.rc;
+}
+
+int stp_config_parse_string(const char *name, const char *text,
+                            struct stp_config *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    if (err != NULL && errlen > 0)
+        err[0] = '\0';
+    return parse_text(name, text, strlen(text), out, err, errlen);
+}
+
+/* Reads the whole file: bounded, and a NUL byte is reported by its line. */
+static int read_file(const char *path, char **text, size_t *len,
+                     const char **what)
+{
+    *what = "cannot open";
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    int e = fstat(fd, &st) < 0 ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+    if (e != 0) {
+        close(fd);
+        return -e;
+    }
+    *what = "cannot read";
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    int rc = buf ? 0 : -ENOMEM;
+    while (rc == 0) {
+        if (n == cap) {
+            char *bigger = cap < CFG_MAX_FILE_SIZE ? realloc(buf, cap * 2) : NULL;
+            if (bigger == NULL) {
+                rc = cap < CFG_MAX_FILE_SIZE ? -ENOMEM : -EFBIG;
+                break;
+            }
+            buf = bigger;
+            cap *= 2;
+        }
+        ssize_t r = read(fd, buf + n, cap - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            rc = -errno;
+        else if (r == 0)
+            break;
+        else
+            n += (size_t)r;
+    }
+    close(fd);
+    if (rc < 0) {
+        free(buf);
+        return rc;
+    }
+    *text = buf;
+    *len = n;
+    return 0;
+}
+
+int stp_config_load(const char *path, struct stp_config *out, char *err,
+                    size_t errlen)
+{
+    char *text = NULL;
+    size_t len = 0;
+    const char *what;
+
+    memset(out, 0, sizeof(*out));
+    if (err != NULL && errlen > 0)
+        err[0] = '\0';
+    int rc = read_file(path, &text, &len, &what);
+    if (rc < 0) {
+        if (err != NULL && errlen > 0)
+            snprintf(err, errlen, "%s:0: %s: %s", path, what, stp_strerror(rc));
+        return rc;
+    }
+    const char *nul = memchr(text, '\0', len);
+    if (nul != NULL) {
+        int line = 1;
+        for (const char *c = text; c < nul; c++)
+            line += *c == '\n';
+        if (err != NULL && errlen > 0)
+            snprintf(err, errlen, "%s:%d: NUL byte in file", path, line);
+        free(text);
+        return -EINVAL;
+    }
+    rc = parse_text(path, text, len, out, err, errlen);
+    free(text);
+    return rc;
+}
+
+void stp_config_free(struct stp_config *cfg)
+{
+    for (int i = 0; i < cfg->n_listeners; i++) {
+        struct stp_listener_cfg *l = &cfg->listeners[i];
+        free(l->name);
+        free(l->listen_text);
+        free(l->cert);
+        free(l->key);
+        free(l->upstream_name);
+    }
+    for (int i = 0; i < cfg->n_upstreams; i++) {
+        free(cfg->upstreams[i].name);
+        free(cfg->upstreams[i].address_text);
+    }
+    free(cfg->listeners);
+    free(cfg->upstreams);
+    free(cfg->hostname);
+    free(cfg->path);
+    memset(cfg, 0, sizeof(*cfg));
+}

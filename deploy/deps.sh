@@ -1,0 +1,29 @@
+#!/bin/sh
+# Install what starttls-proxy needs from Debian's archive (Debian 12).
+#   deploy/deps.sh          build dependencies
+#   deploy/deps.sh --demo   + smtp-sink (postfix) and swaks for the demo
+#   deploy/deps.sh --test   + everything the test suite runs against
+# Only missing packages are installed; nothing happens when all are present.
+set -eu
+build="cmake gcc make pkg-config libuv1-dev libwolfssl-dev libinih-dev"
+demo="postfix swaks"
+test="$demo curl openssl python3 python3-pytest python3-aiosmtpd procps clang libclang-rt-14-dev"
+want=$build
+case "${1:-}" in
+  --demo) want="$build $demo" ;;
+  --test) want="$build $test" ;;
+  "") ;;
+  *) echo "usage: $0 [--demo|--test]" >&2; exit 2 ;;
+esac
+missing=""
+for p in $want; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing:$missing" >&2
+# Postfix asks how to configure itself; the demo and tests only use smtp-sink.
+echo 'postfix postfix/main_mailer_type select No configuration' | $sudo debconf-set-selections
+$sudo apt-get update -qq
+$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null

@@ -1,0 +1,502 @@
+/* Unit tests for proxy/config.c: value parsers, defaults, a full config, and
+ * the exact "FILE:LINE: message" of every class of error. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "stp.h"
+
+static int n_passed, n_failed;
+
+#define CHECK(cond)                                                            \
+    do {                                                                       \
+        if (cond) {                                                            \
+            n_passed++;                                                        \
+        } else {                                                               \
+            n_failed++;                                                        \
+            fprintf(stderr, "%s:%d: FAIL: %s\n", __FILE__, __LINE__, #cond);   \
+        }                                                                      \
+    } while (0)
+
+#define CHECK_STR(got, want)                                                   \
+    do {                                                                       \
+        const char *g_ = (got), *w_ = (want);                                  \
+        if (g_ != NULL && strcmp(g_, w_) == 0) {                               \
+            n_passed++;                                                        \
+        } else {                                                               \
+            n_failed++;                                                        \
+            fprintf(stderr, "%s:%d: FAIL: %s\n  got:  %s\n  want: %s\n",       \
+                    __FILE__, __LINE__, #got, g_ ? g_ : "(null)", w_);         \
+        }                                                                      \
+    } while (0)
+
+/* A minimal valid config: listener then upstream, 5 lines. */
+#define LST_A "[listener a]\nlisten = 0.0.0.0:25\nupstream = up\n"
+#define UP "[upstream up]\naddress = 127.0.0.1:2525\n"
+#define MINIMAL LST_A UP
+
+static bool is_zeroed(const struct stp_config *c)
+{
+    static const struct stp_config zero;
+    return memcmp(c, &zero, sizeof(zero)) == 0;
+}
+
+static void test_durations(void)
+{
+    static const struct { const char *text; uint64_t ms; } good[] = {
+        {"300", 300000},  {"300s", 300000}, {"5m", 300000},
+        {"1h", 3600000},  {"250ms", 250},   {"0", 0},
+        {"0ms", 0},       {"007s", 7000},
+        {"18446744073709551615ms", UINT64_MAX},
+        {"18446744073709551s", 18446744073709551000u},
+    };
+    static const char *const bad[] = {
+        "", "s", "ms", "-1", "+1", " 1", "1 ", "1x", "1.5s", "5mm", "1sms",
+        "1S", "0x10", "18446744073709551616", "18446744073709552s",
+        "99999999999999999999h", "5 m",
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(good); i++) {
+        uint64_t ms = 1;
+        CHECK(stp_parse_duration(good[i].text, &ms) == 0);
+        CHECK(ms == good[i].ms);
+    }
+    for (size_t i = 0; i < STP_ARRAY_LEN(bad); i++) {
+        uint64_t ms = 42;
+        int rc = stp_parse_duration(bad[i], &ms);
+        if (rc != -EINVAL)
+            fprintf(stderr, "  accepted duration '%s'\n", bad[i]);
+        CHECK(rc == -EINVAL);
+        CHECK(ms == 42);
+    }
+}
+
+static void test_hostport(void)
+{
+    static const struct { const char *text; int family; const char *fmt; } good[] = {
+        {"127.0.0.1:25", AF_INET, "127.0.0.1:25"},
+        {"0.0.0.0:25", AF_INET, "0.0.0.0:25"},
+        {"1.2.3.4:65535", AF_INET, "1.2.3.4:65535"},
+        {"10.0.0.1:025", AF_INET, "10.0.0.1:25"},
+        {"[::1]:25", AF_INET6, "[::1]:25"},
+        {"[::]:465", AF_INET6, "[::]:465"},
+        {"[2001:DB8::1]:587", AF_INET6, "[2001:db8::1]:587"},
+        {"[::ffff:192.0.2.1]:1", AF_INET6, "[::ffff:192.0.2.1]:1"},
+    };
+    static const char *const bad[] = {
+        "localhost:25", "1.2.3.4", "::1:25", "1.2.3.4:99999", "1.2.3.4:0",
+        "1.2.3.4:", ":25", "[::1]", "[::1]25", "[::1:25", "[::1]]:25",
+        "1.2.3.4:25x", "1.2.3.4:-1", "1.2.3.4:+25", "[1.2.3.4]:25",
+        "1.2.3:25", "", "[]:25", "[fe80::1%eth0]:25", "1.2.3.4 :25",
+        "1.2.3.4: 25", "::1", "[::1]:65536", "256.1.1.1:25",
+    };
+    char buf[64];
+    for (size_t i = 0; i < STP_ARRAY_LEN(good); i++) {
+        struct sockaddr_storage ss;
+        CHECK(stp_parse_hostport(good[i].text, &ss) == 0);
+        CHECK(ss.ss_family == good[i].family);
+        stp_format_addr((struct sockaddr *)&ss, buf, sizeof(buf));
+        CHECK_STR(buf, good[i].fmt);
+    }
+    for (size_t i = 0; i < STP_ARRAY_LEN(bad); i++) {
+        struct sockaddr_storage ss;
+        int rc = stp_parse_hostport(bad[i], &ss);
+        if (rc != -EINVAL)
+            fprintf(stderr, "  accepted address '%s'\n", bad[i]);
+        CHECK(rc == -EINVAL);
+    }
+
+    struct sockaddr_storage ss;
+    CHECK(stp_parse_hostport("[::1]:25", &ss) == 0);
+    char small[6];
+    stp_format_addr((struct sockaddr *)&ss, small, sizeof(small));
+    CHECK_STR(small, "[::1]"); /* truncated, still terminated */
+    struct sockaddr unix_sa = {.sa_family = AF_UNIX};
+    stp_format_addr(&unix_sa, buf, sizeof(buf));
+    CHECK_STR(buf, "?");
+}
+
+/* Each text is parsed as "t.ini" and must fail with exactly this message. */
+static void test_errors(void)
+{
+    static const struct { const char *text; const char *err; } cases[] = {
+        /* sections */
+        {"[foo]\n", "t.ini:1: unknown section [foo]"},
+        {"[Proxy]\n", "t.ini:1: unknown section [Proxy]"},
+        {"[proxy x]\n", "t.ini:1: unknown section [proxy x]"},
+        {"[ listener  a b ]\n", "t.ini:1: invalid listener name 'a b' "
+                                "(letters, digits, '_', '.', '-')"},
+        {"[listener]\n", "t.ini:1: missing name in [listener]"},
+        {"[upstream a/b]\n", "t.ini:1: invalid upstream name 'a/b' "
+                             "(letters, digits, '_', '.', '-')"},
+        {MINIMAL "[listener a]\n", "t.ini:6: duplicate listener 'a'"},
+        {MINIMAL "[upstream up]\n", "t.ini:6: duplicate upstream 'up'"},
+        {"[proxy]\n[proxy]\n", "t.ini:2: duplicate section [proxy]"},
+        {"[proxy] x\n", "t.ini:1: unexpected text after section header"},
+        {"listen = 1.2.3.4:25\n", "t.ini:1: key 'listen' outside of a section"},
+        /* keys */
+        {"[proxy]\nbar = 1\n", "t.ini:2: unknown key 'bar' in [proxy]"},
+        {"[listener a]\nlisten = 0.0.0.0:25\nbar = 1\n",
+         "t.ini:3: unknown key 'bar' in [listener a]"},
+        {"[listener a]\nListen = 0.0.0.0:25\n",
+         "t.ini:2: unknown key 'Listen' in [listener a]"},
+        {"[upstream u]\nlisten = 0.0.0.0:25\n",
+         "t.ini:2: unknown key 'listen' in [upstream u]"},
+        {"[listener a]\nlisten = 0.0.0.0:25\nlisten = 0.0.0.0:26\n",
+         "t.ini:3: duplicate key 'listen'"},
+        {"[proxy]\nlog_level = info\nlog_level = info\n",
+         "t.ini:3: duplicate key 'log_level'"},
+        /* values */
+        {"[proxy]\nlog_level = loud\n", "t.ini:2: invalid value 'loud' for "
+                                        "log_level (expected error, warn, info or debug)"},
+        {"[proxy]\nworkers = 2\n", "t.ini:2: workers > 1 is not supported yet"},
+        {"[proxy]\nworkers = 0\n", "t.ini:2: invalid value '0' for workers "
+                                   "(expected a positive number or auto)"},
+        {"[proxy]\nworkers = many\n", "t.ini:2: invalid value 'many' for workers "
+                                      "(expected a positive number or auto)"},
+        {"[proxy]\nhostname = mx example\n",
+         "t.ini:2: invalid value 'mx example' for hostname (expected a host name)"},
+        {"[listener a]\nlisten = localhost:25\n",
+         "t.ini:2: invalid value 'localhost:25' for listen (expected a numeric "
+         "HOST:PORT such as 127.0.0.1:25 or [::1]:25)"},
+        {"[listener a]\ntls = ssl\n", "t.ini:2: invalid value 'ssl' for tls "
+                                      "(expected starttls, implicit or none)"},
+        {"[listener a]\nlisten = 0.0.0.0:25\nrequire_tls = maybe\n",
+         "t.ini:3: invalid value 'maybe' for require_tls (expected yes or no)"},
+        {"[listener a]\nmax_line = 511\n",
+         "t.ini:2: invalid value '511' for max_line (expected 512..8192)"},
+        {"[listener a]\nmax_line = 8193\n",
+         "t.ini:2: invalid value '8193' for max_line (expected 512..8192)"},
+        {"[listener a]\nmax_line = 2k\n",
+         "t.ini:2: invalid value '2k' for max_line (expected 512..8192)"},
+        {"[listener a]\ntimeout_idle = 0s\n",
+         "t.ini:2: invalid value '0s' for timeout_idle (expected a duration "
+         "greater than 0 like 300s, 5m, 1h or 250ms)"},
+        {"[listener a]\ntimeout_idle = -1s\n",
+         "t.ini:2: invalid value '-1s' for timeout_idle (expected a duration "
+         "greater than 0 like 300s, 5m, 1h or 250ms)"},
+        {"[listener a]\nupstream =\n", "t.ini:2: empty value for upstream"},
+        {"[upstream u]\ntls = implicit\n", "t.ini:2: upstream TLS is not supported yet"},
+        {"[upstream u]\ntls = STARTTLS\n", "t.ini:2: upstream TLS is not supported yet"},
+        {"[upstream u]\ntls = maybe\n", "t.ini:2: invalid value 'maybe' for tls "
+                                        "(expected starttls, implicit or none)"},
+        {"[upstream u]\ntimeout_connect = 30 s\n",
+         "t.ini:2: invalid value '30 s' for timeout_connect (expected a duration "
+         "greater than 0 like 300s, 5m, 1h or 250ms)"},
+        {"[upstream u]\naddress = 1.2.3.4:0\n",
+         "t.ini:2: invalid value '1.2.3.4:0' for address (expected a numeric "
+         "HOST:PORT such as 127.0.0.1:25 or [::1]:25)"},
+        /* whole sections */
+        {"[proxy]\n[listener a]\nupstream = up\n" UP,
+         "t.ini:2: listener 'a' has no listen address"},
+        {"[listener a]\nlisten = 0.0.0.0:25\n" UP, "t.ini:1: listener 'a' has no upstream"},
+        {LST_A "[upstream up]\ntls = none\n", "t.ini:4: upstream 'up' has no address"},
+        {"[listener a]\nlisten = 0.0.0.0:25\nupstream = x\n" UP,
+         "t.ini:3: listener 'a' names unknown upstream 'x'"},
+        {LST_A "cert = /dev/null\n" UP, "t.ini:4: cert without key"},
+        {LST_A "key = /dev/null\n" UP, "t.ini:4: key without cert"},
+        {LST_A "cert = /nonexistent/c.pem\nkey = /dev/null\n" UP,
+         "t.ini:4: cannot read cert '/nonexistent/c.pem': No such file or directory"},
+        {LST_A "cert = /dev/null\nkey = /nonexistent/k.pem\n" UP,
+         "t.ini:5: cannot read key '/nonexistent/k.pem': No such file or directory"},
+        {LST_A "cert = /etc\nkey = /dev/null\n" UP,
+         "t.ini:4: cannot read cert '/etc': Is a directory"},
+        {LST_A "require_tls = yes\ntls = none\n" UP,
+         "t.ini:4: require_tls = yes needs tls = starttls or implicit"},
+        {MINIMAL "[listener b]\nlisten = 0.0.0.0:25\nupstream = up\n",
+         "t.ini:7: listener 'b' uses the listen address of listener 'a'"},
+        /* whole file */
+        {"", "t.ini:1: no listener defined"},
+        {UP "\n; nothing else\n", "t.ini:4: no listener defined"},
+        /* syntax, and which error wins */
+        {"[listener a]\nlisten\n", "t.ini:2: syntax error (expected [section] or key = value)"},
+        {"[listener a\n", "t.ini:1: syntax error (expected [section] or key = value)"},
+        {"[proxy]\nworkers\nbar = 1\n",
+         "t.ini:2: syntax error (expected [section] or key = value)"},
+        {"[proxy]\nbar = 1\nworkers\n", "t.ini:2: unknown key 'bar' in [proxy]"},
+        /* a bad line wins over what its section then lacks */
+        {"[listener a]\nupstream = up\nlisten 0.0.0.0\n" UP,
+         "t.ini:3: syntax error (expected [section] or key = value)"},
+        /* inih also reads "name: value" */
+        {"[listener a]\nlisten 0.0.0.0:25\n",
+         "t.ini:2: unknown key 'listen 0.0.0.0' in [listener a]"},
+        {MINIMAL "oops", "t.ini:6: syntax error (expected [section] or key = value)"},
+        {"[proxy]\n = 1\n", "t.ini:2: unknown key '' in [proxy]"},
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(cases); i++) {
+        struct stp_config cfg;
+        char err[256] = "untouched";
+        int rc = stp_config_parse_string("t.ini", cases[i].text, &cfg, err,
+                                         sizeof(err));
+        CHECK(rc == -EINVAL);
+        CHECK_STR(err, cases[i].err);
+        CHECK(is_zeroed(&cfg));
+    }
+}
+
+static void test_line_too_long(void)
+{
+    char text[1024];
+    struct stp_config cfg;
+    char err[256];
+    snprintf(text, sizeof(text), "[listener a]\ncert = /%0300d\n", 0);
+    CHECK(stp_config_parse_string("t.ini", text, &cfg, err, sizeof(err)) == -EINVAL);
+    CHECK_STR(err, "t.ini:2: line too long (max 198 characters)");
+
+    /* A tiny error buffer truncates but stays terminated. */
+    char tiny[8];
+    CHECK(stp_config_parse_string("t.ini", "[foo]\n", &cfg, tiny, sizeof(tiny)) == -EINVAL);
+    CHECK_STR(tiny, "t.ini:1");
+    CHECK(stp_config_parse_string("t.ini", "[foo]\n", &cfg, NULL, 0) == -EINVAL);
+}
+
+static void test_defaults(void)
+{
+    struct stp_config cfg;
+    char err[256] = "";
+    char host[256] = "";
+    CHECK(stp_config_parse_string("t.ini", MINIMAL, &cfg, err, sizeof(err)) == 0);
+    CHECK_STR(err, "");
+    CHECK_STR(cfg.path, "t.ini");
+    CHECK(cfg.log_level == STP_LOG_INFO);
+    CHECK(cfg.workers == 1);
+    gethostname(host, sizeof(host) - 1);
+    CHECK_STR(cfg.hostname, host[0] ? host : "localhost");
+    CHECK(cfg.n_listeners == 1 && cfg.n_upstreams == 1);
+    if (cfg.n_listeners == 1 && cfg.n_upstreams == 1) {
+        const struct stp_listener_cfg *l = &cfg.listeners[0];
+        const struct stp_upstream_cfg *u = &cfg.upstreams[0];
+        CHECK_STR(l->name, "a");
+        CHECK_STR(l->listen_text, "0.0.0.0:25");
+        CHECK(l->addr.ss_family == AF_INET);
+        CHECK(l->tls == STP_TLS_STARTTLS);
+        CHECK(l->require_tls);
+        CHECK(l->cert == NULL && l->key == NULL);
+        CHECK_STR(l->upstream_name, "up");
+        CHECK(l->upstream == u);
+        CHECK(l->max_line == 2048);
+        CHECK(l->timeout_idle_ms == 300000);
+        CHECK(l->line == 1);
+        CHECK_STR(u->name, "up");
+        CHECK_STR(u->address_text, "127.0.0.1:2525");
+        CHECK(u->tls == STP_TLS_NONE);
+        CHECK(u->timeout_connect_ms == 30000);
+        CHECK(u->line == 4);
+    }
+    stp_config_free(&cfg);
+    CHECK(is_zeroed(&cfg));
+    stp_config_free(&cfg); /* safe twice */
+
+    /* require_tls defaults to no without TLS; values are case-insensitive. */
+    static const struct { const char *extra; bool require; } cases[] = {
+        {"tls = NONE\n", false},
+        {"tls = none\nrequire_tls = Off\n", false},
+        {"tls = Implicit\n", true},
+        {"tls = starttls\nrequire_tls = 0\n", false},
+        {"require_tls = TRUE\n", true},
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(cases); i++) {
+        char text[512];
+        snprintf(text, sizeof(text), LST_A "%s" UP, cases[i].extra);
+        CHECK(stp_config_parse_string("t.ini", text, &cfg, err, sizeof(err)) == 0);
+        CHECK(cfg.n_listeners == 1 && cfg.listeners[0].require_tls == cases[i].require);
+        stp_config_free(&cfg);
+    }
+
+    CHECK(stp_config_parse_string("t.ini", "[proxy]\nworkers = AUTO\n" MINIMAL,
+                                  &cfg, err, sizeof(err)) == 0);
+    CHECK(cfg.workers == 1);
+    stp_config_free(&cfg);
+}
+
+/* Every key set, upstreams referenced before they are defined, IPv6, CRLF,
+ * a BOM, indentation and comments: all of it lands in the struct. */
+static void test_full(const char *cert, const char *key)
+{
+    char text[2048];
+    snprintf(text, sizeof(text),
+             "\xEF\xBB\xBF# starttls-proxy test config\r\n"
+             "[proxy]\r\n"
+             "log_level = DEBUG ; inline comment\n"
+             "workers = 1\n"
+             "hostname = mx.example.net\n"
+             "\n"
+             "[listener smtp]\n"
+             "  listen = [::]:25\n"
+             "  tls = starttls\n"
+             "  require_tls = no\n"
+             "  cert = %s\n"
+             "  key = %s\n"
+             "  upstream = back-end.1\n"
+             "  max_line = 4096\n"
+             "  timeout_idle = 5m\n"
+             "[listener submissions]\n"
+             "listen = 127.0.0.1:465\n"
+             "tls = implicit\n"
+             "upstream = other\n"
+             "max_line = 512\n"
+             "timeout_idle = 250ms\n"
+             "[upstream other]\n"
+             "address = [::1]:2526\n"
+             "[upstream back-end.1]\n"
+             "address = 192.0.2.7:2525\n"
+             "tls = none\n"
+             "timeout_connect = 1h\n",
+             cert, key);
+    struct stp_config cfg;
+    char err[256] = "";
+    char buf[64];
+    int rc = stp_config_parse_string("full.ini", text, &cfg, err, sizeof(err));
+    CHECK(rc == 0);
+    CHECK_STR(err, "");
+    if (rc != 0)
+        return;
+    CHECK(cfg.log_level == STP_LOG_DEBUG);
+    CHECK(cfg.workers == 1);
+    CHECK_STR(cfg.hostname, "mx.example.net");
+    CHECK(cfg.n_listeners == 2 && cfg.n_upstreams == 2);
+
+    const struct stp_listener_cfg *l = &cfg.listeners[0];
+    CHECK_STR(l->name, "smtp");
+    CHECK_STR(l->listen_text, "[::]:25");
+    stp_format_addr((const struct sockaddr *)&l->addr, buf, sizeof(buf));
+    CHECK_STR(buf, "[::]:25");
+    CHECK(l->tls == STP_TLS_STARTTLS);
+    CHECK(!l->require_tls);
+    CHECK_STR(l->cert, cert);
+    CHECK_STR(l->key, key);
+    CHECK_STR(l->upstream_name, "back-end.1");
+    CHECK(l->upstream == &cfg.upstreams[1]);
+    CHECK(l->max_line == 4096);
+    CHECK(l->timeout_idle_ms == 300000);
+    CHECK(l->line == 7);
+
+    l = &cfg.listeners[1];
+    CHECK_STR(l->name, "submissions");
+    stp_format_addr((const struct sockaddr *)&l->addr, buf, sizeof(buf));
+    CHECK_STR(buf, "127.0.0.1:465");
+    CHECK(l->tls == STP_TLS_IMPLICIT);
+    CHECK(l->require_tls);
+    CHECK(l->cert == NULL);
+    CHECK(l->upstream == &cfg.upstreams[0]);
+    CHECK(l->max_line == 512);
+    CHECK(l->timeout_idle_ms == 250);
+    CHECK(l->line == 16);
+
+    const struct stp_upstream_cfg *u = &cfg.upstreams[0];
+    CHECK_STR(u->name, "other");
+    stp_format_addr((const struct sockaddr *)&u->addr, buf, sizeof(buf));
+    CHECK_STR(buf, "[::1]:2526");
+    CHECK(u->timeout_connect_ms == 30000);
+    CHECK(u->line == 22);
+    u = &cfg.upstreams[1];
+    CHECK_STR(u->name, "back-end.1");
+    CHECK_STR(u->address_text, "192.0.2.7:2525");
+    CHECK(u->tls == STP_TLS_NONE);
+    CHECK(u->timeout_connect_ms == 3600000);
+    CHECK(u->line == 24);
+    stp_config_free(&cfg);
+}
+
+static void write_file(const char *path, const char *text, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    if (f == NULL)
+        return;
+    CHECK(fwrite(text, 1, len, f) == len);
+    fclose(f);
+}
+
+static void test_load(const char *dir, const char *cert, const char *key)
+{
+    char path[512], text[1024], want[1024], err[512];
+    struct stp_config cfg;
+
+    snprintf(path, sizeof(path), "%s/proxy.ini", dir);
+    snprintf(text, sizeof(text), LST_A "cert = %s\nkey = %s\n" UP, cert, key);
+    write_file(path, text, strlen(text));
+    CHECK(stp_config_load(path, &cfg, err, sizeof(err)) == 0);
+    CHECK_STR(cfg.path, path);
+    CHECK(cfg.n_listeners == 1 && cfg.listeners[0].cert != NULL);
+    if (cfg.n_listeners == 1)
+        CHECK_STR(cfg.listeners[0].key, key);
+    stp_config_free(&cfg);
+
+    /* Errors name the real file. */
+    snprintf(text, sizeof(text), LST_A "cert = %s\nkey = %s/missing.pem\n" UP,
+             cert, dir);
+    write_file(path, text, strlen(text));
+    CHECK(stp_config_load(path, &cfg, err, sizeof(err)) == -EINVAL);
+    snprintf(want, sizeof(want),
+             "%s:5: cannot read key '%s/missing.pem': No such file or directory",
+             path, dir);
+    CHECK_STR(err, want);
+    CHECK(is_zeroed(&cfg));
+
+    write_file(path, "[proxy]\n\0[foo]\n", 15);
+    CHECK(stp_config_load(path, &cfg, err, sizeof(err)) == -EINVAL);
+    snprintf(want, sizeof(want), "%s:2: NUL byte in file", path);
+    CHECK_STR(err, want);
+    unlink(path);
+
+    CHECK(stp_config_load(path, &cfg, err, sizeof(err)) == -ENOENT);
+    snprintf(want, sizeof(want), "%s:0: cannot open: No such file or directory", path);
+    CHECK_STR(err, want);
+    CHECK(is_zeroed(&cfg));
+
+    CHECK(stp_config_load(dir, &cfg, err, sizeof(err)) == -EISDIR);
+    snprintf(want, sizeof(want), "%s:0: cannot open: Is a directory", dir);
+    CHECK_STR(err, want);
+}
+
+/* The documented example under conf/ must stay loadable. */
+static void test_shipped_example(void)
+{
+    char path[1024], err[512] = "";
+    const char *slash = strrchr(__FILE__, '/');
+    int dirlen = slash ? (int)(slash - __FILE__) : 1;
+    snprintf(path, sizeof(path), "%.*s/../../conf/starttls-proxy.ini", dirlen,
+             slash ? __FILE__ : ".");
+    struct stp_config cfg;
+    int rc = stp_config_load(path, &cfg, err, sizeof(err));
+    if (rc != 0)
+        fprintf(stderr, "  %s\n", err);
+    CHECK(rc == 0);
+    CHECK(cfg.n_listeners >= 1);
+    stp_config_free(&cfg);
+}
+
+int main(void)
+{
+    char dir[] = "/tmp/stp-test-config-XXXXXX";
+    char cert[sizeof(dir) + 16], key[sizeof(dir) + 16];
+    if (mkdtemp(dir) == NULL) {
+        perror("mkdtemp");
+        return 1;
+    }
+    snprintf(cert, sizeof(cert), "%s/cert.pem", dir);
+    snprintf(key, sizeof(key), "%s/key.pem", dir);
+    write_file(cert, "-----BEGIN CERTIFICATE-----\n", 28);
+    write_file(key, "-----BEGIN PRIVATE KEY-----\n", 28);
+
+    test_durations();
+    test_hostport();
+    test_errors();
+    test_line_too_long();
+    test_defaults();
+    test_full(cert, key);
+    test_load(dir, cert, key);
+    test_shipped_example();
+
+    unlink(cert);
+    unlink(key);
+    rmdir(dir);
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed == 0 ? 0 : 1;
+}
