@@ -61,6 +61,10 @@ int stp_config_parse_string(const char *name, const char *text,
 
 void stp_config_free(struct stp_config *cfg);
 
+/* Decimal digits at *s (no sign, blank or "0x"), at most MAX; advances *s
+ * past them. 0 or -EINVAL. */
+int stp_parse_uint(const char **s, uint64_t max, uint64_t *out);
+
 /* "300", "300s", "5m", "1h", "250ms" -> milliseconds. -EINVAL on bad text. */
 int stp_parse_duration(const char *text, uint64_t *ms);
 

@@ -114,6 +114,8 @@ struct stp_smtp_ops {
     void (*close)(void *ctx, enum stp_close_reason why, bool cut_upstream);
     /* Policy decisions worth a log line: "reject" with a short reason. */
     void (*event)(void *ctx, const char *event, const char *detail);
+    /* Optional: every phase change, for debug logs. */
+    void (*phase)(void *ctx, int from, int to);
 };
 
 struct stp_smtp_cfg {

@@ -123,110 +123,6 @@ static int oom(struct parser *p)
     return fail_rc(p, -ENOMEM, p->line, "out of memory");
 }
 
-/* Decimal digits only: strtoul would accept blanks, signs and "0x". */
-static int parse_uint(const char **s, uint64_t max, uint64_t *out)
-{
-    const char *c = *s;
-    uint64_t v = 0;
-    if (!isdigit((unsigned char)*c))
-        return -EINVAL;
-    for (; isdigit((unsigned char)*c); c++) {
-        unsigned d = (unsigned)(*c - '0');
-        if (v > (max - d) / 10)
-            return -EINVAL;
-        v = v * 10 + d;
-    }
-    *s = c;
-    *out = v;
-    return 0;
-}
-
-int stp_parse_duration(const char *text, uint64_t *ms)
-{
-    static const struct { const char *unit; uint64_t ms; } units[] = {
-        {"", 1000}, {"ms", 1}, {"s", 1000}, {"m", 60 * 1000},
-        {"h", 60 * 60 * 1000},
-    };
-    uint64_t v;
-    if (parse_uint(&text, UINT64_MAX, &v) < 0)
-        return -EINVAL;
-    for (size_t i = 0; i < STP_ARRAY_LEN(units); i++) {
-        if (strcmp(text, units[i].unit) != 0)
-            continue;
-        if (v > UINT64_MAX / units[i].ms)
-            return -EINVAL;
-        *ms = v * units[i].ms;
-        return 0;
-    }
-    return -EINVAL;
-}
-
-int stp_parse_hostport(const char *text, struct sockaddr_storage *ss)
-{
-    char host[INET6_ADDRSTRLEN];
-    const char *colon;
-    const char *h = text;
-    bool v6 = text[0] == '[';
-
-    if (v6) {
-        const char *close = strchr(text, ']');
-        if (close == NULL || close[1] != ':')
-            return -EINVAL;
-        h = text + 1;
-        colon = close + 1;
-    } else {
-        colon = strrchr(text, ':');
-        /* A second colon means IPv6 without brackets: the port is ambiguous. */
-        if (colon == NULL || memchr(text, ':', (size_t)(colon - text)))
-            return -EINVAL;
-    }
-    size_t hlen = (size_t)(colon - h) - (v6 ? 1 : 0);
-    if (hlen == 0 || hlen >= sizeof(host))
-        return -EINVAL;
-    memcpy(host, h, hlen);
-    host[hlen] = '\0';
-
-    const char *port_text = colon + 1;
-    uint64_t port;
-    if (parse_uint(&port_text, 65535, &port) < 0 || *port_text != '\0' ||
-        port == 0)
-        return -EINVAL;
-
-    memset(ss, 0, sizeof(*ss));
-    if (v6) {
-        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
-        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
-            return -EINVAL;
-        sin6->sin6_family = AF_INET6;
-        sin6->sin6_port = htons((uint16_t)port);
-    } else {
-        struct sockaddr_in *sin = (struct sockaddr_in *)ss;
-        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
-            return -EINVAL;
-        sin->sin_family = AF_INET;
-        sin->sin_port = htons((uint16_t)port);
-    }
-    return 0;
-}
-
-void stp_format_addr(const struct sockaddr *sa, char *buf, size_t len)
-{
-    char host[INET6_ADDRSTRLEN];
-    if (len == 0)
-        return;
-    if (sa->sa_family == AF_INET) {
-        const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
-        snprintf(buf, len, "%s:%u", host, ntohs(sin->sin_port));
-    } else if (sa->sa_family == AF_INET6) {
-        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
-        snprintf(buf, len, "[%s]:%u", host, ntohs(sin6->sin6_port));
-    } else {
-        snprintf(buf, len, "?");
-    }
-}
-
 static bool same_addr(const struct sockaddr_storage *a,
                       const struct sockaddr_storage *b)
 {
@@ -292,7 +188,7 @@ static int set_workers(struct parser *p, const struct key_def *k, void *obj,
     uint64_t n;
     if (strcasecmp(value, "auto") == 0) {
         n = 1; /* one worker until multi-worker support lands */
-    } else if (parse_uint(&s, INT32_MAX, &n) < 0 || *s != '\0' || n == 0) {
+    } else if (stp_parse_uint(&s, INT32_MAX, &n) < 0 || *s != '\0' || n == 0) {
         return bad_value(p, k, value, "a positive number or auto");
     } else if (n > 1) {
         return fail(p, p->line, "workers > 1 is not supported yet");
@@ -365,7 +261,7 @@ static int set_max_line(struct parser *p, const struct key_def *k, void *obj,
 {
     const char *s = value;
     uint64_t n;
-    if (parse_uint(&s, UINT32_MAX, &n) < 0 || *s != '\0' ||
+    if (stp_parse_uint(&s, UINT32_MAX, &n) < 0 || *s != '\0' ||
         n < STP_MAX_LINE_MIN || n > STP_MAX_LINE_MAX)
         return bad_value(p, k, value, "512..8192");
     *FIELD(obj, k->off, uint32_t) = (uint32_t)n;

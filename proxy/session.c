@@ -204,12 +204,22 @@ static void act_event(void *ctx, const char *event, const char *detail)
             detail);
 }
 
+static void act_phase(void *ctx, int from, int to)
+{
+    struct stp_session *s = ctx;
+    if (stp_log_enabled(STP_LOG_DEBUG))
+        stp_log(STP_LOG_DEBUG, "id=%016" PRIx64 " event=smtp from=%s to=%s",
+                s->id, stp_phase_name((enum stp_phase)from),
+                stp_phase_name((enum stp_phase)to));
+}
+
 static const struct stp_smtp_ops engine_ops = {
     .to_upstream = act_to_upstream,
     .to_client = act_to_client,
     .start_tls = act_start_tls,
     .close = act_close,
     .event = act_event,
+    .phase = act_phase,
 };
 
 /* ---- flow ------------------------------------------------------------------- */
