@@ -20,6 +20,7 @@ struct stp_upstream_cfg {
     struct sockaddr_storage addr;    /* resolved numerically */
     enum stp_tls_mode tls;           /* only STP_TLS_NONE for now */
     uint64_t timeout_connect_ms;     /* default 30 s */
+    uint64_t timeout_reply_ms;       /* default 600 s */
     int line;                        /* where the section starts */
 };
 

@@ -191,6 +191,12 @@ long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n);
 /* The client leg is now TLS: forget everything learnt in plaintext. */
 void stp_smtp_tls_started(struct stp_smtp *s);
 
+/* Is the engine waiting for upstream replies? */
+static inline bool stp_smtp_replies_due(const struct stp_smtp *s)
+{
+    return s->pend_count > 0;
+}
+
 /* The upstream connection ended or failed. */
 void stp_smtp_upstream_lost(struct stp_smtp *s);
 /* The upstream could not be reached at all. */

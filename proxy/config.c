@@ -25,6 +25,9 @@
 #define CFG_DEFAULT_MAX_LINE 2048
 #define CFG_DEFAULT_IDLE_MS (300 * 1000)
 #define CFG_DEFAULT_CONNECT_MS (30 * 1000)
+/* RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the end of
+ * data; giving up sooner invites duplicate deliveries. */
+#define CFG_DEFAULT_REPLY_MS (600 * 1000)
 
 enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
 
@@ -45,6 +48,7 @@ enum key_id {
     K_ADDRESS,
     K_UPSTREAM_TLS,
     K_TIMEOUT_CONNECT,
+    K_TIMEOUT_REPLY,
     K_COUNT,
 };
 
@@ -300,6 +304,8 @@ static const struct key_def keys[K_COUNT] = {
     [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_upstream_tls, UPS(tls), 0},
     [K_TIMEOUT_CONNECT] = {SECT_UPSTREAM, "timeout_connect", set_duration,
                            UPS(timeout_connect_ms), 0},
+    [K_TIMEOUT_REPLY] = {SECT_UPSTREAM, "timeout_reply", set_duration,
+                         UPS(timeout_reply_ms), 0},
 };
 
 /* ---- sections -------------------------------------------------------- */
@@ -472,6 +478,7 @@ static int open_named(struct parser *p, bool lst, const char *name)
         u->line = p->line;
         u->tls = STP_TLS_NONE;
         u->timeout_connect_ms = CFG_DEFAULT_CONNECT_MS;
+        u->timeout_reply_ms = CFG_DEFAULT_REPLY_MS;
         c->n_upstreams++;
     }
     p->sect = lst ? SECT_LISTENER : SECT_UPSTREAM;

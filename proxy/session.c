@@ -40,6 +40,7 @@ struct stp_session {
     bool upstream_closed;
     const char *reason;
     uint64_t start_ms;
+    uint64_t upstream_seen_ms; /* last upstream reply, or when one became due */
     char peer[64];
     struct stp_session *prev, *next;
 };
@@ -294,6 +295,8 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
     struct stp_session *s = session_of(c->owner);
     switch (ev) {
     case STP_IO_DATA:
+        if (!stp_smtp_replies_due(&s->smtp))
+            s->upstream_seen_ms = uv_now(s->lst->srv->loop);
         arm_timer(s, s->lst->cfg->timeout_idle_ms);
         process_client(s);
         break;
@@ -352,6 +355,7 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
         arm_timer(s, s->lst->cfg->timeout_idle_ms);
         break;
     case STP_IO_DATA:
+        s->upstream_seen_ms = uv_now(s->lst->srv->loop);
         arm_timer(s, s->lst->cfg->timeout_idle_ms);
         process_upstream(s);
         /* Replies may have unblocked the client side; TLS may hold
@@ -400,10 +404,29 @@ static void on_timer(uv_timer_t *t)
         finish(s);
         return;
     case STP_SS_RELAY:
-    case STP_SS_STARTTLS:
+    case STP_SS_STARTTLS: {
+        /* While replies are due, the wait is the upstream's, not the
+         * client's: bounded by the reply timeout since the upstream last
+         * said anything. */
+        uint64_t now = uv_now(s->lst->srv->loop);
+        uint64_t limit = s->lst->cfg->upstream->timeout_reply_ms;
+        if (stp_smtp_replies_due(&s->smtp)) {
+            if (now - s->upstream_seen_ms < limit) {
+                arm_timer(s, limit - (now - s->upstream_seen_ms));
+                return;
+            }
+            stp_log(STP_LOG_WARN,
+                    "id=%016" PRIx64 " event=upstream_error upstream=%s "
+                    "error=\"reply timeout\"",
+                    s->id, s->lst->cfg->upstream->address_text);
+            s->reason = "upstream_timeout";
+            stp_smtp_upstream_lost(&s->smtp);
+            break;
+        }
         stp_log(STP_LOG_INFO, "id=%016" PRIx64 " event=timeout", s->id);
         stp_smtp_timeout(&s->smtp);
         break;
+    }
     case STP_SS_DRAINING:
         finish(s);
         return;

@@ -72,9 +72,13 @@ int stp_bdat_parse(const char *arg, size_t len, uint64_t *size, bool *last)
         v = v * 10 + d;
     }
     *last = false;
+    size_t digits_end = i;
     while (i < len && arg[i] == ' ')
         i++;
     if (i < len) {
+        /* RFC 3030: size SP "LAST"; "1000LAST" is not BDAT syntax. */
+        if (i == digits_end)
+            return -EINVAL;
         if (len - i < 4 || strncasecmp(arg + i, "LAST", 4) != 0)
             return -EINVAL;
         i += 4;
@@ -142,18 +146,26 @@ int stp_ehlo_filter(const char *in, size_t inlen, char *out, size_t outcap,
             t = len > 4 ? in + off + 4 : in + off + len;
             tl = len > 4 ? len - 4 : 0;
             off += used;
-            bool drop = !first && (ehlo_keyword_is(t, tl, "STARTTLS") ||
-                                   ehlo_keyword_is(t, tl, "XCLIENT") ||
-                                   ehlo_keyword_is(t, tl, "XFORWARD") ||
-                                   ((flags & STP_EHLO_STRIP_AUTH) &&
-                                    ehlo_keyword_is(t, tl, "AUTH")) ||
-                                   ((flags & STP_EHLO_STRIP_REQUIRETLS) &&
-                                    ehlo_keyword_is(t, tl, "REQUIRETLS")));
+            /* Clients skip blanks before the keyword, so must we. */
+            size_t b = 0;
+            while (b < tl && (t[b] == ' ' || t[b] == '\t'))
+                b++;
+            const char *kw = t + b;
+            size_t kwl = tl - b;
+            bool was_first = first;
             first = false;
-            if (drop)
-                continue;
-            if (ehlo_keyword_is(t, tl, "CHUNKING"))
-                *chunking = true;
+            if (!was_first) {
+                if (ehlo_keyword_is(kw, kwl, "STARTTLS") ||
+                    ehlo_keyword_is(kw, kwl, "XCLIENT") ||
+                    ehlo_keyword_is(kw, kwl, "XFORWARD") ||
+                    ((flags & STP_EHLO_STRIP_AUTH) &&
+                     ehlo_keyword_is(kw, kwl, "AUTH")) ||
+                    ((flags & STP_EHLO_STRIP_REQUIRETLS) &&
+                     ehlo_keyword_is(kw, kwl, "REQUIRETLS")))
+                    continue;
+                if (ehlo_keyword_is(kw, kwl, "CHUNKING"))
+                    *chunking = true;
+            }
         } else if (flags & STP_EHLO_OFFER_STARTTLS) {
             t = "STARTTLS";
             tl = 8;

@@ -34,8 +34,13 @@ if(STP_FUZZ)
     target_compile_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
     target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
     target_link_libraries(${name} PRIVATE PkgConfig::INIH)
+    # New inputs go to the first directory (in the build tree); the seed
+    # corpus in the source tree is only read.
     set(corpus ${CMAKE_CURRENT_SOURCE_DIR}/tests/fuzz/corpus/${name})
+    set(work ${CMAKE_CURRENT_BINARY_DIR}/fuzz-corpus/${name})
+    file(MAKE_DIRECTORY ${work})
     add_test(NAME fuzz_${name}
-      COMMAND ${name} -max_total_time=30 -timeout=5 ${corpus})
+      COMMAND ${name} -max_total_time=30 -timeout=5
+              -dict=${CMAKE_CURRENT_SOURCE_DIR}/tests/fuzz/smtp.dict ${work} ${corpus})
   endforeach()
 endif()

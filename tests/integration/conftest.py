@@ -1,0 +1,129 @@
+"""Shared fixtures for the starttls-proxy integration tests.
+
+Every test file in this directory runs on its own (ctest runs each file as a
+separate pytest invocation), so everything shared lives here or in
+stp_harness.py.
+"""
+
+import subprocess
+
+import pytest
+
+import stp_harness as h
+
+
+@pytest.fixture(scope="session")
+def stp_bin():
+    return h.daemon_binary()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A P-256 self-signed certificate for CN=proxy.test, made per session."""
+    openssl = h.require_program("openssl", "openssl")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-subj", "/CN=proxy.test", "-days", "2", "-keyout", key, "-out", cert],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+    return {"cert": cert, "key": key}
+
+
+@pytest.fixture
+def make_scripted():
+    """Factory: make_scripted(**ScriptedUpstream options) -> started upstream."""
+    made = []
+
+    def make(**kw):
+        u = h.ScriptedUpstream(**kw).start()
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        u.stop()
+
+
+@pytest.fixture
+def scripted(make_scripted):
+    """A scripted upstream with the default greeting and EHLO."""
+    return make_scripted()
+
+
+@pytest.fixture
+def aio():
+    """An aiosmtpd upstream that keeps raw message bytes."""
+    u = h.AioUpstream().start()
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def make_proxy(stp_bin, tls_files, tmp_path):
+    """Factory: make_proxy(upstream, **listener options) -> running Proxy.
+
+    UPSTREAM is an object with .address or an "IP:PORT" string. Listener
+    options override the defaults below (a value of None removes the key).
+    extra_listeners=[(name, opts)] adds listeners; proxy_opts overrides the
+    [proxy] section. The Proxy gets .port (listener "main") and .ports.
+
+    At teardown the daemon must still be alive, exit 0 on SIGTERM and have no
+    sanitizer reports in its log (unless the test stopped it itself)."""
+    made = []
+
+    def make(upstream, extra_listeners=(), proxy_opts=None, upstream_opts=None, **listener):
+        addr = upstream if isinstance(upstream, str) else upstream.address
+        port = h.free_port()
+        opts = {
+            "listen": "127.0.0.1:%d" % port,
+            "tls": "starttls",
+            "require_tls": "yes",
+            "cert": tls_files["cert"],
+            "key": tls_files["key"],
+            "upstream": "up",
+            "max_line": "2048",
+            "timeout_idle": "30s",
+        }
+        opts.update(listener)
+        popts = {"log_level": "debug", "hostname": "proxy.test"}
+        popts.update(proxy_opts or {})
+        uopts = {"address": addr, "tls": "none"}
+        uopts.update(upstream_opts or {})
+        listeners = [("main", opts)] + list(extra_listeners)
+        text = h.render_config(popts, listeners, [("up", uopts)])
+        workdir = str(tmp_path / ("proxy%d" % len(made)))
+        p = h.Proxy(stp_bin, workdir, text, n_listeners=len(listeners))
+        ports = {}
+        for name, o in listeners:
+            lp = o.get("listen", "")
+            ports[name] = int(lp.rsplit(":", 1)[1]) if lp else None
+        p.ports = ports
+        p.port = ports["main"]
+        made.append(p)
+        p.start()
+        return p
+
+    yield make
+    errors = []
+    for p in made:
+        if p.exit_code is not None:     # the test stopped it on purpose
+            continue
+        try:
+            p.check_and_stop()
+        except BaseException as e:      # pytest.fail raises a BaseException subclass
+            errors.append(str(e))
+    if errors:
+        pytest.fail("\n\n".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def proxy_scripted(make_proxy, scripted):
+    """(proxy, scripted upstream) with the default listener: STARTTLS required."""
+    return make_proxy(scripted), scripted
+
+
+@pytest.fixture
+def proxy_aio(make_proxy, aio):
+    """(proxy, aiosmtpd upstream) with the default listener: STARTTLS required."""
+    return make_proxy(aio), aio
