@@ -5,7 +5,7 @@
 #   deploy/deps.sh --test   + everything the test suite runs against
 # Only missing packages are installed; nothing happens when all are present.
 set -eu
-build="cmake gcc make pkg-config libuv1-dev libwolfssl-dev libinih-dev"
+build="cmake build-essential pkg-config libuv1-dev libwolfssl-dev libinih-dev"
 demo="postfix swaks"
 test="$demo curl openssl python3 python3-pytest python3-aiosmtpd procps clang libclang-rt-14-dev"
 want=$build
