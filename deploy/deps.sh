@@ -6,7 +6,7 @@
 # Only missing packages are installed; nothing happens when all are present.
 set -eu
 build="cmake build-essential pkg-config libuv1-dev libwolfssl-dev libinih-dev"
-demo="postfix swaks"
+demo="postfix swaks libnet-ssleay-perl libio-socket-ssl-perl"
 test="$demo curl openssl python3 python3-pytest python3-aiosmtpd procps clang libclang-rt-14-dev"
 want=$build
 case "${1:-}" in
