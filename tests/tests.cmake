@@ -23,6 +23,21 @@ if(STP_INTEGRATION_TESTS)
   endforeach()
 endif()
 
+# Deployment tests (container image, pod, systemd unit): tests/deploy/test_*.py,
+# slower; -DSTP_DEPLOY_TESTS=OFF leaves them out.
+option(STP_DEPLOY_TESTS "Register the deployment tests with ctest" ON)
+if(STP_INTEGRATION_TESTS AND STP_DEPLOY_TESTS)
+  file(GLOB STP_DEPLOY CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/tests/deploy/test_*.py)
+  foreach(py ${STP_DEPLOY})
+    get_filename_component(name ${py} NAME_WE)
+    add_test(NAME deploy_${name}
+      COMMAND /usr/bin/python3 -m pytest -q -p no:cacheprovider ${py})
+    set_tests_properties(deploy_${name} PROPERTIES
+      ENVIRONMENT "STP_BIN=$<TARGET_FILE:starttls-proxy>;STP_SOURCE_DIR=${CMAKE_CURRENT_SOURCE_DIR}"
+      TIMEOUT 1800 LABELS deploy)
+  endforeach()
+endif()
+
 # Fuzz targets (clang -fsanitize=fuzzer): built with -DSTP_FUZZ=ON, each
 # registered as a short bounded run over its seed corpus.
 if(STP_FUZZ)
