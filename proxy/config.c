@@ -21,71 +21,9 @@
 #include "config.h"
 #include "stp.h"
 
+#include "config_parser.h"
+
 #define CFG_MAX_FILE_SIZE (1024 * 1024)
-#define CFG_DEFAULT_MAX_LINE 2048
-#define CFG_DEFAULT_IDLE_MS (300 * 1000)
-#define CFG_DEFAULT_CONNECT_MS (30 * 1000)
-/* RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the end of
- * data; giving up sooner invites duplicate deliveries. */
-#define CFG_DEFAULT_REPLY_MS (600 * 1000)
-
-enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
-
-/* One id per key; also indexes key_line[] to find duplicates and to report
- * checks done at the end of a section at the line of the key concerned. */
-enum key_id {
-    K_LOG_LEVEL,
-    K_WORKERS,
-    K_HOSTNAME,
-    K_LISTEN,
-    K_TLS,
-    K_REQUIRE_TLS,
-    K_CERT,
-    K_KEY,
-    K_UPSTREAM,
-    K_MAX_LINE,
-    K_TIMEOUT_IDLE,
-    K_ADDRESS,
-    K_UPSTREAM_TLS,
-    K_TIMEOUT_CONNECT,
-    K_TIMEOUT_REPLY,
-    K_COUNT,
-};
-
-struct sect_state {
-    int key_line[K_COUNT]; /* 0: key absent */
-};
-
-struct parser {
-    const char *file;
-    const char *pos, *end; /* text not yet handed to inih */
-    int line;              /* line last handed to inih */
-    bool want_key;         /* that line must reach on_key(), else bad syntax */
-    struct stp_config *cfg;
-    enum sect_kind sect;
-    int idx;               /* current listener / upstream */
-    struct sect_state proxy;
-    int proxy_line;
-    struct sect_state *lst_state, *up_state; /* parallel to cfg arrays */
-    char *err;
-    size_t errlen;
-    int err_line;
-    int rc;
-};
-
-struct key_def;
-typedef int (*key_setter)(struct parser *p, const struct key_def *k,
-                          void *obj, const char *value);
-
-struct key_def {
-    enum sect_kind sect;
-    const char *name;
-    key_setter set;
-    size_t off;  /* field in the section's struct */
-    size_t off2; /* second field: the sockaddr of an address */
-};
-
-#define FIELD(obj, off, type) ((type *)(void *)((char *)(obj) + (off)))
 
 static int vfail(struct parser *p, int rc, int line, const char *fmt,
                  va_list ap)
@@ -102,8 +40,7 @@ static int vfail(struct parser *p, int rc, int line, const char *fmt,
     return rc;
 }
 
-__attribute__((format(printf, 3, 4)))
-static int fail(struct parser *p, int line, const char *fmt, ...)
+int stp_cfg_fail(struct parser *p, int line, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -112,8 +49,7 @@ static int fail(struct parser *p, int line, const char *fmt, ...)
     return rc;
 }
 
-__attribute__((format(printf, 4, 5)))
-static int fail_rc(struct parser *p, int rc, int line, const char *fmt, ...)
+int stp_cfg_fail_rc(struct parser *p, int rc, int line, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -122,191 +58,10 @@ static int fail_rc(struct parser *p, int rc, int line, const char *fmt, ...)
     return rc;
 }
 
-static int oom(struct parser *p)
+int stp_cfg_oom(struct parser *p)
 {
-    return fail_rc(p, -ENOMEM, p->line, "out of memory");
+    return stp_cfg_fail_rc(p, -ENOMEM, p->line, "out of memory");
 }
-
-static bool same_addr(const struct sockaddr_storage *a,
-                      const struct sockaddr_storage *b)
-{
-    if (a->ss_family != b->ss_family)
-        return false;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port &&
-               x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-    return x->sin6_port == y->sin6_port &&
-           memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
-}
-
-/* ---- values ---------------------------------------------------------- */
-
-static int bad_value(struct parser *p, const struct key_def *k,
-                     const char *value, const char *expected)
-{
-    return fail(p, p->line, "invalid value '%s' for %s (expected %s)", value,
-                k->name, expected);
-}
-
-static int set_string(struct parser *p, const struct key_def *k, void *obj,
-                      const char *value)
-{
-    char **field = FIELD(obj, k->off, char *);
-    if (*value == '\0')
-        return fail(p, p->line, "empty value for %s", k->name);
-    char *copy = strdup(value);
-    if (copy == NULL)
-        return oom(p);
-    free(*field);
-    *field = copy;
-    return 0;
-}
-
-/* Goes into SMTP reply texts: no blanks or control characters. */
-static int set_hostname(struct parser *p, const struct key_def *k, void *obj,
-                        const char *value)
-{
-    size_t n = strlen(value);
-    if (n == 0 || n > 255 || strspn(value, "abcdefghijklmnopqrstuvwxyz"
-                                           "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                           "0123456789-._") != n)
-        return bad_value(p, k, value, "a host name");
-    return set_string(p, k, obj, value);
-}
-
-static int set_log_level(struct parser *p, const struct key_def *k,
-                         void *obj, const char *value)
-{
-    if (stp_log_parse_level(value, FIELD(obj, k->off, enum stp_log_level)) < 0)
-        return bad_value(p, k, value, "error, warn, info or debug");
-    return 0;
-}
-
-static int set_workers(struct parser *p, const struct key_def *k, void *obj,
-                       const char *value)
-{
-    const char *s = value;
-    uint64_t n;
-    if (strcasecmp(value, "auto") == 0) {
-        n = 1; /* one worker until multi-worker support lands */
-    } else if (stp_parse_uint(&s, INT32_MAX, &n) < 0 || *s != '\0' || n == 0) {
-        return bad_value(p, k, value, "a positive number or auto");
-    } else if (n > 1) {
-        return fail(p, p->line, "workers > 1 is not supported yet");
-    }
-    *FIELD(obj, k->off, int) = (int)n;
-    return 0;
-}
-
-static int set_addr(struct parser *p, const struct key_def *k, void *obj,
-                    const char *value)
-{
-    if (stp_parse_hostport(value, FIELD(obj, k->off2, struct sockaddr_storage)))
-        return bad_value(p, k, value,
-                         "a numeric HOST:PORT such as 127.0.0.1:25 or [::1]:25");
-    return set_string(p, k, obj, value);
-}
-
-static int parse_tls(struct parser *p, const struct key_def *k,
-                     const char *value, enum stp_tls_mode *mode)
-{
-    static const char *const names[] = {
-        [STP_TLS_NONE] = "none",
-        [STP_TLS_STARTTLS] = "starttls",
-        [STP_TLS_IMPLICIT] = "implicit",
-    };
-    for (size_t i = 0; i < STP_ARRAY_LEN(names); i++) {
-        if (strcasecmp(value, names[i]) == 0) {
-            *mode = (enum stp_tls_mode)i;
-            return 0;
-        }
-    }
-    return bad_value(p, k, value, "starttls, implicit or none");
-}
-
-static int set_tls(struct parser *p, const struct key_def *k, void *obj,
-                   const char *value)
-{
-    return parse_tls(p, k, value, FIELD(obj, k->off, enum stp_tls_mode));
-}
-
-static int set_upstream_tls(struct parser *p, const struct key_def *k,
-                            void *obj, const char *value)
-{
-    enum stp_tls_mode mode;
-    int rc = parse_tls(p, k, value, &mode);
-    if (rc < 0)
-        return rc;
-    if (mode != STP_TLS_NONE)
-        return fail(p, p->line, "upstream TLS is not supported yet");
-    *FIELD(obj, k->off, enum stp_tls_mode) = mode;
-    return 0;
-}
-
-static int set_bool(struct parser *p, const struct key_def *k, void *obj,
-                    const char *value)
-{
-    static const char *const yes[] = {"yes", "true", "on", "1"};
-    static const char *const no[] = {"no", "false", "off", "0"};
-    for (size_t i = 0; i < STP_ARRAY_LEN(yes); i++) {
-        if (strcasecmp(value, yes[i]) == 0 || strcasecmp(value, no[i]) == 0) {
-            *FIELD(obj, k->off, bool) = strcasecmp(value, yes[i]) == 0;
-            return 0;
-        }
-    }
-    return bad_value(p, k, value, "yes or no");
-}
-
-static int set_max_line(struct parser *p, const struct key_def *k, void *obj,
-                        const char *value)
-{
-    const char *s = value;
-    uint64_t n;
-    if (stp_parse_uint(&s, UINT32_MAX, &n) < 0 || *s != '\0' ||
-        n < STP_MAX_LINE_MIN || n > STP_MAX_LINE_MAX)
-        return bad_value(p, k, value, "512..8192");
-    *FIELD(obj, k->off, uint32_t) = (uint32_t)n;
-    return 0;
-}
-
-static int set_duration(struct parser *p, const struct key_def *k, void *obj,
-                        const char *value)
-{
-    uint64_t ms;
-    if (stp_parse_duration(value, &ms) < 0 || ms == 0)
-        return bad_value(p, k, value,
-                         "a duration greater than 0 like 300s, 5m, 1h or 250ms");
-    *FIELD(obj, k->off, uint64_t) = ms;
-    return 0;
-}
-
-#define PRX(f) offsetof(struct stp_config, f)
-#define LST(f) offsetof(struct stp_listener_cfg, f)
-#define UPS(f) offsetof(struct stp_upstream_cfg, f)
-
-static const struct key_def keys[K_COUNT] = {
-    [K_LOG_LEVEL] = {SECT_PROXY, "log_level", set_log_level, PRX(log_level), 0},
-    [K_WORKERS] = {SECT_PROXY, "workers", set_workers, PRX(workers), 0},
-    [K_HOSTNAME] = {SECT_PROXY, "hostname", set_hostname, PRX(hostname), 0},
-    [K_LISTEN] = {SECT_LISTENER, "listen", set_addr, LST(listen_text), LST(addr)},
-    [K_TLS] = {SECT_LISTENER, "tls", set_tls, LST(tls), 0},
-    [K_REQUIRE_TLS] = {SECT_LISTENER, "require_tls", set_bool, LST(require_tls), 0},
-    [K_CERT] = {SECT_LISTENER, "cert", set_string, LST(cert), 0},
-    [K_KEY] = {SECT_LISTENER, "key", set_string, LST(key), 0},
-    [K_UPSTREAM] = {SECT_LISTENER, "upstream", set_string, LST(upstream_name), 0},
-    [K_MAX_LINE] = {SECT_LISTENER, "max_line", set_max_line, LST(max_line), 0},
-    [K_TIMEOUT_IDLE] = {SECT_LISTENER, "timeout_idle", set_duration,
-                        LST(timeout_idle_ms), 0},
-    [K_ADDRESS] = {SECT_UPSTREAM, "address", set_addr, UPS(address_text), UPS(addr)},
-    [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_upstream_tls, UPS(tls), 0},
-    [K_TIMEOUT_CONNECT] = {SECT_UPSTREAM, "timeout_connect", set_duration,
-                           UPS(timeout_connect_ms), 0},
-    [K_TIMEOUT_REPLY] = {SECT_UPSTREAM, "timeout_reply", set_duration,
-                         UPS(timeout_reply_ms), 0},
-};
 
 /* ---- sections -------------------------------------------------------- */
 
@@ -349,7 +104,7 @@ static void *grow(void *arr, int n, size_t size)
     return bigger;
 }
 
-static int check_file(struct parser *p, const char *what, const char *path,
+int stp_cfg_check_file(struct parser *p, const char *what, const char *path,
                       int line)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -363,59 +118,20 @@ static int check_file(struct parser *p, const char *what, const char *path,
         close(fd);
     }
     if (e != 0)
-        return fail(p, line, "cannot read %s '%s': %s", what, path, strerror(e));
+        return stp_cfg_fail(p, line, "cannot read %s '%s': %s", what, path, strerror(e));
     return 0;
 }
 
-static int end_listener(struct parser *p, int i)
-{
-    struct stp_listener_cfg *l = &p->cfg->listeners[i];
-    const int *kl = p->lst_state[i].key_line;
-
-    if (l->listen_text == NULL)
-        return fail(p, l->line, "listener '%s' has no listen address", l->name);
-    if (l->upstream_name == NULL)
-        return fail(p, l->line, "listener '%s' has no upstream", l->name);
-    if (l->cert != NULL && l->key == NULL)
-        return fail(p, kl[K_CERT], "cert without key");
-    if (l->key != NULL && l->cert == NULL)
-        return fail(p, kl[K_KEY], "key without cert");
-    if (l->cert != NULL && (check_file(p, "cert", l->cert, kl[K_CERT]) < 0 ||
-                            check_file(p, "key", l->key, kl[K_KEY]) < 0))
-        return p->rc;
-    if (l->tls == STP_TLS_NONE) {
-        if (kl[K_REQUIRE_TLS] && l->require_tls)
-            return fail(p, kl[K_REQUIRE_TLS],
-                        "require_tls = yes needs tls = starttls or implicit");
-        l->require_tls = false;
-    }
-    for (int j = 0; j < i; j++) {
-        if (same_addr(&l->addr, &p->cfg->listeners[j].addr))
-            return fail(p, kl[K_LISTEN],
-                        "listener '%s' uses the listen address of listener '%s'",
-                        l->name, p->cfg->listeners[j].name);
-    }
-    return 0;
-}
-
-static int end_upstream(struct parser *p, int i)
-{
-    struct stp_upstream_cfg *u = &p->cfg->upstreams[i];
-    if (u->address_text == NULL)
-        return fail(p, u->line, "upstream '%s' has no address", u->name);
-    return 0;
-}
 
 /* Checks that need the whole section: required keys, key pairs. */
 static int end_section(struct parser *p)
 {
     if (p->sect == SECT_LISTENER)
-        return end_listener(p, p->idx);
+        return stp_cfg_end_listener(p, p->idx);
     if (p->sect == SECT_UPSTREAM)
-        return end_upstream(p, p->idx);
+        return stp_cfg_end_upstream(p, p->idx);
     return 0;
 }
-
 static bool valid_name(const char *s)
 {
     size_t n = strlen(s);
@@ -448,20 +164,20 @@ static int open_named(struct parser *p, bool lst, const char *name)
     int n = lst ? c->n_listeners : c->n_upstreams;
 
     if (*name == '\0')
-        return fail(p, p->line, "missing name in [%s]", kind);
+        return stp_cfg_fail(p, p->line, "missing name in [%s]", kind);
     if (!valid_name(name))
-        return fail(p, p->line,
+        return stp_cfg_fail(p, p->line,
                     "invalid %s name '%s' (letters, digits, '_', '.', '-')",
                     kind, name);
     for (int i = 0; i < n; i++) {
         const char *other = lst ? c->listeners[i].name : c->upstreams[i].name;
         if (strcmp(other, name) == 0)
-            return fail(p, p->line, "duplicate %s '%s'", kind, name);
+            return stp_cfg_fail(p, p->line, "duplicate %s '%s'", kind, name);
     }
     char *copy = strdup(name);
     if (copy == NULL || add_slot(p, lst, n) < 0) {
         free(copy);
-        return oom(p);
+        return stp_cfg_oom(p);
     }
     if (lst) {
         struct stp_listener_cfg *l = &c->listeners[n];
@@ -488,7 +204,7 @@ static int open_named(struct parser *p, bool lst, const char *name)
 
 static int syntax_error(struct parser *p, int line)
 {
-    return fail(p, line, "syntax error (expected [section] or key = value)");
+    return stp_cfg_fail(p, line, "syntax error (expected [section] or key = value)");
 }
 
 /* LINE starts with '['. */
@@ -500,7 +216,7 @@ static int begin_section(struct parser *p, char *line)
     const char *rest = close + 1;
     rest += strspn(rest, " \t\r\n");
     if (*rest != '\0' && *rest != ';' && *rest != '#')
-        return fail(p, p->line, "unexpected text after section header");
+        return stp_cfg_fail(p, p->line, "unexpected text after section header");
     if (end_section(p) < 0)
         return p->rc;
 
@@ -508,7 +224,7 @@ static int begin_section(struct parser *p, char *line)
     char text[256];
     size_t len = (size_t)(close - line - 1);
     if (len >= sizeof(text))
-        return fail(p, p->line, "section header too long");
+        return stp_cfg_fail(p, p->line, "section header too long");
     memcpy(text, line + 1, len);
     text[len] = '\0';
     char *kind = text + strspn(text, " \t");
@@ -520,7 +236,7 @@ static int begin_section(struct parser *p, char *line)
 
     if (klen == 5 && strncmp(kind, "proxy", klen) == 0 && *name == '\0') {
         if (p->proxy_line != 0)
-            return fail(p, p->line, "duplicate section [proxy]");
+            return stp_cfg_fail(p, p->line, "duplicate section [proxy]");
         p->proxy_line = p->line;
         p->sect = SECT_PROXY;
         return 0;
@@ -529,7 +245,7 @@ static int begin_section(struct parser *p, char *line)
         return open_named(p, true, name);
     if (klen == 8 && strncmp(kind, "upstream", klen) == 0)
         return open_named(p, false, name);
-    return fail(p, p->line, "unknown section [%s]", kind);
+    return stp_cfg_fail(p, p->line, "unknown section [%s]", kind);
 }
 
 /* ini_reader: hands inih one line at a time (see the top of the file). */
@@ -557,7 +273,7 @@ static char *read_line(char *buf, int num, void *stream)
         eol--;
     size_t len = (size_t)(eol - s);
     if (num < 2 || len > (size_t)num - 2) {
-        fail(p, p->line, "line too long (max %d characters)", num - 2);
+        stp_cfg_fail(p, p->line, "line too long (max %d characters)", num - 2);
         return NULL;
     }
     memcpy(buf, s, len);
@@ -571,9 +287,9 @@ static char *read_line(char *buf, int num, void *stream)
 
 static const struct key_def *find_key(enum sect_kind sect, const char *name)
 {
-    for (size_t i = 0; i < STP_ARRAY_LEN(keys); i++) {
-        if (keys[i].sect == sect && strcmp(keys[i].name, name) == 0)
-            return &keys[i];
+    for (size_t i = 0; i < STP_ARRAY_LEN(stp_cfg_keys); i++) {
+        if (stp_cfg_keys[i].sect == sect && strcmp(stp_cfg_keys[i].name, name) == 0)
+            return &stp_cfg_keys[i];
     }
     return NULL;
 }
@@ -590,16 +306,16 @@ static int on_key(void *user, const char *section, const char *name,
     if (p->rc < 0)
         return 0;
     if (p->sect == SECT_NONE)
-        return !fail(p, p->line, "key '%s' outside of a section", name);
+        return !stp_cfg_fail(p, p->line, "key '%s' outside of a section", name);
     const struct key_def *k = find_key(p->sect, name);
     if (k == NULL)
-        return !fail(p, p->line, "unknown key '%s' in [%s]", name,
+        return !stp_cfg_fail(p, p->line, "unknown key '%s' in [%s]", name,
                      section_label(p, label, sizeof(label)));
     struct sect_state *st;
     void *obj = section_obj(p, &st);
-    int *line = &st->key_line[k - keys];
+    int *line = &st->key_line[k - stp_cfg_keys];
     if (*line != 0)
-        return !fail(p, p->line, "duplicate key '%s'", name);
+        return !stp_cfg_fail(p, p->line, "duplicate key '%s'", name);
     *line = p->line;
     return k->set(p, k, obj, value ? value : "") == 0;
 }
@@ -618,12 +334,12 @@ static int finish(struct parser *p)
                 l->upstream = &c->upstreams[j];
         }
         if (l->upstream == NULL)
-            return fail(p, p->lst_state[i].key_line[K_UPSTREAM],
+            return stp_cfg_fail(p, p->lst_state[i].key_line[K_UPSTREAM],
                         "listener '%s' names unknown upstream '%s'", l->name,
                         l->upstream_name);
     }
     if (c->n_listeners == 0)
-        return fail(p, p->line > 0 ? p->line : 1, "no listener defined");
+        return stp_cfg_fail(p, p->line > 0 ? p->line : 1, "no listener defined");
     if (c->hostname == NULL) {
         char host[256];
         if (gethostname(host, sizeof(host)) < 0 || host[0] == '\0')
@@ -631,7 +347,7 @@ static int finish(struct parser *p)
         host[sizeof(host) - 1] = '\0';
         c->hostname = strdup(host);
         if (c->hostname == NULL)
-            return oom(p);
+            return stp_cfg_oom(p);
     }
     return 0;
 }
@@ -652,7 +368,7 @@ static int parse_text(const char *file, const char *text, size_t len,
     out->workers = 1;
     out->path = strdup(file);
     if (out->path == NULL)
-        oom(&p);
+        stp_cfg_oom(&p);
 
     int syntax = p.rc < 0 ? 0 : ini_parse_stream(read_line, &p, on_key, &p);
     if (p.want_key)

@@ -1,0 +1,93 @@
+/* Internals shared by the INI reader (config.c) and the key definitions
+ * (config_keys.c). Not part of any other module's interface. */
+#ifndef STP_CONFIG_PARSER_H
+#define STP_CONFIG_PARSER_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "config.h"
+
+#define CFG_DEFAULT_MAX_LINE 2048
+#define CFG_DEFAULT_IDLE_MS (300 * 1000)
+#define CFG_DEFAULT_CONNECT_MS (30 * 1000)
+/* RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the end of
+ * data; giving up sooner invites duplicate deliveries. */
+#define CFG_DEFAULT_REPLY_MS (600 * 1000)
+
+enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
+
+/* One id per key; also indexes key_line[] to find duplicates and to report
+ * checks done at the end of a section at the line of the key concerned. */
+enum key_id {
+    K_LOG_LEVEL,
+    K_WORKERS,
+    K_HOSTNAME,
+    K_LISTEN,
+    K_TLS,
+    K_REQUIRE_TLS,
+    K_CERT,
+    K_KEY,
+    K_UPSTREAM,
+    K_MAX_LINE,
+    K_TIMEOUT_IDLE,
+    K_ADDRESS,
+    K_UPSTREAM_TLS,
+    K_TIMEOUT_CONNECT,
+    K_TIMEOUT_REPLY,
+    K_COUNT,
+};
+
+struct sect_state {
+    int key_line[K_COUNT]; /* 0: key absent */
+};
+
+struct parser {
+    const char *file;
+    const char *pos, *end; /* text not yet handed to inih */
+    int line;              /* line last handed to inih */
+    bool want_key;         /* that line must reach on_key(), else bad syntax */
+    struct stp_config *cfg;
+    enum sect_kind sect;
+    int idx;               /* current listener / upstream */
+    struct sect_state proxy;
+    int proxy_line;
+    struct sect_state *lst_state, *up_state; /* parallel to cfg arrays */
+    char *err;
+    size_t errlen;
+    int err_line;
+    int rc;
+};
+
+struct key_def;
+typedef int (*key_setter)(struct parser *p, const struct key_def *k,
+                          void *obj, const char *value);
+
+struct key_def {
+    enum sect_kind sect;
+    const char *name;
+    key_setter set;
+    size_t off;  /* field in the section's struct */
+    size_t off2; /* second field: the sockaddr of an address */
+};
+
+#define FIELD(obj, off, type) ((type *)(void *)((char *)(obj) + (off)))
+
+extern const struct key_def stp_cfg_keys[K_COUNT];
+
+/* Record the first error as "FILE:LINE: message"; returns the error code. */
+__attribute__((format(printf, 3, 4)))
+int stp_cfg_fail(struct parser *p, int line, const char *fmt, ...);
+__attribute__((format(printf, 4, 5)))
+int stp_cfg_fail_rc(struct parser *p, int rc, int line, const char *fmt, ...);
+int stp_cfg_oom(struct parser *p);
+int stp_cfg_check_file(struct parser *p, const char *what, const char *path,
+                       int line);
+/* A key no table entry names (sni.NAME); -ENOENT when it is unknown. */
+int stp_cfg_dynamic_key(struct parser *p, const char *name, const char *value);
+/* Checks once a section is complete. */
+int stp_cfg_end_listener(struct parser *p, int i);
+int stp_cfg_end_upstream(struct parser *p, int i);
+
+#endif
