@@ -14,11 +14,47 @@ enum stp_tls_mode {
     STP_TLS_IMPLICIT,
 };
 
+/* TLS protocol versions, in order. */
+enum stp_tls_version {
+    STP_TLS_V1_0 = 0, STP_TLS_V1_1, STP_TLS_V1_2, STP_TLS_V1_3,
+};
+
+/* How the upstream learns who the client is. */
+enum stp_identity {
+    STP_ID_NONE = 0, STP_ID_XCLIENT, STP_ID_PROXY_V1, STP_ID_PROXY_V2,
+};
+
+enum stp_verify_client {
+    STP_VERIFY_CLIENT_NONE = 0, STP_VERIFY_CLIENT_OPTIONAL,
+    STP_VERIFY_CLIENT_REQUIRE,
+};
+
+/* TLS parameters a listener and an upstream both have. */
+struct stp_tls_params {
+    enum stp_tls_version min_version; /* default 1.2 */
+    enum stp_tls_version max_version; /* default 1.3 */
+    char *ciphers;                    /* NULL: Mozilla intermediate */
+    char *groups;                     /* NULL: X25519:P-256:P-384 */
+};
+
+/* A certificate chosen by the client's server name (SNI). */
+struct stp_sni_cfg {
+    char *name;                       /* "mail.example.net", "*.example.org" */
+    char *cert, *key;
+    int line;
+};
+
 struct stp_upstream_cfg {
     char *name;
     char *address_text;              /* as written, for logs */
     struct sockaddr_storage addr;    /* resolved numerically */
-    enum stp_tls_mode tls;           /* only STP_TLS_NONE for now */
+    enum stp_tls_mode tls;           /* default none */
+    struct stp_tls_params tlsp;
+    bool verify;                     /* default yes: chain and name */
+    char *ca_file;                   /* NULL: the system trust store */
+    char *server_name;               /* SNI and checked name; default host */
+    char *cert, *key;                /* client certificate, optional */
+    enum stp_identity identity;      /* default none */
     uint64_t timeout_connect_ms;     /* default 30 s */
     uint64_t timeout_reply_ms;       /* default 600 s */
     int line;                        /* where the section starts */
@@ -32,6 +68,11 @@ struct stp_listener_cfg {
     bool require_tls;                /* default yes (no for tls = none) */
     char *cert;                      /* PEM chain file, NULL: self-signed */
     char *key;                       /* PEM key file */
+    struct stp_tls_params tlsp;
+    struct stp_sni_cfg *sni;         /* more certificates, by server name */
+    int n_sni;
+    char *client_ca;                 /* CAs for client certificates */
+    enum stp_verify_client verify_client; /* default none */
     char *upstream_name;
     struct stp_upstream_cfg *upstream; /* resolved reference */
     uint32_t max_line;               /* default 2048, 512..8192 */

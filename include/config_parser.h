@@ -36,6 +36,22 @@ enum key_id {
     K_UPSTREAM_TLS,
     K_TIMEOUT_CONNECT,
     K_TIMEOUT_REPLY,
+    K_MIN_VERSION,
+    K_MAX_VERSION,
+    K_CIPHERS,
+    K_GROUPS,
+    K_CLIENT_CA,
+    K_VERIFY_CLIENT,
+    K_UP_MIN_VERSION,
+    K_UP_MAX_VERSION,
+    K_UP_CIPHERS,
+    K_UP_GROUPS,
+    K_UP_VERIFY,
+    K_UP_CA_FILE,
+    K_UP_SERVER_NAME,
+    K_UP_CERT,
+    K_UP_KEY,
+    K_UP_IDENTITY,
     K_COUNT,
 };
 
@@ -70,6 +86,8 @@ struct key_def {
     key_setter set;
     size_t off;  /* field in the section's struct */
     size_t off2; /* second field: the sockaddr of an address */
+    const char *const *names; /* set_enum: the value names, by number */
+    const char *expected;     /* set_enum: for the error message */
 };
 
 #define FIELD(obj, off, type) ((type *)(void *)((char *)(obj) + (off)))

@@ -187,6 +187,8 @@ static int open_named(struct parser *p, bool lst, const char *name)
         l->require_tls = true; /* turned off at the end for tls = none */
         l->max_line = CFG_DEFAULT_MAX_LINE;
         l->timeout_idle_ms = CFG_DEFAULT_IDLE_MS;
+        l->tlsp.min_version = STP_TLS_V1_2;
+        l->tlsp.max_version = STP_TLS_V1_3;
         c->n_listeners++;
     } else {
         struct stp_upstream_cfg *u = &c->upstreams[n];
@@ -195,6 +197,9 @@ static int open_named(struct parser *p, bool lst, const char *name)
         u->tls = STP_TLS_NONE;
         u->timeout_connect_ms = CFG_DEFAULT_CONNECT_MS;
         u->timeout_reply_ms = CFG_DEFAULT_REPLY_MS;
+        u->tlsp.min_version = STP_TLS_V1_2;
+        u->tlsp.max_version = STP_TLS_V1_3;
+        u->verify = true;
         c->n_upstreams++;
     }
     p->sect = lst ? SECT_LISTENER : SECT_UPSTREAM;
@@ -308,9 +313,13 @@ static int on_key(void *user, const char *section, const char *name,
     if (p->sect == SECT_NONE)
         return !stp_cfg_fail(p, p->line, "key '%s' outside of a section", name);
     const struct key_def *k = find_key(p->sect, name);
-    if (k == NULL)
+    if (k == NULL) {
+        int r = stp_cfg_dynamic_key(p, name, value ? value : "");
+        if (r != -ENOENT)
+            return r == 0;
         return !stp_cfg_fail(p, p->line, "unknown key '%s' in [%s]", name,
                      section_label(p, label, sizeof(label)));
+    }
     struct sect_state *st;
     void *obj = section_obj(p, &st);
     int *line = &st->key_line[k - stp_cfg_keys];
@@ -482,10 +491,26 @@ void stp_config_free(struct stp_config *cfg)
         free(l->cert);
         free(l->key);
         free(l->upstream_name);
+        free(l->tlsp.ciphers);
+        free(l->tlsp.groups);
+        free(l->client_ca);
+        for (int j = 0; j < l->n_sni; j++) {
+            free(l->sni[j].name);
+            free(l->sni[j].cert);
+            free(l->sni[j].key);
+        }
+        free(l->sni);
     }
     for (int i = 0; i < cfg->n_upstreams; i++) {
-        free(cfg->upstreams[i].name);
-        free(cfg->upstreams[i].address_text);
+        struct stp_upstream_cfg *u = &cfg->upstreams[i];
+        free(u->name);
+        free(u->address_text);
+        free(u->tlsp.ciphers);
+        free(u->tlsp.groups);
+        free(u->ca_file);
+        free(u->server_name);
+        free(u->cert);
+        free(u->key);
     }
     free(cfg->listeners);
     free(cfg->upstreams);

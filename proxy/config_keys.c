@@ -93,40 +93,45 @@ static int set_addr(struct parser *p, const struct key_def *k, void *obj,
     return set_string(p, k, obj, value);
 }
 
-static int parse_tls(struct parser *p, const struct key_def *k,
-                     const char *value, enum stp_tls_mode *mode)
+/* A value from the key's list of names, stored as its index. */
+static int set_enum(struct parser *p, const struct key_def *k, void *obj,
+                    const char *value)
 {
-    static const char *const names[] = {
-        [STP_TLS_NONE] = "none",
-        [STP_TLS_STARTTLS] = "starttls",
-        [STP_TLS_IMPLICIT] = "implicit",
-    };
-    for (size_t i = 0; i < STP_ARRAY_LEN(names); i++) {
-        if (strcasecmp(value, names[i]) == 0) {
-            *mode = (enum stp_tls_mode)i;
+    for (int i = 0; k->names[i]; i++) {
+        if (strcasecmp(value, k->names[i]) == 0) {
+            *FIELD(obj, k->off, int) = i;
             return 0;
         }
     }
-    return bad_value(p, k, value, "starttls, implicit or none");
+    return bad_value(p, k, value, k->expected);
 }
 
-static int set_tls(struct parser *p, const struct key_def *k, void *obj,
-                   const char *value)
-{
-    return parse_tls(p, k, value, FIELD(obj, k->off, enum stp_tls_mode));
-}
+static const char *const tls_modes[] = {"none", "starttls", "implicit", NULL};
+static const char *const versions[] = {"1.0", "1.1", "1.2", "1.3", NULL};
+static const char *const verify_modes[] = {"none", "optional", "require",
+                                           NULL};
+static const char *const identities[] = {"none", "xclient", "proxy-v1",
+                                         "proxy-v2", NULL};
 
-static int set_upstream_tls(struct parser *p, const struct key_def *k,
-                            void *obj, const char *value)
+/* Groups by name: checked here so a typo is a FILE:LINE error. */
+static int set_groups(struct parser *p, const struct key_def *k, void *obj,
+                      const char *value)
 {
-    enum stp_tls_mode mode;
-    int rc = parse_tls(p, k, value, &mode);
-    if (rc < 0)
-        return rc;
-    if (mode != STP_TLS_NONE)
-        return stp_cfg_fail(p, p->line, "upstream TLS is not supported yet");
-    *FIELD(obj, k->off, enum stp_tls_mode) = mode;
-    return 0;
+    static const char *const known[] = {"X25519", "X448", "P-256", "P-384",
+                                        "P-521"};
+    const char *g = value;
+    while (*g) {
+        size_t n = strcspn(g, ":");
+        bool ok = false;
+        for (size_t i = 0; i < STP_ARRAY_LEN(known) && !ok; i++)
+            ok = strlen(known[i]) == n && strncasecmp(g, known[i], n) == 0;
+        if (!ok)
+            return bad_value(p, k, value,
+                             "groups from X25519, X448, P-256, P-384, P-521 "
+                             "separated by ':'");
+        g += n + (g[n] == ':');
+    }
+    return set_string(p, k, obj, value);
 }
 
 static int set_bool(struct parser *p, const struct key_def *k, void *obj,
@@ -175,7 +180,8 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_WORKERS] = {SECT_PROXY, "workers", set_workers, PRX(workers), 0},
     [K_HOSTNAME] = {SECT_PROXY, "hostname", set_hostname, PRX(hostname), 0},
     [K_LISTEN] = {SECT_LISTENER, "listen", set_addr, LST(listen_text), LST(addr)},
-    [K_TLS] = {SECT_LISTENER, "tls", set_tls, LST(tls), 0},
+    [K_TLS] = {SECT_LISTENER, "tls", set_enum, LST(tls), 0, tls_modes,
+               "starttls, implicit or none"},
     [K_REQUIRE_TLS] = {SECT_LISTENER, "require_tls", set_bool, LST(require_tls), 0},
     [K_CERT] = {SECT_LISTENER, "cert", set_string, LST(cert), 0},
     [K_KEY] = {SECT_LISTENER, "key", set_string, LST(key), 0},
@@ -184,12 +190,103 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_TIMEOUT_IDLE] = {SECT_LISTENER, "timeout_idle", set_duration,
                         LST(timeout_idle_ms), 0},
     [K_ADDRESS] = {SECT_UPSTREAM, "address", set_addr, UPS(address_text), UPS(addr)},
-    [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_upstream_tls, UPS(tls), 0},
+    [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_enum, UPS(tls), 0,
+                        tls_modes, "starttls, implicit or none"},
     [K_TIMEOUT_CONNECT] = {SECT_UPSTREAM, "timeout_connect", set_duration,
                            UPS(timeout_connect_ms), 0},
     [K_TIMEOUT_REPLY] = {SECT_UPSTREAM, "timeout_reply", set_duration,
                          UPS(timeout_reply_ms), 0},
+#define VERSION_KEY(id, sect, name, field)                                     \
+    [id] = {sect, name, set_enum, field, 0, versions, "1.0, 1.1, 1.2 or 1.3"}
+    VERSION_KEY(K_MIN_VERSION, SECT_LISTENER, "min_version", LST(tlsp.min_version)),
+    VERSION_KEY(K_MAX_VERSION, SECT_LISTENER, "max_version", LST(tlsp.max_version)),
+    VERSION_KEY(K_UP_MIN_VERSION, SECT_UPSTREAM, "min_version", UPS(tlsp.min_version)),
+    VERSION_KEY(K_UP_MAX_VERSION, SECT_UPSTREAM, "max_version", UPS(tlsp.max_version)),
+    [K_CIPHERS] = {SECT_LISTENER, "ciphers", set_string, LST(tlsp.ciphers), 0},
+    [K_GROUPS] = {SECT_LISTENER, "groups", set_groups, LST(tlsp.groups), 0},
+    [K_UP_CIPHERS] = {SECT_UPSTREAM, "ciphers", set_string, UPS(tlsp.ciphers), 0},
+    [K_UP_GROUPS] = {SECT_UPSTREAM, "groups", set_groups, UPS(tlsp.groups), 0},
+    [K_CLIENT_CA] = {SECT_LISTENER, "client_ca", set_string, LST(client_ca), 0},
+    [K_VERIFY_CLIENT] = {SECT_LISTENER, "verify_client", set_enum,
+                         LST(verify_client), 0, verify_modes,
+                         "none, optional or require"},
+    [K_UP_VERIFY] = {SECT_UPSTREAM, "verify", set_bool, UPS(verify), 0},
+    [K_UP_CA_FILE] = {SECT_UPSTREAM, "ca_file", set_string, UPS(ca_file), 0},
+    [K_UP_SERVER_NAME] = {SECT_UPSTREAM, "server_name", set_hostname,
+                          UPS(server_name), 0},
+    [K_UP_CERT] = {SECT_UPSTREAM, "cert", set_string, UPS(cert), 0},
+    [K_UP_KEY] = {SECT_UPSTREAM, "key", set_string, UPS(key), 0},
+    [K_UP_IDENTITY] = {SECT_UPSTREAM, "client_identity", set_enum,
+                       UPS(identity), 0, identities,
+                       "none, xclient, proxy-v1 or proxy-v2"},
 };
+
+/* sni.NAME = CERT KEY: one more certificate for a listener. */
+int stp_cfg_dynamic_key(struct parser *p, const char *name, const char *value)
+{
+    if (p->sect != SECT_LISTENER || strncmp(name, "sni.", 4) != 0)
+        return -ENOENT;
+    struct stp_listener_cfg *l = &p->cfg->listeners[p->idx];
+    const char *host = name + 4;
+    size_t hl = strlen(host);
+    const char *h = host[0] == '*' && host[1] == '.' ? host + 2 : host;
+    if (hl == 0 || hl > 253 || strspn(h, "abcdefghijklmnopqrstuvwxyz"
+                                         "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                         "0123456789-.") != strlen(h))
+        return stp_cfg_fail(p, p->line,
+                            "invalid server name '%s' in %s (a host name or "
+                            "*.domain)", host, name);
+    for (int i = 0; i < l->n_sni; i++)
+        if (strcasecmp(l->sni[i].name, host) == 0)
+            return stp_cfg_fail(p, p->line, "duplicate key '%s'", name);
+    char cert[512], key[512];
+    int used = 0;
+    if (sscanf(value, "%511s %511s %n", cert, key, &used) != 2 ||
+        value[used] != '\0')
+        return stp_cfg_fail(p, p->line,
+                            "invalid value '%s' for %s (expected CERT KEY: "
+                            "two file names)", value, name);
+    if (stp_cfg_check_file(p, "cert", cert, p->line) < 0 ||
+        stp_cfg_check_file(p, "key", key, p->line) < 0)
+        return p->rc;
+    struct stp_sni_cfg *grown =
+        realloc(l->sni, ((size_t)l->n_sni + 1) * sizeof(*l->sni));
+    if (!grown)
+        return stp_cfg_oom(p);
+    l->sni = grown;
+    struct stp_sni_cfg *e = &l->sni[l->n_sni];
+    e->name = strdup(host);
+    e->cert = strdup(cert);
+    e->key = strdup(key);
+    e->line = p->line;
+    l->n_sni++;
+    if (!e->name || !e->cert || !e->key)
+        return stp_cfg_oom(p);
+    return 0;
+}
+
+static int check_versions(struct parser *p, const struct stp_tls_params *t,
+                          int min_line, int max_line)
+{
+    if (t->min_version > t->max_version)
+        return stp_cfg_fail(p, max_line ? max_line : min_line,
+                            "max_version is lower than min_version");
+    return 0;
+}
+
+/* A cert/key pair: both or neither, both readable. */
+static int check_pair(struct parser *p, const char *cert, const char *key,
+                      int cert_line, int key_line)
+{
+    if (cert != NULL && key == NULL)
+        return stp_cfg_fail(p, cert_line, "cert without key");
+    if (key != NULL && cert == NULL)
+        return stp_cfg_fail(p, key_line, "key without cert");
+    if (cert != NULL && (stp_cfg_check_file(p, "cert", cert, cert_line) < 0 ||
+                         stp_cfg_check_file(p, "key", key, key_line) < 0))
+        return p->rc;
+    return 0;
+}
 
 int stp_cfg_end_listener(struct parser *p, int i)
 {
@@ -200,12 +297,14 @@ int stp_cfg_end_listener(struct parser *p, int i)
         return stp_cfg_fail(p, l->line, "listener '%s' has no listen address", l->name);
     if (l->upstream_name == NULL)
         return stp_cfg_fail(p, l->line, "listener '%s' has no upstream", l->name);
-    if (l->cert != NULL && l->key == NULL)
-        return stp_cfg_fail(p, kl[K_CERT], "cert without key");
-    if (l->key != NULL && l->cert == NULL)
-        return stp_cfg_fail(p, kl[K_KEY], "key without cert");
-    if (l->cert != NULL && (stp_cfg_check_file(p, "cert", l->cert, kl[K_CERT]) < 0 ||
-                            stp_cfg_check_file(p, "key", l->key, kl[K_KEY]) < 0))
+    if (check_pair(p, l->cert, l->key, kl[K_CERT], kl[K_KEY]) < 0 ||
+        check_versions(p, &l->tlsp, kl[K_MIN_VERSION], kl[K_MAX_VERSION]) < 0)
+        return p->rc;
+    if (l->verify_client != STP_VERIFY_CLIENT_NONE && l->client_ca == NULL)
+        return stp_cfg_fail(p, kl[K_VERIFY_CLIENT],
+                            "verify_client needs client_ca");
+    if (l->client_ca != NULL && stp_cfg_check_file(p, "client_ca", l->client_ca,
+                                                   kl[K_CLIENT_CA]) < 0)
         return p->rc;
     if (l->tls == STP_TLS_NONE) {
         if (kl[K_REQUIRE_TLS] && l->require_tls)
@@ -225,7 +324,22 @@ int stp_cfg_end_listener(struct parser *p, int i)
 int stp_cfg_end_upstream(struct parser *p, int i)
 {
     struct stp_upstream_cfg *u = &p->cfg->upstreams[i];
+    const int *kl = p->up_state[i].key_line;
     if (u->address_text == NULL)
         return stp_cfg_fail(p, u->line, "upstream '%s' has no address", u->name);
+    if (check_pair(p, u->cert, u->key, kl[K_UP_CERT], kl[K_UP_KEY]) < 0 ||
+        check_versions(p, &u->tlsp, kl[K_UP_MIN_VERSION],
+                       kl[K_UP_MAX_VERSION]) < 0)
+        return p->rc;
+    if (u->ca_file != NULL &&
+        stp_cfg_check_file(p, "ca_file", u->ca_file, kl[K_UP_CA_FILE]) < 0)
+        return p->rc;
+    if (u->server_name == NULL) {
+        /* The name to check is the host the address names. */
+        const char *a = u->address_text + (u->address_text[0] == '[');
+        size_t n = strcspn(a, u->address_text[0] == '[' ? "]" : ":");
+        if (!(u->server_name = strndup(a, n)))
+            return stp_cfg_oom(p);
+    }
     return 0;
 }

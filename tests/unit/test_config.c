@@ -181,8 +181,32 @@ static void test_errors(void)
          "t.ini:2: invalid value '-1s' for timeout_idle (expected a duration "
          "greater than 0 like 300s, 5m, 1h or 250ms)"},
         {"[listener a]\nupstream =\n", "t.ini:2: empty value for upstream"},
-        {"[upstream u]\ntls = implicit\n", "t.ini:2: upstream TLS is not supported yet"},
-        {"[upstream u]\ntls = STARTTLS\n", "t.ini:2: upstream TLS is not supported yet"},
+        {"[listener a]\nmin_version = 1.4\n",
+         "t.ini:2: invalid value '1.4' for min_version (expected 1.0, 1.1, 1.2 or 1.3)"},
+        {"[upstream u]\nmax_version = tls1.3\n",
+         "t.ini:2: invalid value 'tls1.3' for max_version (expected 1.0, 1.1, 1.2 or 1.3)"},
+        {"[listener a]\ngroups = X25519:P-255\n",
+         "t.ini:2: invalid value 'X25519:P-255' for groups (expected groups from "
+         "X25519, X448, P-256, P-384, P-521 separated by ':')"},
+        {"[listener a]\nverify_client = always\n",
+         "t.ini:2: invalid value 'always' for verify_client (expected none, "
+         "optional or require)"},
+        {"[upstream u]\nclient_identity = proxy\n",
+         "t.ini:2: invalid value 'proxy' for client_identity (expected none, "
+         "xclient, proxy-v1 or proxy-v2)"},
+        {"[upstream u]\nverify = sometimes\n",
+         "t.ini:2: invalid value 'sometimes' for verify (expected yes or no)"},
+        {"[listener a]\nsni.a b = x y\n",
+         "t.ini:2: invalid server name 'a b' in sni.a b (a host name or *.domain)"},
+        {"[listener a]\nsni.mx.test = /nonexistent.pem\n",
+         "t.ini:2: invalid value '/nonexistent.pem' for sni.mx.test (expected "
+         "CERT KEY: two file names)"},
+        {"[listener a]\nsni.mx.test = /nonexistent.pem /k.pem\n",
+         "t.ini:2: cannot read cert '/nonexistent.pem': No such file or directory"},
+        {LST_A "min_version = 1.3\nmax_version = 1.2\n" UP,
+         "t.ini:5: max_version is lower than min_version"},
+        {LST_A "verify_client = require\n" UP,
+         "t.ini:4: verify_client needs client_ca"},
         {"[upstream u]\ntls = maybe\n", "t.ini:2: invalid value 'maybe' for tls "
                                         "(expected starttls, implicit or none)"},
         {"[upstream u]\ntimeout_connect = 30 s\n",
@@ -472,6 +496,56 @@ static void test_shipped_example(void)
     stp_config_free(&cfg);
 }
 
+/* The TLS keys of issue 3: defaults and every key set. */
+static void test_tls_keys(const char *cert, const char *key)
+{
+    struct stp_config c;
+    char err[512];
+    char text[2048];
+    snprintf(text, sizeof(text),
+             "[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n"
+             "[listener b]\nlisten = 127.0.0.1:465\ntls = implicit\n"
+             "upstream = up\nmin_version = 1.0\nmax_version = 1.2\n"
+             "ciphers = ECDHE-RSA-AES128-GCM-SHA256\ngroups = p-256:X25519\n"
+             "client_ca = %s\nverify_client = optional\n"
+             "sni.mx.test = %s %s\nsni.*.example.org = %s %s\n"
+             "[upstream up]\naddress = [::1]:587\n"
+             "[upstream v]\naddress = 10.0.0.1:465\ntls = implicit\n"
+             "verify = no\nca_file = %s\nserver_name = relay.example.net\n"
+             "cert = %s\nkey = %s\nclient_identity = proxy-v2\n"
+             "min_version = 1.3\n",
+             cert, cert, key, cert, key, cert, cert, key);
+    int r = stp_config_parse_string("t.ini", text, &c, err, sizeof(err));
+    CHECK(r == 0);
+    if (r != 0) {
+        printf("  %s\n", err);
+        return;
+    }
+    const struct stp_listener_cfg *a = &c.listeners[0], *b = &c.listeners[1];
+    CHECK(a->tlsp.min_version == STP_TLS_V1_2 && a->tlsp.max_version == STP_TLS_V1_3);
+    CHECK(a->tlsp.ciphers == NULL && a->tlsp.groups == NULL);
+    CHECK(a->verify_client == STP_VERIFY_CLIENT_NONE && a->n_sni == 0);
+    CHECK(b->tlsp.min_version == STP_TLS_V1_0 && b->tlsp.max_version == STP_TLS_V1_2);
+    CHECK_STR(b->tlsp.ciphers, "ECDHE-RSA-AES128-GCM-SHA256");
+    CHECK_STR(b->tlsp.groups, "p-256:X25519");
+    CHECK(b->verify_client == STP_VERIFY_CLIENT_OPTIONAL);
+    CHECK(b->n_sni == 2);
+    if (b->n_sni == 2) {
+        CHECK_STR(b->sni[0].name, "mx.test");
+        CHECK_STR(b->sni[1].name, "*.example.org");
+        CHECK_STR(b->sni[1].key, key);
+    }
+    const struct stp_upstream_cfg *up = &c.upstreams[0], *v = &c.upstreams[1];
+    CHECK(up->tls == STP_TLS_NONE && up->verify && up->identity == STP_ID_NONE);
+    CHECK_STR(up->server_name, "::1");
+    CHECK(v->tls == STP_TLS_IMPLICIT && !v->verify);
+    CHECK_STR(v->server_name, "relay.example.net");
+    CHECK(v->identity == STP_ID_PROXY_V2);
+    CHECK(v->tlsp.min_version == STP_TLS_V1_3);
+    CHECK_STR(v->cert, cert);
+    stp_config_free(&c);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/stp-test-config-XXXXXX";
@@ -491,6 +565,7 @@ int main(void)
     test_line_too_long();
     test_defaults();
     test_full(cert, key);
+    test_tls_keys(cert, key);
     test_load(dir, cert, key);
     test_shipped_example();
 
