@@ -109,8 +109,10 @@ int stp_conn_flush(struct stp_conn *c);
 bool stp_conn_busy(const struct stp_conn *c); /* over the high-water mark */
 bool stp_conn_idle(const struct stp_conn *c); /* nothing queued or in flight */
 
-/* Switch to TLS as a server. Input buffered so far is discarded. */
-int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx);
+/* Switch to TLS in CTX's role (SERVER_NAME: see stp_tls_new). Input
+ * buffered so far is discarded: it was plaintext. */
+int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
+                       const char *server_name);
 /* Process buffered ciphertext and plaintext: used after the owner stalled
  * and can take input again (bytes inside wolfSSL never wake the loop). */
 void stp_conn_resume(struct stp_conn *c);

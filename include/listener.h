@@ -23,10 +23,20 @@ struct stp_server {
     const struct stp_config *cfg;
     struct stp_listener *listeners;
     int n_listeners;
+    struct stp_tls_ctx **up_tls;      /* per upstream; NULL for tls = none */
     struct stp_session *sessions;     /* doubly linked, for shutdown */
     unsigned n_sessions;
     bool stopping;
 };
+
+/* Build every TLS context the configuration names (listeners: certificates,
+ * SNI, client CAs; upstreams: trust store, client certificate) without
+ * binding anything: also the -t check. On error ERR says "FILE:LINE: ...". */
+int stp_server_tls(struct stp_server *srv, const struct stp_config *cfg,
+                   char *err, size_t errlen);
+/* The TLS context of upstream U (NULL for tls = none). */
+struct stp_tls_ctx *stp_server_upstream_tls(const struct stp_server *srv,
+                                            const struct stp_upstream_cfg *u);
 
 /* Build TLS contexts (self-signed where no cert is configured, with a
  * warning), bind and listen. Errors are logged; returns negative on failure. */

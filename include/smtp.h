@@ -96,6 +96,7 @@ enum stp_close_reason {
     STP_CLOSE_TIMEOUT,         /* idle: we sent 421 4.4.2 */
     STP_CLOSE_SMUGGLE,         /* ambiguous end of data: 554, upstream cut */
     STP_CLOSE_CLIENT_EOF,
+    STP_CLOSE_NEXT_HOP,        /* upstream TLS or identity setup failed */
 };
 const char *stp_close_reason_name(enum stp_close_reason r);
 
@@ -201,6 +202,11 @@ static inline bool stp_smtp_replies_due(const struct stp_smtp *s)
 void stp_smtp_upstream_lost(struct stp_smtp *s);
 /* The upstream could not be reached at all. */
 void stp_smtp_upstream_unreachable(struct stp_smtp *s);
+/* The session cannot go on (setup with the upstream failed): a 421 reply,
+ * then close. FMT is a constant reply line with CRLF and at most one %s,
+ * which becomes the configured host name. */
+void stp_smtp_abort(struct stp_smtp *s, const char *fmt,
+                    enum stp_close_reason why);
 /* The idle timer fired. */
 void stp_smtp_timeout(struct stp_smtp *s);
 

@@ -6,6 +6,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "config.h"
+
 struct stp_tls_ctx;
 struct stp_tls;
 
@@ -20,14 +22,35 @@ struct stp_tls_io {
 int stp_tls_global_init(void);
 void stp_tls_global_cleanup(void);
 
-/* A server context: TLS 1.2+, Mozilla "intermediate" ciphers and groups. With
- * no CERT/KEY, an in-memory self-signed ECDSA P-256 certificate for CN. */
-int stp_tls_ctx_new_server(const char *cert, const char *key, const char *cn,
+struct stp_tls_server_opts {
+    const char *cert, *key;       /* NULL: in-memory self-signed for CN */
+    const char *cn;
+    const struct stp_tls_params *params; /* versions, ciphers, groups */
+    const struct stp_sni_cfg *sni;       /* more certificates by name */
+    int n_sni;
+    const char *client_ca;
+    enum stp_verify_client verify_client;
+};
+
+struct stp_tls_client_opts {
+    const struct stp_tls_params *params;
+    bool verify;                  /* chain (CA_FILE or the system store) */
+    const char *ca_file;
+    const char *cert, *key;       /* client certificate, optional */
+};
+
+/* Defaults follow Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD,
+ * X25519/P-256/P-384. Errors: negative, with a message in ERR. */
+int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
+                           struct stp_tls_ctx **out, char *err, size_t errlen);
+int stp_tls_ctx_new_client(const struct stp_tls_client_opts *o,
                            struct stp_tls_ctx **out, char *err, size_t errlen);
 void stp_tls_ctx_free(struct stp_tls_ctx *ctx);
 
+/* A connection of CTX's role. For a client, SERVER_NAME (may be NULL) is sent
+ * as SNI unless it is an IP address, and checked when the context verifies. */
 int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
-                void *arg, struct stp_tls **out);
+                void *arg, const char *server_name, struct stp_tls **out);
 void stp_tls_free(struct stp_tls *t);
 
 /* 0: handshake complete; -EAGAIN: needs more input; other <0: failed. */
@@ -41,6 +64,10 @@ void stp_tls_shutdown(struct stp_tls *t);
 
 const char *stp_tls_version(const struct stp_tls *t);
 const char *stp_tls_cipher(const struct stp_tls *t);
+/* The server name the client asked for (server side), or NULL. */
+const char *stp_tls_sni(const struct stp_tls *t);
+/* Subject of the peer's certificate into BUF; false when there is none. */
+bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len);
 /* Last error as text, for logs. */
 const char *stp_tls_error(const struct stp_tls *t);
 

@@ -409,7 +409,7 @@ int stp_conn_flush(struct stp_conn *c)
 {
     if (c->closing)
         return 0;
-    if (c->tls && c->ptx) {
+    if (c->tls && c->ptx && c->tls_ready) {
         struct stp_buf *b = c->ptx;
         c->ptx = NULL;
         int r = b->len ? stp_tls_write(c->tls, b->data, b->len) : 0;
@@ -432,15 +432,17 @@ bool stp_conn_idle(const struct stp_conn *c)
     return c->out_count == 0 && (!c->ptx || c->ptx->len == 0);
 }
 
-int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx)
+int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
+                       const char *server_name)
 {
     STP_ASSERT(!c->tls);
     stp_conn_discard_input(c);
-    int r = stp_tls_new(ctx, &tls_io, c, &c->tls);
+    int r = stp_tls_new(ctx, &tls_io, c, server_name, &c->tls);
     if (r < 0)
         return r;
     c->tls_ready = false;
-    update_reading(c);
+    /* A client speaks first: its ClientHello goes out now. */
+    tls_pump(c);
     return 0;
 }
 

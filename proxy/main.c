@@ -42,19 +42,13 @@ static void on_signal(uv_signal_t *h, int signum)
 /* -t: parse, then build every TLS context so bad keys are caught too. */
 static int check_only(const struct stp_config *cfg)
 {
-    for (int i = 0; i < cfg->n_listeners; i++) {
-        const struct stp_listener_cfg *lc = &cfg->listeners[i];
-        struct stp_tls_ctx *ctx;
-        char err[512];
-        if (lc->tls == STP_TLS_NONE || !lc->cert)
-            continue;
-        if (stp_tls_ctx_new_server(lc->cert, lc->key, cfg->hostname, &ctx,
-                                   err, sizeof(err)) < 0) {
-            fprintf(stderr, "%s:%d: listener '%s': %s\n", cfg->path,
-                    lc->line, lc->name, err);
-            return 1;
-        }
-        stp_tls_ctx_free(ctx);
+    struct stp_server srv = {.cfg = cfg};
+    char err[1024];
+    int r = stp_server_tls(&srv, cfg, err, sizeof(err));
+    stp_server_free(&srv);
+    if (r < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
     }
     fprintf(stderr, "%s: configuration OK\n", cfg->path);
     return 0;

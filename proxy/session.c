@@ -1,48 +1,19 @@
 /* A proxied session: the client connection, the upstream connection, one
  * timer, and the SMTP engine between them. The I/O layer reports events; the
  * engine decides; this file carries out its actions and owns the lifetime.
- * Memory is freed only in the last close callback. */
-#include <inttypes.h>
+ * Setting up the upstream leg is upstream.c's. Memory is freed only in the
+ * last close callback. */
 #include <string.h>
 #include <sys/random.h>
 
-#include "io.h"
-#include "log.h"
-#include "session.h"
-#include "smtp.h"
+#include "listener.h"
+#include "session_int.h"
 
-#define SESSION_MAGIC 0x53545053u /* "STPS" */
-#define DRAIN_TIMEOUT_MS 5000     /* for a final reply the client won't read */
-
-enum stp_sstate {
-    STP_SS_CONNECTING = 0, /* connecting upstream; the client waits */
-    STP_SS_RELAY,          /* both sides open, the engine runs */
-    STP_SS_STARTTLS,       /* 220 queued; the handshake starts once flushed */
-    STP_SS_HANDSHAKE,      /* TLS handshake with the client */
-    STP_SS_DRAINING,       /* final reply being flushed, then close */
-    STP_SS_CLOSED,         /* handles closing; freed in the last callback */
-    STP_SS_COUNT
-};
+#define DRAIN_TIMEOUT_MS 5000 /* for a final reply the client won't read */
 
 static const char *const sstate_names[STP_SS_COUNT] = {
-    "connecting", "relay", "starttls", "handshake", "draining", "closed",
-};
-
-struct stp_session {
-    uint32_t magic;
-    enum stp_sstate state;
-    uint64_t id;
-    struct stp_listener *lst;
-    struct stp_conn client, upstream;
-    uv_timer_t timer;
-    struct stp_smtp smtp;
-    int open_handles;
-    bool upstream_closed;
-    const char *reason;
-    uint64_t start_ms;
-    uint64_t upstream_seen_ms; /* last upstream reply, or when one became due */
-    char peer[64];
-    struct stp_session *prev, *next;
+    "tls_accept", "connecting", "upstream_tls", "prelude", "relay",
+    "starttls",   "handshake",  "draining",     "closed",
 };
 
 static uint64_t id_base;
@@ -54,17 +25,20 @@ static struct stp_session *session_of(void *p)
     return s;
 }
 
-static void transition(struct stp_session *s, enum stp_sstate to)
+void stp_session_transition(struct stp_session *s, enum stp_sstate to)
 {
     if (stp_log_enabled(STP_LOG_DEBUG))
-        stp_log(STP_LOG_DEBUG, "id=%016" PRIx64 " event=state from=%s to=%s",
-                s->id, sstate_names[s->state], sstate_names[to]);
+        stp_log(STP_LOG_DEBUG, SID " event=state from=%s to=%s", s->id,
+                sstate_names[s->state], sstate_names[to]);
     s->state = to;
 }
 
-static void finish(struct stp_session *s);
+static void on_timer(uv_timer_t *t);
 
-static void arm_timer(struct stp_session *s, uint64_t ms);
+void stp_session_arm_timer(struct stp_session *s, uint64_t ms)
+{
+    uv_timer_start(&s->timer, on_timer, ms, 0);
+}
 
 /* ---- closing ---------------------------------------------------------------- */
 
@@ -84,6 +58,7 @@ static void handle_closed(uv_handle_t *h)
     stp_conn_release(&s->client);
     stp_conn_release(&s->upstream);
     stp_smtp_free(&s->smtp);
+    stp_upstream_free(s);
     s->magic = 0;
     free(s);
 }
@@ -96,7 +71,7 @@ static void conn_closed(uv_handle_t *h)
     handle_closed(h);
 }
 
-static void close_upstream(struct stp_session *s)
+void stp_session_close_upstream(struct stp_session *s)
 {
     if (s->upstream_closed)
         return;
@@ -108,18 +83,18 @@ static void finish(struct stp_session *s)
 {
     if (s->state == STP_SS_CLOSED)
         return;
-    transition(s, STP_SS_CLOSED);
+    stp_session_transition(s, STP_SS_CLOSED);
     stp_log(STP_LOG_INFO,
-            "id=%016" PRIx64 " event=disconnect reason=%s client_in=%" PRIu64
-            " client_out=%" PRIu64 " upstream_in=%" PRIu64
-            " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
+            SID " event=disconnect reason=%s client_in=%" PRIu64
+                " client_out=%" PRIu64 " upstream_in=%" PRIu64
+                " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
             s->id, s->reason ? s->reason : "unknown", s->client.bytes_in,
             s->client.bytes_out, s->upstream.bytes_in, s->upstream.bytes_out,
             uv_now(s->lst->srv->loop) - s->start_ms);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, handle_closed);
     stp_conn_close(&s->client, conn_closed);
-    close_upstream(s);
+    stp_session_close_upstream(s);
 }
 
 /* Close once the client has its last reply (bounded by a timer). */
@@ -131,9 +106,9 @@ static void drain_and_close(struct stp_session *s, const char *reason,
     if (!s->reason)
         s->reason = reason;
     if (cut_upstream)
-        close_upstream(s);
+        stp_session_close_upstream(s);
     bool tls_up = s->client.tls && s->client.tls_ready;
-    transition(s, STP_SS_DRAINING);
+    stp_session_transition(s, STP_SS_DRAINING);
     stp_conn_want_read(&s->client, false);
     if (tls_up) {
         stp_conn_flush(&s->client);
@@ -143,15 +118,15 @@ static void drain_and_close(struct stp_session *s, const char *reason,
     if (stp_conn_idle(&s->client))
         finish(s);
     else
-        arm_timer(s, DRAIN_TIMEOUT_MS);
+        stp_session_arm_timer(s, DRAIN_TIMEOUT_MS);
 }
 
 /* ---- engine actions --------------------------------------------------------- */
 
 static void fail_write(struct stp_session *s, struct stp_conn *c, int r)
 {
-    stp_log(STP_LOG_WARN, "id=%016" PRIx64 " event=error side=%s error=%s",
-            s->id, c == &s->client ? "client" : "upstream", stp_strerror(r));
+    stp_log(STP_LOG_WARN, SID " event=error side=%s error=%s", s->id,
+            c == &s->client ? "client" : "upstream", stp_strerror(r));
     s->reason = "write_error";
     if (c == &s->upstream)
         stp_smtp_upstream_lost(&s->smtp);
@@ -188,7 +163,7 @@ static void act_to_client(void *ctx, const char *p, size_t n)
 static void act_start_tls(void *ctx)
 {
     struct stp_session *s = ctx;
-    transition(s, STP_SS_STARTTLS);
+    stp_session_transition(s, STP_SS_STARTTLS);
     stp_conn_want_read(&s->client, false);
 }
 
@@ -201,16 +176,15 @@ static void act_close(void *ctx, enum stp_close_reason why, bool cut)
 static void act_event(void *ctx, const char *event, const char *detail)
 {
     struct stp_session *s = ctx;
-    stp_log(STP_LOG_INFO, "id=%016" PRIx64 " event=%s %s", s->id, event,
-            detail);
+    stp_log(STP_LOG_INFO, SID " event=%s %s", s->id, event, detail);
 }
 
 static void act_phase(void *ctx, int from, int to)
 {
     struct stp_session *s = ctx;
     if (stp_log_enabled(STP_LOG_DEBUG))
-        stp_log(STP_LOG_DEBUG, "id=%016" PRIx64 " event=smtp from=%s to=%s",
-                s->id, stp_phase_name((enum stp_phase)from),
+        stp_log(STP_LOG_DEBUG, SID " event=smtp from=%s to=%s", s->id,
+                stp_phase_name((enum stp_phase)from),
                 stp_phase_name((enum stp_phase)to));
 }
 
@@ -225,14 +199,23 @@ static const struct stp_smtp_ops engine_ops = {
 
 /* ---- flow ------------------------------------------------------------------- */
 
-static void set_client_reading(struct stp_session *s)
+static bool setting_up(const struct stp_session *s)
 {
-    bool on = (s->state == STP_SS_RELAY || s->state == STP_SS_HANDSHAKE) &&
-              !stp_conn_busy(&s->upstream);
-    stp_conn_want_read(&s->client, on);
-    stp_conn_want_read(&s->upstream,
-                       s->state == STP_SS_RELAY && !s->upstream_closed &&
-                           !stp_conn_busy(&s->client));
+    return s->state == STP_SS_CONNECTING || s->state == STP_SS_UPSTREAM_TLS ||
+           s->state == STP_SS_PRELUDE;
+}
+
+static void set_reading(struct stp_session *s)
+{
+    bool client = (s->state == STP_SS_RELAY || s->state == STP_SS_HANDSHAKE ||
+                   s->state == STP_SS_TLS_ACCEPT) &&
+                  !stp_conn_busy(&s->upstream);
+    bool upstream = (s->state == STP_SS_RELAY || s->state == STP_SS_PRELUDE ||
+                     s->state == STP_SS_UPSTREAM_TLS) &&
+                    !s->upstream_closed && !stp_conn_busy(&s->client);
+    stp_conn_want_read(&s->client, client);
+    if (!s->upstream_closed)
+        stp_conn_want_read(&s->upstream, upstream);
 }
 
 static void flush_both(struct stp_session *s)
@@ -270,7 +253,7 @@ static void process_upstream(struct stp_session *s)
 }
 
 /* After anything happened: push output, pick who may read. */
-static void settle(struct stp_session *s)
+void stp_session_settle(struct stp_session *s)
 {
     if (s->state == STP_SS_CLOSED)
         return;
@@ -278,16 +261,27 @@ static void settle(struct stp_session *s)
     if (s->state == STP_SS_STARTTLS && stp_conn_idle(&s->client)) {
         /* Nothing of ours is left to send in plaintext. Whatever the client
          * pipelined after STARTTLS is dropped with the buffer. */
-        int r = stp_conn_start_tls(&s->client, s->lst->tls);
-        if (r < 0) {
+        if (stp_conn_start_tls(&s->client, s->lst->tls, NULL) < 0) {
             s->reason = "tls_init_failed";
             finish(s);
             return;
         }
-        transition(s, STP_SS_HANDSHAKE);
+        stp_session_transition(s, STP_SS_HANDSHAKE);
     }
     if (s->state < STP_SS_DRAINING)
-        set_client_reading(s);
+        set_reading(s);
+}
+
+static void log_client_tls(struct stp_session *s, const char *event)
+{
+    struct stp_tls *t = s->client.tls;
+    const char *sni = stp_tls_sni(t);
+    char subject[256];
+    bool cert = stp_tls_peer_subject(t, subject, sizeof(subject));
+    stp_log(STP_LOG_INFO, SID " event=%s tls=%s cipher=%s%s%s%s%s%s", s->id,
+            event, stp_tls_version(t), stp_tls_cipher(t), sni ? " sni=" : "",
+            sni ? sni : "", cert ? " client_cert=\"" : "",
+            cert ? subject : "", cert ? "\"" : "");
 }
 
 static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
@@ -297,7 +291,7 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
     case STP_IO_DATA:
         if (!stp_smtp_replies_due(&s->smtp))
             s->upstream_seen_ms = uv_now(s->lst->srv->loop);
-        arm_timer(s, s->lst->cfg->timeout_idle_ms);
+        stp_session_arm_timer(s, s->lst->cfg->timeout_idle_ms);
         process_client(s);
         break;
     case STP_IO_DRAINED:
@@ -306,57 +300,54 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
             return;
         }
         /* The upstream may have been held back by our queue. */
-        if (!s->upstream_closed)
+        if (!s->upstream_closed && s->state == STP_SS_RELAY)
             process_upstream(s);
         break;
     case STP_IO_TLS_READY:
-        stp_log(STP_LOG_INFO,
-                "id=%016" PRIx64 " event=starttls tls=%s cipher=%s", s->id,
-                stp_tls_version(c->tls), stp_tls_cipher(c->tls));
-        transition(s, STP_SS_RELAY);
+        if (s->state == STP_SS_TLS_ACCEPT) {
+            /* Implicit TLS: only now is there someone to connect for. */
+            log_client_tls(s, "tls");
+            stp_upstream_start(s);
+            break;
+        }
+        log_client_tls(s, "starttls");
+        stp_session_transition(s, STP_SS_RELAY);
         stp_smtp_tls_started(&s->smtp);
         break;
     case STP_IO_EOF:
     case STP_IO_ERROR:
-        if (s->state == STP_SS_HANDSHAKE)
-            stp_log(STP_LOG_INFO,
-                    "id=%016" PRIx64 " event=tls_error error=\"%s\"", s->id,
+        if (s->state == STP_SS_HANDSHAKE || s->state == STP_SS_TLS_ACCEPT)
+            stp_log(STP_LOG_INFO, SID " event=tls_error error=\"%s\"", s->id,
                     err == -EPROTO ? stp_tls_error(c->tls)
                                    : stp_strerror(err));
         if (!s->reason)
-            s->reason = ev == STP_IO_EOF ? "client_eof"
-                        : s->state == STP_SS_HANDSHAKE ? "tls_handshake_failed"
-                                                       : "client_error";
+            s->reason =
+                ev == STP_IO_EOF ? "client_eof"
+                : (s->state == STP_SS_HANDSHAKE ||
+                   s->state == STP_SS_TLS_ACCEPT) ? "tls_handshake_failed"
+                                                  : "client_error";
         /* An unfinished message must not complete upstream. */
         finish(s);
         return;
     case STP_IO_CONNECTED:
         STP_ASSERT(!"client connects nowhere");
     }
-    settle(s);
+    stp_session_settle(s);
 }
 
 static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
 {
     struct stp_session *s = session_of(c->owner);
+    if (setting_up(s)) {
+        stp_upstream_event(c, ev, err);
+        stp_session_settle(s);
+        return;
+    }
     switch (ev) {
-    case STP_IO_CONNECTED:
-        if (err < 0) {
-            stp_log(STP_LOG_WARN,
-                    "id=%016" PRIx64 " event=upstream_error upstream=%s "
-                    "error=\"%s\"",
-                    s->id, s->lst->cfg->upstream->address_text,
-                    stp_strerror(err));
-            s->reason = "upstream_unreachable";
-            stp_smtp_upstream_unreachable(&s->smtp);
-            break;
-        }
-        transition(s, STP_SS_RELAY);
-        arm_timer(s, s->lst->cfg->timeout_idle_ms);
-        break;
     case STP_IO_DATA:
         s->upstream_seen_ms = uv_now(s->lst->srv->loop);
-        arm_timer(s, s->lst->cfg->timeout_idle_ms);
+        if (s->state == STP_SS_RELAY)
+            stp_session_arm_timer(s, s->lst->cfg->timeout_idle_ms);
         process_upstream(s);
         /* Replies may have unblocked the client side; TLS may hold
          * decrypted-but-unread bytes that no socket event will announce. */
@@ -373,17 +364,18 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
     case STP_IO_ERROR:
         if (s->state >= STP_SS_DRAINING)
             return;
-        stp_log(STP_LOG_INFO, "id=%016" PRIx64 " event=upstream_closed %s%s",
-                s->id, ev == STP_IO_EOF ? "" : "error=",
+        stp_log(STP_LOG_INFO, SID " event=upstream_closed %s%s", s->id,
+                ev == STP_IO_EOF ? "" : "error=",
                 ev == STP_IO_EOF ? "eof" : stp_strerror(err));
         /* Relay whatever complete replies arrived before the end. */
         process_upstream(s);
         stp_smtp_upstream_lost(&s->smtp);
         break;
     case STP_IO_TLS_READY:
-        STP_ASSERT(!"no upstream TLS yet");
+    case STP_IO_CONNECTED:
+        STP_ASSERT(!"only during setup");
     }
-    settle(s);
+    stp_session_settle(s);
 }
 
 static void on_timer(uv_timer_t *t)
@@ -391,13 +383,11 @@ static void on_timer(uv_timer_t *t)
     struct stp_session *s = session_of(t->data);
     switch (s->state) {
     case STP_SS_CONNECTING:
-        s->reason = "upstream_connect_timeout";
-        stp_log(STP_LOG_WARN,
-                "id=%016" PRIx64 " event=upstream_error upstream=%s "
-                "error=\"connect timeout\"",
-                s->id, s->lst->cfg->upstream->address_text);
-        stp_smtp_upstream_unreachable(&s->smtp);
+    case STP_SS_UPSTREAM_TLS:
+    case STP_SS_PRELUDE:
+        stp_upstream_timeout(s);
         break;
+    case STP_SS_TLS_ACCEPT:
     case STP_SS_HANDSHAKE:
         /* Mid-handshake there is no channel for an SMTP reply. */
         s->reason = "timeout";
@@ -409,21 +399,21 @@ static void on_timer(uv_timer_t *t)
          * client's: bounded by the reply timeout since the upstream last
          * said anything. */
         uint64_t now = uv_now(s->lst->srv->loop);
-        uint64_t limit = s->lst->cfg->upstream->timeout_reply_ms;
+        uint64_t limit = s->up->timeout_reply_ms;
         if (stp_smtp_replies_due(&s->smtp)) {
             if (now - s->upstream_seen_ms < limit) {
-                arm_timer(s, limit - (now - s->upstream_seen_ms));
+                stp_session_arm_timer(s, limit - (now - s->upstream_seen_ms));
                 return;
             }
             stp_log(STP_LOG_WARN,
-                    "id=%016" PRIx64 " event=upstream_error upstream=%s "
-                    "error=\"reply timeout\"",
-                    s->id, s->lst->cfg->upstream->address_text);
+                    SID " event=upstream_error upstream=%s "
+                        "error=\"reply timeout\"",
+                    s->id, s->up->name);
             s->reason = "upstream_timeout";
             stp_smtp_upstream_lost(&s->smtp);
             break;
         }
-        stp_log(STP_LOG_INFO, "id=%016" PRIx64 " event=timeout", s->id);
+        stp_log(STP_LOG_INFO, SID " event=timeout", s->id);
         stp_smtp_timeout(&s->smtp);
         break;
     }
@@ -434,12 +424,7 @@ static void on_timer(uv_timer_t *t)
     case STP_SS_COUNT:
         return;
     }
-    settle(s);
-}
-
-static void arm_timer(struct stp_session *s, uint64_t ms)
-{
-    uv_timer_start(&s->timer, on_timer, ms, 0);
+    stp_session_settle(s);
 }
 
 int stp_session_accept(struct stp_listener *lst)
@@ -453,6 +438,7 @@ int stp_session_accept(struct stp_listener *lst)
         id_base = (uint64_t)uv_hrtime();
     s->id = ++id_base;
     s->lst = lst;
+    s->up = lst->cfg->upstream;
     s->start_ms = uv_now(srv->loop);
 
     int r = stp_conn_init(srv->loop, &s->client, on_client, s);
@@ -461,30 +447,38 @@ int stp_session_accept(struct stp_listener *lst)
         return r;
     }
     s->open_handles = 1;
+    s->next = srv->sessions;
+    if (s->next)
+        s->next->prev = s;
+    srv->sessions = s;
+    srv->n_sessions++;
     if ((r = uv_accept((uv_stream_t *)&lst->tcp,
                        (uv_stream_t *)&s->client.tcp)) < 0) {
         s->upstream_closed = true;
         s->state = STP_SS_CLOSED;
         stp_conn_close(&s->client, conn_closed);
-        goto linked;
+        return r;
     }
     uv_tcp_nodelay(&s->client.tcp, 1);
-    struct sockaddr_storage ss;
-    int len = sizeof(ss);
-    if (uv_tcp_getpeername(&s->client.tcp, (struct sockaddr *)&ss, &len) == 0)
-        stp_format_addr((struct sockaddr *)&ss, s->peer, sizeof(s->peer));
+    int len = sizeof(s->peer_addr);
+    if (uv_tcp_getpeername(&s->client.tcp, (struct sockaddr *)&s->peer_addr,
+                           &len) == 0)
+        stp_format_addr((struct sockaddr *)&s->peer_addr, s->peer,
+                        sizeof(s->peer));
     else
         snprintf(s->peer, sizeof(s->peer), "unknown");
-    stp_log(STP_LOG_INFO,
-            "id=%016" PRIx64 " event=connect client=%s listener=%s", s->id,
+    len = sizeof(s->local_addr);
+    uv_tcp_getsockname(&s->client.tcp, (struct sockaddr *)&s->local_addr,
+                       &len);
+    stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s", s->id,
             s->peer, lst->cfg->name);
 
     const struct stp_listener_cfg *lc = lst->cfg;
     struct stp_smtp_cfg ec = {
         .offer_starttls = lc->tls == STP_TLS_STARTTLS,
         .require_tls = lc->require_tls,
-        .tls_active = false,
-        .upstream_tls = false,
+        .tls_active = lc->tls == STP_TLS_IMPLICIT,
+        .upstream_tls = s->up->tls != STP_TLS_NONE,
         .max_line = lc->max_line,
         .hostname = srv->cfg->hostname,
     };
@@ -495,20 +489,19 @@ int stp_session_accept(struct stp_listener *lst)
     s->open_handles++;
     stp_conn_init(srv->loop, &s->upstream, on_upstream, s);
     s->open_handles++;
-    s->state = STP_SS_CONNECTING;
-    arm_timer(s, lc->upstream->timeout_connect_ms);
-    r = stp_conn_connect(&s->upstream,
-                         (const struct sockaddr *)&lc->upstream->addr);
-    if (r < 0) {
-        /* Report it through the same path as an asynchronous failure. */
-        on_upstream(&s->upstream, STP_IO_CONNECTED, r);
+
+    if (lc->tls == STP_TLS_IMPLICIT) {
+        s->state = STP_SS_TLS_ACCEPT;
+        stp_session_arm_timer(s, lc->timeout_idle_ms);
+        if (stp_conn_start_tls(&s->client, lst->tls, NULL) < 0) {
+            s->reason = "tls_init_failed";
+            finish(s);
+            return 0;
+        }
+    } else {
+        stp_upstream_start(s);
     }
-linked:
-    s->next = srv->sessions;
-    if (s->next)
-        s->next->prev = s;
-    srv->sessions = s;
-    srv->n_sessions++;
+    stp_session_settle(s);
     return 0;
 }
 

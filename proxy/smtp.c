@@ -34,6 +34,7 @@ const char *stp_close_reason_name(enum stp_close_reason r)
         [STP_CLOSE_TIMEOUT] = "timeout",
         [STP_CLOSE_SMUGGLE] = "smuggling",
         [STP_CLOSE_CLIENT_EOF] = "client_eof",
+        [STP_CLOSE_NEXT_HOP] = "next_hop_setup_failed",
     };
     return r < STP_ARRAY_LEN(names) && names[r] ? names[r] : "?";
 }
@@ -517,4 +518,10 @@ void stp_smtp_timeout(struct stp_smtp *s)
 {
     reply_421_close(s, "421 4.4.2 %s Error: timeout exceeded\r\n",
                     STP_CLOSE_TIMEOUT);
+}
+
+void stp_smtp_abort(struct stp_smtp *s, const char *fmt,
+                    enum stp_close_reason why)
+{
+    reply_421_close(s, fmt, why);
 }

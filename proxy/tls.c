@@ -6,13 +6,23 @@
 #include <wolfssl/wolfcrypt/ecc.h>
 #include <wolfssl/wolfcrypt/random.h>
 
+#include <arpa/inet.h>
 #include <string.h>
+#include <strings.h>
 
 #include "stp.h"
 #include "tls.h"
 
 struct stp_tls_ctx {
     WOLFSSL_CTX *ctx;
+    bool client;
+    bool verify;
+    /* Server: contexts chosen by the client's server name. */
+    struct sni_ctx {
+        char *name;       /* "mx.example.net" or "*.example.org" */
+        WOLFSSL_CTX *ctx;
+    } *sni;
+    int n_sni;
 };
 
 struct stp_tls {
@@ -23,14 +33,14 @@ struct stp_tls {
 };
 
 /* Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD only. */
-static const char server_ciphers[] =
+static const char default_ciphers[] =
     "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:"
     "TLS13-CHACHA20-POLY1305-SHA256:"
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
-static int server_groups[] = {WOLFSSL_ECC_X25519, WOLFSSL_ECC_SECP256R1,
-                              WOLFSSL_ECC_SECP384R1};
+static const char default_groups[] = "X25519:P-256:P-384";
+static const char system_ca_file[] = "/etc/ssl/certs/ca-certificates.crt";
 
 static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *arg)
 {
@@ -112,51 +122,198 @@ static int self_signed(WOLFSSL_CTX *ctx, const char *cn, char *err,
     return 0;
 }
 
-int stp_tls_ctx_new_server(const char *cert, const char *key, const char *cn,
-                           struct stp_tls_ctx **out, char *err, size_t errlen)
+/* Versions, ciphers and groups: the same for both roles. */
+static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
+                        char *err, size_t errlen)
+{
+    static const struct {
+        int min, max;
+        const char *name;
+    } v[] = {
+        [STP_TLS_V1_0] = {WOLFSSL_TLSV1, 0x0301, "1.0"},
+        [STP_TLS_V1_1] = {WOLFSSL_TLSV1_1, 0x0302, "1.1"},
+        [STP_TLS_V1_2] = {WOLFSSL_TLSV1_2, 0x0303, "1.2"},
+        [STP_TLS_V1_3] = {WOLFSSL_TLSV1_3, 0x0304, "1.3"},
+    };
+    static const struct {
+        const char *name;
+        int id;
+    } g[] = {
+        {"X25519", WOLFSSL_ECC_X25519},    {"X448", WOLFSSL_ECC_X448},
+        {"P-256", WOLFSSL_ECC_SECP256R1},  {"P-384", WOLFSSL_ECC_SECP384R1},
+        {"P-521", WOLFSSL_ECC_SECP521R1},
+    };
+    if (wolfSSL_CTX_SetMinVersion(ctx, v[p->min_version].min) !=
+            WOLFSSL_SUCCESS ||
+        wolfSSL_CTX_set_max_proto_version(ctx, v[p->max_version].max) !=
+            WOLFSSL_SUCCESS) {
+        snprintf(err, errlen,
+                 "TLS %s..%s is not available in this wolfSSL build",
+                 v[p->min_version].name, v[p->max_version].name);
+        return -EINVAL;
+    }
+    const char *ciphers = p->ciphers ? p->ciphers : default_ciphers;
+    if (wolfSSL_CTX_set_cipher_list(ctx, ciphers) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "no usable cipher in '%s'", ciphers);
+        return -EINVAL;
+    }
+    int ids[STP_ARRAY_LEN(g)], n = 0;
+    const char *s = p->groups ? p->groups : default_groups;
+    while (*s && n < (int)STP_ARRAY_LEN(g)) {
+        size_t len = strcspn(s, ":");
+        for (size_t i = 0; i < STP_ARRAY_LEN(g); i++)
+            if (strlen(g[i].name) == len && strncasecmp(s, g[i].name, len) == 0)
+                ids[n++] = g[i].id;
+        s += len + (s[len] == ':');
+    }
+    if (wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "groups '%s' are not available",
+                 p->groups ? p->groups : default_groups);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+static int load_pair(WOLFSSL_CTX *ctx, const char *cert, const char *key,
+                     char *err, size_t errlen)
+{
+    if (wolfSSL_CTX_use_certificate_chain_file(ctx, cert) != WOLFSSL_SUCCESS)
+        return fail(err, errlen, cert, (int)wolfSSL_ERR_get_error());
+    if (wolfSSL_CTX_use_PrivateKey_file(ctx, key, WOLFSSL_FILETYPE_PEM) !=
+        WOLFSSL_SUCCESS)
+        return fail(err, errlen, key, (int)wolfSSL_ERR_get_error());
+    if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "%s: key does not match certificate %s", key,
+                 cert);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* A server context with one certificate and the listener's policy. */
+static WOLFSSL_CTX *server_ctx(const struct stp_tls_server_opts *o,
+                               const char *cert, const char *key, char *err,
+                               size_t errlen)
 {
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_server_method());
-    int r;
-    if (!ctx)
-        return fail(err, errlen, "TLS context", 0);
-    if (wolfSSL_CTX_SetMinVersion(ctx, WOLFSSL_TLSV1_2) != WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_cipher_list(ctx, server_ciphers) != WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_groups(ctx, server_groups,
-                               (int)STP_ARRAY_LEN(server_groups)) !=
-            WOLFSSL_SUCCESS) {
-        wolfSSL_CTX_free(ctx);
-        return fail(err, errlen, "TLS policy", 0);
+    if (!ctx) {
+        fail(err, errlen, "TLS context", 0);
+        return NULL;
     }
-    if (cert) {
-        if ((r = wolfSSL_CTX_use_certificate_chain_file(ctx, cert)) !=
+    int r = apply_params(ctx, o->params, err, errlen);
+    if (r == 0)
+        r = cert ? load_pair(ctx, cert, key, err, errlen)
+                 : self_signed(ctx, o->cn, err, errlen);
+    if (r == 0 && o->client_ca) {
+        if (wolfSSL_CTX_load_verify_locations(ctx, o->client_ca, NULL) !=
             WOLFSSL_SUCCESS) {
-            wolfSSL_CTX_free(ctx);
-            return fail(err, errlen, cert, wolfSSL_ERR_get_error());
+            r = fail(err, errlen, o->client_ca, (int)wolfSSL_ERR_get_error());
+        } else {
+            int mode = o->verify_client == STP_VERIFY_CLIENT_REQUIRE
+                           ? WOLFSSL_VERIFY_PEER |
+                                 WOLFSSL_VERIFY_FAIL_IF_NO_PEER_CERT
+                       : o->verify_client == STP_VERIFY_CLIENT_OPTIONAL
+                           ? WOLFSSL_VERIFY_PEER
+                           : WOLFSSL_VERIFY_NONE;
+            wolfSSL_CTX_set_verify(ctx, mode, NULL);
         }
-        if ((r = wolfSSL_CTX_use_PrivateKey_file(ctx, key,
-                                                 WOLFSSL_FILETYPE_PEM)) !=
-            WOLFSSL_SUCCESS) {
-            wolfSSL_CTX_free(ctx);
-            return fail(err, errlen, key, wolfSSL_ERR_get_error());
-        }
-        if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
-            wolfSSL_CTX_free(ctx);
-            snprintf(err, errlen, "%s: key does not match certificate %s",
-                     key, cert);
-            return -EINVAL;
-        }
-    } else if (self_signed(ctx, cn, err, errlen) < 0) {
+    }
+    if (r < 0) {
         wolfSSL_CTX_free(ctx);
-        return -EINVAL;
+        return NULL;
     }
     wolfSSL_CTX_SetIORecv(ctx, io_recv);
     wolfSSL_CTX_SetIOSend(ctx, io_send);
-    *out = calloc(1, sizeof(**out));
-    if (!*out) {
+    return ctx;
+}
+
+static bool name_matches(const char *pattern, const char *name)
+{
+    if (pattern[0] == '*' && pattern[1] == '.') {
+        const char *dot = strchr(name, '.');
+        return dot && dot != name && strcasecmp(dot + 1, pattern + 2) == 0;
+    }
+    return strcasecmp(pattern, name) == 0;
+}
+
+/* Pick the certificate for the name the client asked for; without a match
+ * the listener's default stays. */
+static int on_servername(WOLFSSL *ssl, int *alert, void *arg)
+{
+    struct stp_tls_ctx *c = arg;
+    const char *name = wolfSSL_get_servername(ssl, WOLFSSL_SNI_HOST_NAME);
+    if (!name)
+        return 0;
+    for (int i = 0; i < c->n_sni; i++) {
+        if (name_matches(c->sni[i].name, name)) {
+            wolfSSL_set_SSL_CTX(ssl, c->sni[i].ctx);
+            break;
+        }
+    }
+    return 0;
+}
+
+int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
+                           struct stp_tls_ctx **out, char *err, size_t errlen)
+{
+    struct stp_tls_ctx *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    *out = c;
+    if (!(c->ctx = server_ctx(o, o->cert, o->key, err, errlen)))
+        goto fail;
+    if (o->n_sni > 0) {
+        if (!(c->sni = calloc((size_t)o->n_sni, sizeof(*c->sni))))
+            goto fail;
+        for (int i = 0; i < o->n_sni; i++, c->n_sni++) {
+            c->sni[i].name = strdup(o->sni[i].name);
+            c->sni[i].ctx = server_ctx(o, o->sni[i].cert, o->sni[i].key, err,
+                                       errlen);
+            if (!c->sni[i].name || !c->sni[i].ctx)
+                goto fail;
+        }
+        wolfSSL_CTX_set_servername_callback(c->ctx, on_servername);
+        wolfSSL_CTX_set_servername_arg(c->ctx, c);
+    }
+    return 0;
+fail:
+    stp_tls_ctx_free(c);
+    *out = NULL;
+    return -EINVAL;
+}
+
+int stp_tls_ctx_new_client(const struct stp_tls_client_opts *o,
+                           struct stp_tls_ctx **out, char *err, size_t errlen)
+{
+    WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
+    if (!ctx)
+        return fail(err, errlen, "TLS context", 0);
+    int r = apply_params(ctx, o->params, err, errlen);
+    if (r == 0 && o->cert)
+        r = load_pair(ctx, o->cert, o->key, err, errlen);
+    if (r == 0 && o->verify) {
+        const char *ca = o->ca_file ? o->ca_file : system_ca_file;
+        if (wolfSSL_CTX_load_verify_locations(ctx, ca, NULL) !=
+            WOLFSSL_SUCCESS)
+            r = fail(err, errlen, ca, (int)wolfSSL_ERR_get_error());
+    }
+    if (r < 0) {
+        wolfSSL_CTX_free(ctx);
+        return r;
+    }
+    wolfSSL_CTX_set_verify(ctx, o->verify ? WOLFSSL_VERIFY_PEER
+                                          : WOLFSSL_VERIFY_NONE, NULL);
+    wolfSSL_CTX_SetIORecv(ctx, io_recv);
+    wolfSSL_CTX_SetIOSend(ctx, io_send);
+    struct stp_tls_ctx *c = calloc(1, sizeof(*c));
+    if (!c) {
         wolfSSL_CTX_free(ctx);
         return -ENOMEM;
     }
-    (*out)->ctx = ctx;
+    c->ctx = ctx;
+    c->client = true;
+    c->verify = o->verify;
+    *out = c;
     return 0;
 }
 
@@ -164,12 +321,23 @@ void stp_tls_ctx_free(struct stp_tls_ctx *ctx)
 {
     if (!ctx)
         return;
+    for (int i = 0; i < ctx->n_sni; i++) {
+        free(ctx->sni[i].name);
+        wolfSSL_CTX_free(ctx->sni[i].ctx);
+    }
+    free(ctx->sni);
     wolfSSL_CTX_free(ctx->ctx);
     free(ctx);
 }
 
+static bool is_ip(const char *s)
+{
+    unsigned char buf[16];
+    return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
+}
+
 int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
-                void *arg, struct stp_tls **out)
+                void *arg, const char *server_name, struct stp_tls **out)
 {
     struct stp_tls *t = calloc(1, sizeof(*t));
     if (!t)
@@ -183,6 +351,18 @@ int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
     t->arg = arg;
     wolfSSL_SetIOReadCtx(t->ssl, t);
     wolfSSL_SetIOWriteCtx(t->ssl, t);
+    if (ctx->client && server_name) {
+        if ((!is_ip(server_name) &&
+             wolfSSL_UseSNI(t->ssl, WOLFSSL_SNI_HOST_NAME, server_name,
+                            (unsigned short)strlen(server_name)) !=
+                 WOLFSSL_SUCCESS) ||
+            (ctx->verify &&
+             wolfSSL_check_domain_name(t->ssl, server_name) !=
+                 WOLFSSL_SUCCESS)) {
+            stp_tls_free(t);
+            return -EINVAL;
+        }
+    }
     *out = t;
     return 0;
 }
@@ -209,7 +389,7 @@ static int result(struct stp_tls *t, int r)
 
 int stp_tls_handshake(struct stp_tls *t)
 {
-    int r = wolfSSL_accept(t->ssl);
+    int r = wolfSSL_negotiate(t->ssl);
     if (r == WOLFSSL_SUCCESS)
         return 0;
     r = result(t, r);
@@ -251,6 +431,22 @@ const char *stp_tls_version(const struct stp_tls *t)
 const char *stp_tls_cipher(const struct stp_tls *t)
 {
     return wolfSSL_get_cipher_name(t->ssl);
+}
+
+const char *stp_tls_sni(const struct stp_tls *t)
+{
+    return wolfSSL_get_servername(t->ssl, WOLFSSL_SNI_HOST_NAME);
+}
+
+bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len)
+{
+    WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(t->ssl);
+    if (!x)
+        return false;
+    bool ok = wolfSSL_X509_NAME_oneline(wolfSSL_X509_get_subject_name(x), buf,
+                                        (int)len) != NULL;
+    wolfSSL_X509_free(x);
+    return ok;
 }
 
 const char *stp_tls_error(const struct stp_tls *t)

@@ -1,0 +1,68 @@
+/* The proxy's own dialogue with the upstream before the client's session is
+ * relayed: read the greeting, EHLO, STARTTLS (and check that nothing follows
+ * the 220), EHLO again, XCLIENT. Pure: replies in, actions out. */
+#ifndef STP_PRELUDE_H
+#define STP_PRELUDE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "stp.h"
+
+enum stp_up_step {
+    STP_UP_GREETING = 0, /* waiting for the upstream's greeting */
+    STP_UP_EHLO,         /* our EHLO sent */
+    STP_UP_STARTTLS,     /* our STARTTLS sent */
+    STP_UP_TLS,          /* handshake under way (the caller's) */
+    STP_UP_XCLIENT,      /* our XCLIENT sent */
+    STP_UP_READY,        /* done: the client's session may start */
+    STP_UP_FAILED,
+    STP_UP_COUNT
+};
+const char *stp_up_step_name(enum stp_up_step s);
+
+/* What failed, for the client's reply. */
+enum stp_up_failure {
+    STP_UP_FAIL_TLS,      /* 421 4.7.0 TLS to next hop unavailable */
+    STP_UP_FAIL_IDENTITY, /* 421 4.7.0 next hop refused the client identity */
+    STP_UP_FAIL_PROTOCOL, /* 421 4.4.2 upstream protocol error */
+};
+
+struct stp_up_ops {
+    /* A command line for the upstream, without CRLF. */
+    void (*send)(void *ctx, const char *line, size_t n);
+    /* Our STARTTLS got its 220 and nothing followed: start the handshake and
+     * call stp_up_tls_done() when it completes. */
+    void (*start_tls)(void *ctx);
+    /* The client's session may start; GREETING (CRLF lines) is what the
+     * client should be greeted with. */
+    void (*ready)(void *ctx, const char *greeting, size_t n);
+    void (*fail)(void *ctx, enum stp_up_failure f, const char *reason);
+};
+
+struct stp_up_cfg {
+    bool starttls;          /* upstream tls = starttls */
+    const char *ehlo_name;  /* our EHLO argument */
+    const char *xclient;    /* the XCLIENT line to send, or NULL */
+};
+
+struct stp_prelude {
+    struct stp_up_cfg cfg;
+    const struct stp_up_ops *ops;
+    void *ctx;
+    enum stp_up_step step;
+    bool tls_done;
+    int code;               /* of the reply being read; 0 between replies */
+    bool offers_starttls, offers_xclient;
+    size_t greeting_len;
+    char greeting[1024];
+};
+
+void stp_up_init(struct stp_prelude *p, const struct stp_up_cfg *cfg,
+                 const struct stp_up_ops *ops, void *ctx);
+/* Upstream bytes; returns how many were consumed. */
+size_t stp_up_input(struct stp_prelude *p, const char *buf, size_t n);
+/* The caller's TLS handshake completed. */
+void stp_up_tls_done(struct stp_prelude *p);
+
+#endif

@@ -1,0 +1,66 @@
+/* Session internals shared by session.c (the client side, the engine, the
+ * lifetime) and upstream.c (connecting and preparing the upstream leg). */
+#ifndef STP_SESSION_INT_H
+#define STP_SESSION_INT_H
+
+#include <inttypes.h>
+
+#include "io.h"
+#include "log.h"
+#include "prelude.h"
+#include "session.h"
+#include "smtp.h"
+
+#define SESSION_MAGIC 0x53545053u /* "STPS" */
+
+enum stp_sstate {
+    STP_SS_TLS_ACCEPT = 0, /* implicit TLS: handshake before anything else */
+    STP_SS_CONNECTING,     /* connecting upstream; the client waits */
+    STP_SS_UPSTREAM_TLS,   /* TLS handshake with the upstream */
+    STP_SS_PRELUDE,        /* our own EHLO/STARTTLS/XCLIENT with the upstream */
+    STP_SS_RELAY,          /* both sides open, the engine runs */
+    STP_SS_STARTTLS,       /* 220 queued; the handshake starts once flushed */
+    STP_SS_HANDSHAKE,      /* STARTTLS handshake with the client */
+    STP_SS_DRAINING,       /* final reply being flushed, then close */
+    STP_SS_CLOSED,         /* handles closing; freed in the last callback */
+    STP_SS_COUNT
+};
+
+struct stp_session {
+    uint32_t magic;
+    enum stp_sstate state;
+    uint64_t id;
+    struct stp_listener *lst;
+    const struct stp_upstream_cfg *up;
+    struct stp_conn client, upstream;
+    uv_timer_t timer;
+    struct stp_smtp smtp;
+    struct stp_prelude *prelude; /* only while the prelude runs */
+    bool up_tls_pending;         /* the prelude asked for TLS */
+    int open_handles;
+    bool upstream_closed;
+    const char *reason;
+    uint64_t start_ms;
+    uint64_t upstream_seen_ms; /* last upstream reply, or when one became due */
+    struct sockaddr_storage peer_addr, local_addr;
+    char peer[64];
+    struct stp_session *prev, *next;
+};
+
+#define SID "id=%016" PRIx64
+
+void stp_session_transition(struct stp_session *s, enum stp_sstate to);
+void stp_session_arm_timer(struct stp_session *s, uint64_t ms);
+void stp_session_settle(struct stp_session *s);
+void stp_session_close_upstream(struct stp_session *s);
+
+/* upstream.c */
+void stp_upstream_start(struct stp_session *s);
+void stp_upstream_event(struct stp_conn *c, enum stp_io_event ev, int err);
+/* Setup failed in a way the log has already explained: 421, close. */
+void stp_upstream_fail(struct stp_session *s, enum stp_up_failure f,
+                       const char *reason);
+void stp_upstream_timeout(struct stp_session *s);
+void stp_upstream_free(struct stp_session *s);
+
+#endif

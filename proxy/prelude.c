@@ -1,0 +1,209 @@
+/* The proxy's own SMTP dialogue with the upstream (RFC 3207 as a client,
+ * XCLIENT), before any client byte is relayed. A failure at any step ends
+ * the session: never a silent fall back to plaintext. */
+#include <string.h>
+#include <strings.h>
+
+#include "smtp.h"
+#include "prelude.h"
+
+static const char *const step_names[STP_UP_COUNT] = {
+    "greeting", "ehlo", "starttls", "tls", "xclient", "ready", "failed",
+};
+
+const char *stp_up_step_name(enum stp_up_step s)
+{
+    return s < STP_UP_COUNT ? step_names[s] : "?";
+}
+
+void stp_up_init(struct stp_prelude *p, const struct stp_up_cfg *cfg,
+                 const struct stp_up_ops *ops, void *ctx)
+{
+    memset(p, 0, sizeof(*p));
+    p->cfg = *cfg;
+    p->ops = ops;
+    p->ctx = ctx;
+    p->step = STP_UP_GREETING;
+}
+
+static void fail(struct stp_prelude *p, enum stp_up_failure f,
+                 const char *reason)
+{
+    p->step = STP_UP_FAILED;
+    p->ops->fail(p->ctx, f, reason);
+}
+
+static void send_line(struct stp_prelude *p, enum stp_up_step next,
+                      const char *fmt, const char *arg)
+{
+    char line[600];
+    int n = snprintf(line, sizeof(line), fmt, arg);
+    p->step = next;
+    p->ops->send(p->ctx, line, (size_t)n);
+}
+
+/* Next step after the greeting or the handshake. */
+static void advance(struct stp_prelude *p)
+{
+    if (p->cfg.starttls && !p->tls_done) {
+        send_line(p, STP_UP_EHLO, "EHLO %s", p->cfg.ehlo_name);
+    } else if (p->cfg.xclient && !p->offers_xclient) {
+        /* After TLS the server's capabilities must be learnt again. */
+        send_line(p, STP_UP_EHLO, "EHLO %s", p->cfg.ehlo_name);
+    } else if (p->cfg.xclient) {
+        send_line(p, STP_UP_XCLIENT, "%s", p->cfg.xclient);
+    } else {
+        p->step = STP_UP_READY;
+        p->ops->ready(p->ctx, p->greeting, p->greeting_len);
+    }
+}
+
+static bool keyword(const char *t, size_t n, const char *kw)
+{
+    size_t k = strlen(kw);
+    while (n && (*t == ' ' || *t == '\t')) {
+        t++;
+        n--;
+    }
+    return n >= k && strncasecmp(t, kw, k) == 0 &&
+           (n == k || t[k] == ' ' || t[k] == '=');
+}
+
+/* Keep a greeting line (the client will be greeted with it). */
+static bool keep_greeting(struct stp_prelude *p, const char *line, size_t len)
+{
+    if (p->greeting_len + len + 2 > sizeof(p->greeting)) {
+        fail(p, STP_UP_FAIL_PROTOCOL, "greeting too long");
+        return false;
+    }
+    memcpy(p->greeting + p->greeting_len, line, len);
+    memcpy(p->greeting + p->greeting_len + len, "\r\n", 2);
+    p->greeting_len += len + 2;
+    return true;
+}
+
+/* One whole reply line. Returns false when the prelude stopped. */
+static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
+                       bool more_buffered)
+{
+    int code;
+    bool last;
+    if (stp_reply_line(line, len, &code, &last) < 0 ||
+        memchr(line, '\r', len) || (p->code && code != p->code)) {
+        fail(p, STP_UP_FAIL_PROTOCOL, "bad reply line");
+        return false;
+    }
+    bool first = p->code == 0;
+    p->code = last ? 0 : code;
+    const char *text = len > 4 ? line + 4 : line + len;
+    size_t tl = len > 4 ? len - 4 : 0;
+
+    switch (p->step) {
+    case STP_UP_GREETING:
+        if (!keep_greeting(p, line, len))
+            return false;
+        if (!last)
+            return true;
+        if (code != 220) {
+            /* The upstream refuses service: nothing can be set up. */
+            fail(p, p->cfg.starttls ? STP_UP_FAIL_TLS : STP_UP_FAIL_IDENTITY,
+                 "greeting was not 220");
+            return false;
+        }
+        advance(p);
+        return true;
+    case STP_UP_EHLO:
+        if (code == 250 && keyword(text, tl, "STARTTLS"))
+            p->offers_starttls = true;
+        if (code == 250 && keyword(text, tl, "XCLIENT"))
+            p->offers_xclient = true;
+        if (!last)
+            return true;
+        if (code != 250) {
+            fail(p, p->tls_done ? STP_UP_FAIL_IDENTITY : STP_UP_FAIL_TLS,
+                 "EHLO refused");
+            return false;
+        }
+        if (p->cfg.starttls && !p->tls_done) {
+            if (!p->offers_starttls) {
+                fail(p, STP_UP_FAIL_TLS, "STARTTLS not offered");
+                return false;
+            }
+            p->offers_xclient = false; /* forgotten at the TLS boundary */
+            send_line(p, STP_UP_STARTTLS, "%s", "STARTTLS");
+            return true;
+        }
+        if (!p->offers_xclient) {
+            fail(p, STP_UP_FAIL_IDENTITY, "XCLIENT not offered");
+            return false;
+        }
+        advance(p);
+        return true;
+    case STP_UP_STARTTLS:
+        if (!last)
+            return true;
+        if (code != 220) {
+            fail(p, STP_UP_FAIL_TLS, "STARTTLS refused");
+            return false;
+        }
+        if (more_buffered) {
+            /* Bytes after the 220 in the same flight would be read as
+             * replies inside TLS (response injection): refuse. */
+            fail(p, STP_UP_FAIL_TLS, "data after 220 to STARTTLS");
+            return false;
+        }
+        p->step = STP_UP_TLS;
+        p->ops->start_tls(p->ctx);
+        return false; /* the rest of the input belongs to TLS */
+    case STP_UP_XCLIENT:
+        /* Postfix answers XCLIENT with a new greeting, for the client. */
+        if (first && code == 220)
+            p->greeting_len = 0;
+        if (code == 220 && !keep_greeting(p, line, len))
+            return false;
+        if (!last)
+            return true;
+        if (code != 220) {
+            fail(p, STP_UP_FAIL_IDENTITY, "XCLIENT refused");
+            return false;
+        }
+        p->step = STP_UP_READY;
+        p->ops->ready(p->ctx, p->greeting, p->greeting_len);
+        return false;
+    case STP_UP_TLS:
+    case STP_UP_READY:
+    case STP_UP_FAILED:
+    case STP_UP_COUNT:
+        break;
+    }
+    fail(p, STP_UP_FAIL_PROTOCOL, "unexpected reply");
+    return false;
+}
+
+size_t stp_up_input(struct stp_prelude *p, const char *buf, size_t n)
+{
+    size_t off = 0;
+    while (off < n && p->step != STP_UP_TLS && p->step != STP_UP_READY &&
+           p->step != STP_UP_FAILED) {
+        size_t len, used;
+        enum stp_line_status st =
+            stp_line_find(buf + off, n - off, STP_MAX_REPLY_LINE, &len, &used);
+        if (st == STP_LINE_MORE)
+            break;
+        if (st == STP_LINE_TOO_LONG) {
+            fail(p, STP_UP_FAIL_PROTOCOL, "reply line too long");
+            return n;
+        }
+        off += used;
+        if (!reply_line(p, buf + off - used, len, off < n))
+            break;
+    }
+    return off;
+}
+
+void stp_up_tls_done(struct stp_prelude *p)
+{
+    STP_ASSERT(p->step == STP_UP_TLS);
+    p->tls_done = true;
+    advance(p);
+}
