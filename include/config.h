@@ -77,6 +77,12 @@ struct stp_listener_cfg {
     struct stp_upstream_cfg *upstream; /* resolved reference */
     uint32_t max_line;               /* default 2048, 512..8192 */
     uint64_t timeout_idle_ms;        /* default 300 s */
+    uint64_t timeout_handshake_ms;   /* default 60 s */
+    uint64_t timeout_command_ms;     /* default 300 s: one command line */
+    uint64_t timeout_data_ms;        /* default 600 s: one message */
+    uint32_t max_connections;        /* default 5000 */
+    uint32_t max_connections_per_ip; /* default 50 */
+    uint32_t max_errors;             /* default 20 */
     int line;
 };
 
@@ -85,6 +91,10 @@ struct stp_config {
     enum stp_log_level log_level;    /* default info */
     int workers;                     /* default 1; only 1 supported yet */
     char *hostname;                  /* for 421 texts; default gethostname() */
+    uint32_t max_connections;        /* default 10000, all listeners */
+    uint64_t drain_timeout_ms;       /* default 30 s */
+    char *user, *group;              /* drop privileges to these */
+    int line_user;                   /* where user = is, for messages */
     struct stp_listener_cfg *listeners;
     int n_listeners;
     struct stp_upstream_cfg *upstreams;

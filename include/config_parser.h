@@ -15,6 +15,16 @@
 /* RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the end of
  * data; giving up sooner invites duplicate deliveries. */
 #define CFG_DEFAULT_REPLY_MS (600 * 1000)
+/* RFC 5321 4.5.3.2: 5 minutes per command, 10 for a whole message (its
+ * data blocks get 3 each; we bound the message instead). */
+#define CFG_DEFAULT_COMMAND_MS (300 * 1000)
+#define CFG_DEFAULT_DATA_MS (600 * 1000)
+#define CFG_DEFAULT_HANDSHAKE_MS (60 * 1000)
+#define CFG_DEFAULT_PROXY_CONN 10000
+#define CFG_DEFAULT_LISTENER_CONN 5000
+#define CFG_DEFAULT_CONN_PER_IP 50
+#define CFG_DEFAULT_MAX_ERRORS 20
+#define CFG_DEFAULT_DRAIN_MS (30 * 1000)
 
 enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
 
@@ -52,6 +62,16 @@ enum key_id {
     K_UP_CERT,
     K_UP_KEY,
     K_UP_IDENTITY,
+    K_PROXY_MAX_CONN,
+    K_DRAIN_TIMEOUT,
+    K_USER,
+    K_GROUP,
+    K_MAX_CONN,
+    K_MAX_CONN_IP,
+    K_MAX_ERRORS,
+    K_TIMEOUT_HANDSHAKE,
+    K_TIMEOUT_COMMAND,
+    K_TIMEOUT_DATA,
     K_COUNT,
 };
 

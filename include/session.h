@@ -2,12 +2,14 @@
 #ifndef STP_SESSION_H
 #define STP_SESSION_H
 
+#include <stdbool.h>
+
 #include "listener.h"
 
 /* Accept a pending connection on LST and start its session. */
 int stp_session_accept(struct stp_listener *lst);
-/* Server shutdown: every session gets a 421 (if it is past its greeting)
- * and closes. */
-void stp_sessions_shutdown(struct stp_server *srv);
+/* Server shutdown: sessions between commands get a 421 and close now, the
+ * others when their command or message is done; FORCE: all of them now. */
+void stp_sessions_shutdown(struct stp_server *srv, bool force);
 
 #endif

@@ -30,8 +30,13 @@ struct stp_session {
     uint32_t magic;
     enum stp_sstate state;
     uint64_t id;
-    struct stp_listener *lst;
+    struct stp_server *srv;
+    struct stp_listener *lst;             /* the socket it came in on */
+    struct stp_gen *gen;                  /* its configuration, referenced */
+    const struct stp_listener_cfg *lcfg;
+    struct stp_tls_ctx *ltls;             /* NULL for tls = none */
     const struct stp_upstream_cfg *up;
+    struct stp_tls_ctx *up_tls;           /* NULL for tls = none */
     struct stp_conn client, upstream;
     uv_timer_t timer;
     struct stp_smtp smtp;
@@ -41,7 +46,13 @@ struct stp_session {
     bool upstream_closed;
     const char *reason;
     uint64_t start_ms;
+    /* Deadlines are computed from these (milliseconds of uv_now). */
+    uint64_t state_ms;         /* entering the handshake, setup or draining */
+    uint64_t client_seen_ms;   /* last byte from the client */
     uint64_t upstream_seen_ms; /* last upstream reply, or when one became due */
+    uint64_t line_ms;          /* first byte of a partial command line; 0 */
+    uint64_t content_ms;       /* start of the message being received; 0 */
+    bool shutting_down;        /* 421 at the next command boundary */
     struct sockaddr_storage peer_addr, local_addr;
     char peer[64];
     struct stp_session *prev, *next;
@@ -50,7 +61,6 @@ struct stp_session {
 #define SID "id=%016" PRIx64
 
 void stp_session_transition(struct stp_session *s, enum stp_sstate to);
-void stp_session_arm_timer(struct stp_session *s, uint64_t ms);
 void stp_session_settle(struct stp_session *s);
 void stp_session_close_upstream(struct stp_session *s);
 

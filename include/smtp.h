@@ -97,6 +97,9 @@ enum stp_close_reason {
     STP_CLOSE_SMUGGLE,         /* ambiguous end of data: 554, upstream cut */
     STP_CLOSE_CLIENT_EOF,
     STP_CLOSE_NEXT_HOP,        /* upstream TLS or identity setup failed */
+    STP_CLOSE_ERRORS,          /* max_errors consecutive errors: 421 */
+    STP_CLOSE_SHUTDOWN,        /* the proxy is stopping: 421 */
+    STP_CLOSE_LIMIT,           /* over a connection limit: 421 */
 };
 const char *stp_close_reason_name(enum stp_close_reason r);
 
@@ -125,6 +128,7 @@ struct stp_smtp_cfg {
     bool tls_active;        /* implicit TLS: starts active */
     bool upstream_tls;      /* upstream leg encrypted (REQUIRETLS passes) */
     uint32_t max_line;      /* client command line limit incl. CRLF */
+    uint32_t max_errors;    /* consecutive error replies before 421; 0: no cap */
     const char *hostname;   /* in 421 texts */
 };
 
@@ -147,6 +151,8 @@ enum stp_pend {
     STP_PEND_GREETING = 0, STP_PEND_EHLO, STP_PEND_CMD, STP_PEND_DATA,
     STP_PEND_DATA_END, STP_PEND_BDAT, STP_PEND_AUTH, STP_PEND_QUIT,
     STP_PEND_RSET_INTERNAL, /* ours, at the TLS boundary: not relayed */
+    STP_PEND_MAIL,          /* a 2xx opens a transaction */
+    STP_PEND_RESET,         /* HELO, RSET, BDAT LAST: the transaction ends */
 };
 
 #define STP_SMTP_MAX_PENDING 64
@@ -162,6 +168,9 @@ struct stp_smtp {
     bool skipping;       /* discarding the rest of an over-long line */
     bool waiting;        /* stalled until the pending replies are in */
     bool reply_421;      /* the client already got a 421 */
+    bool partial;        /* a command line has begun but not ended */
+    bool in_tx;          /* the upstream accepted a MAIL, no end yet */
+    uint32_t errors;     /* consecutive error replies */
     enum stp_dot_state dot;
     uint64_t chunk_left;
     uint8_t pend[STP_SMTP_MAX_PENDING];
@@ -192,6 +201,27 @@ long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n);
 /* The client leg is now TLS: forget everything learnt in plaintext. */
 void stp_smtp_tls_started(struct stp_smtp *s);
 
+/* Is message content (DATA or a BDAT chunk) being received? */
+static inline bool stp_smtp_in_content(const struct stp_smtp *s)
+{
+    return s->phase == STP_PH_CONTENT || s->phase == STP_PH_CHUNK ||
+           s->phase == STP_PH_CHUNK_DISCARD;
+}
+
+/* Is the client part-way through a command line? */
+static inline bool stp_smtp_partial_line(const struct stp_smtp *s)
+{
+    return s->partial;
+}
+
+/* Between transactions, nothing owed, nothing half-read: a 421 now loses
+ * nothing and interrupts nothing. */
+static inline bool stp_smtp_idle(const struct stp_smtp *s)
+{
+    return s->phase == STP_PH_COMMAND && s->pend_count == 0 && !s->partial &&
+           !s->waiting && !s->in_tx;
+}
+
 /* Is the engine waiting for upstream replies? */
 static inline bool stp_smtp_replies_due(const struct stp_smtp *s)
 {
@@ -207,7 +237,9 @@ void stp_smtp_upstream_unreachable(struct stp_smtp *s);
  * which becomes the configured host name. */
 void stp_smtp_abort(struct stp_smtp *s, const char *fmt,
                     enum stp_close_reason why);
-/* The idle timer fired. */
+/* A client deadline passed (idle, command, data). */
 void stp_smtp_timeout(struct stp_smtp *s);
+/* The proxy is shutting down: 421 and close. */
+void stp_smtp_shutdown(struct stp_smtp *s);
 
 #endif

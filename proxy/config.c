@@ -187,6 +187,12 @@ static int open_named(struct parser *p, bool lst, const char *name)
         l->require_tls = true; /* turned off at the end for tls = none */
         l->max_line = CFG_DEFAULT_MAX_LINE;
         l->timeout_idle_ms = CFG_DEFAULT_IDLE_MS;
+        l->timeout_handshake_ms = CFG_DEFAULT_HANDSHAKE_MS;
+        l->timeout_command_ms = CFG_DEFAULT_COMMAND_MS;
+        l->timeout_data_ms = CFG_DEFAULT_DATA_MS;
+        l->max_connections = CFG_DEFAULT_LISTENER_CONN;
+        l->max_connections_per_ip = CFG_DEFAULT_CONN_PER_IP;
+        l->max_errors = CFG_DEFAULT_MAX_ERRORS;
         l->tlsp.min_version = STP_TLS_V1_2;
         l->tlsp.max_version = STP_TLS_V1_3;
         c->n_listeners++;
@@ -375,6 +381,8 @@ static int parse_text(const char *file, const char *text, size_t len,
 
     out->log_level = STP_LOG_INFO;
     out->workers = 1;
+    out->max_connections = CFG_DEFAULT_PROXY_CONN;
+    out->drain_timeout_ms = CFG_DEFAULT_DRAIN_MS;
     out->path = strdup(file);
     if (out->path == NULL)
         stp_cfg_oom(&p);
@@ -515,6 +523,8 @@ void stp_config_free(struct stp_config *cfg)
     free(cfg->listeners);
     free(cfg->upstreams);
     free(cfg->hostname);
+    free(cfg->user);
+    free(cfg->group);
     free(cfg->path);
     memset(cfg, 0, sizeof(*cfg));
 }

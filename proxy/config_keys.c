@@ -134,6 +134,32 @@ static int set_groups(struct parser *p, const struct key_def *k, void *obj,
     return set_string(p, k, obj, value);
 }
 
+/* A limit: 1..1000000. */
+static int set_count(struct parser *p, const struct key_def *k, void *obj,
+                     const char *value)
+{
+    const char *s = value;
+    uint64_t n;
+    if (stp_parse_uint(&s, 1000000, &n) < 0 || *s != '\0' || n == 0)
+        return bad_value(p, k, value, "a number from 1 to 1000000");
+    *FIELD(obj, k->off, uint32_t) = (uint32_t)n;
+    return 0;
+}
+
+/* A user or group name: looked up when privileges are dropped. */
+static int set_account(struct parser *p, const struct key_def *k, void *obj,
+                       const char *value)
+{
+    size_t n = strlen(value);
+    if (n == 0 || n > 32 || strspn(value, "abcdefghijklmnopqrstuvwxyz"
+                                          "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                          "0123456789-._") != n)
+        return bad_value(p, k, value, "a user or group name");
+    if (k - stp_cfg_keys == K_USER)
+        p->cfg->line_user = p->line;
+    return set_string(p, k, obj, value);
+}
+
 static int set_bool(struct parser *p, const struct key_def *k, void *obj,
                     const char *value)
 {
@@ -219,6 +245,24 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_UP_IDENTITY] = {SECT_UPSTREAM, "client_identity", set_enum,
                        UPS(identity), 0, identities,
                        "none, xclient, proxy-v1 or proxy-v2"},
+    [K_PROXY_MAX_CONN] = {SECT_PROXY, "max_connections", set_count,
+                          PRX(max_connections), 0},
+    [K_DRAIN_TIMEOUT] = {SECT_PROXY, "drain_timeout", set_duration,
+                         PRX(drain_timeout_ms), 0},
+    [K_USER] = {SECT_PROXY, "user", set_account, PRX(user), 0},
+    [K_GROUP] = {SECT_PROXY, "group", set_account, PRX(group), 0},
+    [K_MAX_CONN] = {SECT_LISTENER, "max_connections", set_count,
+                    LST(max_connections), 0},
+    [K_MAX_CONN_IP] = {SECT_LISTENER, "max_connections_per_ip", set_count,
+                       LST(max_connections_per_ip), 0},
+    [K_MAX_ERRORS] = {SECT_LISTENER, "max_errors", set_count,
+                      LST(max_errors), 0},
+    [K_TIMEOUT_HANDSHAKE] = {SECT_LISTENER, "timeout_handshake", set_duration,
+                             LST(timeout_handshake_ms), 0},
+    [K_TIMEOUT_COMMAND] = {SECT_LISTENER, "timeout_command", set_duration,
+                           LST(timeout_command_ms), 0},
+    [K_TIMEOUT_DATA] = {SECT_LISTENER, "timeout_data", set_duration,
+                        LST(timeout_data_ms), 0},
 };
 
 /* sni.NAME = CERT KEY: one more certificate for a listener. */

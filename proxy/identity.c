@@ -84,7 +84,7 @@ int stp_proxy_v2(char *out, size_t cap, const struct sockaddr *src,
     size_t o = 16;
     if (!same_family(src, dst))
         return -EAFNOSUPPORT;
-    if (cap < 16 + 36)
+    if (cap < 16 + (src->sa_family == AF_INET ? 12u : 36u))
         return -ENOSPC;
     memcpy(buf, v2_sig, sizeof(v2_sig));
     buf[12] = 0x21; /* version 2, PROXY */
@@ -142,6 +142,8 @@ int stp_xtext(char *buf, size_t cap, const char *s)
 {
     static const char hex[] = "0123456789ABCDEF";
     size_t o = 0;
+    if (cap == 0)
+        return -ENOSPC;
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
         bool plain = c >= '!' && c <= '~' && c != '+' && c != '=';

@@ -1,4 +1,5 @@
-/* Listening sockets: TLS contexts per listener, bind, accept. */
+/* The server: configuration generations with their TLS contexts, listening
+ * sockets, per-address connection counts, reload and shutdown. */
 #include <string.h>
 
 #include "listener.h"
@@ -6,31 +7,32 @@
 #include "session.h"
 #include "stp.h"
 
-static void on_connection(uv_stream_t *server, int status)
+/* ---- generations ------------------------------------------------------------ */
+
+static void gen_free(struct stp_gen *g)
 {
-    struct stp_listener *lst = server->data;
-    if (status < 0) {
-        stp_log(STP_LOG_WARN, "event=accept_error listener=%s error=\"%s\"",
-                lst->cfg->name, uv_strerror(status));
-        return;
-    }
-    int r = stp_session_accept(lst);
-    if (r < 0)
-        stp_log(STP_LOG_WARN, "event=accept_error listener=%s error=\"%s\"",
-                lst->cfg->name, stp_strerror(r));
+    for (int i = 0; g->lst_tls && i < g->cfg.n_listeners; i++)
+        stp_tls_ctx_free(g->lst_tls[i]);
+    for (int i = 0; g->up_tls && i < g->cfg.n_upstreams; i++)
+        stp_tls_ctx_free(g->up_tls[i]);
+    free(g->lst_tls);
+    free(g->up_tls);
+    stp_config_free(&g->cfg);
+    free(g);
 }
 
-int stp_server_tls(struct stp_server *srv, const struct stp_config *cfg,
-                   char *err, size_t errlen)
+void stp_gen_ref(struct stp_gen *g) { g->refs++; }
+
+void stp_gen_unref(struct stp_gen *g)
 {
+    if (g && --g->refs == 0)
+        gen_free(g);
+}
+
+static int gen_tls(struct stp_gen *g, char *err, size_t errlen)
+{
+    const struct stp_config *cfg = &g->cfg;
     char msg[512];
-    if (!srv->listeners &&
-        !(srv->listeners = calloc((size_t)cfg->n_listeners,
-                                  sizeof(*srv->listeners))))
-        return -ENOMEM;
-    if (!(srv->up_tls = calloc((size_t)cfg->n_upstreams + 1,
-                               sizeof(*srv->up_tls))))
-        return -ENOMEM;
     for (int i = 0; i < cfg->n_listeners; i++) {
         const struct stp_listener_cfg *lc = &cfg->listeners[i];
         struct stp_tls_server_opts o = {
@@ -40,8 +42,7 @@ int stp_server_tls(struct stp_server *srv, const struct stp_config *cfg,
         };
         if (lc->tls == STP_TLS_NONE)
             continue;
-        if (stp_tls_ctx_new_server(&o, &srv->listeners[i].tls, msg,
-                                   sizeof(msg)) < 0) {
+        if (stp_tls_ctx_new_server(&o, &g->lst_tls[i], msg, sizeof(msg)) < 0) {
             snprintf(err, errlen, "%s:%d: listener '%s': %s", cfg->path,
                      lc->line, lc->name, msg);
             return -EINVAL;
@@ -62,8 +63,7 @@ int stp_server_tls(struct stp_server *srv, const struct stp_config *cfg,
         };
         if (u->tls == STP_TLS_NONE)
             continue;
-        if (stp_tls_ctx_new_client(&o, &srv->up_tls[i], msg, sizeof(msg)) <
-            0) {
+        if (stp_tls_ctx_new_client(&o, &g->up_tls[i], msg, sizeof(msg)) < 0) {
             snprintf(err, errlen, "%s:%d: upstream '%s': %s", cfg->path,
                      u->line, u->name, msg);
             return -EINVAL;
@@ -78,75 +78,290 @@ int stp_server_tls(struct stp_server *srv, const struct stp_config *cfg,
     return 0;
 }
 
-struct stp_tls_ctx *stp_server_upstream_tls(const struct stp_server *srv,
-                                            const struct stp_upstream_cfg *u)
+int stp_gen_new(const char *path, struct stp_gen **out, char *err,
+                size_t errlen)
 {
-    return srv->up_tls[u - srv->cfg->upstreams];
+    struct stp_gen *g = calloc(1, sizeof(*g));
+    if (!g)
+        return -ENOMEM;
+    g->refs = 1;
+    int r = stp_config_load(path, &g->cfg, err, errlen);
+    if (r < 0) {
+        free(g);
+        return r;
+    }
+    g->lst_tls = calloc((size_t)g->cfg.n_listeners + 1, sizeof(*g->lst_tls));
+    g->up_tls = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_tls));
+    if (!g->lst_tls || !g->up_tls)
+        r = -ENOMEM;
+    if (r == 0)
+        r = gen_tls(g, err, errlen);
+    if (r < 0) {
+        gen_free(g);
+        return r;
+    }
+    *out = g;
+    return 0;
+}
+
+/* ---- client addresses ------------------------------------------------------- */
+
+struct stp_ipcount {
+    struct stp_ipcount *next;
+    unsigned count;
+    uint8_t len;
+    uint8_t addr[16];
+};
+
+static size_t ip_key(const struct sockaddr_storage *ss, const uint8_t **p)
+{
+    if (ss->ss_family == AF_INET) {
+        *p = (const uint8_t *)&((const struct sockaddr_in *)ss)->sin_addr;
+        return 4;
+    }
+    *p = (const uint8_t *)&((const struct sockaddr_in6 *)ss)->sin6_addr;
+    return 16;
+}
+
+unsigned stp_server_ip_add(struct stp_server *srv,
+                           const struct sockaddr_storage *ss, int delta)
+{
+    const uint8_t *k;
+    size_t len = ip_key(ss, &k);
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ k[i]) * 16777619u;
+    struct stp_ipcount **pp = &srv->ip_table[h & (srv->ip_buckets - 1)];
+    for (; *pp; pp = &(*pp)->next) {
+        struct stp_ipcount *e = *pp;
+        if (e->len != len || memcmp(e->addr, k, len) != 0)
+            continue;
+        e->count += (unsigned)delta;
+        unsigned n = e->count;
+        if (n == 0) {
+            *pp = e->next;
+            free(e);
+        }
+        return n;
+    }
+    if (delta <= 0)
+        return 0;
+    struct stp_ipcount *e = calloc(1, sizeof(*e));
+    if (!e)
+        return 0; /* unaccounted rather than refused */
+    e->len = (uint8_t)len;
+    memcpy(e->addr, k, len);
+    e->count = (unsigned)delta;
+    e->next = *pp;
+    *pp = e;
+    return e->count;
+}
+
+/* ---- listening sockets ------------------------------------------------------ */
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    struct stp_listener *lst = server->data;
+    if (status < 0) {
+        /* libuv already shed the connection when out of descriptors. */
+        stp_log(STP_LOG_WARN, "event=accept_error addr=%s error=\"%s\"",
+                lst->addr, uv_strerror(status));
+        return;
+    }
+    int r = stp_session_accept(lst);
+    if (r < 0)
+        stp_log(STP_LOG_WARN, "event=accept_error addr=%s error=\"%s\"",
+                lst->addr, stp_strerror(r));
 }
 
 static void listener_closed(uv_handle_t *h) { (void)h; }
 
+static void listener_close(struct stp_listener *l)
+{
+    if (l->idx < 0)
+        return;
+    l->idx = -1;
+    uv_close((uv_handle_t *)&l->tcp, listener_closed);
+}
+
+static struct stp_listener *listener_open(struct stp_server *srv,
+                                          const struct stp_listener_cfg *lc,
+                                          int idx)
+{
+    struct stp_listener *l = calloc(1, sizeof(*l));
+    if (!l)
+        return NULL;
+    l->srv = srv;
+    l->idx = idx;
+    stp_format_addr((const struct sockaddr *)&lc->addr, l->addr,
+                    sizeof(l->addr));
+    uv_tcp_init(srv->loop, &l->tcp);
+    l->tcp.data = l;
+    int r = uv_tcp_bind(&l->tcp, (const struct sockaddr *)&lc->addr, 0);
+    if (r == 0)
+        r = uv_listen((uv_stream_t *)&l->tcp, 511, on_connection);
+    if (r < 0) {
+        stp_log(STP_LOG_ERROR,
+                "event=listen_error listener=%s addr=%s error=\"%s\"",
+                lc->name, l->addr, uv_strerror(r));
+        uv_close((uv_handle_t *)&l->tcp, listener_closed);
+        l->idx = -1;
+    }
+    l->next = srv->listeners;
+    srv->listeners = l; /* kept even when closed: freed with the server */
+    return r < 0 ? NULL : l;
+}
+
+static void log_listening(const struct stp_listener *l,
+                          const struct stp_listener_cfg *lc)
+{
+    static const char *const modes[] = {"none", "starttls", "implicit"};
+    stp_log(STP_LOG_INFO,
+            "event=listening listener=%s addr=%s tls=%s require_tls=%s "
+            "upstream=%s",
+            lc->name, l->addr, modes[lc->tls], lc->require_tls ? "yes" : "no",
+            lc->upstream->address_text);
+}
+
+static bool same_addr(const struct sockaddr_storage *a,
+                      const struct sockaddr_storage *b)
+{
+    size_t len = a->ss_family == AF_INET ? sizeof(struct sockaddr_in)
+                                         : sizeof(struct sockaddr_in6);
+    return a->ss_family == b->ss_family && memcmp(a, b, len) == 0;
+}
+
 int stp_server_start(struct stp_server *srv, uv_loop_t *loop,
-                     const struct stp_config *cfg)
+                     struct stp_gen *gen)
 {
     memset(srv, 0, sizeof(*srv));
     srv->loop = loop;
-    srv->cfg = cfg;
-    char err[1024];
-    if (stp_server_tls(srv, cfg, err, sizeof(err)) < 0) {
-        fprintf(stderr, "%s\n", err); /* FILE:LINE: message, as for -t */
-        return -EINVAL;
-    }
-    for (int i = 0; i < cfg->n_listeners; i++) {
-        struct stp_listener *lst = &srv->listeners[i];
-        lst->cfg = &cfg->listeners[i];
-        lst->srv = srv;
-        stp_format_addr((const struct sockaddr *)&lst->cfg->addr, lst->addr,
-                        sizeof(lst->addr));
-        uv_tcp_init(loop, &lst->tcp);
-        lst->tcp.data = lst;
-        srv->n_listeners = i + 1;
-        int r = uv_tcp_bind(&lst->tcp, (const struct sockaddr *)&lst->cfg->addr,
-                        0);
-        if (r == 0)
-            r = uv_listen((uv_stream_t *)&lst->tcp, 511, on_connection);
-        if (r < 0) {
-            stp_log(STP_LOG_ERROR,
-                    "event=listen_error listener=%s addr=%s error=\"%s\"",
-                    lst->cfg->name, lst->addr, uv_strerror(r));
-            return r;
-        }
-        stp_log(STP_LOG_INFO,
-                "event=listening listener=%s addr=%s tls=%s require_tls=%s "
-                "upstream=%s",
-                lst->cfg->name, lst->addr,
-                lst->cfg->tls == STP_TLS_NONE       ? "none"
-                : lst->cfg->tls == STP_TLS_IMPLICIT ? "implicit"
-                                                    : "starttls",
-                lst->cfg->require_tls ? "yes" : "no",
-                lst->cfg->upstream->address_text);
+    srv->gen = gen;
+    srv->ip_buckets = 1024;
+    srv->ip_table = calloc(srv->ip_buckets, sizeof(*srv->ip_table));
+    if (!srv->ip_table)
+        return -ENOMEM;
+    uv_timer_init(loop, &srv->drain_timer);
+    srv->drain_timer.data = srv;
+    for (int i = 0; i < gen->cfg.n_listeners; i++) {
+        const struct stp_listener_cfg *lc = &gen->cfg.listeners[i];
+        struct stp_listener *l = listener_open(srv, lc, i);
+        if (!l)
+            return -EADDRNOTAVAIL;
+        log_listening(l, lc);
     }
     return 0;
 }
 
-void stp_server_stop(struct stp_server *srv)
+int stp_server_reload(struct stp_server *srv, const char *path)
 {
+    char err[1024];
+    struct stp_gen *g;
     if (srv->stopping)
+        return -ESHUTDOWN;
+    if (stp_gen_new(path, &g, err, sizeof(err)) < 0) {
+        stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
+        return -EINVAL;
+    }
+    const struct stp_config *c = &g->cfg;
+    struct stp_listener **map = calloc((size_t)c->n_listeners + 1,
+                                       sizeof(*map));
+    bool *fresh = calloc((size_t)c->n_listeners + 1, sizeof(*fresh));
+    int r = map && fresh ? 0 : -ENOMEM;
+    /* Keep the sockets whose address stays; bind the new ones first, so a
+     * failure leaves the running configuration untouched. */
+    for (int i = 0; r == 0 && i < c->n_listeners; i++) {
+        for (struct stp_listener *l = srv->listeners; l; l = l->next)
+            if (l->idx >= 0 &&
+                same_addr(&srv->gen->cfg.listeners[l->idx].addr,
+                          &c->listeners[i].addr))
+                map[i] = l;
+        if (!map[i]) {
+            fresh[i] = true;
+            if (!(map[i] = listener_open(srv, &c->listeners[i], i)))
+                r = -EADDRNOTAVAIL;
+        }
+    }
+    if (r < 0) {
+        for (int i = 0; map && fresh && i < c->n_listeners; i++)
+            if (fresh[i] && map[i])
+                listener_close(map[i]);
+        stp_log(STP_LOG_ERROR,
+                "event=reload status=failed error=\"cannot listen on every "
+                "address\"");
+        free(map);
+        free(fresh);
+        stp_gen_unref(g);
+        return r;
+    }
+    for (struct stp_listener *l = srv->listeners; l; l = l->next) {
+        bool kept = false;
+        for (int i = 0; i < c->n_listeners; i++)
+            kept |= map[i] == l;
+        if (!kept)
+            listener_close(l);
+    }
+    for (int i = 0; i < c->n_listeners; i++) {
+        map[i]->idx = i;
+        log_listening(map[i], &c->listeners[i]);
+    }
+    free(map);
+    free(fresh);
+    stp_gen_unref(srv->gen);
+    srv->gen = g;
+    stp_log_set_level(c->log_level);
+    stp_log(STP_LOG_INFO, "event=reload status=ok listeners=%d sessions=%u",
+            c->n_listeners, srv->n_sessions);
+    return 0;
+}
+
+/* ---- stopping --------------------------------------------------------------- */
+
+static void on_drain_timeout(uv_timer_t *t)
+{
+    struct stp_server *srv = t->data;
+    stp_log(STP_LOG_INFO, "event=drain_timeout sessions=%u", srv->n_sessions);
+    stp_sessions_shutdown(srv, true);
+}
+
+void stp_server_stop(struct stp_server *srv, bool force)
+{
+    if (!srv->stopping) {
+        srv->stopping = true;
+        for (struct stp_listener *l = srv->listeners; l; l = l->next)
+            listener_close(l);
+        uv_timer_start(&srv->drain_timer, on_drain_timeout,
+                       srv->gen->cfg.drain_timeout_ms, 0);
+    }
+    stp_sessions_shutdown(srv, force);
+    stp_server_check_empty(srv);
+}
+
+void stp_server_check_empty(struct stp_server *srv)
+{
+    if (!srv->stopping || srv->n_sessions > 0)
         return;
-    srv->stopping = true;
-    for (int i = 0; i < srv->n_listeners; i++)
-        uv_close((uv_handle_t *)&srv->listeners[i].tcp, listener_closed);
-    stp_sessions_shutdown(srv);
+    if (!uv_is_closing((uv_handle_t *)&srv->drain_timer))
+        uv_close((uv_handle_t *)&srv->drain_timer, NULL);
+    if (srv->on_empty)
+        srv->on_empty(srv);
 }
 
 void stp_server_free(struct stp_server *srv)
 {
-    for (int i = 0; srv->listeners && i < srv->cfg->n_listeners; i++)
-        stp_tls_ctx_free(srv->listeners[i].tls);
-    for (int i = 0; srv->up_tls && i < srv->cfg->n_upstreams; i++)
-        stp_tls_ctx_free(srv->up_tls[i]);
-    free(srv->listeners);
-    free(srv->up_tls);
-    srv->listeners = NULL;
-    srv->up_tls = NULL;
+    while (srv->listeners) {
+        struct stp_listener *l = srv->listeners;
+        srv->listeners = l->next;
+        free(l);
+    }
+    for (unsigned i = 0; srv->ip_table && i < srv->ip_buckets; i++) {
+        while (srv->ip_table[i]) {
+            struct stp_ipcount *e = srv->ip_table[i];
+            srv->ip_table[i] = e->next;
+            free(e);
+        }
+    }
+    free(srv->ip_table);
+    stp_gen_unref(srv->gen);
+    srv->gen = NULL;
 }

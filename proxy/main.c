@@ -1,5 +1,7 @@
-/* Command line, signals and the event loop. */
+/* Command line, signals, privileges and the event loop. */
 #include <getopt.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <string.h>
 #include <unistd.h>
@@ -15,7 +17,8 @@
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
 
 static struct stp_server server;
-static uv_signal_t sig_term, sig_int;
+static uv_signal_t sig_term, sig_int, sig_hup;
+static const char *config_path = DEFAULT_CONFIG;
 
 static void usage(FILE *f)
 {
@@ -25,32 +28,72 @@ static void usage(FILE *f)
             "  -t, --test         check the configuration and exit\n"
             "  -h, --help         this text\n"
             "  -V, --version      print the version\n"
-            "Runs in the foreground and logs to stderr; SIGTERM or SIGINT "
-            "stops it.\n",
+            "Runs in the foreground and logs to stderr. SIGHUP reloads the\n"
+            "configuration; SIGTERM or SIGINT stops accepting and lets open\n"
+            "sessions finish (up to drain_timeout); a second one stops at "
+            "once.\n",
             DEFAULT_CONFIG);
+}
+
+static void close_signals(struct stp_server *srv)
+{
+    uv_close((uv_handle_t *)&sig_term, NULL);
+    uv_close((uv_handle_t *)&sig_int, NULL);
+    uv_close((uv_handle_t *)&sig_hup, NULL);
 }
 
 static void on_signal(uv_signal_t *h, int signum)
 {
-    stp_log(STP_LOG_INFO, "event=stopping signal=%s sessions=%u",
-            strsignal(signum), server.n_sessions);
-    stp_server_stop(&server);
-    uv_close((uv_handle_t *)&sig_term, NULL);
-    uv_close((uv_handle_t *)&sig_int, NULL);
+    if (signum == SIGHUP) {
+        stp_log(STP_LOG_INFO, "event=reload_requested");
+        stp_server_reload(&server, config_path);
+        return;
+    }
+    bool again = server.stopping;
+    stp_log(STP_LOG_INFO, "event=stopping signal=%s sessions=%u mode=%s",
+            strsignal(signum), server.n_sessions, again ? "now" : "drain");
+    stp_server_stop(&server, again);
 }
 
-/* -t: parse, then build every TLS context so bad keys are caught too. */
-static int check_only(const struct stp_config *cfg)
+/* After binding and loading keys: become USER, or stay root only when the
+ * configuration says user = root. */
+static int drop_privileges(const struct stp_config *cfg)
 {
-    struct stp_server srv = {.cfg = cfg};
-    char err[1024];
-    int r = stp_server_tls(&srv, cfg, err, sizeof(err));
-    stp_server_free(&srv);
-    if (r < 0) {
-        fprintf(stderr, "%s\n", err);
-        return 1;
+    if (geteuid() != 0)
+        return 0;
+    if (!cfg->user) {
+        fprintf(stderr,
+                "%s: running as root: set user = (e.g. starttls-proxy) in "
+                "[proxy] to drop privileges after binding, or user = root to "
+                "stay root\n",
+                cfg->path);
+        return -EPERM;
     }
-    fprintf(stderr, "%s: configuration OK\n", cfg->path);
+    if (strcmp(cfg->user, "root") == 0)
+        return 0;
+    struct passwd *pw = getpwnam(cfg->user);
+    if (!pw) {
+        fprintf(stderr, "%s:%d: unknown user '%s'\n", cfg->path,
+                cfg->line_user, cfg->user);
+        return -ENOENT;
+    }
+    gid_t gid = pw->pw_gid;
+    if (cfg->group) {
+        struct group *gr = getgrnam(cfg->group);
+        if (!gr) {
+            fprintf(stderr, "%s: unknown group '%s'\n", cfg->path,
+                    cfg->group);
+            return -ENOENT;
+        }
+        gid = gr->gr_gid;
+    }
+    if (setgroups(1, &gid) < 0 || setgid(gid) < 0 || setuid(pw->pw_uid) < 0) {
+        fprintf(stderr, "%s: cannot become %s: %s\n", cfg->path, cfg->user,
+                strerror(errno));
+        return -errno;
+    }
+    stp_log(STP_LOG_INFO, "event=privileges user=%s uid=%u gid=%u", cfg->user,
+            (unsigned)pw->pw_uid, (unsigned)gid);
     return 0;
 }
 
@@ -63,12 +106,11 @@ int main(int argc, char **argv)
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
-    const char *path = DEFAULT_CONFIG;
     bool test = false;
     int o;
     while ((o = getopt_long(argc, argv, "c:thV", opts, NULL)) != -1) {
         switch (o) {
-        case 'c': path = optarg; break;
+        case 'c': config_path = optarg; break;
         case 't': test = true; break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("starttls-proxy %s\n", STP_VERSION); return 0;
@@ -79,32 +121,37 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-
-    struct stp_config cfg;
-    char err[1024];
-    if (stp_config_load(path, &cfg, err, sizeof(err)) < 0) {
-        fprintf(stderr, "%s\n", err);
-        return 1;
-    }
-    stp_log_set_level(cfg.log_level);
     if (stp_tls_global_init() < 0) {
         fprintf(stderr, "starttls-proxy: TLS library failed to initialise\n");
         return 1;
     }
+
+    /* The configuration and every TLS context it names: -t stops here. */
+    struct stp_gen *gen;
+    char err[1024];
+    if (stp_gen_new(config_path, &gen, err, sizeof(err)) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    stp_log_set_level(gen->cfg.log_level);
     if (test) {
-        int r = check_only(&cfg);
-        stp_config_free(&cfg);
-        return r;
+        fprintf(stderr, "%s: configuration OK\n", config_path);
+        stp_gen_unref(gen);
+        return 0;
     }
 
     signal(SIGPIPE, SIG_IGN);
     uv_loop_t *loop = uv_default_loop();
-    if (stp_server_start(&server, loop, &cfg) < 0)
+    if (stp_server_start(&server, loop, gen) < 0 ||
+        drop_privileges(&gen->cfg) < 0)
         return 1;
+    server.on_empty = close_signals;
     uv_signal_init(loop, &sig_term);
     uv_signal_init(loop, &sig_int);
+    uv_signal_init(loop, &sig_hup);
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_start(&sig_int, on_signal, SIGINT);
+    uv_signal_start(&sig_hup, on_signal, SIGHUP);
     stp_log(STP_LOG_INFO, "event=started version=%s pid=%d", STP_VERSION,
             (int)getpid());
 
@@ -113,7 +160,6 @@ int main(int argc, char **argv)
     stp_log(STP_LOG_INFO, "event=stopped");
     uv_loop_close(loop);
     stp_server_free(&server);
-    stp_config_free(&cfg);
     stp_tls_global_cleanup();
     return 0;
 }

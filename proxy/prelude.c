@@ -1,6 +1,7 @@
 /* The proxy's own SMTP dialogue with the upstream (RFC 3207 as a client,
  * XCLIENT), before any client byte is relayed. A failure at any step ends
  * the session: never a silent fall back to plaintext. */
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -33,25 +34,34 @@ static void fail(struct stp_prelude *p, enum stp_up_failure f,
     p->ops->fail(p->ctx, f, reason);
 }
 
+/* Send VERB followed by ARG (either may be empty), never truncated. */
 static void send_line(struct stp_prelude *p, enum stp_up_step next,
-                      const char *fmt, const char *arg)
+                      const char *verb, const char *arg)
 {
-    char line[600];
-    int n = snprintf(line, sizeof(line), fmt, arg);
+    size_t a = strlen(verb), b = strlen(arg);
+    char small[512], *line = a + b <= sizeof(small) ? small : malloc(a + b);
+    if (!line) {
+        fail(p, STP_UP_FAIL_PROTOCOL, "out of memory");
+        return;
+    }
+    memcpy(line, verb, a);
+    memcpy(line + a, arg, b);
     p->step = next;
-    p->ops->send(p->ctx, line, (size_t)n);
+    p->ops->send(p->ctx, line, a + b);
+    if (line != small)
+        free(line);
 }
 
 /* Next step after the greeting or the handshake. */
 static void advance(struct stp_prelude *p)
 {
     if (p->cfg.starttls && !p->tls_done) {
-        send_line(p, STP_UP_EHLO, "EHLO %s", p->cfg.ehlo_name);
+        send_line(p, STP_UP_EHLO, "EHLO ", p->cfg.ehlo_name);
     } else if (p->cfg.xclient && !p->offers_xclient) {
         /* After TLS the server's capabilities must be learnt again. */
-        send_line(p, STP_UP_EHLO, "EHLO %s", p->cfg.ehlo_name);
+        send_line(p, STP_UP_EHLO, "EHLO ", p->cfg.ehlo_name);
     } else if (p->cfg.xclient) {
-        send_line(p, STP_UP_XCLIENT, "%s", p->cfg.xclient);
+        send_line(p, STP_UP_XCLIENT, p->cfg.xclient, "");
     } else {
         p->step = STP_UP_READY;
         p->ops->ready(p->ctx, p->greeting, p->greeting_len);
@@ -120,7 +130,9 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         if (!last)
             return true;
         if (code != 250) {
-            fail(p, p->tls_done ? STP_UP_FAIL_IDENTITY : STP_UP_FAIL_TLS,
+            fail(p,
+                 p->cfg.starttls && !p->tls_done ? STP_UP_FAIL_TLS
+                                                 : STP_UP_FAIL_IDENTITY,
                  "EHLO refused");
             return false;
         }
@@ -130,7 +142,7 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
                 return false;
             }
             p->offers_xclient = false; /* forgotten at the TLS boundary */
-            send_line(p, STP_UP_STARTTLS, "%s", "STARTTLS");
+            send_line(p, STP_UP_STARTTLS, "STARTTLS", "");
             return true;
         }
         if (!p->offers_xclient) {

@@ -25,19 +25,105 @@ static struct stp_session *session_of(void *p)
     return s;
 }
 
+static uint64_t now_ms(const struct stp_session *s)
+{
+    return uv_now(s->srv->loop);
+}
+
 void stp_session_transition(struct stp_session *s, enum stp_sstate to)
 {
     if (stp_log_enabled(STP_LOG_DEBUG))
         stp_log(STP_LOG_DEBUG, SID " event=state from=%s to=%s", s->id,
                 sstate_names[s->state], sstate_names[to]);
+    /* Setup is one deadline from connect to ready, whatever its steps. */
+    if (to != STP_SS_UPSTREAM_TLS && to != STP_SS_PRELUDE)
+        s->state_ms = now_ms(s);
     s->state = to;
+}
+
+/* ---- deadlines -------------------------------------------------------------- */
+
+enum deadline { DL_NONE, DL_HANDSHAKE, DL_SETUP, DL_REPLY, DL_IDLE,
+                DL_COMMAND, DL_DATA, DL_DRAIN };
+
+static const char *const deadline_names[] = {
+    "none", "handshake", "setup", "reply", "idle", "command", "data", "drain",
+};
+
+/* The deadline that comes first in the current state (RFC 5321 4.5.3.2
+ * values by default: every wait is bounded). */
+static enum deadline next_deadline(const struct stp_session *s, uint64_t *at)
+{
+    const struct stp_listener_cfg *lc = s->lcfg;
+    enum deadline which = DL_NONE;
+    *at = UINT64_MAX;
+#define CONSIDER(d, t)                                                         \
+    do {                                                                       \
+        uint64_t t_ = (t);                                                     \
+        if (t_ < *at) {                                                        \
+            *at = t_;                                                          \
+            which = (d);                                                       \
+        }                                                                      \
+    } while (0)
+    switch (s->state) {
+    case STP_SS_TLS_ACCEPT:
+    case STP_SS_HANDSHAKE:
+        CONSIDER(DL_HANDSHAKE, s->state_ms + lc->timeout_handshake_ms);
+        break;
+    case STP_SS_CONNECTING:
+    case STP_SS_UPSTREAM_TLS:
+    case STP_SS_PRELUDE:
+        CONSIDER(DL_SETUP, s->state_ms + s->up->timeout_connect_ms);
+        break;
+    case STP_SS_RELAY:
+    case STP_SS_STARTTLS:
+        /* While replies are due, the wait is the upstream's, not the
+         * client's idleness. */
+        if (stp_smtp_replies_due(&s->smtp))
+            CONSIDER(DL_REPLY, s->upstream_seen_ms + s->up->timeout_reply_ms);
+        else
+            CONSIDER(DL_IDLE, s->client_seen_ms + lc->timeout_idle_ms);
+        if (s->line_ms)
+            CONSIDER(DL_COMMAND, s->line_ms + lc->timeout_command_ms);
+        if (s->content_ms)
+            CONSIDER(DL_DATA, s->content_ms + lc->timeout_data_ms);
+        break;
+    case STP_SS_DRAINING:
+        CONSIDER(DL_DRAIN, s->state_ms + DRAIN_TIMEOUT_MS);
+        break;
+    case STP_SS_CLOSED:
+    case STP_SS_COUNT:
+        break;
+    }
+#undef CONSIDER
+    return which;
 }
 
 static void on_timer(uv_timer_t *t);
 
-void stp_session_arm_timer(struct stp_session *s, uint64_t ms)
+static void rearm(struct stp_session *s)
 {
-    uv_timer_start(&s->timer, on_timer, ms, 0);
+    uint64_t at;
+    if (next_deadline(s, &at) == DL_NONE) {
+        uv_timer_stop(&s->timer);
+        return;
+    }
+    uint64_t now = now_ms(s);
+    uv_timer_start(&s->timer, on_timer, at > now ? at - now : 0, 0);
+}
+
+/* Note when a command line or a message began (after the engine ran). */
+static void track_client(struct stp_session *s)
+{
+    uint64_t now = now_ms(s);
+    if (!stp_smtp_partial_line(&s->smtp))
+        s->line_ms = 0;
+    else if (!s->line_ms)
+        s->line_ms = now;
+    if (!stp_smtp_in_content(&s->smtp))
+        s->content_ms = 0;
+    else if (!s->content_ms)
+        s->content_ms = now;
 }
 
 /* ---- closing ---------------------------------------------------------------- */
@@ -47,7 +133,7 @@ static void handle_closed(uv_handle_t *h)
     struct stp_session *s = session_of(h->data);
     if (--s->open_handles > 0)
         return;
-    struct stp_server *srv = s->lst->srv;
+    struct stp_server *srv = s->srv;
     if (s->prev)
         s->prev->next = s->next;
     else
@@ -55,12 +141,17 @@ static void handle_closed(uv_handle_t *h)
     if (s->next)
         s->next->prev = s->prev;
     srv->n_sessions--;
+    s->lst->n_sessions--;
+    if (s->peer_addr.ss_family)
+        stp_server_ip_add(srv, &s->peer_addr, -1);
     stp_conn_release(&s->client);
     stp_conn_release(&s->upstream);
     stp_smtp_free(&s->smtp);
     stp_upstream_free(s);
+    stp_gen_unref(s->gen);
     s->magic = 0;
     free(s);
+    stp_server_check_empty(srv);
 }
 
 /* The conn handles carry the conn in .data; their close callback maps back. */
@@ -90,7 +181,7 @@ static void finish(struct stp_session *s)
                 " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
             s->id, s->reason ? s->reason : "unknown", s->client.bytes_in,
             s->client.bytes_out, s->upstream.bytes_in, s->upstream.bytes_out,
-            uv_now(s->lst->srv->loop) - s->start_ms);
+            now_ms(s) - s->start_ms);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, handle_closed);
     stp_conn_close(&s->client, conn_closed);
@@ -118,7 +209,7 @@ static void drain_and_close(struct stp_session *s, const char *reason,
     if (stp_conn_idle(&s->client))
         finish(s);
     else
-        stp_session_arm_timer(s, DRAIN_TIMEOUT_MS);
+        rearm(s);
 }
 
 /* ---- engine actions --------------------------------------------------------- */
@@ -261,15 +352,27 @@ void stp_session_settle(struct stp_session *s)
     if (s->state == STP_SS_STARTTLS && stp_conn_idle(&s->client)) {
         /* Nothing of ours is left to send in plaintext. Whatever the client
          * pipelined after STARTTLS is dropped with the buffer. */
-        if (stp_conn_start_tls(&s->client, s->lst->tls, NULL) < 0) {
+        if (stp_conn_start_tls(&s->client, s->ltls, NULL) < 0) {
             s->reason = "tls_init_failed";
             finish(s);
             return;
         }
         stp_session_transition(s, STP_SS_HANDSHAKE);
     }
+    if (s->state == STP_SS_RELAY) {
+        track_client(s);
+        /* Shutting down: 421 as soon as nothing is in flight. */
+        if (s->shutting_down && stp_smtp_idle(&s->smtp)) {
+            stp_smtp_shutdown(&s->smtp);
+            if (s->state == STP_SS_CLOSED)
+                return;
+            flush_both(s);
+        }
+    }
     if (s->state < STP_SS_DRAINING)
         set_reading(s);
+    if (s->state != STP_SS_CLOSED)
+        rearm(s);
 }
 
 static void log_client_tls(struct stp_session *s, const char *event)
@@ -289,9 +392,9 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
     struct stp_session *s = session_of(c->owner);
     switch (ev) {
     case STP_IO_DATA:
+        s->client_seen_ms = now_ms(s);
         if (!stp_smtp_replies_due(&s->smtp))
-            s->upstream_seen_ms = uv_now(s->lst->srv->loop);
-        stp_session_arm_timer(s, s->lst->cfg->timeout_idle_ms);
+            s->upstream_seen_ms = s->client_seen_ms; /* a reply may be due */
         process_client(s);
         break;
     case STP_IO_DRAINED:
@@ -345,9 +448,9 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
     }
     switch (ev) {
     case STP_IO_DATA:
-        s->upstream_seen_ms = uv_now(s->lst->srv->loop);
-        if (s->state == STP_SS_RELAY)
-            stp_session_arm_timer(s, s->lst->cfg->timeout_idle_ms);
+        s->upstream_seen_ms = now_ms(s);
+        /* Replies count as activity: the client was waiting, not idle. */
+        s->client_seen_ms = s->upstream_seen_ms;
         process_upstream(s);
         /* Replies may have unblocked the client side; TLS may hold
          * decrypted-but-unread bytes that no socket event will announce. */
@@ -381,50 +484,58 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
 static void on_timer(uv_timer_t *t)
 {
     struct stp_session *s = session_of(t->data);
-    switch (s->state) {
-    case STP_SS_CONNECTING:
-    case STP_SS_UPSTREAM_TLS:
-    case STP_SS_PRELUDE:
+    uint64_t at;
+    enum deadline d = next_deadline(s, &at);
+    if (d == DL_NONE || at > now_ms(s)) {
+        rearm(s); /* moved since the timer was set */
+        return;
+    }
+    if (d != DL_DRAIN)
+        stp_log(STP_LOG_INFO, SID " event=timeout deadline=%s", s->id,
+                deadline_names[d]);
+    switch (d) {
+    case DL_HANDSHAKE:
+        /* Mid-handshake there is no channel for an SMTP reply. */
+        s->reason = "handshake_timeout";
+        finish(s);
+        return;
+    case DL_SETUP:
         stp_upstream_timeout(s);
         break;
-    case STP_SS_TLS_ACCEPT:
-    case STP_SS_HANDSHAKE:
-        /* Mid-handshake there is no channel for an SMTP reply. */
-        s->reason = "timeout";
-        finish(s);
-        return;
-    case STP_SS_RELAY:
-    case STP_SS_STARTTLS: {
-        /* While replies are due, the wait is the upstream's, not the
-         * client's: bounded by the reply timeout since the upstream last
-         * said anything. */
-        uint64_t now = uv_now(s->lst->srv->loop);
-        uint64_t limit = s->up->timeout_reply_ms;
-        if (stp_smtp_replies_due(&s->smtp)) {
-            if (now - s->upstream_seen_ms < limit) {
-                stp_session_arm_timer(s, limit - (now - s->upstream_seen_ms));
-                return;
-            }
-            stp_log(STP_LOG_WARN,
-                    SID " event=upstream_error upstream=%s "
-                        "error=\"reply timeout\"",
-                    s->id, s->up->name);
-            s->reason = "upstream_timeout";
-            stp_smtp_upstream_lost(&s->smtp);
-            break;
-        }
-        stp_log(STP_LOG_INFO, SID " event=timeout", s->id);
+    case DL_REPLY:
+        stp_log(STP_LOG_WARN,
+                SID " event=upstream_error upstream=%s error=\"reply timeout\"",
+                s->id, s->up->name);
+        s->reason = "upstream_timeout";
+        stp_smtp_upstream_lost(&s->smtp);
+        break;
+    case DL_IDLE:
+    case DL_COMMAND:
+    case DL_DATA:
+        s->reason = d == DL_IDLE      ? "idle_timeout"
+                    : d == DL_COMMAND ? "command_timeout"
+                                      : "data_timeout";
         stp_smtp_timeout(&s->smtp);
         break;
-    }
-    case STP_SS_DRAINING:
+    case DL_DRAIN:
         finish(s);
         return;
-    case STP_SS_CLOSED:
-    case STP_SS_COUNT:
+    case DL_NONE:
         return;
     }
     stp_session_settle(s);
+}
+
+/* Over a connection limit? Checked after the session is counted. */
+static const char *over_limit(const struct stp_session *s, unsigned per_ip)
+{
+    if (s->srv->n_sessions > s->gen->cfg.max_connections)
+        return "max_connections";
+    if (s->lst->n_sessions > s->lcfg->max_connections)
+        return "listener_max_connections";
+    if (per_ip > s->lcfg->max_connections_per_ip)
+        return "max_connections_per_ip";
+    return NULL;
 }
 
 int stp_session_accept(struct stp_listener *lst)
@@ -437,12 +548,19 @@ int stp_session_accept(struct stp_listener *lst)
     if (!id_base && getrandom(&id_base, sizeof(id_base), 0) < 0)
         id_base = (uint64_t)uv_hrtime();
     s->id = ++id_base;
+    s->srv = srv;
     s->lst = lst;
-    s->up = lst->cfg->upstream;
+    s->gen = srv->gen;
+    stp_gen_ref(s->gen);
+    s->lcfg = &s->gen->cfg.listeners[lst->idx];
+    s->ltls = s->gen->lst_tls[lst->idx];
+    s->up = s->lcfg->upstream;
+    s->up_tls = s->gen->up_tls[s->up - s->gen->cfg.upstreams];
     s->start_ms = uv_now(srv->loop);
 
     int r = stp_conn_init(srv->loop, &s->client, on_client, s);
     if (r < 0) {
+        stp_gen_unref(s->gen);
         free(s);
         return r;
     }
@@ -452,6 +570,7 @@ int stp_session_accept(struct stp_listener *lst)
         s->next->prev = s;
     srv->sessions = s;
     srv->n_sessions++;
+    lst->n_sessions++;
     if ((r = uv_accept((uv_stream_t *)&lst->tcp,
                        (uv_stream_t *)&s->client.tcp)) < 0) {
         s->upstream_closed = true;
@@ -461,26 +580,31 @@ int stp_session_accept(struct stp_listener *lst)
     }
     uv_tcp_nodelay(&s->client.tcp, 1);
     int len = sizeof(s->peer_addr);
+    unsigned per_ip = 0;
     if (uv_tcp_getpeername(&s->client.tcp, (struct sockaddr *)&s->peer_addr,
-                           &len) == 0)
+                           &len) == 0) {
         stp_format_addr((struct sockaddr *)&s->peer_addr, s->peer,
                         sizeof(s->peer));
-    else
+        per_ip = stp_server_ip_add(srv, &s->peer_addr, 1);
+    } else {
+        memset(&s->peer_addr, 0, sizeof(s->peer_addr));
         snprintf(s->peer, sizeof(s->peer), "unknown");
+    }
     len = sizeof(s->local_addr);
     uv_tcp_getsockname(&s->client.tcp, (struct sockaddr *)&s->local_addr,
                        &len);
+    const struct stp_listener_cfg *lc = s->lcfg;
     stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s", s->id,
-            s->peer, lst->cfg->name);
+            s->peer, lc->name);
 
-    const struct stp_listener_cfg *lc = lst->cfg;
     struct stp_smtp_cfg ec = {
         .offer_starttls = lc->tls == STP_TLS_STARTTLS,
         .require_tls = lc->require_tls,
         .tls_active = lc->tls == STP_TLS_IMPLICIT,
         .upstream_tls = s->up->tls != STP_TLS_NONE,
         .max_line = lc->max_line,
-        .hostname = srv->cfg->hostname,
+        .max_errors = lc->max_errors,
+        .hostname = s->gen->cfg.hostname,
     };
     stp_smtp_init(&s->smtp, &ec, &engine_ops, s);
 
@@ -489,11 +613,27 @@ int stp_session_accept(struct stp_listener *lst)
     s->open_handles++;
     stp_conn_init(srv->loop, &s->upstream, on_upstream, s);
     s->open_handles++;
+    s->client_seen_ms = s->upstream_seen_ms = s->state_ms = s->start_ms;
 
+    const char *limit = over_limit(s, per_ip);
+    if (limit) {
+        stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
+                limit, s->peer);
+        s->reason = limit;
+        if (lc->tls == STP_TLS_IMPLICIT) {
+            finish(s); /* a handshake just to refuse would cost more */
+            return 0;
+        }
+        s->state = STP_SS_CONNECTING; /* the engine has no upstream yet */
+        stp_smtp_abort(&s->smtp,
+                       "421 4.7.0 %s Error: too many connections\r\n",
+                       STP_CLOSE_LIMIT);
+        stp_session_settle(s);
+        return 0;
+    }
     if (lc->tls == STP_TLS_IMPLICIT) {
         s->state = STP_SS_TLS_ACCEPT;
-        stp_session_arm_timer(s, lc->timeout_idle_ms);
-        if (stp_conn_start_tls(&s->client, lst->tls, NULL) < 0) {
+        if (stp_conn_start_tls(&s->client, s->ltls, NULL) < 0) {
             s->reason = "tls_init_failed";
             finish(s);
             return 0;
@@ -505,23 +645,41 @@ int stp_session_accept(struct stp_listener *lst)
     return 0;
 }
 
-static void session_shutdown(struct stp_session *s)
+/* Shutting down: a session between commands gets its 421 now; one in the
+ * middle of a command or message may finish it first (settle() sends the 421
+ * at the next boundary); FORCE ends it regardless. */
+static void session_shutdown(struct stp_session *s, bool force)
 {
     if (s->state >= STP_SS_DRAINING)
         return;
-    s->reason = "shutdown";
-    if (s->state == STP_SS_RELAY) {
-        static const char bye[] = "421 4.3.2 Service shutting down, closing "
-                                  "transmission channel\r\n";
-        stp_conn_write(&s->client, bye, sizeof(bye) - 1);
-        drain_and_close(s, "shutdown", true);
-    } else {
-        finish(s);
+    s->shutting_down = true;
+    if (!s->reason)
+        s->reason = "shutdown";
+    switch (s->state) {
+    case STP_SS_TLS_ACCEPT:
+    case STP_SS_HANDSHAKE:
+        finish(s); /* no channel for a reply yet */
+        return;
+    case STP_SS_RELAY:
+        if (!force && !stp_smtp_idle(&s->smtp))
+            return;
+        break;
+    case STP_SS_CONNECTING:
+    case STP_SS_UPSTREAM_TLS:
+    case STP_SS_PRELUDE:
+    case STP_SS_STARTTLS:
+        break;
+    case STP_SS_DRAINING:
+    case STP_SS_CLOSED:
+    case STP_SS_COUNT:
+        return;
     }
+    stp_smtp_shutdown(&s->smtp);
+    stp_session_settle(s);
 }
 
-void stp_sessions_shutdown(struct stp_server *srv)
+void stp_sessions_shutdown(struct stp_server *srv, bool force)
 {
     for (struct stp_session *s = srv->sessions; s; s = s->next)
-        session_shutdown(s);
+        session_shutdown(s, force);
 }

@@ -35,6 +35,9 @@ const char *stp_close_reason_name(enum stp_close_reason r)
         [STP_CLOSE_SMUGGLE] = "smuggling",
         [STP_CLOSE_CLIENT_EOF] = "client_eof",
         [STP_CLOSE_NEXT_HOP] = "next_hop_setup_failed",
+        [STP_CLOSE_ERRORS] = "too_many_errors",
+        [STP_CLOSE_SHUTDOWN] = "shutdown",
+        [STP_CLOSE_LIMIT] = "connection_limit",
     };
     return r < STP_ARRAY_LEN(names) && names[r] ? names[r] : "?";
 }
@@ -66,9 +69,26 @@ void stp_smtp_free(struct stp_smtp *s)
     s->ehlo = NULL;
 }
 
+static void reply_421_close(struct stp_smtp *s, const char *fmt,
+                            enum stp_close_reason why);
+
+/* Count consecutive error replies; at the cap the session ends (Postfix's
+ * smtpd_hard_error_limit: a client that only errs is probing or broken). */
+static void count_reply(struct stp_smtp *s, int code)
+{
+    if (code < 400) {
+        s->errors = 0;
+        return;
+    }
+    if (code >= 500 && s->cfg.max_errors && ++s->errors >= s->cfg.max_errors)
+        reply_421_close(s, "421 4.7.0 %s Error: too many errors\r\n",
+                        STP_CLOSE_ERRORS);
+}
+
 static void reply(struct stp_smtp *s, const char *text)
 {
     s->ops->to_client(s->ctx, text, strlen(text));
+    count_reply(s, (text[0] - '0') * 100);
 }
 
 static void close_session(struct stp_smtp *s, enum stp_close_reason why,
@@ -210,6 +230,8 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
         } else {
             reply(s, text);
         }
+        if (s->phase == STP_PH_CLOSED)
+            return true; /* too many errors */
         if (c == STP_CMD_STARTTLS && text[0] == '2') {
             enter(s, STP_PH_STARTTLS);
             s->ops->start_tls(s->ctx);
@@ -245,13 +267,18 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     case STP_CMD_BDAT: {
         bool last;
         stp_bdat_parse(arg, (size_t)(line + len - arg), &s->chunk_left, &last);
-        forward_line(s, line, len, STP_PEND_BDAT);
+        forward_line(s, line, len, last ? STP_PEND_RESET : STP_PEND_BDAT);
         if (s->chunk_left > 0)
             enter(s, STP_PH_CHUNK);
         break;
     }
-    case STP_CMD_UNKNOWN: case STP_CMD_HELO: case STP_CMD_MAIL:
-    case STP_CMD_RCPT: case STP_CMD_RSET: case STP_CMD_NOOP:
+    case STP_CMD_MAIL:
+        forward_line(s, line, len, STP_PEND_MAIL);
+        break;
+    case STP_CMD_HELO: case STP_CMD_RSET:
+        forward_line(s, line, len, STP_PEND_RESET);
+        break;
+    case STP_CMD_UNKNOWN: case STP_CMD_RCPT: case STP_CMD_NOOP:
     case STP_CMD_VRFY: case STP_CMD_EXPN: case STP_CMD_HELP:
     case STP_CMD_ETRN:
         forward_line(s, line, len, STP_PEND_CMD);
@@ -315,10 +342,12 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
                 const char *lf = memchr(q, '\n', left);
                 off += lf ? (size_t)(lf - q) + 1 : left;
                 s->skipping = lf == NULL;
+                s->partial = s->skipping;
                 break;
             }
             enum stp_line_status st =
                 stp_line_find(q, left, s->cfg.max_line, &len, &used);
+            s->partial = st == STP_LINE_MORE;
             if (st == STP_LINE_MORE)
                 return off;
             if (st == STP_LINE_TOO_LONG) {
@@ -352,6 +381,12 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
 /* An upstream reply is complete: act on what it answered. */
 static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
 {
+    if (kind != STP_PEND_GREETING && kind != STP_PEND_RSET_INTERNAL &&
+        kind != STP_PEND_QUIT) {
+        count_reply(s, code);
+        if (s->phase == STP_PH_CLOSED)
+            return;
+    }
     switch (kind) {
     case STP_PEND_GREETING:
         enter(s, STP_PH_COMMAND);
@@ -373,8 +408,13 @@ static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
     case STP_PEND_QUIT:
         close_session(s, STP_CLOSE_QUIT, false);
         break;
-    case STP_PEND_EHLO: case STP_PEND_CMD: case STP_PEND_DATA_END:
-    case STP_PEND_BDAT: case STP_PEND_RSET_INTERNAL:
+    case STP_PEND_MAIL:
+        s->in_tx = code >= 200 && code < 300;
+        break;
+    case STP_PEND_EHLO: case STP_PEND_DATA_END: case STP_PEND_RESET:
+        s->in_tx = false;
+        break;
+    case STP_PEND_CMD: case STP_PEND_BDAT: case STP_PEND_RSET_INTERNAL:
         break;
     }
 }
@@ -493,6 +533,7 @@ void stp_smtp_tls_started(struct stp_smtp *s)
         return;
     s->tls = true;
     s->auth_done = false;
+    s->in_tx = false;
     s->chunking = false;
     enter(s, STP_PH_COMMAND);
     /* Clear any plaintext transaction on the upstream; the client must EHLO
@@ -524,4 +565,12 @@ void stp_smtp_abort(struct stp_smtp *s, const char *fmt,
                     enum stp_close_reason why)
 {
     reply_421_close(s, fmt, why);
+}
+
+void stp_smtp_shutdown(struct stp_smtp *s)
+{
+    reply_421_close(s,
+                    "421 4.3.2 Service shutting down, closing transmission "
+                    "channel\r\n",
+                    STP_CLOSE_SHUTDOWN);
 }

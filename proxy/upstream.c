@@ -76,8 +76,7 @@ void stp_upstream_free(struct stp_session *s)
 
 static int start_tls(struct stp_session *s)
 {
-    struct stp_tls_ctx *ctx = stp_server_upstream_tls(s->lst->srv, s->up);
-    int r = stp_conn_start_tls(&s->upstream, ctx, s->up->server_name);
+    int r = stp_conn_start_tls(&s->upstream, s->up_tls, s->up->server_name);
     if (r < 0) {
         stp_upstream_fail(s, STP_UP_FAIL_TLS, "TLS setup failed");
         return r;
@@ -97,7 +96,7 @@ static void begin(struct stp_session *s)
     char xclient[256];
     struct stp_up_cfg pc = {
         .starttls = s->up->tls == STP_TLS_STARTTLS,
-        .ehlo_name = s->lst->srv->cfg->hostname,
+        .ehlo_name = s->gen->cfg.hostname,
         .xclient = NULL,
     };
     if (s->up->identity == STP_ID_XCLIENT &&
@@ -144,7 +143,6 @@ static void send_proxy_header(struct stp_session *s)
 void stp_upstream_start(struct stp_session *s)
 {
     stp_session_transition(s, STP_SS_CONNECTING);
-    stp_session_arm_timer(s, s->up->timeout_connect_ms);
     int r = stp_conn_connect(&s->upstream,
                              (const struct sockaddr *)&s->up->addr);
     if (r < 0)

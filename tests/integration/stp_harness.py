@@ -118,8 +118,14 @@ def parse_log_line(line):
 def render_config(proxy=None, listeners=(), upstreams=()):
     """listeners/upstreams: sequences of (name, {key: value}). Returns text."""
     out = ["[proxy]"]
-    for k, v in (proxy or {}).items():
-        out.append("%s = %s" % (k, v))
+    proxy = dict(proxy or {})
+    # Started as root, the daemon refuses to keep root unless asked: the
+    # suite asks (test_privileges.py covers dropping to another user).
+    if os.geteuid() == 0:
+        proxy.setdefault("user", "root")
+    for k, v in proxy.items():
+        if v is not None:
+            out.append("%s = %s" % (k, v))
     for name, opts in listeners:
         out.append("")
         out.append("[listener %s]" % name)
@@ -315,11 +321,13 @@ class Reply:
 class SmtpConn:
     """SMTP over a plain socket, with an exact view of what the server sent."""
 
-    def __init__(self, port, host="127.0.0.1", timeout=IO_TIMEOUT, family=None):
+    def __init__(self, port, host="127.0.0.1", timeout=IO_TIMEOUT, family=None, source=None):
         if family is None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        if source is not None:          # (host, port): e.g. ("127.0.0.2", 0)
+            self.sock.bind(source)
         self.sock.connect((host, port))
         self.raw_sock = self.sock
         self.buf = b""
@@ -782,38 +790,158 @@ class ScriptedUpstream:
 # aiosmtpd upstream
 
 
-class AioUpstream:
-    """aiosmtpd in a thread; keeps every envelope with its raw bytes."""
+class AioConn:
+    """One connection aiosmtpd served: every command line it read, with
+    whether it arrived inside TLS."""
 
-    def __init__(self, data_size_limit=64 * 1024 * 1024):
+    def __init__(self, peer):
+        self.peer = peer
+        self.lines = []        # (line bytes without CRLF, inside_tls)
+
+    def plaintext_lines(self):
+        return [l for l, t in self.lines if not t]
+
+    def tls_lines(self):
+        return [l for l, t in self.lines if t]
+
+
+def _proxy_dict(pd):
+    tlv = None
+    try:
+        tlv = dict(pd.tlv) if pd.tlv else {}
+    except Exception as e:                # malformed TLVs: keep the error
+        tlv = {"_error": repr(e)}
+    return {
+        "version": pd.version,
+        "command": pd.command,
+        "family": pd.family,
+        "protocol": pd.protocol,
+        "src_addr": str(pd.src_addr) if pd.src_addr is not None else None,
+        "src_port": pd.src_port,
+        "dst_addr": str(pd.dst_addr) if pd.dst_addr is not None else None,
+        "dst_port": pd.dst_port,
+        "tlv": tlv,
+        "raw": bytes(pd.whole_raw),
+    }
+
+
+class AioUpstream:
+    """aiosmtpd in a thread; keeps every envelope with its raw bytes.
+
+    ssl_context:      implicit TLS from the first byte (Controller ssl_context)
+    tls_context:      offers STARTTLS (SMTP tls_context)
+    require_starttls: 530 to mail commands before STARTTLS
+    proxy_protocol_timeout: expect a PROXY v1/v2 header first (aiosmtpd parses
+                      it; each valid header is kept in .proxies)
+
+    Every connection is recorded in .conns (AioConn: each command line and
+    whether it came inside TLS); every server name asked for in a handshake in
+    .sni. Envelopes carry the session's TLS version/cipher, peer, PROXY data
+    and EHLO name."""
+
+    def __init__(self, data_size_limit=64 * 1024 * 1024, ssl_context=None, tls_context=None,
+                 require_starttls=False, proxy_protocol_timeout=None,
+                 server_hostname="aio.upstream.test"):
         try:
             from aiosmtpd.controller import Controller
+            from aiosmtpd.smtp import SMTP
         except ImportError:
             pytest.fail("python module aiosmtpd not found: install the Debian package "
                         "'python3-aiosmtpd'", pytrace=False)
         self.envelopes = []
+        self.conns = []
+        self.proxies = []
+        self.sni = []
         self.cond = threading.Condition()
         outer = self
 
+        def ssl_info(server):
+            t = server.transport
+            obj = t.get_extra_info("ssl_object") if t is not None else None
+            if obj is None:
+                return None
+            return {"version": obj.version(), "cipher": obj.cipher()[0]}
+
         class Handler:
+            async def handle_PROXY(self, server, session, envelope, proxy_data):
+                with outer.cond:
+                    outer.proxies.append(_proxy_dict(proxy_data))
+                    outer.cond.notify_all()
+                return True
+
             async def handle_DATA(self, server, session, envelope):
                 with outer.cond:
+                    pd = getattr(session, "proxy_data", None)
                     outer.envelopes.append({
                         "mail_from": envelope.mail_from,
                         "rcpt_tos": list(envelope.rcpt_tos),
                         "mail_options": list(envelope.mail_options),
                         "original_content": envelope.original_content,
+                        "tls": ssl_info(server),
+                        "starttls_done": session.ssl is not None,
+                        "peer": session.peer,
+                        "ehlo": session.host_name,
+                        "proxy": _proxy_dict(pd) if pd else None,
                     })
                     outer.cond.notify_all()
                 return "250 2.0.0 Ok: queued by aiosmtpd"
 
+        class RecordingSMTP(SMTP):
+            async def _handle_client(self):
+                conn = AioConn(self.session.peer)
+                with outer.cond:
+                    outer.conns.append(conn)
+                reader = self._reader
+                orig = reader.readuntil
+
+                async def readuntil(separator=b"\n"):
+                    line = await orig(separator)
+                    if separator == b"\n":        # command lines (DATA uses CRLF)
+                        t = self.transport
+                        tls = t is not None and t.get_extra_info("ssl_object") is not None
+                        with outer.cond:
+                            conn.lines.append((bytes(line).rstrip(b"\r\n"), tls))
+                    return line
+                reader.readuntil = readuntil
+                return await super()._handle_client()
+
+        def record_sni(obj, name, ctx):
+            with outer.cond:
+                outer.sni.append(name)
+            return None
+
+        for ctx in (ssl_context, tls_context):
+            if ctx is not None:
+                ctx.sni_callback = record_sni
+
+        proxy_mode = proxy_protocol_timeout is not None
+
+        class RecordingController(Controller):
+            def factory(self):
+                return RecordingSMTP(self.handler, **self.SMTP_kwargs)
+
+            def _trigger_server(self):
+                if not proxy_mode:
+                    return super()._trigger_server()
+                # aiosmtpd waits for a PROXY header before greeting: a bare
+                # connect is enough to make it build its protocol object.
+                with socket.create_connection((self.hostname, self.port), 1.0):
+                    pass
+
+        smtp_kw = {}
+        if tls_context is not None:
+            smtp_kw["tls_context"] = tls_context
+            smtp_kw["require_starttls"] = require_starttls
+        if proxy_mode:
+            smtp_kw["proxy_protocol_timeout"] = proxy_protocol_timeout
+        self.tls_mode = "implicit" if ssl_context else ("starttls" if tls_context else None)
         self.port = free_port()
         self.address = "127.0.0.1:%d" % self.port
-        self.controller = Controller(
+        self.controller = RecordingController(
             Handler(), hostname="127.0.0.1", port=self.port,
             decode_data=False, data_size_limit=data_size_limit,
-            server_hostname="aio.upstream.test",
-            ident="aiosmtpd-upstream",
+            server_hostname=server_hostname,
+            ident="aiosmtpd-upstream", ssl_context=ssl_context, **smtp_kw
         )
 
     def start(self):
@@ -828,3 +956,736 @@ class AioUpstream:
             ok = self.cond.wait_for(lambda: len(self.envelopes) >= n, timeout)
         assert ok, "aiosmtpd received %d messages, expected %d" % (len(self.envelopes), n)
         return self.envelopes
+
+    def wait_proxies(self, n, timeout=10.0):
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(self.proxies) >= n, timeout)
+        assert ok, "aiosmtpd got %d PROXY headers, expected %d" % (len(self.proxies), n)
+        return self.proxies
+
+    def sessions(self):
+        """Connections that sent at least one line (not the start-up probe)."""
+        with self.cond:
+            return [c for c in self.conns if c.lines]
+
+
+# ---------------------------------------------------------------------------
+# test certificates
+
+
+class CertPair:
+    def __init__(self, name, cert, key, cn):
+        self.name = name
+        self.cert = cert        # PEM path
+        self.key = key          # PEM path
+        self.cn = cn
+
+    def der(self):
+        with open(self.cert) as f:
+            return ssl.PEM_cert_to_DER_cert(f.read())
+
+    def conf(self):
+        """'CERT KEY', the value of an sni.NAME key."""
+        return "%s %s" % (self.cert, self.key)
+
+    def __repr__(self):
+        return "CertPair(%s, CN=%s)" % (self.name, self.cn)
+
+
+class Pki:
+    """Every certificate the TLS tests need, made with openssl in DIRECTORY.
+
+    CAs: ca (servers), client_ca (client certificates), other_ca (trusted by
+    nobody). Servers (signed by ca, P-256, SAN DNS names): proxy (proxy.test),
+    a (a.test), b (b.test), wild (*.example.org), upstream (upstream.test and
+    IP 127.0.0.1), wrong_name (other.test), expired (upstream.test, valid in
+    January 2020 only); self_signed (upstream.test, no CA). Clients: client
+    (client.test, by client_ca), client_other (client.test, by other_ca),
+    proxy_client (proxy.test, by client_ca: the proxy's certificate towards
+    an upstream that asks for one)."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.openssl = require_program("openssl", "openssl")
+        self._serial = 100
+        self.ca = self._ca("ca", "STP Test CA")
+        self.client_ca = self._ca("client-ca", "STP Client CA")
+        self.other_ca = self._ca("other-ca", "STP Other CA")
+        self.proxy = self._leaf("proxy", "proxy.test", ["DNS:proxy.test"], self.ca)
+        self.a = self._leaf("a", "a.test", ["DNS:a.test"], self.ca)
+        self.b = self._leaf("b", "b.test", ["DNS:b.test"], self.ca)
+        self.wild = self._leaf("wild", "*.example.org", ["DNS:*.example.org"], self.ca)
+        self.upstream = self._leaf("upstream", "upstream.test",
+                                   ["DNS:upstream.test", "IP:127.0.0.1"], self.ca)
+        self.wrong_name = self._leaf("wrong-name", "other.test", ["DNS:other.test"], self.ca)
+        self.expired = self._expired("expired", "upstream.test", ["DNS:upstream.test"], self.ca)
+        self.self_signed = self._self_signed("self-signed", "upstream.test",
+                                             ["DNS:upstream.test", "IP:127.0.0.1"])
+        self.client = self._leaf("client", "client.test", ["DNS:client.test"],
+                                 self.client_ca, usage="clientAuth")
+        self.client_other = self._leaf("client-other", "client.test", ["DNS:client.test"],
+                                       self.other_ca, usage="clientAuth")
+        self.proxy_client = self._leaf("proxy-client", "proxy.test", ["DNS:proxy.test"],
+                                       self.client_ca, usage="clientAuth")
+
+    def _run(self, *args):
+        p = subprocess.run([self.openssl] + list(args), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+        if p.returncode != 0:
+            pytest.fail("openssl %s failed:\n%s" % (" ".join(args), p.stdout.decode(
+                "utf-8", "replace")), pytrace=False)
+
+    def _key(self, name):
+        key = os.path.join(self.dir, name + ".key")
+        self._run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                  "-out", key)
+        return key
+
+    def _ca(self, name, cn):
+        key = self._key(name)
+        cert = os.path.join(self.dir, name + ".pem")
+        self._run("req", "-x509", "-new", "-key", key, "-subj", "/CN=" + cn, "-days", "30",
+                  "-addext", "basicConstraints=critical,CA:TRUE",
+                  "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", cert)
+        return CertPair(name, cert, key, cn)
+
+    def _csr(self, name, cn):
+        key = self._key(name)
+        csr = os.path.join(self.dir, name + ".csr")
+        self._run("req", "-new", "-key", key, "-subj", "/CN=" + cn, "-out", csr)
+        return key, csr
+
+    def _ext(self, name, sans, usage):
+        ext = os.path.join(self.dir, name + ".ext")
+        with open(ext, "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                    "extendedKeyUsage=%s\nsubjectAltName=%s\n" % (usage, ",".join(sans)))
+        return ext
+
+    def _leaf(self, name, cn, sans, ca, usage="serverAuth"):
+        key, csr = self._csr(name, cn)
+        cert = os.path.join(self.dir, name + ".pem")
+        self._serial += 1
+        self._run("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key,
+                  "-set_serial", str(self._serial), "-days", "30", "-sha256",
+                  "-extfile", self._ext(name, sans, usage), "-out", cert)
+        return CertPair(name, cert, key, cn)
+
+    def _self_signed(self, name, cn, sans):
+        key = self._key(name)
+        cert = os.path.join(self.dir, name + ".pem")
+        self._run("req", "-x509", "-new", "-key", key, "-subj", "/CN=" + cn, "-days", "30",
+                  "-addext", "subjectAltName=" + ",".join(sans), "-out", cert)
+        return CertPair(name, cert, key, cn)
+
+    def _expired(self, name, cn, sans, ca):
+        """openssl x509 cannot back-date; openssl ca can (-startdate/-enddate)."""
+        key, csr = self._csr(name, cn)
+        cert = os.path.join(self.dir, name + ".pem")
+        db = os.path.join(self.dir, name + "-db")
+        os.makedirs(db, exist_ok=True)
+        open(os.path.join(db, "index.txt"), "w").close()
+        with open(os.path.join(db, "serial"), "w") as f:
+            f.write("1000\n")
+        cnf = os.path.join(self.dir, name + ".cnf")
+        with open(cnf, "w") as f:
+            f.write("[ca]\ndefault_ca = c\n[c]\ndir = %s\ndatabase = $dir/index.txt\n"
+                    "serial = $dir/serial\nnew_certs_dir = $dir\ndefault_md = sha256\n"
+                    "policy = p\nunique_subject = no\n[p]\ncommonName = supplied\n" % db)
+        self._run("ca", "-batch", "-config", cnf, "-cert", ca.cert, "-keyfile", ca.key,
+                  "-startdate", "20200101000000Z", "-enddate", "20200201000000Z", "-notext",
+                  "-extfile", self._ext(name, sans, "serverAuth"), "-in", csr, "-out", cert)
+        return CertPair(name, cert, key, cn)
+
+
+def server_tls_context(pair, minimum=None, maximum=None, ciphers=None, client_ca=None,
+                       require_client_cert=False):
+    """A Python (OpenSSL) server context with PAIR's certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pair.cert, pair.key)
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    if minimum is not None:
+        ctx.minimum_version = minimum
+    if maximum is not None:
+        ctx.maximum_version = maximum
+    if client_ca is not None:
+        ctx.load_verify_locations(client_ca.cert)
+        ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def verifying_client_context(ca, cert=None):
+    """A client context that verifies the chain against CA and the name."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca.cert)
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert, cert.key)
+    return ctx
+
+
+def open_implicit(port, ctx=None, server_hostname="proxy.test", ehlo="client.test",
+                  timeout=IO_TIMEOUT, source=None):
+    """Connect to an implicit-TLS listener: handshake, greeting, EHLO.
+    Returns (conn, ehlo_reply)."""
+    c = SmtpConn(port, timeout=timeout, source=source)
+    try:
+        c.starttls(ctx, server_hostname=server_hostname)
+        c.greeting()
+        r = c.expect("EHLO " + ehlo, 250)
+    except BaseException:
+        c.close()
+        raise
+    return c, r
+
+
+def dot_stuff(body):
+    """The DATA form of BODY (which must end in CRLF), without the final dot."""
+    return re.sub(rb"(?m)^\.", b"..", body)
+
+
+def send_message(c, body, mail_from="b@example.org", rcpts=("a@example.net",)):
+    """MAIL, RCPT..., DATA, BODY; every reply must be positive. Returns the
+    reply to the end of data."""
+    c.expect("MAIL FROM:<%s>" % mail_from, 250)
+    for r in rcpts:
+        c.expect("RCPT TO:<%s>" % r, 250)
+    c.expect("DATA", 354)
+    c.send(dot_stuff(body) + b".\r\n")
+    r = c.read_reply()
+    assert r.code == 250, "end of data: %r" % r.raw
+    return r
+
+
+def sample_message(tag):
+    """A message that exercises the data path: a dot-stuffed line, 8-bit text,
+    a 998-octet line, CRLF everywhere."""
+    return (b"From: b@example.org\r\nTo: a@example.net\r\nSubject: " + tag.encode() +
+            b"\r\n\r\n.leading dot\r\n..two\r\n8bit: \xc3\xa9\xe2\x82\xac\r\n" +
+            b"x" * 998 + b"\r\nend " + tag.encode() + b"\r\n")
+
+
+def check_config(binary, workdir, text):
+    """starttls-proxy -t on TEXT: CompletedProcess with .stdout (text, both
+    streams) and the config path in .config_path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "check.conf")
+    with open(path, "w") as f:
+        f.write(text)
+    p = subprocess.run([binary, "-t", "-c", path], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+    p.stdout = p.stdout.decode("utf-8", "replace")
+    p.config_path = path
+    return p
+
+
+def s_client(port, *args, stdin=b"", timeout=20, starttls=False):
+    """openssl s_client against 127.0.0.1:PORT. Returns (returncode, stdout+stderr text).
+    STDIN is sent, then EOF (s_client then closes)."""
+    openssl = require_program("openssl", "openssl")
+    argv = [openssl, "s_client", "-connect", "127.0.0.1:%d" % port, "-crlf"]
+    if starttls:
+        argv += ["-starttls", "smtp"]
+    argv += list(args)
+    p = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=timeout)
+    return p.returncode, p.stdout.decode("utf-8", "replace")
+
+
+def peer_cn(output):
+    """The subject CN of the server certificate in s_client output."""
+    m = re.search(r"^subject=.*?CN\s*=\s*([^,/\n]+)", output, re.M)
+    return m.group(1).strip() if m else None
+
+
+# ---------------------------------------------------------------------------
+# an SMTP upstream on raw sockets that records every byte
+
+
+PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+class RawConn:
+    """What one connection to a RawUpstream received."""
+
+    def __init__(self, index):
+        self.index = index
+        self.raw = bytearray()       # every byte read from the socket, TLS or not
+        self.tls_at = None           # offset in raw where the TLS bytes begin
+        self.proxy_header = None     # the PROXY header (proxy_header=True)
+        self.lines = []              # (command line without CRLF, inside_tls)
+        self.messages = []           # DATA content, per message
+        self.handshake = None        # None: no TLS; "ok"; or the error text
+        self.tls_version = None
+        self.cipher = None
+        self.sni = None
+        self.peer_cert = None        # DER of the client's certificate, if any
+        self.closed = threading.Event()
+
+    def plaintext(self):
+        """The bytes received before TLS started (everything without TLS)."""
+        return bytes(self.raw if self.tls_at is None else self.raw[:self.tls_at])
+
+    def after_tls_start(self):
+        return b"" if self.tls_at is None else bytes(self.raw[self.tls_at:])
+
+    def plaintext_lines(self):
+        return [l for l, t in self.lines if not t]
+
+    def tls_lines(self):
+        return [l for l, t in self.lines if t]
+
+
+class _Wire:
+    """A socket that can turn into TLS (server side) through memory BIOs, so
+    that the raw bytes stay visible."""
+
+    def __init__(self, sock, rec):
+        self.sock = sock
+        self.rec = rec
+        self.buf = bytearray()
+        self.obj = None
+        self.inc = self.out = None
+
+    def _recv_raw(self):
+        d = self.sock.recv(65536)
+        if not d:
+            raise EOFError
+        self.rec.raw += d
+        return d
+
+    def _flush(self):
+        if self.out is not None:
+            data = self.out.read()
+            if data:
+                self.sock.sendall(data)
+
+    def fill(self):
+        if self.obj is None:
+            self.buf += self._recv_raw()
+            return
+        while True:
+            try:
+                d = self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                self._flush()
+                self.inc.write(self._recv_raw())
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                raise EOFError
+            if not d:
+                raise EOFError
+            self.buf += d
+            return
+
+    def read_line(self):
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self.buf[:i + 1])
+                del self.buf[:i + 1]
+                return line
+            self.fill()
+
+    def read_exact(self, n):
+        while len(self.buf) < n:
+            self.fill()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def send(self, data):
+        if self.obj is None:
+            self.sock.sendall(data)
+        else:
+            self.obj.write(data)
+            self._flush()
+
+    def start_tls(self, ctx, sni_map):
+        """Server handshake. Bytes already buffered are the first TLS bytes."""
+        self.rec.tls_at = len(self.rec.raw) - len(self.buf)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.inc.write(bytes(self.buf))
+        self.buf = bytearray()
+        obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+        try:
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    self.inc.write(self._recv_raw())
+        except ssl.SSLError as e:
+            try:
+                self._flush()               # the alert
+            except OSError:
+                pass
+            self.rec.handshake = "error: %s" % e
+            raise EOFError
+        except (EOFError, OSError) as e:
+            self.rec.handshake = "error: peer closed during the handshake (%s)" % (
+                e.__class__.__name__)
+            raise EOFError
+        self._flush()
+        self.obj = obj
+        self.rec.handshake = "ok"
+        self.rec.tls_version = obj.version()
+        self.rec.cipher = obj.cipher()[0]
+        self.rec.sni = sni_map.get(id(obj))
+        self.rec.peer_cert = obj.getpeercert(binary_form=True)
+
+
+class RawUpstream:
+    """A threaded SMTP server that records every byte it receives (RawConn.raw)
+    and each command line with whether it came inside TLS. For the upstream
+    TLS tests, hostile or not.
+
+    tls:            None, "starttls" (offers STARTTLS in EHLO unless
+                    offer_starttls=False) or "implicit" (handshake first)
+    pair:           CertPair for the server certificate
+    replies:        {VERB: raw bytes}: e.g. {"STARTTLS": b"454 ...\\r\\n"}. A
+                    STARTTLS reply starting with 220 starts the handshake
+                    after it is sent (even with bytes injected behind it).
+    xclient:        offer XCLIENT (answered 220 as Postfix does)
+    proxy_header:   read a PROXY v1/v2 header before anything else
+    ssl_context:    a server context to use instead of one made from PAIR
+    """
+
+    def __init__(self, tls=None, pair=None, offer_starttls=True, replies=None, xclient=False,
+                 proxy_header=False, ssl_context=None,
+                 greeting=b"220 upstream.test ESMTP raw\r\n", host="127.0.0.1"):
+        self.tls = tls
+        self.offer_starttls = offer_starttls
+        self.replies = {k.upper(): v for k, v in (replies or {}).items()}
+        self.xclient = xclient
+        self.proxy_header = proxy_header
+        self.greeting = greeting
+        self.sni_map = {}
+        self.ctx = ssl_context
+        if self.ctx is None and pair is not None:
+            self.ctx = server_tls_context(pair)
+        if self.ctx is not None:
+            def record_sni(obj, name, ctx):
+                self.sni_map[id(obj)] = name
+            self.ctx.sni_callback = record_sni
+        self.conns = []
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.address = "%s:%d" % (host, self.port)
+        self._socks = []
+        self._threads = []
+        self._stopping = False
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    def start(self):
+        self._accept_thread.start()
+        return self
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self.lock:
+            socks = list(self._socks)
+        for c in socks:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._accept_thread.join(5)
+        for t in self._threads:
+            t.join(5)
+
+    def wait_conns(self, n, timeout=5.0):
+        ok = wait_until(lambda: len(self.conns) >= n, timeout)
+        assert ok, "upstream saw %d connections, expected %d" % (len(self.conns), n)
+        return self.conns
+
+    def wait_closed(self, timeout=5.0):
+        for c in list(self.conns):
+            assert c.closed.wait(timeout), "upstream connection %d still open" % c.index
+
+    def wait_messages(self, n, timeout=10.0):
+        def count():
+            return sum(len(c.messages) for c in self.conns)
+        ok = wait_until(lambda: count() >= n, timeout)
+        assert ok, "upstream got %d messages, expected %d; lines %r" % (
+            count(), n, [c.lines for c in self.conns])
+        return [m for c in self.conns for m in c.messages]
+
+    def _accept_loop(self):
+        while not self._stopping:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                rec = RawConn(len(self.conns))
+                self.conns.append(rec)
+                self._socks.append(s)
+            t = threading.Thread(target=self._serve, args=(s, rec), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _ehlo(self, w):
+        lines = ["upstream.test raw", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.tls == "starttls" and self.offer_starttls and w.obj is None:
+            lines.append("STARTTLS")
+        if self.xclient:
+            lines.append("XCLIENT NAME ADDR PORT PROTO HELO LOGIN")
+        return b"".join(("250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ", t)).encode()
+                        for i, t in enumerate(lines))
+
+    def _read_proxy_header(self, w):
+        while len(w.buf) < 16 and not w.buf.startswith(b"PROXY ") and b"\n" not in w.buf:
+            w.fill()
+        if w.buf.startswith(PROXY_V2_SIG):
+            head = w.read_exact(16)
+            return head + w.read_exact(int.from_bytes(head[14:16], "big"))
+        return w.read_line()
+
+    def _serve(self, sock, rec):
+        sock.settimeout(15)
+        w = _Wire(sock, rec)
+        try:
+            if self.proxy_header:
+                rec.proxy_header = self._read_proxy_header(w)
+            if self.tls == "implicit":
+                w.start_tls(self.ctx, self.sni_map)
+            w.send(self.greeting)
+            while True:
+                raw = w.read_line()
+                line = raw.rstrip(b"\n").rstrip(b"\r")
+                with self.lock:
+                    rec.lines.append((line, w.obj is not None))
+                verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("latin-1")
+                if verb in self.replies:
+                    reply = self.replies[verb]
+                    w.send(reply)
+                    if verb == "STARTTLS" and reply.startswith(b"220"):
+                        w.start_tls(self.ctx, self.sni_map)
+                    elif verb == "QUIT":
+                        return
+                    continue
+                if verb in ("EHLO", "HELO"):
+                    w.send(self._ehlo(w) if verb == "EHLO" else b"250 upstream.test\r\n")
+                elif verb == "STARTTLS":
+                    if self.tls == "starttls" and w.obj is None:
+                        w.send(b"220 2.0.0 Ready to start TLS\r\n")
+                        w.start_tls(self.ctx, self.sni_map)
+                    else:
+                        w.send(b"502 5.5.1 no STARTTLS here\r\n")
+                elif verb == "XCLIENT":
+                    if self.xclient:
+                        w.send(self.greeting)
+                    else:
+                        w.send(b"502 5.5.1 no XCLIENT here\r\n")
+                elif verb in ("MAIL", "RCPT", "RSET", "NOOP"):
+                    w.send(b"250 2.0.0 Ok\r\n")
+                elif verb == "DATA":
+                    w.send(b"354 go ahead\r\n")
+                    parts = []
+                    while True:
+                        l = w.read_line()
+                        if l == b".\r\n":
+                            break
+                        parts.append(l[1:] if l.startswith(b".") else l)
+                    with self.lock:
+                        rec.messages.append(b"".join(parts))
+                    w.send(b"250 2.0.0 Ok: queued by raw\r\n")
+                elif verb == "QUIT":
+                    w.send(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    w.send(b"502 5.5.2 Error: command not recognized\r\n")
+        except (EOFError, OSError, ValueError, ssl.SSLError):
+            pass
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            rec.closed.set()
+
+
+# ---------------------------------------------------------------------------
+# a private Postfix instance
+
+
+class PostfixInstance:
+    """A Postfix of the tests' own: main.cf/master.cf in BASE/conf, queue and
+    data directories in BASE, log in BASE/maillog (postlogd). Every mail is
+    accepted for example.net and discarded after it was queued; the log line
+    "QUEUEID: client=NAME[ADDR]:PORT" shows who smtpd thinks the client is.
+
+    smtpd services on loopback (self.ports[NAME]):
+      plain            XCLIENT allowed from 127.0.0.0/8, no TLS
+      starttls         ... and STARTTLS offered (upstream.test certificate)
+      implicit         ... TLS from the first byte (smtpd_tls_wrappermode)
+      noxclient        no XCLIENT for anyone
+      haproxy          PROXY v1/v2 header expected first
+      haproxy_implicit PROXY header first, then TLS (wrappermode)
+    Needs root (postfix start)."""
+
+    SERVICES = {
+        "plain": [],
+        "starttls": ["smtpd_tls_security_level=may"],
+        "implicit": ["smtpd_tls_wrappermode=yes", "smtpd_tls_security_level=encrypt"],
+        "noxclient": ["smtpd_authorized_xclient_hosts="],
+        "haproxy": ["smtpd_upstream_proxy_protocol=haproxy"],
+        "haproxy_implicit": ["smtpd_upstream_proxy_protocol=haproxy",
+                             "smtpd_tls_wrappermode=yes", "smtpd_tls_security_level=encrypt"],
+    }
+
+    def __init__(self, base, server_pair):
+        self.postfix = require_program("postfix", "postfix", paths=["/usr/sbin/postfix"])
+        if os.geteuid() != 0:
+            pytest.fail("the Postfix tests start a private Postfix instance and must run "
+                        "as root", pytrace=False)
+        self.base = base
+        self.conf = os.path.join(base, "conf")
+        self.queue = os.path.join(base, "queue")
+        self.data = os.path.join(base, "data")
+        self.maillog = os.path.join(base, "maillog")
+        self.pair = server_pair
+        self.ports = {name: free_port() for name in self.SERVICES}
+        self.started = False
+
+    def _write_config(self):
+        import pwd
+        for d in (self.conf, self.queue, self.data):
+            os.makedirs(d, exist_ok=True)
+        os.chmod(self.base, 0o755)
+        pw = pwd.getpwnam("postfix")
+        os.chown(self.data, pw.pw_uid, pw.pw_gid)
+        # smtpd reads its key as root before dropping privileges; copy the
+        # files next to the configuration so that the path is short and ours
+        tls_cert = os.path.join(self.conf, "smtpd.pem")
+        tls_key = os.path.join(self.conf, "smtpd.key")
+        shutil.copy(self.pair.cert, tls_cert)
+        shutil.copy(self.pair.key, tls_key)
+        os.chmod(tls_key, 0o600)
+        main = {
+            "compatibility_level": "3.6",
+            "queue_directory": self.queue,
+            "data_directory": self.data,
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": "postfix.upstream.test",
+            "mydomain": "upstream.test",
+            "mydestination": "",
+            "mynetworks": "192.0.2.0/24",
+            "relay_domains": "example.net",
+            "inet_interfaces": "loopback-only",
+            "inet_protocols": "ipv4",
+            "maillog_file": self.maillog,
+            "maillog_file_prefixes": self.base,
+            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            "smtpd_client_port_logging": "yes",
+            "smtpd_peername_lookup": "no",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "smtpd_upstream_proxy_timeout": "10s",
+            "default_transport": "discard",
+            "local_transport": "discard",
+            "relay_transport": "discard",
+            "alias_maps": "",
+            "alias_database": "",
+            "biff": "no",
+            "smtpd_tls_cert_file": tls_cert,
+            "smtpd_tls_key_file": tls_key,
+            "smtpd_tls_security_level": "none",
+            "smtpd_tls_loglevel": "1",
+            "smtpd_tls_received_header": "yes",
+        }
+        with open(os.path.join(self.conf, "main.cf"), "w") as f:
+            for k, v in main.items():
+                f.write("%s = %s\n" % (k, v))
+        lines = []
+        for name, opts in self.SERVICES.items():
+            lines.append("127.0.0.1:%d inet n - n - - smtpd -o syslog_name=postfix/%s%s"
+                         % (self.ports[name], name, "".join(" -o " + o for o in opts)))
+        lines += [
+            "cleanup   unix  n - n - 0 cleanup",
+            "qmgr      unix  n - n 300 1 qmgr",
+            "tlsmgr    unix  - - n 1000? 1 tlsmgr",
+            "rewrite   unix  - - n - - trivial-rewrite",
+            "bounce    unix  - - n - 0 bounce",
+            "defer     unix  - - n - 0 bounce",
+            "trace     unix  - - n - 0 bounce",
+            "verify    unix  - - n - 1 verify",
+            "flush     unix  n - n 1000? 0 flush",
+            "proxymap  unix  - - n - - proxymap",
+            "discard   unix  - - n - - discard",
+            "error     unix  - - n - - error",
+            "retry     unix  - - n - - error",
+            "anvil     unix  - - n - 1 anvil",
+            "scache    unix  - - n - 1 scache",
+            "postlog   unix-dgram n - n - 1 postlogd",
+        ]
+        with open(os.path.join(self.conf, "master.cf"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def _postfix(self, cmd, timeout=60):
+        return subprocess.run([self.postfix, "-c", self.conf, cmd], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+    def start(self):
+        self._write_config()
+        p = self._postfix("start")
+        if p.returncode != 0:
+            pytest.fail("postfix -c %s start failed (%d): %s\nmaillog:\n%s" % (
+                self.conf, p.returncode, p.stdout.decode("utf-8", "replace"),
+                self.log_text()), pytrace=False)
+        self.started = True
+
+        def ready():
+            try:
+                with socket.create_connection(("127.0.0.1", self.ports["plain"]), 1) as s:
+                    s.settimeout(5)
+                    return s.recv(100).startswith(b"220")
+            except OSError:
+                return False
+        if not wait_until(ready, 20, 0.1):
+            self.stop()
+            pytest.fail("private Postfix did not answer on port %d\nmaillog:\n%s"
+                        % (self.ports["plain"], self.log_text()), pytrace=False)
+        return self
+
+    def stop(self):
+        if self.started:
+            self._postfix("stop")
+            self.started = False
+
+    def address(self, service):
+        return "127.0.0.1:%d" % self.ports[service]
+
+    def log_text(self):
+        try:
+            with open(self.maillog, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, pattern, timeout=10.0):
+        """The first match of regex PATTERN in the maillog; fails on timeout."""
+        rx = re.compile(pattern, re.M)
+        m = wait_until(lambda: rx.search(self.log_text()), timeout, 0.05)
+        if not m:
+            pytest.fail("no maillog line matching %r within %.0fs; maillog tail:\n%s" % (
+                pattern, timeout, "\n".join(self.log_text().splitlines()[-40:])), pytrace=False)
+        return m
+
+    def client_of_queue_id(self, queue_id, timeout=10.0):
+        """(name, addr, port) smtpd logged for the message QUEUE_ID."""
+        m = self.wait_log(r"\b%s: client=([^\[\s]*)\[([^\]]+)\]:(\d+)" % re.escape(queue_id),
+                          timeout)
+        return m.group(1), m.group(2), int(m.group(3))

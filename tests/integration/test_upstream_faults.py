@@ -107,7 +107,7 @@ def test_upstream_421_mid_session_is_relayed_and_closes(make_scripted, make_prox
 def test_client_stalling_the_tls_handshake_is_closed_after_the_timeout(make_scripted,
                                                                        make_proxy):
     up = make_scripted()
-    proxy = make_proxy(up, timeout_idle="1s")
+    proxy = make_proxy(up, timeout_handshake="1s")
     with h.SmtpConn(proxy.port, timeout=10) as c:
         c.greeting()
         c.expect("EHLO client.test", 250)
