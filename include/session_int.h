@@ -47,12 +47,14 @@ struct stp_session {
     const char *reason;
     uint64_t start_ms;
     /* Deadlines are computed from these (milliseconds of uv_now). */
-    uint64_t state_ms;         /* entering the handshake, setup or draining */
+    uint64_t state_ms;         /* entering the current state */
+    uint64_t setup_ms;         /* starting to connect upstream */
     uint64_t client_seen_ms;   /* last byte from the client */
     uint64_t upstream_seen_ms; /* last upstream reply, or when one became due */
     uint64_t line_ms;          /* first byte of a partial command line; 0 */
     uint64_t content_ms;       /* start of the message being received; 0 */
     bool shutting_down;        /* 421 at the next command boundary */
+    bool counted;              /* in the shared tallies */
     struct sockaddr_storage peer_addr, local_addr;
     char peer[64];
     struct stp_session *prev, *next;

@@ -74,11 +74,9 @@ static int set_workers(struct parser *p, const struct key_def *k, void *obj,
     const char *s = value;
     uint64_t n;
     if (strcasecmp(value, "auto") == 0) {
-        n = 1; /* one worker until multi-worker support lands */
-    } else if (stp_parse_uint(&s, INT32_MAX, &n) < 0 || *s != '\0' || n == 0) {
-        return bad_value(p, k, value, "a positive number or auto");
-    } else if (n > 1) {
-        return stp_cfg_fail(p, p->line, "workers > 1 is not supported yet");
+        n = 0; /* one per CPU, decided at start */
+    } else if (stp_parse_uint(&s, 256, &n) < 0 || *s != '\0' || n == 0) {
+        return bad_value(p, k, value, "a number from 1 to 256 or auto");
     }
     *FIELD(obj, k->off, int) = (int)n;
     return 0;

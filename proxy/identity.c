@@ -115,7 +115,8 @@ int stp_proxy_v2(char *out, size_t cap, const struct sockaddr *src,
             return -ENOSPC;
         o += 3;
         buf[o] = PP2_CLIENT_SSL | (tls->cn ? PP2_CLIENT_CERT_CONN : 0);
-        uint32_t verify = tls->cn && !tls->cert_verified ? 1 : 0;
+        /* 0 only for a certificate presented and verified (the spec). */
+        uint32_t verify = tls->cn && tls->cert_verified ? 0 : 1;
         buf[o + 1] = (uint8_t)(verify >> 24);
         buf[o + 2] = (uint8_t)(verify >> 16);
         buf[o + 3] = (uint8_t)(verify >> 8);

@@ -1,6 +1,7 @@
 /* The server: configuration generations with their TLS contexts, listening
  * sockets, per-address connection counts, reload and shutdown. */
 #include <string.h>
+#include <sys/random.h>
 
 #include "listener.h"
 #include "log.h"
@@ -17,15 +18,19 @@ static void gen_free(struct stp_gen *g)
         stp_tls_ctx_free(g->up_tls[i]);
     free(g->lst_tls);
     free(g->up_tls);
+    free(g->lst_sessions);
     stp_config_free(&g->cfg);
     free(g);
 }
 
-void stp_gen_ref(struct stp_gen *g) { g->refs++; }
+void stp_gen_ref(struct stp_gen *g)
+{
+    __atomic_add_fetch(&g->refs, 1, __ATOMIC_RELAXED);
+}
 
 void stp_gen_unref(struct stp_gen *g)
 {
-    if (g && --g->refs == 0)
+    if (g && __atomic_sub_fetch(&g->refs, 1, __ATOMIC_ACQ_REL) == 0)
         gen_free(g);
 }
 
@@ -92,7 +97,9 @@ int stp_gen_new(const char *path, struct stp_gen **out, char *err,
     }
     g->lst_tls = calloc((size_t)g->cfg.n_listeners + 1, sizeof(*g->lst_tls));
     g->up_tls = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_tls));
-    if (!g->lst_tls || !g->up_tls)
+    g->lst_sessions = calloc((size_t)g->cfg.n_listeners + 1,
+                             sizeof(*g->lst_sessions));
+    if (!g->lst_tls || !g->up_tls || !g->lst_sessions)
         r = -ENOMEM;
     if (r == 0)
         r = gen_tls(g, err, errlen);
@@ -123,15 +130,16 @@ static size_t ip_key(const struct sockaddr_storage *ss, const uint8_t **p)
     return 16;
 }
 
-unsigned stp_server_ip_add(struct stp_server *srv,
-                           const struct sockaddr_storage *ss, int delta)
+/* Sessions from the address in SS, after adding DELTA (under sh->mu). */
+static unsigned ip_add(struct stp_shared *sh, const struct sockaddr_storage *ss,
+                       int delta)
 {
     const uint8_t *k;
     size_t len = ip_key(ss, &k);
     uint32_t h = 2166136261u; /* FNV-1a */
     for (size_t i = 0; i < len; i++)
         h = (h ^ k[i]) * 16777619u;
-    struct stp_ipcount **pp = &srv->ip_table[h & (srv->ip_buckets - 1)];
+    struct stp_ipcount **pp = &sh->ip_table[h & (sh->ip_buckets - 1)];
     for (; *pp; pp = &(*pp)->next) {
         struct stp_ipcount *e = *pp;
         if (e->len != len || memcmp(e->addr, k, len) != 0)
@@ -155,6 +163,48 @@ unsigned stp_server_ip_add(struct stp_server *srv,
     e->next = *pp;
     *pp = e;
     return e->count;
+}
+
+int stp_shared_init(struct stp_shared *sh)
+{
+    memset(sh, 0, sizeof(*sh));
+    sh->ip_buckets = 4096;
+    if (!(sh->ip_table = calloc(sh->ip_buckets, sizeof(*sh->ip_table))))
+        return -ENOMEM;
+    if (getrandom(&sh->next_id, sizeof(sh->next_id), 0) < 0)
+        sh->next_id = uv_hrtime();
+    pthread_mutex_init(&sh->mu, NULL);
+    return 0;
+}
+
+void stp_shared_free(struct stp_shared *sh)
+{
+    for (unsigned i = 0; sh->ip_table && i < sh->ip_buckets; i++) {
+        while (sh->ip_table[i]) {
+            struct stp_ipcount *e = sh->ip_table[i];
+            sh->ip_table[i] = e->next;
+            free(e);
+        }
+    }
+    free(sh->ip_table);
+    pthread_mutex_destroy(&sh->mu);
+}
+
+void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
+                      const struct sockaddr_storage *peer, int delta,
+                      struct stp_counts *out)
+{
+    pthread_mutex_lock(&sh->mu);
+    sh->n_sessions += (unsigned)delta;
+    g->lst_sessions[lst] += (unsigned)delta;
+    unsigned per_ip = peer && peer->ss_family ? ip_add(sh, peer, delta) : 0;
+    if (out) {
+        out->id = ++sh->next_id;
+        out->total = sh->n_sessions;
+        out->listener = g->lst_sessions[lst];
+        out->per_ip = per_ip;
+    }
+    pthread_mutex_unlock(&sh->mu);
 }
 
 /* ---- listening sockets ------------------------------------------------------ */
@@ -195,16 +245,26 @@ static struct stp_listener *listener_open(struct stp_server *srv,
     l->idx = idx;
     stp_format_addr((const struct sockaddr *)&lc->addr, l->addr,
                     sizeof(l->addr));
-    uv_tcp_init(srv->loop, &l->tcp);
+    int r = uv_tcp_init_ex(srv->loop, &l->tcp, lc->addr.ss_family);
     l->tcp.data = l;
-    int r = uv_tcp_bind(&l->tcp, (const struct sockaddr *)&lc->addr, 0);
+    if (r == 0 && srv->reuseport) {
+        /* Each worker has its own socket; the kernel spreads connections. */
+        uv_os_fd_t fd;
+        int one = 1;
+        if (uv_fileno((uv_handle_t *)&l->tcp, &fd) == 0 &&
+            setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0)
+            r = -errno;
+    }
+    if (r == 0)
+        r = uv_tcp_bind(&l->tcp, (const struct sockaddr *)&lc->addr, 0);
     if (r == 0)
         r = uv_listen((uv_stream_t *)&l->tcp, 511, on_connection);
     if (r < 0) {
         stp_log(STP_LOG_ERROR,
                 "event=listen_error listener=%s addr=%s error=\"%s\"",
                 lc->name, l->addr, uv_strerror(r));
-        uv_close((uv_handle_t *)&l->tcp, listener_closed);
+        if (!uv_is_closing((uv_handle_t *)&l->tcp))
+            uv_close((uv_handle_t *)&l->tcp, listener_closed);
         l->idx = -1;
     }
     l->next = srv->listeners;
@@ -217,10 +277,10 @@ static void log_listening(const struct stp_listener *l,
 {
     static const char *const modes[] = {"none", "starttls", "implicit"};
     stp_log(STP_LOG_INFO,
-            "event=listening listener=%s addr=%s tls=%s require_tls=%s "
-            "upstream=%s",
-            lc->name, l->addr, modes[lc->tls], lc->require_tls ? "yes" : "no",
-            lc->upstream->address_text);
+            "event=listening worker=%d listener=%s addr=%s tls=%s "
+            "require_tls=%s upstream=%s",
+            l->srv->worker, lc->name, l->addr, modes[lc->tls],
+            lc->require_tls ? "yes" : "no", lc->upstream->address_text);
 }
 
 static bool same_addr(const struct sockaddr_storage *a,
@@ -232,15 +292,16 @@ static bool same_addr(const struct sockaddr_storage *a,
 }
 
 int stp_server_start(struct stp_server *srv, uv_loop_t *loop,
-                     struct stp_gen *gen)
+                     struct stp_gen *gen, struct stp_shared *shared,
+                     int worker, bool reuseport)
 {
     memset(srv, 0, sizeof(*srv));
     srv->loop = loop;
     srv->gen = gen;
-    srv->ip_buckets = 1024;
-    srv->ip_table = calloc(srv->ip_buckets, sizeof(*srv->ip_table));
-    if (!srv->ip_table)
-        return -ENOMEM;
+    srv->shared = shared;
+    srv->worker = worker;
+    srv->reuseport = reuseport;
+    stp_gen_ref(gen);
     uv_timer_init(loop, &srv->drain_timer);
     srv->drain_timer.data = srv;
     for (int i = 0; i < gen->cfg.n_listeners; i++) {
@@ -253,16 +314,10 @@ int stp_server_start(struct stp_server *srv, uv_loop_t *loop,
     return 0;
 }
 
-int stp_server_reload(struct stp_server *srv, const char *path)
+int stp_server_adopt(struct stp_server *srv, struct stp_gen *g)
 {
-    char err[1024];
-    struct stp_gen *g;
     if (srv->stopping)
         return -ESHUTDOWN;
-    if (stp_gen_new(path, &g, err, sizeof(err)) < 0) {
-        stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
-        return -EINVAL;
-    }
     const struct stp_config *c = &g->cfg;
     struct stp_listener **map = calloc((size_t)c->n_listeners + 1,
                                        sizeof(*map));
@@ -287,11 +342,11 @@ int stp_server_reload(struct stp_server *srv, const char *path)
             if (fresh[i] && map[i])
                 listener_close(map[i]);
         stp_log(STP_LOG_ERROR,
-                "event=reload status=failed error=\"cannot listen on every "
-                "address\"");
+                "event=reload status=failed worker=%d error=\"cannot listen "
+                "on every address\"",
+                srv->worker);
         free(map);
         free(fresh);
-        stp_gen_unref(g);
         return r;
     }
     for (struct stp_listener *l = srv->listeners; l; l = l->next) {
@@ -307,11 +362,9 @@ int stp_server_reload(struct stp_server *srv, const char *path)
     }
     free(map);
     free(fresh);
+    stp_gen_ref(g);
     stp_gen_unref(srv->gen);
     srv->gen = g;
-    stp_log_set_level(c->log_level);
-    stp_log(STP_LOG_INFO, "event=reload status=ok listeners=%d sessions=%u",
-            c->n_listeners, srv->n_sessions);
     return 0;
 }
 
@@ -354,14 +407,6 @@ void stp_server_free(struct stp_server *srv)
         srv->listeners = l->next;
         free(l);
     }
-    for (unsigned i = 0; srv->ip_table && i < srv->ip_buckets; i++) {
-        while (srv->ip_table[i]) {
-            struct stp_ipcount *e = srv->ip_table[i];
-            srv->ip_table[i] = e->next;
-            free(e);
-        }
-    }
-    free(srv->ip_table);
     stp_gen_unref(srv->gen);
     srv->gen = NULL;
 }

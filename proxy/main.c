@@ -13,10 +13,11 @@
 #include "log.h"
 #include "stp.h"
 #include "tls.h"
+#include "workers.h"
 
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
 
-static struct stp_server server;
+static struct stp_workers workers;
 static uv_signal_t sig_term, sig_int, sig_hup;
 static const char *config_path = DEFAULT_CONFIG;
 
@@ -35,24 +36,46 @@ static void usage(FILE *f)
             DEFAULT_CONFIG);
 }
 
-static void close_signals(struct stp_server *srv)
+static void close_signals(struct stp_workers *ws)
 {
     uv_close((uv_handle_t *)&sig_term, NULL);
     uv_close((uv_handle_t *)&sig_int, NULL);
     uv_close((uv_handle_t *)&sig_hup, NULL);
 }
 
-static void on_signal(uv_signal_t *h, int signum)
+/* SIGHUP: read the file again; the workers switch to it, or nothing changes
+ * if it is broken. */
+static void reload(void)
 {
-    if (signum == SIGHUP) {
-        stp_log(STP_LOG_INFO, "event=reload_requested");
-        stp_server_reload(&server, config_path);
+    struct stp_gen *g;
+    char err[1024];
+    if (stp_gen_new(config_path, &g, err, sizeof(err)) < 0) {
+        stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
         return;
     }
-    bool again = server.stopping;
+    if (g->cfg.workers != workers.n)
+        stp_log(STP_LOG_WARN, "event=reload msg=\"workers changes only on "
+                              "restart\" workers=%d", workers.n);
+    stp_log_set_level(g->cfg.log_level);
+    stp_workers_reload(&workers, g);
+    stp_log(STP_LOG_INFO, "event=reload status=ok listeners=%d sessions=%u",
+            g->cfg.n_listeners, stp_workers_sessions(&workers));
+    stp_gen_unref(g);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    static bool stopping;
+    if (signum == SIGHUP) {
+        if (!stopping)
+            reload();
+        return;
+    }
     stp_log(STP_LOG_INFO, "event=stopping signal=%s sessions=%u mode=%s",
-            strsignal(signum), server.n_sessions, again ? "now" : "drain");
-    stp_server_stop(&server, again);
+            strsignal(signum), stp_workers_sessions(&workers),
+            stopping ? "now" : "drain");
+    stp_workers_stop(&workers, stopping);
+    stopping = true;
 }
 
 /* After binding and loading keys: become USER, or stay root only when the
@@ -142,24 +165,31 @@ int main(int argc, char **argv)
 
     signal(SIGPIPE, SIG_IGN);
     uv_loop_t *loop = uv_default_loop();
-    if (stp_server_start(&server, loop, gen) < 0 ||
-        drop_privileges(&gen->cfg) < 0)
-        return 1;
-    server.on_empty = close_signals;
+    /* Handlers first: a signal must never find the default action, even
+     * in the instant after the listeners appear. */
     uv_signal_init(loop, &sig_term);
     uv_signal_init(loop, &sig_int);
     uv_signal_init(loop, &sig_hup);
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_start(&sig_int, on_signal, SIGINT);
     uv_signal_start(&sig_hup, on_signal, SIGHUP);
-    stp_log(STP_LOG_INFO, "event=started version=%s pid=%d", STP_VERSION,
-            (int)getpid());
+    int n = gen->cfg.workers > 0 ? gen->cfg.workers
+                                 : (int)uv_available_parallelism();
+    if (stp_workers_init(&workers, loop, gen, n) < 0 ||
+        drop_privileges(&gen->cfg) < 0)
+        return 1;
+    workers.on_all_done = close_signals;
+    stp_gen_unref(gen); /* the workers hold it */
+    if (stp_workers_run(&workers) < 0)
+        return 1;
+    stp_log(STP_LOG_INFO, "event=started version=%s pid=%d workers=%d",
+            STP_VERSION, (int)getpid(), n);
 
     uv_run(loop, UV_RUN_DEFAULT);
 
+    stp_workers_free(&workers);
     stp_log(STP_LOG_INFO, "event=stopped");
     uv_loop_close(loop);
-    stp_server_free(&server);
     stp_tls_global_cleanup();
     return 0;
 }

@@ -99,7 +99,8 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
     int code;
     bool last;
     if (stp_reply_line(line, len, &code, &last) < 0 ||
-        memchr(line, '\r', len) || (p->code && code != p->code)) {
+        memchr(line, '\r', len) || memchr(line, '\0', len) ||
+        (p->code && code != p->code)) {
         fail(p, STP_UP_FAIL_PROTOCOL, "bad reply line");
         return false;
     }
@@ -123,9 +124,10 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         advance(p);
         return true;
     case STP_UP_EHLO:
-        if (code == 250 && keyword(text, tl, "STARTTLS"))
+        /* The first line is the server's name, not an extension. */
+        if (code == 250 && !first && keyword(text, tl, "STARTTLS"))
             p->offers_starttls = true;
-        if (code == 250 && keyword(text, tl, "XCLIENT"))
+        if (code == 250 && !first && keyword(text, tl, "XCLIENT"))
             p->offers_xclient = true;
         if (!last)
             return true;

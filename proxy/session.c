@@ -16,8 +16,6 @@ static const char *const sstate_names[STP_SS_COUNT] = {
     "starttls",   "handshake",  "draining",     "closed",
 };
 
-static uint64_t id_base;
-
 static struct stp_session *session_of(void *p)
 {
     struct stp_session *s = p;
@@ -35,9 +33,11 @@ void stp_session_transition(struct stp_session *s, enum stp_sstate to)
     if (stp_log_enabled(STP_LOG_DEBUG))
         stp_log(STP_LOG_DEBUG, SID " event=state from=%s to=%s", s->id,
                 sstate_names[s->state], sstate_names[to]);
-    /* Setup is one deadline from connect to ready, whatever its steps. */
-    if (to != STP_SS_UPSTREAM_TLS && to != STP_SS_PRELUDE)
-        s->state_ms = now_ms(s);
+    s->state_ms = now_ms(s);
+    /* Setup is one deadline from connect to the greeting, whatever its
+     * steps. */
+    if (to == STP_SS_CONNECTING)
+        s->setup_ms = s->state_ms;
     s->state = to;
 }
 
@@ -73,10 +73,15 @@ static enum deadline next_deadline(const struct stp_session *s, uint64_t *at)
     case STP_SS_CONNECTING:
     case STP_SS_UPSTREAM_TLS:
     case STP_SS_PRELUDE:
-        CONSIDER(DL_SETUP, s->state_ms + s->up->timeout_connect_ms);
+        CONSIDER(DL_SETUP, s->setup_ms + s->up->timeout_connect_ms);
         break;
     case STP_SS_RELAY:
     case STP_SS_STARTTLS:
+        /* The greeting is part of reaching the upstream. */
+        if (s->smtp.phase == STP_PH_GREETING) {
+            CONSIDER(DL_SETUP, s->setup_ms + s->up->timeout_connect_ms);
+            break;
+        }
         /* While replies are due, the wait is the upstream's, not the
          * client's idleness. */
         if (stp_smtp_replies_due(&s->smtp))
@@ -142,8 +147,9 @@ static void handle_closed(uv_handle_t *h)
         s->next->prev = s->prev;
     srv->n_sessions--;
     s->lst->n_sessions--;
-    if (s->peer_addr.ss_family)
-        stp_server_ip_add(srv, &s->peer_addr, -1);
+    if (s->counted)
+        stp_shared_count(srv->shared, s->gen, s->lcfg - s->gen->cfg.listeners,
+                         &s->peer_addr, -1, NULL);
     stp_conn_release(&s->client);
     stp_conn_release(&s->upstream);
     stp_smtp_free(&s->smtp);
@@ -375,6 +381,24 @@ void stp_session_settle(struct stp_session *s)
         rearm(s);
 }
 
+static const char *stp_tls_error_or(struct stp_conn *c, int err)
+{
+    return err == -EPROTO && c->tls ? stp_tls_error(c->tls) : stp_strerror(err);
+}
+
+/* Replies, or room in the upstream's queue, may let the client go on. What
+ * is buffered is offered again; then, with reading allowed again, TLS is
+ * pumped: bytes held in wolfSSL or in its input buffer would otherwise wait
+ * for a socket event that may never come (the client waits for a reply). */
+static void resume_client(struct stp_session *s)
+{
+    process_client(s);
+    if (s->state != STP_SS_RELAY)
+        return;
+    set_reading(s);
+    stp_conn_resume(&s->client);
+}
+
 static void log_client_tls(struct stp_session *s, const char *event)
 {
     struct stp_tls *t = s->client.tls;
@@ -452,24 +476,29 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
         /* Replies count as activity: the client was waiting, not idle. */
         s->client_seen_ms = s->upstream_seen_ms;
         process_upstream(s);
-        /* Replies may have unblocked the client side; TLS may hold
-         * decrypted-but-unread bytes that no socket event will announce. */
-        process_client(s);
-        if (s->state == STP_SS_RELAY)
-            stp_conn_resume(&s->client);
+        resume_client(s);
         break;
     case STP_IO_DRAINED:
-        process_client(s);
-        if (s->state == STP_SS_RELAY)
-            stp_conn_resume(&s->client);
+        resume_client(s);
         break;
     case STP_IO_EOF:
     case STP_IO_ERROR:
         if (s->state >= STP_SS_DRAINING)
             return;
+        if (s->up->tls != STP_TLS_NONE && s->smtp.phase == STP_PH_GREETING) {
+            /* With TLS 1.3 a server refuses our certificate only after our
+             * side of the handshake is done: still a TLS failure. */
+            char why[160];
+            snprintf(why, sizeof(why), "TLS refused after handshake: %s",
+                     err == -EPROTO && c->tls ? stp_tls_error(c->tls)
+                     : ev == STP_IO_EOF        ? "connection closed"
+                                               : stp_strerror(err));
+            stp_upstream_fail(s, STP_UP_FAIL_TLS, why);
+            break;
+        }
         stp_log(STP_LOG_INFO, SID " event=upstream_closed %s%s", s->id,
                 ev == STP_IO_EOF ? "" : "error=",
-                ev == STP_IO_EOF ? "eof" : stp_strerror(err));
+                ev == STP_IO_EOF ? "eof" : stp_tls_error_or(c, err));
         /* Relay whatever complete replies arrived before the end. */
         process_upstream(s);
         stp_smtp_upstream_lost(&s->smtp);
@@ -527,13 +556,14 @@ static void on_timer(uv_timer_t *t)
 }
 
 /* Over a connection limit? Checked after the session is counted. */
-static const char *over_limit(const struct stp_session *s, unsigned per_ip)
+static const char *over_limit(const struct stp_session *s,
+                              const struct stp_counts *n)
 {
-    if (s->srv->n_sessions > s->gen->cfg.max_connections)
+    if (n->total > s->gen->cfg.max_connections)
         return "max_connections";
-    if (s->lst->n_sessions > s->lcfg->max_connections)
+    if (n->listener > s->lcfg->max_connections)
         return "listener_max_connections";
-    if (per_ip > s->lcfg->max_connections_per_ip)
+    if (n->per_ip > s->lcfg->max_connections_per_ip)
         return "max_connections_per_ip";
     return NULL;
 }
@@ -545,9 +575,6 @@ int stp_session_accept(struct stp_listener *lst)
     if (!s)
         return -ENOMEM;
     s->magic = SESSION_MAGIC;
-    if (!id_base && getrandom(&id_base, sizeof(id_base), 0) < 0)
-        id_base = (uint64_t)uv_hrtime();
-    s->id = ++id_base;
     s->srv = srv;
     s->lst = lst;
     s->gen = srv->gen;
@@ -580,16 +607,19 @@ int stp_session_accept(struct stp_listener *lst)
     }
     uv_tcp_nodelay(&s->client.tcp, 1);
     int len = sizeof(s->peer_addr);
-    unsigned per_ip = 0;
     if (uv_tcp_getpeername(&s->client.tcp, (struct sockaddr *)&s->peer_addr,
                            &len) == 0) {
         stp_format_addr((struct sockaddr *)&s->peer_addr, s->peer,
                         sizeof(s->peer));
-        per_ip = stp_server_ip_add(srv, &s->peer_addr, 1);
     } else {
         memset(&s->peer_addr, 0, sizeof(s->peer_addr));
         snprintf(s->peer, sizeof(s->peer), "unknown");
     }
+    struct stp_counts counts;
+    stp_shared_count(srv->shared, s->gen, lst->idx, &s->peer_addr, 1,
+                     &counts);
+    s->counted = true;
+    s->id = counts.id;
     len = sizeof(s->local_addr);
     uv_tcp_getsockname(&s->client.tcp, (struct sockaddr *)&s->local_addr,
                        &len);
@@ -615,7 +645,7 @@ int stp_session_accept(struct stp_listener *lst)
     s->open_handles++;
     s->client_seen_ms = s->upstream_seen_ms = s->state_ms = s->start_ms;
 
-    const char *limit = over_limit(s, per_ip);
+    const char *limit = over_limit(s, &counts);
     if (limit) {
         stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
                 limit, s->peer);

@@ -99,10 +99,16 @@ static void begin(struct stp_session *s)
         .ehlo_name = s->gen->cfg.hostname,
         .xclient = NULL,
     };
-    if (s->up->identity == STP_ID_XCLIENT &&
-        stp_xclient_line(xclient, sizeof(xclient),
-                         (struct sockaddr *)&s->peer_addr) > 0)
+    if (s->up->identity == STP_ID_XCLIENT) {
+        /* Never carry on without the identity the upstream relies on. */
+        if (stp_xclient_line(xclient, sizeof(xclient),
+                             (struct sockaddr *)&s->peer_addr) < 0) {
+            stp_upstream_fail(s, STP_UP_FAIL_IDENTITY,
+                              "client address unknown");
+            return;
+        }
         pc.xclient = xclient;
+    }
     if (!(s->prelude = malloc(sizeof(*s->prelude)))) {
         stp_upstream_fail(s, STP_UP_FAIL_PROTOCOL, "out of memory");
         return;
@@ -239,6 +245,15 @@ void stp_upstream_event(struct stp_conn *c, enum stp_io_event ev, int err)
 
 void stp_upstream_timeout(struct stp_session *s)
 {
+    if (s->state == STP_SS_RELAY) {
+        stp_log(STP_LOG_WARN,
+                SID " event=upstream_error upstream=%s address=%s "
+                    "error=\"no greeting\"",
+                s->id, s->up->name, s->up->address_text);
+        s->reason = "upstream_greeting_timeout";
+        stp_smtp_upstream_unreachable(&s->smtp);
+        return;
+    }
     if (s->state == STP_SS_CONNECTING) {
         stp_log(STP_LOG_WARN,
                 SID " event=upstream_error upstream=%s address=%s "

@@ -154,11 +154,12 @@ static void test_errors(void)
         /* values */
         {"[proxy]\nlog_level = loud\n", "t.ini:2: invalid value 'loud' for "
                                         "log_level (expected error, warn, info or debug)"},
-        {"[proxy]\nworkers = 2\n", "t.ini:2: workers > 1 is not supported yet"},
+        {"[proxy]\nworkers = 257\n", "t.ini:2: invalid value '257' for workers "
+                                     "(expected a number from 1 to 256 or auto)"},
         {"[proxy]\nworkers = 0\n", "t.ini:2: invalid value '0' for workers "
-                                   "(expected a positive number or auto)"},
+                                   "(expected a number from 1 to 256 or auto)"},
         {"[proxy]\nworkers = many\n", "t.ini:2: invalid value 'many' for workers "
-                                      "(expected a positive number or auto)"},
+                                      "(expected a number from 1 to 256 or auto)"},
         {"[proxy]\nhostname = mx example\n",
          "t.ini:2: invalid value 'mx example' for hostname (expected a host name)"},
         {"[listener a]\nlisten = localhost:25\n",
@@ -334,7 +335,11 @@ static void test_defaults(void)
 
     CHECK(stp_config_parse_string("t.ini", "[proxy]\nworkers = AUTO\n" MINIMAL,
                                   &cfg, err, sizeof(err)) == 0);
-    CHECK(cfg.workers == 1);
+    CHECK(cfg.workers == 0); /* one per CPU, decided at start */
+    stp_config_free(&cfg);
+    CHECK(stp_config_parse_string("t.ini", "[proxy]\nworkers = 4\n" MINIMAL,
+                                  &cfg, err, sizeof(err)) == 0);
+    CHECK(cfg.workers == 4);
     stp_config_free(&cfg);
 }
 

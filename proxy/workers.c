@@ -1,0 +1,170 @@
+/* Worker threads. Each owns a loop, its sockets, its sessions and its buffer
+ * pool; they share only the configuration generation (read-only, atomic
+ * reference count) and the limits' tallies (one mutex, taken when a session
+ * starts and ends). Commands reach a worker through its uv_async. */
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "workers.h"
+
+enum { CMD_RELOAD = 1, CMD_STOP = 2, CMD_FORCE = 4 };
+
+struct stp_worker {
+    struct stp_workers *ws;
+    int n;
+    pthread_t thread;
+    bool started;
+    uv_loop_t loop;
+    uv_async_t async;
+    struct stp_server srv;
+    pthread_mutex_t mu;          /* guards cmd and next_gen */
+    unsigned cmd;
+    struct stp_gen *next_gen;
+    bool done;
+};
+
+static void on_command(uv_async_t *a)
+{
+    struct stp_worker *w = a->data;
+    pthread_mutex_lock(&w->mu);
+    unsigned cmd = w->cmd;
+    struct stp_gen *g = w->next_gen;
+    w->cmd = 0;
+    w->next_gen = NULL;
+    pthread_mutex_unlock(&w->mu);
+    if (g) {
+        stp_server_adopt(&w->srv, g);
+        stp_gen_unref(g);
+    }
+    if (cmd & (CMD_STOP | CMD_FORCE))
+        stp_server_stop(&w->srv, cmd & CMD_FORCE);
+}
+
+/* The worker's last session ended while stopping: let its loop run out. */
+static void on_empty(struct stp_server *srv)
+{
+    struct stp_worker *w = (struct stp_worker *)((char *)srv -
+                                                 offsetof(struct stp_worker,
+                                                          srv));
+    if (!uv_is_closing((uv_handle_t *)&w->async))
+        uv_close((uv_handle_t *)&w->async, NULL);
+}
+
+static void *worker_main(void *arg)
+{
+    struct stp_worker *w = arg;
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    pthread_mutex_unlock(&w->mu);
+    uv_async_send(&w->ws->done);
+    return NULL;
+}
+
+static void on_worker_done(uv_async_t *a)
+{
+    struct stp_workers *ws = a->data;
+    for (int i = 0; i < ws->n; i++) {
+        pthread_mutex_lock(&ws->w[i].mu);
+        bool done = ws->w[i].done;
+        pthread_mutex_unlock(&ws->w[i].mu);
+        if (!done)
+            return;
+    }
+    uv_close((uv_handle_t *)&ws->done, NULL);
+    if (ws->on_all_done)
+        ws->on_all_done(ws);
+}
+
+int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
+                     struct stp_gen *gen, int n)
+{
+    memset(ws, 0, sizeof(*ws));
+    if (stp_shared_init(&ws->shared) < 0 ||
+        !(ws->w = calloc((size_t)n, sizeof(*ws->w))))
+        return -ENOMEM;
+    ws->n = n;
+    uv_async_init(main_loop, &ws->done, on_worker_done);
+    ws->done.data = ws;
+    for (int i = 0; i < n; i++) {
+        struct stp_worker *w = &ws->w[i];
+        w->ws = ws;
+        w->n = i;
+        pthread_mutex_init(&w->mu, NULL);
+        if (uv_loop_init(&w->loop) < 0)
+            return -ENOMEM;
+        uv_async_init(&w->loop, &w->async, on_command);
+        w->async.data = w;
+        int r = stp_server_start(&w->srv, &w->loop, gen, &ws->shared, i,
+                                 n > 1);
+        w->srv.on_empty = on_empty;
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+int stp_workers_run(struct stp_workers *ws)
+{
+    for (int i = 0; i < ws->n; i++) {
+        struct stp_worker *w = &ws->w[i];
+        int r = pthread_create(&w->thread, NULL, worker_main, w);
+        if (r != 0)
+            return -r;
+        w->started = true;
+    }
+    return 0;
+}
+
+static void post(struct stp_worker *w, unsigned cmd, struct stp_gen *g)
+{
+    pthread_mutex_lock(&w->mu);
+    w->cmd |= cmd;
+    if (g) {
+        stp_gen_ref(g);
+        if (w->next_gen)
+            stp_gen_unref(w->next_gen);
+        w->next_gen = g;
+    }
+    bool done = w->done;
+    pthread_mutex_unlock(&w->mu);
+    if (!done)
+        uv_async_send(&w->async);
+}
+
+void stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen)
+{
+    for (int i = 0; i < ws->n; i++)
+        post(&ws->w[i], CMD_RELOAD, gen);
+}
+
+void stp_workers_stop(struct stp_workers *ws, bool force)
+{
+    for (int i = 0; i < ws->n; i++)
+        post(&ws->w[i], force ? CMD_FORCE : CMD_STOP, NULL);
+}
+
+unsigned stp_workers_sessions(struct stp_workers *ws)
+{
+    pthread_mutex_lock(&ws->shared.mu);
+    unsigned n = ws->shared.n_sessions;
+    pthread_mutex_unlock(&ws->shared.mu);
+    return n;
+}
+
+void stp_workers_free(struct stp_workers *ws)
+{
+    for (int i = 0; i < ws->n; i++) {
+        struct stp_worker *w = &ws->w[i];
+        if (w->started)
+            pthread_join(w->thread, NULL);
+        uv_loop_close(&w->loop);
+        stp_server_free(&w->srv);
+        stp_gen_unref(w->next_gen);
+        pthread_mutex_destroy(&w->mu);
+    }
+    free(ws->w);
+    stp_shared_free(&ws->shared);
+}
