@@ -245,21 +245,16 @@ void stp_upstream_event(struct stp_conn *c, enum stp_io_event ev, int err)
 
 void stp_upstream_timeout(struct stp_session *s)
 {
-    if (s->state == STP_SS_RELAY) {
+    /* Never reached, or never greeted: as if it could not be reached. */
+    bool greeting = s->state == STP_SS_RELAY;
+    if (greeting || s->state == STP_SS_CONNECTING) {
         stp_log(STP_LOG_WARN,
                 SID " event=upstream_error upstream=%s address=%s "
-                    "error=\"no greeting\"",
-                s->id, s->up->name, s->up->address_text);
-        s->reason = "upstream_greeting_timeout";
-        stp_smtp_upstream_unreachable(&s->smtp);
-        return;
-    }
-    if (s->state == STP_SS_CONNECTING) {
-        stp_log(STP_LOG_WARN,
-                SID " event=upstream_error upstream=%s address=%s "
-                    "error=\"connect timeout\"",
-                s->id, s->up->name, s->up->address_text);
-        s->reason = "upstream_connect_timeout";
+                    "error=\"%s\"",
+                s->id, s->up->name, s->up->address_text,
+                greeting ? "no greeting" : "connect timeout");
+        s->reason = greeting ? "upstream_greeting_timeout"
+                             : "upstream_connect_timeout";
         stp_smtp_upstream_unreachable(&s->smtp);
         return;
     }
