@@ -43,7 +43,7 @@ struct stp_up_ops {
 struct stp_up_cfg {
     bool starttls;          /* upstream tls = starttls */
     const char *ehlo_name;  /* our EHLO argument */
-    const char *xclient;    /* the XCLIENT line to send, or NULL */
+    const char *xclient;    /* the XCLIENT line, or NULL; must outlive P */
 };
 
 struct stp_prelude {

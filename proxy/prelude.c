@@ -1,6 +1,7 @@
 /* The proxy's own SMTP dialogue with the upstream (RFC 3207 as a client,
  * XCLIENT), before any client byte is relayed. A failure at any step ends
  * the session: never a silent fall back to plaintext. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>

@@ -2,6 +2,7 @@
  * collects records from the send callback; wolfSSL never touches a socket. */
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
+#include <wolfssl/openssl/ssl.h>
 #include <wolfssl/wolfcrypt/asn_public.h>
 #include <wolfssl/wolfcrypt/ecc.h>
 #include <wolfssl/wolfcrypt/random.h>
@@ -30,6 +31,8 @@ struct stp_tls {
     const struct stp_tls_io *io;
     void *arg;
     int last_err;
+    bool server;
+    char sni[256];        /* the name the client asked for, "" if none */
 };
 
 /* Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD only. */
@@ -158,13 +161,26 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
         return -EINVAL;
     }
     int ids[STP_ARRAY_LEN(g)], n = 0;
+    char nist[64] = "";
     const char *s = p->groups ? p->groups : default_groups;
     while (*s && n < (int)STP_ARRAY_LEN(g)) {
         size_t len = strcspn(s, ":");
-        for (size_t i = 0; i < STP_ARRAY_LEN(g); i++)
-            if (strlen(g[i].name) == len && strncasecmp(s, g[i].name, len) == 0)
-                ids[n++] = g[i].id;
+        for (size_t i = 0; i < STP_ARRAY_LEN(g); i++) {
+            if (strlen(g[i].name) != len || strncasecmp(s, g[i].name, len))
+                continue;
+            ids[n++] = g[i].id;
+            if (g[i].name[0] == 'P')
+                snprintf(nist + strlen(nist), sizeof(nist) - strlen(nist),
+                         "%s%s", nist[0] ? ":" : "", g[i].name);
+        }
         s += len + (s[len] == ':');
+    }
+    /* TLS 1.2's ECDHE curve is chosen from the enabled ones; this wolfSSL
+     * knows only the NIST names there (X25519 stays a TLS 1.3 key share).
+     * set_groups last: it sets the TLS 1.3 key shares, X25519 included. */
+    if (nist[0] && wolfSSL_CTX_set1_groups_list(ctx, nist) != WOLFSSL_SUCCESS) {
+        snprintf(err, errlen, "groups '%s' are not available", nist);
+        return -EINVAL;
     }
     if (wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS) {
         snprintf(err, errlen, "groups '%s' are not available",
@@ -349,6 +365,7 @@ int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
     }
     t->io = io;
     t->arg = arg;
+    t->server = !ctx->client;
     wolfSSL_SetIOReadCtx(t->ssl, t);
     wolfSSL_SetIOWriteCtx(t->ssl, t);
     if (ctx->client && server_name) {
@@ -433,9 +450,39 @@ const char *stp_tls_cipher(const struct stp_tls *t)
     return wolfSSL_get_cipher_name(t->ssl);
 }
 
+/* wolfSSL keeps the client's server name only when it matched one of ours;
+ * logs and PROXY v2 want it in any case, so it is read from the
+ * ClientHello itself. */
+void stp_tls_note_client_hello(struct stp_tls *t, const char *buf, size_t n)
+{
+    unsigned int sz = sizeof(t->sni) - 1;
+    if (!t->server || t->sni[0] || n > UINT32_MAX)
+        return;
+    if (wolfSSL_SNI_GetFromBuffer((const unsigned char *)buf, (unsigned)n,
+                                  WOLFSSL_SNI_HOST_NAME,
+                                  (unsigned char *)t->sni,
+                                  &sz) == WOLFSSL_SUCCESS)
+        t->sni[STP_MIN(sz, sizeof(t->sni) - 1)] = '\0';
+    else
+        t->sni[0] = '\0';
+}
+
 const char *stp_tls_sni(const struct stp_tls *t)
 {
+    if (t->sni[0])
+        return t->sni;
     return wolfSSL_get_servername(t->ssl, WOLFSSL_SNI_HOST_NAME);
+}
+
+bool stp_tls_peer_cn(const struct stp_tls *t, char *buf, size_t len)
+{
+    WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(t->ssl);
+    if (!x)
+        return false;
+    int n = wolfSSL_X509_NAME_get_text_by_NID(wolfSSL_X509_get_subject_name(x),
+                                              NID_commonName, buf, (int)len);
+    wolfSSL_X509_free(x);
+    return n > 0;
 }
 
 bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len)

@@ -109,10 +109,14 @@ static void begin(struct stp_session *s)
         }
         pc.xclient = xclient;
     }
-    if (!(s->prelude = malloc(sizeof(*s->prelude)))) {
+    /* The XCLIENT line lives right after the prelude, as long as it. */
+    size_t xl = pc.xclient ? strlen(pc.xclient) + 1 : 0;
+    if (!(s->prelude = malloc(sizeof(*s->prelude) + xl))) {
         stp_upstream_fail(s, STP_UP_FAIL_PROTOCOL, "out of memory");
         return;
     }
+    if (pc.xclient)
+        pc.xclient = memcpy((char *)(s->prelude + 1), pc.xclient, xl);
     stp_up_init(s->prelude, &pc, &prelude_ops, s);
     stp_session_transition(s, STP_SS_PRELUDE);
 }
@@ -134,7 +138,7 @@ static void send_proxy_header(struct stp_session *s)
             ti.version = stp_tls_version(s->client.tls);
             ti.cipher = stp_tls_cipher(s->client.tls);
             ti.sni = stp_tls_sni(s->client.tls);
-            if (stp_tls_peer_subject(s->client.tls, cn, sizeof(cn))) {
+            if (stp_tls_peer_cn(s->client.tls, cn, sizeof(cn))) {
                 ti.cn = cn;
                 ti.cert_verified = true; /* the handshake verified it */
             }
