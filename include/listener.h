@@ -87,6 +87,10 @@ void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
 int stp_server_start(struct stp_server *srv, uv_loop_t *loop,
                      struct stp_gen *gen, struct stp_shared *shared,
                      int worker, bool reuseport);
+/* Before a reload: can every address NEW adds to OLD be bound? ERR gets
+ * "FILE:LINE: ..." for the first that cannot. */
+int stp_gen_check_bind(const struct stp_gen *new, const struct stp_gen *old,
+                       bool reuseport, char *err, size_t errlen);
 /* SIGHUP: switch new sessions to GEN (the server takes a reference): its
  * listeners are bound first; if one cannot be, nothing changes. */
 int stp_server_adopt(struct stp_server *srv, struct stp_gen *gen);

@@ -1,6 +1,7 @@
 /* The server: configuration generations with their TLS contexts, listening
  * sockets, per-address connection counts, reload and shutdown. */
 #include <string.h>
+#include <unistd.h>
 #include <sys/random.h>
 
 #include "listener.h"
@@ -289,6 +290,37 @@ static bool same_addr(const struct sockaddr_storage *a,
     size_t len = a->ss_family == AF_INET ? sizeof(struct sockaddr_in)
                                          : sizeof(struct sockaddr_in6);
     return a->ss_family == b->ss_family && memcmp(a, b, len) == 0;
+}
+
+int stp_gen_check_bind(const struct stp_gen *new, const struct stp_gen *old,
+                       bool reuseport, char *err, size_t errlen)
+{
+    for (int i = 0; i < new->cfg.n_listeners; i++) {
+        const struct stp_listener_cfg *lc = &new->cfg.listeners[i];
+        bool kept = false;
+        for (int j = 0; j < old->cfg.n_listeners && !kept; j++)
+            kept = same_addr(&lc->addr, &old->cfg.listeners[j].addr);
+        if (kept)
+            continue;
+        int fd = socket(lc->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int one = 1, e = fd < 0 ? errno : 0;
+        if (!e && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one,
+                              sizeof(one)) < 0 ||
+                   (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one,
+                                            sizeof(one)) < 0) ||
+                   bind(fd, (const struct sockaddr *)&lc->addr,
+                        sizeof(lc->addr)) < 0))
+            e = errno;
+        if (fd >= 0)
+            close(fd);
+        if (e) {
+            snprintf(err, errlen, "%s:%d: listener '%s': cannot listen on %s: %s",
+                     new->cfg.path, lc->line, lc->name, lc->listen_text,
+                     strerror(e));
+            return -e;
+        }
+    }
+    return 0;
 }
 
 int stp_server_start(struct stp_server *srv, uv_loop_t *loop,

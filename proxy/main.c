@@ -20,6 +20,7 @@
 static struct stp_workers workers;
 static uv_signal_t sig_term, sig_int, sig_hup;
 static const char *config_path = DEFAULT_CONFIG;
+static struct stp_gen *current; /* the configuration last handed out */
 
 static void usage(FILE *f)
 {
@@ -49,7 +50,13 @@ static void reload(void)
 {
     struct stp_gen *g;
     char err[1024];
-    if (stp_gen_new(config_path, &g, err, sizeof(err)) < 0) {
+    int r = stp_gen_new(config_path, &g, err, sizeof(err));
+    /* New addresses are tried here, so "ok" means the workers can bind. */
+    if (r == 0 &&
+        (r = stp_gen_check_bind(g, current, workers.n > 1, err,
+                                sizeof(err))) < 0)
+        stp_gen_unref(g);
+    if (r < 0) {
         stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
         return;
     }
@@ -60,7 +67,8 @@ static void reload(void)
     stp_workers_reload(&workers, g);
     stp_log(STP_LOG_INFO, "event=reload status=ok listeners=%d sessions=%u",
             g->cfg.n_listeners, stp_workers_sessions(&workers));
-    stp_gen_unref(g);
+    stp_gen_unref(current);
+    current = g; /* the workers took their own references */
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -179,7 +187,7 @@ int main(int argc, char **argv)
         drop_privileges(&gen->cfg) < 0)
         return 1;
     workers.on_all_done = close_signals;
-    stp_gen_unref(gen); /* the workers hold it */
+    current = gen;
     if (stp_workers_run(&workers) < 0)
         return 1;
     stp_log(STP_LOG_INFO, "event=started version=%s pid=%d workers=%d",
@@ -188,6 +196,7 @@ int main(int argc, char **argv)
     uv_run(loop, UV_RUN_DEFAULT);
 
     stp_workers_free(&workers);
+    stp_gen_unref(current);
     stp_log(STP_LOG_INFO, "event=stopped");
     uv_loop_close(loop);
     stp_tls_global_cleanup();

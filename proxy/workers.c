@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io.h"
 #include "log.h"
 #include "workers.h"
 
@@ -56,6 +57,7 @@ static void *worker_main(void *arg)
 {
     struct stp_worker *w = arg;
     uv_run(&w->loop, UV_RUN_DEFAULT);
+    stp_buf_pool_trim(); /* this thread's pool */
     pthread_mutex_lock(&w->mu);
     w->done = true;
     pthread_mutex_unlock(&w->mu);

@@ -127,3 +127,59 @@ def proxy_scripted(make_proxy, scripted):
 def proxy_aio(make_proxy, aio):
     """(proxy, aiosmtpd upstream) with the default listener: STARTTLS required."""
     return make_proxy(aio), aio
+
+
+# --- TLS edges: certificates, TLS upstreams, Postfix -------------------------
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """Test CAs and certificates (stp_harness.Pki), made once per session."""
+    return h.Pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture
+def make_aio():
+    """Factory: make_aio(**AioUpstream options) -> started aiosmtpd upstream
+    (ssl_context= implicit TLS, tls_context= STARTTLS, proxy_protocol_timeout=)."""
+    made = []
+
+    def make(**kw):
+        u = h.AioUpstream(**kw).start()
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        u.stop()
+
+
+@pytest.fixture
+def make_raw():
+    """Factory: make_raw(**RawUpstream options) -> started byte-recording upstream."""
+    made = []
+
+    def make(**kw):
+        u = h.RawUpstream(**kw).start()
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        u.stop()
+
+
+@pytest.fixture(scope="session")
+def postfix(pki):
+    """A private Postfix instance (stp_harness.PostfixInstance), started once
+    per session for the tests that ask for it, stopped at the end."""
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix="stp-postfix-")
+    pf = h.PostfixInstance(base, pki.upstream)
+    try:
+        pf.start()
+        yield pf
+    finally:
+        pf.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -1205,6 +1205,22 @@ def peer_cn(output):
 PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
+def tls_records(data):
+    """Split DATA into TLS records: [(content_type, length)]. Fails if DATA is
+    anything else than whole TLS records (e.g. plaintext SMTP after them)."""
+    out = []
+    i = 0
+    while i < len(data):
+        head = data[i:i + 5]
+        assert len(head) == 5 and head[0] in (0x14, 0x15, 0x16, 0x17) and head[1] == 3, \
+            "not a TLS record at offset %d: %r" % (i, data[i:i + 40])
+        n = int.from_bytes(head[3:5], "big")
+        assert i + 5 + n <= len(data), "truncated TLS record at offset %d" % i
+        out.append((head[0], n))
+        i += 5 + n
+    return out
+
+
 class RawConn:
     """What one connection to a RawUpstream received."""
 
@@ -1301,6 +1317,16 @@ class _Wire:
             self.obj.write(data)
             self._flush()
 
+    def _drain(self, timeout=2.0):
+        """After a failed handshake: keep recording whatever else arrives
+        until the peer closes (or TIMEOUT)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self._recv_raw():
+                pass
+        except (EOFError, OSError):
+            pass
+
     def start_tls(self, ctx, sni_map):
         """Server handshake. Bytes already buffered are the first TLS bytes."""
         self.rec.tls_at = len(self.rec.raw) - len(self.buf)
@@ -1322,6 +1348,7 @@ class _Wire:
             except OSError:
                 pass
             self.rec.handshake = "error: %s" % e
+            self._drain()
             raise EOFError
         except (EOFError, OSError) as e:
             self.rec.handshake = "error: peer closed during the handshake (%s)" % (
