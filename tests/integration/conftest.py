@@ -33,16 +33,7 @@ def tls_files(tmp_path_factory):
 @pytest.fixture
 def make_scripted():
     """Factory: make_scripted(**ScriptedUpstream options) -> started upstream."""
-    made = []
-
-    def make(**kw):
-        u = h.ScriptedUpstream(**kw).start()
-        made.append(u)
-        return u
-
-    yield make
-    for u in made:
-        u.stop()
+    yield from h.started_factory(h.ScriptedUpstream)
 
 
 @pytest.fixture
@@ -142,31 +133,13 @@ def pki(tmp_path_factory):
 def make_aio():
     """Factory: make_aio(**AioUpstream options) -> started aiosmtpd upstream
     (ssl_context= implicit TLS, tls_context= STARTTLS, proxy_protocol_timeout=)."""
-    made = []
-
-    def make(**kw):
-        u = h.AioUpstream(**kw).start()
-        made.append(u)
-        return u
-
-    yield make
-    for u in made:
-        u.stop()
+    yield from h.started_factory(h.AioUpstream)
 
 
 @pytest.fixture
 def make_raw():
     """Factory: make_raw(**RawUpstream options) -> started byte-recording upstream."""
-    made = []
-
-    def make(**kw):
-        u = h.RawUpstream(**kw).start()
-        made.append(u)
-        return u
-
-    yield make
-    for u in made:
-        u.stop()
+    yield from h.started_factory(h.RawUpstream)
 
 
 @pytest.fixture(scope="session")

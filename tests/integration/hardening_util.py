@@ -230,6 +230,22 @@ def receive_rest(conn, first, timeout=5.0):
     return first + conn.read_until_closed(timeout=timeout)
 
 
+def drip(conn, pieces, wait, timeout=3.0, default=None, send_errors=()):
+    """Send PIECES one at a time, polling WAIT seconds after each for the
+    server's answer. Returns what came (through receive_rest, TIMEOUT to
+    the close), b"" when a send raised one of SEND_ERRORS, or DEFAULT when
+    every piece went out without an answer."""
+    for piece in pieces:
+        try:
+            conn.send(piece)
+        except send_errors:
+            return b""
+        d = poll_recv(conn, wait)
+        if d is not None:
+            return receive_rest(conn, d, timeout=timeout)
+    return default
+
+
 def is_closed(conn, timeout=5.0):
     """True when the peer closed (EOF or reset) within TIMEOUT with nothing
     more to read; raises if data arrives instead."""
@@ -404,7 +420,7 @@ class Peer:
         reset_close(self.conn)
 
 
-class FaultUpstream:
+class FaultUpstream(h.ThreadedUpstream):
     """A threaded upstream speaking ordinary SMTP (greeting, EHLO, MAIL,
     RCPT, DATA, RSET, NOOP, QUIT), except where a hook takes over.
 
@@ -418,6 +434,9 @@ class FaultUpstream:
     """
 
     EHLO = [b"upstream.test hello", b"PIPELINING", b"8BITMIME", b"ENHANCEDSTATUSCODES"]
+    RECORD = FaultSession
+    BACKLOG = 128
+    JOIN_WORKERS = False
 
     def __init__(self, hooks=None, fault_sessions=1, ehlo=None):
         self.hooks = {k.upper(): v for k, v in (hooks or {}).items()}
@@ -426,55 +445,10 @@ class FaultUpstream:
         self.sessions = []
         self.messages = []
         self.lock = threading.Condition()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.address = "127.0.0.1:%d" % self.port
-        self._conns = []
-        self._stopping = False
-        self._t = threading.Thread(target=self._accept_loop, daemon=True)
-
-    def start(self):
-        self._t.start()
-        return self
-
-    def stop(self):
-        self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._t.join(5)
+        self._listen("127.0.0.1")
 
     def wait_sessions(self, n, timeout=5.0):
-        assert h.wait_until(lambda: len(self.sessions) >= n, timeout), \
-            "upstream saw %d sessions, expected %d" % (len(self.sessions), n)
-
-    def wait_closed(self, timeout=5.0):
-        for s in list(self.sessions):
-            assert s.closed.wait(timeout), "upstream session %d still open" % s.index
-
-    def _accept_loop(self):
-        while not self._stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                sess = FaultSession(len(self.sessions))
-                self.sessions.append(sess)
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, sess), daemon=True).start()
+        self._wait_records(n, timeout)
 
     def _serve(self, conn, sess):
         conn.settimeout(30)
@@ -505,7 +479,7 @@ class FaultUpstream:
                 line = read_line().rstrip(b"\n").rstrip(b"\r")
                 with self.lock:
                     sess.commands.append(line)
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("latin-1")
+                verb = h.command_verb(line)
                 if verb in hooks:
                     if hooks[verb](peer, line) is True:
                         continue
@@ -540,22 +514,9 @@ class FaultUpstream:
         except (EOFError, OSError):
             pass
         finally:
-            try:
-                conn.close()
-            except OSError:
-                pass
-            sess.closed.set()
+            self._close(conn, sess)
 
 
 @pytest.fixture
 def make_fault_upstream():
-    made = []
-
-    def make(**kw):
-        u = FaultUpstream(**kw).start()
-        made.append(u)
-        return u
-
-    yield make
-    for u in made:
-        u.stop()
+    yield from h.started_factory(FaultUpstream)

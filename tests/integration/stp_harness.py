@@ -49,6 +49,16 @@ def daemon_binary():
     return path
 
 
+def read_text(path):
+    """The text of the file at PATH (UTF-8, bad bytes replaced); "" while
+    it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
 def require_program(name, package, paths=()):
     """Absolute path of NAME, or FAIL naming the Debian package."""
     for p in paths:
@@ -61,6 +71,24 @@ def require_program(name, package, paths=()):
             pytrace=False,
         )
     return found
+
+
+def run_tool(argv, timeout=30, **kw):
+    """Run a client program: no stdin, stdout and stderr together."""
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=timeout, **kw)
+
+
+def curl_upload(url, msg, tmp_path):
+    """Send MSG with curl to URL (smtp:// for STARTTLS, smtps:// for
+    implicit TLS), from b@example.org to a@example.net. Returns the
+    CompletedProcess."""
+    curl = require_program("curl", "curl")
+    f = tmp_path / "msg.eml"
+    f.write_bytes(msg)
+    return run_tool([curl, "-sS", "--ssl-reqd", "-k", "--max-time", "20", url,
+                     "--mail-from", "b@example.org", "--mail-rcpt", "a@example.net",
+                     "-T", str(f)])
 
 
 def free_port(family=socket.AF_INET, host="127.0.0.1"):
@@ -123,21 +151,16 @@ def render_config(proxy=None, listeners=(), upstreams=()):
     # suite asks (test_privileges.py covers dropping to another user).
     if os.geteuid() == 0:
         proxy.setdefault("user", "root")
-    for k, v in proxy.items():
-        if v is not None:
-            out.append("%s = %s" % (k, v))
-    for name, opts in listeners:
-        out.append("")
-        out.append("[listener %s]" % name)
-        for k, v in opts.items():
-            if v is not None:
-                out.append("%s = %s" % (k, v))
-    for name, opts in upstreams:
-        out.append("")
-        out.append("[upstream %s]" % name)
-        for k, v in opts.items():
-            if v is not None:
-                out.append("%s = %s" % (k, v))
+
+    def keys(opts):
+        out.extend("%s = %s" % (k, v) for k, v in opts.items() if v is not None)
+
+    keys(proxy)
+    for kind, sections in (("listener", listeners), ("upstream", upstreams)):
+        for name, opts in sections:
+            out.append("")
+            out.append("[%s %s]" % (kind, name))
+            keys(opts)
     return "\n".join(out) + "\n"
 
 
@@ -256,11 +279,7 @@ class Proxy:
     # -- log --
 
     def log_text(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return read_text(self.log_path)
 
     def log_tail(self, n=60):
         return "\n".join(self.log_text().splitlines()[-n:])
@@ -379,6 +398,12 @@ class SmtpConn:
             assert text in r.text, "%r: expected %r in reply, got %r" % (line, text, r.raw)
         return r
 
+    def begin_data(self, mail_from="b@example.org", rcpt="a@example.net"):
+        """MAIL FROM, RCPT TO and DATA, expecting 250, 250 and 354."""
+        self.expect("MAIL FROM:<%s>" % mail_from, 250)
+        self.expect("RCPT TO:<%s>" % rcpt, 250)
+        return self.expect("DATA", 354)
+
     def greeting(self, code=220):
         r = self.read_reply()
         assert r.code == code, "greeting: expected %d, got %r" % (code, r.raw)
@@ -457,6 +482,126 @@ def open_session(port, host="127.0.0.1", ehlo="client.test", tls=True, timeout=I
     return c, r
 
 
+def started_factory(cls):
+    """The body of a factory fixture: yields make(**kw), which builds and
+    starts a CLS(**kw); every one made is stopped at teardown. Use it as
+    ``yield from started_factory(cls)``."""
+    made = []
+
+    def make(**kw):
+        u = cls(**kw).start()
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        u.stop()
+
+
+# ---------------------------------------------------------------------------
+# what every threaded upstream shares
+
+
+def command_verb(line):
+    """The verb of a command line (bytes): the text before the first space
+    or colon, upper-cased, as str."""
+    return line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("latin-1")
+
+
+class ThreadedUpstream:
+    """A listening socket, an accept loop that gives every connection a
+    record and a thread running ``self._serve(conn, record)``, and stop().
+
+    Subclasses set RECORD (the per-connection record class, built with its
+    index), RECORDS (the attribute holding the list of records) and NOUN
+    (for messages), call ``self._listen(host)`` after setting ``self.lock``,
+    and define ``_serve``.
+    """
+
+    RECORD = None
+    RECORDS = "sessions"
+    NOUN = "session"
+    BACKLOG = 64
+    JOIN_WORKERS = True    # stop() waits for the per-connection threads
+
+    def _listen(self, host="127.0.0.1"):
+        v6 = ":" in host
+        self.sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(self.BACKLOG)
+        self.port = self.sock.getsockname()[1]
+        self.address = ("[%s]:%d" if v6 else "%s:%d") % (host, self.port)
+        self._conns = []
+        self._threads = []
+        self._stopping = False
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    def _records(self):
+        return getattr(self, self.RECORDS)
+
+    def start(self):
+        self._accept_thread.start()
+        return self
+
+    def _shutdown_conns(self):
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._shutdown_conns()
+        self._accept_thread.join(5)
+        if self.JOIN_WORKERS:
+            for t in self._threads:
+                t.join(5)
+
+    def _wait_records(self, n, timeout):
+        records = self._records()
+        ok = wait_until(lambda: len(records) >= n, timeout)
+        assert ok, "upstream saw %d %ss, expected %d" % (len(records), self.NOUN, n)
+        return records
+
+    def wait_closed(self, timeout=5.0):
+        """Wait until every connection seen so far has ended."""
+        for r in list(self._records()):
+            assert r.closed.wait(timeout), "upstream %s %d still open" % (self.NOUN, r.index)
+
+    @staticmethod
+    def _close(conn, rec):
+        """The end of a _serve: close the socket, mark the record closed."""
+        try:
+            conn.close()
+        except OSError:
+            pass
+        rec.closed.set()
+
+    def _accept_loop(self):
+        while not self._stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                records = self._records()
+                rec = self.RECORD(len(records))
+                records.append(rec)
+                self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn, rec), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+
 # ---------------------------------------------------------------------------
 # a scripted upstream SMTP server
 
@@ -484,7 +629,7 @@ class UpstreamSession:
         self.closed = threading.Event()
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(ThreadedUpstream):
     """A threaded SMTP server.
 
     It is deliberately lenient: a line ends at LF (a preceding CR is dropped),
@@ -503,6 +648,8 @@ class ScriptedUpstream:
     greeting_code: 220, or e.g. 421/554 for an upstream that refuses
     """
 
+    RECORD = UpstreamSession
+
     def __init__(self, greeting=("upstream.test ESMTP scripted",), ehlo=DEFAULT_EHLO,
                  replies=None, drop_in_data_after=None, fault_sessions=1, host="127.0.0.1",
                  data_gate=None, delays=None, greeting_code=220):
@@ -518,49 +665,11 @@ class ScriptedUpstream:
         self.messages = []     # accepted: dict(mail_from, rcpts, content)
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        v6 = ":" in host
-        self.sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.address = ("[%s]:%d" if v6 else "%s:%d") % (host, self.port)
-        self._conns = []
-        self._threads = []
-        self._stopping = False
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True)
-
-    def start(self):
-        self._accept_thread.start()
-        return self
-
-    def stop(self):
-        self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._accept_thread.join(5)
-        for t in self._threads:
-            t.join(5)
+        self._listen(host)
 
     def hang_up(self):
         """Close every open session from the server side."""
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._shutdown_conns()
 
     # -- views for assertions --
 
@@ -578,13 +687,7 @@ class ScriptedUpstream:
         return [c for c in self.all_commands() if needle.lower() in c.lower()]
 
     def wait_sessions(self, n, timeout=5.0):
-        ok = wait_until(lambda: len(self.sessions) >= n, timeout)
-        assert ok, "upstream saw %d sessions, expected %d" % (len(self.sessions), n)
-
-    def wait_closed(self, timeout=5.0):
-        """Wait until every session seen so far has ended."""
-        for s in list(self.sessions):
-            assert s.closed.wait(timeout), "upstream session %d still open" % s.index
+        self._wait_records(n, timeout)
 
     def wait_messages(self, n, timeout=10.0):
         with self.cond:
@@ -594,20 +697,6 @@ class ScriptedUpstream:
         return self.messages
 
     # -- server --
-
-    def _accept_loop(self):
-        while not self._stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                sess = UpstreamSession(len(self.sessions))
-                self.sessions.append(sess)
-                self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn, sess), daemon=True)
-            self._threads.append(t)
-            t.start()
 
     def _serve(self, conn, sess):
         conn.settimeout(30)
@@ -666,7 +755,7 @@ class ScriptedUpstream:
                 line = raw.rstrip(b"\n").rstrip(b"\r")
                 with self.lock:
                     sess.commands.append(line)
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("latin-1")
+                verb = command_verb(line)
                 arg = line[len(verb):].strip()
                 if verb in self.delays:
                     time.sleep(self.delays[verb])
@@ -779,11 +868,7 @@ class ScriptedUpstream:
         except (EOFError, OSError, ValueError):
             pass
         finally:
-            try:
-                conn.close()
-            except OSError:
-                pass
-            sess.closed.set()
+            self._close(conn, sess)
 
 
 # ---------------------------------------------------------------------------
@@ -1098,17 +1183,24 @@ class Pki:
         return CertPair(name, cert, key, cn)
 
 
-def server_tls_context(pair, minimum=None, maximum=None, ciphers=None, client_ca=None,
-                       require_client_cert=False):
-    """A Python (OpenSSL) server context with PAIR's certificate."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(pair.cert, pair.key)
+def limit_tls(ctx, minimum=None, maximum=None, ciphers=None):
+    """Restrict CTX to CIPHERS and the MINIMUM..MAXIMUM protocol versions
+    (each only when given). Returns CTX."""
     if ciphers:
         ctx.set_ciphers(ciphers)
     if minimum is not None:
         ctx.minimum_version = minimum
     if maximum is not None:
         ctx.maximum_version = maximum
+    return ctx
+
+
+def server_tls_context(pair, minimum=None, maximum=None, ciphers=None, client_ca=None,
+                       require_client_cert=False):
+    """A Python (OpenSSL) server context with PAIR's certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pair.cert, pair.key)
+    limit_tls(ctx, minimum, maximum, ciphers)
     if client_ca is not None:
         ctx.load_verify_locations(client_ca.cert)
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
@@ -1363,7 +1455,7 @@ class _Wire:
         self.rec.peer_cert = obj.getpeercert(binary_form=True)
 
 
-class RawUpstream:
+class RawUpstream(ThreadedUpstream):
     """A threaded SMTP server that records every byte it receives (RawConn.raw)
     and each command line with whether it came inside TLS. For the upstream
     TLS tests, hostile or not.
@@ -1378,6 +1470,10 @@ class RawUpstream:
     proxy_header:   read a PROXY v1/v2 header before anything else
     ssl_context:    a server context to use instead of one made from PAIR
     """
+
+    RECORD = RawConn
+    RECORDS = "conns"
+    NOUN = "connection"
 
     def __init__(self, tls=None, pair=None, offer_starttls=True, replies=None, xclient=False,
                  proxy_header=False, ssl_context=None,
@@ -1399,47 +1495,10 @@ class RawUpstream:
         self.conns = []
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.address = "%s:%d" % (host, self.port)
-        self._socks = []
-        self._threads = []
-        self._stopping = False
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True)
-
-    def start(self):
-        self._accept_thread.start()
-        return self
-
-    def stop(self):
-        self._stopping = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        with self.lock:
-            socks = list(self._socks)
-        for c in socks:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._accept_thread.join(5)
-        for t in self._threads:
-            t.join(5)
+        self._listen(host)
 
     def wait_conns(self, n, timeout=5.0):
-        ok = wait_until(lambda: len(self.conns) >= n, timeout)
-        assert ok, "upstream saw %d connections, expected %d" % (len(self.conns), n)
-        return self.conns
-
-    def wait_closed(self, timeout=5.0):
-        for c in list(self.conns):
-            assert c.closed.wait(timeout), "upstream connection %d still open" % c.index
+        return self._wait_records(n, timeout)
 
     def wait_messages(self, n, timeout=10.0):
         def count():
@@ -1448,20 +1507,6 @@ class RawUpstream:
         assert ok, "upstream got %d messages, expected %d; lines %r" % (
             count(), n, [c.lines for c in self.conns])
         return [m for c in self.conns for m in c.messages]
-
-    def _accept_loop(self):
-        while not self._stopping:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                rec = RawConn(len(self.conns))
-                self.conns.append(rec)
-                self._socks.append(s)
-            t = threading.Thread(target=self._serve, args=(s, rec), daemon=True)
-            self._threads.append(t)
-            t.start()
 
     def _ehlo(self, w):
         lines = ["upstream.test raw", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
@@ -1494,7 +1539,7 @@ class RawUpstream:
                 line = raw.rstrip(b"\n").rstrip(b"\r")
                 with self.lock:
                     rec.lines.append((line, w.obj is not None))
-                verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("latin-1")
+                verb = command_verb(line)
                 if verb in self.replies:
                     reply = self.replies[verb]
                     w.send(reply)
@@ -1537,11 +1582,7 @@ class RawUpstream:
         except (EOFError, OSError, ValueError, ssl.SSLError):
             pass
         finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
-            rec.closed.set()
+            self._close(sock, rec)
 
 
 # ---------------------------------------------------------------------------
@@ -1696,11 +1737,7 @@ class PostfixInstance:
         return "127.0.0.1:%d" % self.ports[service]
 
     def log_text(self):
-        try:
-            with open(self.maillog, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return read_text(self.maillog)
 
     def wait_log(self, pattern, timeout=10.0):
         """The first match of regex PATTERN in the maillog; fails on timeout."""

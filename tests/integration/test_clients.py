@@ -14,9 +14,7 @@ import pytest
 import stp_harness as h
 
 
-def run(argv, timeout=30, **kw):
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=timeout, **kw)
+run = h.run_tool
 
 
 def test_swaks_delivers_through_starttls(proxy_aio):
@@ -39,14 +37,9 @@ def test_swaks_delivers_through_starttls(proxy_aio):
 
 def test_curl_delivers_through_starttls(proxy_aio, tmp_path):
     proxy, up = proxy_aio
-    curl = h.require_program("curl", "curl")
     msg = (b"From: b@example.org\r\nTo: a@example.net\r\nSubject: curl test\r\n\r\n"
            b"first line\r\n.a line that starts with a dot\r\n..two dots\r\n.\r\nlast line\r\n")
-    f = tmp_path / "msg.eml"
-    f.write_bytes(msg)
-    p = run([curl, "-sS", "--ssl-reqd", "-k", "--max-time", "20",
-             "smtp://127.0.0.1:%d" % proxy.port, "--mail-from", "b@example.org",
-             "--mail-rcpt", "a@example.net", "-T", str(f)])
+    p = h.curl_upload("smtp://127.0.0.1:%d" % proxy.port, msg, tmp_path)
     assert p.returncode == 0, p.stdout.decode("utf-8", "replace")
     env = up.wait_messages(1)[0]
     assert env["mail_from"] == "b@example.org"
@@ -219,9 +212,7 @@ def test_posttls_finger_establishes_tls(proxy_scripted, tmp_path):
     finger = h.require_program("posttls-finger", "postfix", paths=["/usr/sbin/posttls-finger"])
     (tmp_path / "main.cf").write_text("")          # it insists on reading one
     env = dict(os.environ, MAIL_CONFIG=str(tmp_path))
-    p = subprocess.run([finger, "-c", "-l", "encrypt", "[127.0.0.1]:%d" % proxy.port],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=30, env=env)
+    p = run([finger, "-c", "-l", "encrypt", "[127.0.0.1]:%d" % proxy.port], env=env)
     out = p.stdout.decode("utf-8", "replace")
     assert p.returncode == 0, out
     assert re.search(r"TLS connection established to .*: TLSv1\.[23] with cipher", out), out

@@ -47,9 +47,7 @@ def test_slow_client_does_not_block_others(proxy_aio):
     proxy, up = proxy_aio
     slow, _ = h.open_session(proxy.port, tls=True, timeout=20)
     with slow:
-        slow.expect("MAIL FROM:<slow@example.org>", 250)
-        slow.expect("RCPT TO:<a@example.net>", 250)
-        slow.expect("DATA", 354)
+        slow.begin_data("slow@example.org")
         slow.send(b"Subject: slow\r\n\r\npart one\r\n")
         # while the slow one sits in DATA, others get through quickly
         t0 = time.monotonic()

@@ -4,6 +4,7 @@ events, self-signed fallback certificate, IPv6 and several listeners."""
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import textwrap
 
@@ -206,13 +207,17 @@ def test_without_cert_daemon_uses_self_signed_cert_and_warns(make_proxy, scripte
         c.expect("QUIT", 221)
 
 
-def test_ipv6_loopback_listener(make_proxy, aio):
-    import socket
+def require_ipv6_loopback():
+    """Skip the test where ::1 cannot be bound."""
     try:
         with socket.socket(socket.AF_INET6) as s:
             s.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback on this host")
+
+
+def test_ipv6_loopback_listener(make_proxy, aio):
+    require_ipv6_loopback()
     port = h.free_port(socket.AF_INET6, "::1")
     proxy = make_proxy(aio, listen="[::1]:%d" % port)
     c = h.SmtpConn(port, host="::1")
@@ -222,9 +227,7 @@ def test_ipv6_loopback_listener(make_proxy, aio):
         c.expect("STARTTLS", 220)
         c.starttls()
         c.expect("EHLO client.test", 250)
-        c.expect("MAIL FROM:<b@example.org>", 250)
-        c.expect("RCPT TO:<a@example.net>", 250)
-        c.expect("DATA", 354)
+        c.begin_data()
         c.send(b"Subject: v6\r\n\r\nover ::1\r\n.\r\n")
         assert c.read_reply().code == 250
         c.expect("QUIT", 221)
@@ -234,12 +237,7 @@ def test_ipv6_loopback_listener(make_proxy, aio):
 
 
 def test_ipv6_upstream(make_proxy, make_scripted):
-    import socket
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback on this host")
+    require_ipv6_loopback()
     up = make_scripted(host="::1")
     proxy = make_proxy(up)
     c, _ = h.open_session(proxy.port, tls=True)

@@ -105,13 +105,8 @@ def test_dripping_client_inside_tls_gets_421_after_timeout_command(make_scripted
     with c:
         c.expect("MAIL FROM:<b@example.org>", 250)
         t0 = time.monotonic()
-        got = b""
-        for ch in b"RCPT TO:<a@example.net>":
-            c.send(bytes([ch]))
-            d = hu.poll_recv(c, 0.25)
-            if d is not None:
-                got = hu.receive_rest(c, d, timeout=3)
-                break
+        got = hu.drip(c, (bytes([ch]) for ch in b"RCPT TO:<a@example.net>"), 0.25, timeout=3,
+                      default=b"")
         waited = time.monotonic() - t0
         assert got == hu.TIMEOUT_EXCEEDED, got
         assert 0.8 <= waited <= 2.5, "closed %.1fs after the first byte" % waited
@@ -139,9 +134,7 @@ def test_client_stalling_mid_message_gets_421_after_timeout_data(make_scripted, 
     proxy = hu.start(make_proxy, up, timeout_data="1500ms", timeout_idle="30s")
     c = hu.tls_session(proxy.port)
     with c:
-        c.expect("MAIL FROM:<b@example.org>", 250)
-        c.expect("RCPT TO:<a@example.net>", 250)
-        c.expect("DATA", 354)
+        c.begin_data()
         t0 = time.monotonic()
         c.send(b"Subject: stalled\r\n\r\nthe first half of the message\r\n")
         got = c.read_until_closed(timeout=5)
@@ -160,17 +153,10 @@ def test_client_dripping_content_gets_421_after_timeout_data(make_scripted, make
                      timeout_command="30s")
     c = hu.tls_session(proxy.port)
     with c:
-        c.expect("MAIL FROM:<b@example.org>", 250)
-        c.expect("RCPT TO:<a@example.net>", 250)
-        c.expect("DATA", 354)
+        c.begin_data()
         t0 = time.monotonic()
-        got = b""
-        for i in range(40):
-            c.send(b"line %d of a slow message\r\n" % i)
-            d = hu.poll_recv(c, 0.2)
-            if d is not None:
-                got = hu.receive_rest(c, d, timeout=3)
-                break
+        got = hu.drip(c, (b"line %d of a slow message\r\n" % i for i in range(40)), 0.2,
+                      timeout=3, default=b"")
         waited = time.monotonic() - t0
     assert got == hu.TIMEOUT_EXCEEDED, got
     assert 1.2 <= waited <= 3.0, "closed %.1fs after the 354 (timeout_data = 1500ms)" % waited
@@ -201,9 +187,7 @@ def test_whole_message_within_timeout_data_is_delivered(make_scripted, make_prox
     proxy = hu.start(make_proxy, up, timeout_data="2s", timeout_idle="30s")
     c = hu.tls_session(proxy.port)
     with c:
-        c.expect("MAIL FROM:<b@example.org>", 250)
-        c.expect("RCPT TO:<a@example.net>", 250)
-        c.expect("DATA", 354)
+        c.begin_data()
         for i in range(5):
             c.send(b"line %d\r\n" % i)
             time.sleep(0.2)
@@ -226,17 +210,8 @@ def test_half_a_client_hello_dripped_after_starttls_is_closed_after_timeout_hand
         c.expect("EHLO client.test", 250)
         c.expect("STARTTLS", 220)
         t0 = time.monotonic()
-        got = None
-        for b in hello[:len(hello) // 2]:
-            try:
-                c.send(bytes([b]))
-            except (BrokenPipeError, ConnectionResetError):
-                got = b""
-                break
-            d = hu.poll_recv(c, 0.2)
-            if d is not None:
-                got = hu.receive_rest(c, d, timeout=3)
-                break
+        got = hu.drip(c, (bytes([b]) for b in hello[:len(hello) // 2]), 0.2, timeout=3,
+                      send_errors=(BrokenPipeError, ConnectionResetError))
         waited = time.monotonic() - t0
     assert got is not None, "still open after %.1fs of a dripped ClientHello" % waited
     assert b"421" not in got and b"220" not in got, "an SMTP reply inside TLS: %r" % got

@@ -4,7 +4,6 @@ byte, then the session as after STARTTLS."""
 import select
 import socket
 import ssl
-import subprocess
 import uuid
 
 import pytest
@@ -23,9 +22,7 @@ def implicit_proxy(make_proxy, pki):
     return make
 
 
-def run(argv, timeout=30):
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=timeout)
+run = h.run_tool
 
 
 def test_swaks_tls_on_connect_delivers(implicit_proxy, aio):
@@ -49,14 +46,9 @@ def test_swaks_tls_on_connect_delivers(implicit_proxy, aio):
 
 def test_curl_smtps_delivers_byte_exact(implicit_proxy, aio, tmp_path):
     proxy = implicit_proxy(aio)
-    curl = h.require_program("curl", "curl")
     msg = (b"From: b@example.org\r\nTo: a@example.net\r\nSubject: smtps\r\n\r\n"
            b"first line\r\n.a line that starts with a dot\r\n..two dots\r\nlast line\r\n")
-    f = tmp_path / "msg.eml"
-    f.write_bytes(msg)
-    p = run([curl, "-sS", "--ssl-reqd", "-k", "--max-time", "20",
-             "smtps://127.0.0.1:%d" % proxy.port, "--mail-from", "b@example.org",
-             "--mail-rcpt", "a@example.net", "-T", str(f)])
+    p = h.curl_upload("smtps://127.0.0.1:%d" % proxy.port, msg, tmp_path)
     assert p.returncode == 0, p.stdout.decode("utf-8", "replace")
     env = aio.wait_messages(1)[0]
     assert env["mail_from"] == "b@example.org"

@@ -11,24 +11,29 @@ import stp_harness as h
 import hardening_util as hu
 
 
-def abort_starttls_garbage(port, hello):
+def at_starttls(port):
+    """A connection to PORT that has sent EHLO and STARTTLS and read both
+    replies: the next bytes are the client's TLS handshake."""
     c = h.SmtpConn(port, timeout=10)
-    with c:
+    try:
         c.greeting()
         c.send(b"EHLO a.test\r\nSTARTTLS\r\n")
         c.read_reply()
         c.read_reply()
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+def abort_starttls_garbage(port, hello):
+    with at_starttls(port) as c:
         c.send(b"\x16\x03\x01\x00\x10this is not TLS!" * 2)
         c.read_until_closed(timeout=10)
 
 
 def abort_starttls_half_hello(port, hello):
-    c = h.SmtpConn(port, timeout=10)
-    with c:
-        c.greeting()
-        c.send(b"EHLO a.test\r\nSTARTTLS\r\n")
-        c.read_reply()
-        c.read_reply()
+    with at_starttls(port) as c:
         c.send(hello[:len(hello) // 2])
     # closed by us mid-handshake
 

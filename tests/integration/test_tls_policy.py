@@ -27,13 +27,7 @@ def tls_proxy(make_proxy, pki):
 
 
 def client_ctx(minimum=None, maximum=None, ciphers=None, cert=None):
-    ctx = h.client_tls_context()
-    if ciphers:
-        ctx.set_ciphers(ciphers)
-    if minimum is not None:
-        ctx.minimum_version = minimum
-    if maximum is not None:
-        ctx.maximum_version = maximum
+    ctx = h.limit_tls(h.client_tls_context(), minimum, maximum, ciphers)
     if cert is not None:
         ctx.load_cert_chain(cert.cert, cert.key)
     return ctx

@@ -24,9 +24,7 @@ def test_upstream_drop_mid_data_gets_421_4_4_2_never_250(make_scripted, make_pro
     proxy = make_proxy(up)
     c, _ = h.open_session(proxy.port, tls=True, timeout=10)
     with c:
-        c.expect("MAIL FROM:<b@example.org>", 250)
-        c.expect("RCPT TO:<a@example.net>", 250)
-        c.expect("DATA", 354)
+        c.begin_data()
         body = b"Subject: doomed\r\n\r\n" + b"".join(b"line %04d of the message\r\n" % i
                                                  for i in range(80))
         c.send(body + b".\r\n")
@@ -121,9 +119,7 @@ def test_client_stalling_the_tls_handshake_is_closed_after_the_timeout(make_scri
 def test_client_disconnect_mid_data_does_not_complete_the_message(proxy_scripted):
     proxy, up = proxy_scripted
     c, _ = h.open_session(proxy.port, tls=True)
-    c.expect("MAIL FROM:<b@example.org>", 250)
-    c.expect("RCPT TO:<a@example.net>", 250)
-    c.expect("DATA", 354)
+    c.begin_data()
     c.send(b"Subject: unfinished\r\n\r\nsome content\r\n.")   # no final CRLF
     time.sleep(0.2)
     c.close()                                   # abrupt: no QUIT
@@ -149,9 +145,7 @@ def test_slow_upstream_reply_to_end_of_data_is_not_a_client_timeout(make_scripte
     proxy = make_proxy(up, timeout_idle="1s")
     c, _ = h.open_session(proxy.port, tls=True, timeout=10)
     with c:
-        c.expect("MAIL FROM:<b@example.org>", 250)
-        c.expect("RCPT TO:<a@example.net>", 250)
-        c.expect("DATA", 354)
+        c.begin_data()
         c.send(b"Subject: slow filter\r\n\r\nbody\r\n.\r\n")
         r = c.read_reply()
         assert r.code == 250, "waiting for the upstream's reply timed out the client: %r" % r.raw
