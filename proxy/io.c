@@ -294,6 +294,19 @@ static void tls_pump(struct stp_conn *c)
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     struct stp_conn *c = conn_of(s->data);
+    if (nread <= 0) {
+        /* alloc_cb gave a buffer for a read that brought nothing: return it,
+         * or every idle connection would hold one. */
+        struct stp_buf **bp = c->tls ? &c->crx : &c->rx;
+        if (*bp && (*bp)->len == 0) {
+            stp_buf_unref(*bp);
+            *bp = NULL;
+            if (c->tls)
+                c->crx_off = 0;
+            else
+                c->rx_off = 0;
+        }
+    }
     if (nread == 0 || c->closing)
         return;
     if (nread == UV_ENOBUFS) {

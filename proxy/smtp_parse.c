@@ -195,17 +195,22 @@ enum stp_dot_result stp_dot_scan(enum stp_dot_state *st, const char *p,
     for (size_t i = 0; i < n; i++) {
         char c = p[i];
         switch (s) {
-        case STP_DOT_TEXT:
-            /* The common case: skip to the next line-end byte at once. */
-            if (c != '\r' && c != '\n') {
-                const char *q = p + i;
-                while (++q < p + n && *q != '\r' && *q != '\n')
-                    ;
-                i = (size_t)(q - p) - 1;
-                continue;
+        case STP_DOT_TEXT: {
+            /* The common case. Every end (or smuggling) pattern has a '.':
+             * jump to the next one. Without dots the state depends only on
+             * the last two bytes, so the machine resumes two bytes before
+             * it (or before the end) in TEXT. */
+            const char *dot = memchr(p + i, '.', n - i);
+            size_t k = dot ? (size_t)(dot - p) : n;
+            if (k >= i + 2) {
+                i = k - 2;
+                c = p[i];
             }
-            s = c == '\r' ? STP_DOT_CR : STP_DOT_BARE_START;
+            s = c == '\r' ? STP_DOT_CR
+                : c == '\n' ? STP_DOT_BARE_START
+                             : STP_DOT_TEXT;
             break;
+        }
         case STP_DOT_CR:
             s = c == '\n'   ? STP_DOT_LINE_START
                 : c == '\r' ? STP_DOT_CR

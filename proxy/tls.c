@@ -161,7 +161,7 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
         return -EINVAL;
     }
     int ids[STP_ARRAY_LEN(g)], n = 0;
-    char nist[64] = "";
+    char list[64] = "";
     const char *s = p->groups ? p->groups : default_groups;
     while (*s && n < (int)STP_ARRAY_LEN(g)) {
         size_t len = strcspn(s, ":");
@@ -169,20 +169,16 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
             if (strlen(g[i].name) != len || strncasecmp(s, g[i].name, len))
                 continue;
             ids[n++] = g[i].id;
-            if (g[i].name[0] == 'P')
-                snprintf(nist + strlen(nist), sizeof(nist) - strlen(nist),
-                         "%s%s", nist[0] ? ":" : "", g[i].name);
+            snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s",
+                     list[0] ? ":" : "", g[i].name);
         }
         s += len + (s[len] == ':');
     }
-    /* TLS 1.2's ECDHE curve is chosen from the enabled ones; this wolfSSL
-     * knows only the NIST names there (X25519 stays a TLS 1.3 key share).
-     * set_groups last: it sets the TLS 1.3 key shares, X25519 included. */
-    if (nist[0] && wolfSSL_CTX_set1_groups_list(ctx, nist) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "groups '%s' are not available", nist);
-        return -EINVAL;
-    }
-    if (wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS) {
+    /* set1_curves_list is what restricts TLS 1.2's ECDHE curve (wolfSSL's
+     * disabled-curve mask); set_groups then fixes the TLS 1.3 key share
+     * order. */
+    if (wolfSSL_CTX_set1_curves_list(ctx, list) != WOLFSSL_SUCCESS ||
+        wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS) {
         snprintf(err, errlen, "groups '%s' are not available",
                  p->groups ? p->groups : default_groups);
         return -EINVAL;

@@ -180,9 +180,7 @@ def test_ciphers_restrict_the_tls_1_3_suites_s_client_can_negotiate(tls_proxy, s
     assert "Cipher is TLS_AES_256_GCM_SHA384" in out, out[-800:]
 
 
-# TLS 1.3 only: with TLS 1.2 this wolfSSL (5.5.4) chooses the ECDHE curve
-# among all its curves whatever groups says (README, TLS settings).
-@pytest.mark.parametrize("version", ["-tls1_3"])
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
 def test_groups_restrict_the_key_exchange(tls_proxy, scripted, version):
     proxy = tls_proxy(scripted, groups="P-384")
     rc, out = h.s_client(proxy.port, version, "-groups", "X25519")
