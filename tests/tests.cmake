@@ -55,8 +55,12 @@ if(STP_FUZZ)
     set(corpus ${CMAKE_CURRENT_SOURCE_DIR}/tests/fuzz/corpus/${name})
     set(work ${CMAKE_CURRENT_BINARY_DIR}/fuzz-corpus/${name})
     file(MAKE_DIRECTORY ${work})
+    set(dict smtp.dict)
+    if(name STREQUAL "fuzz_config")
+      set(dict config.dict)
+    endif()
     add_test(NAME fuzz_${name}
       COMMAND ${name} -max_total_time=30 -timeout=5
-              -dict=${CMAKE_CURRENT_SOURCE_DIR}/tests/fuzz/smtp.dict ${work} ${corpus})
+              -dict=${CMAKE_CURRENT_SOURCE_DIR}/tests/fuzz/${dict} ${work} ${corpus})
   endforeach()
 endif()

@@ -1,0 +1,63 @@
+/* libFuzzer target for the configuration parser: any text either loads into
+ * a consistent configuration or fails with one "FILE:LINE: message", and
+ * nothing leaks either way (ASan's leak check runs with the fuzzer). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+
+#define CHECK(c, what)                                                         \
+    do {                                                                       \
+        if (!(c)) {                                                            \
+            fprintf(stderr, "check failed: %s\n", what);                       \
+            abort();                                                           \
+        }                                                                      \
+    } while (0)
+
+int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size)
+{
+    char *text = malloc(size + 1);
+    if (!text)
+        return 0;
+    memcpy(text, data, size);
+    text[size] = '\0'; /* the parser takes a string: a NUL ends it */
+
+    struct stp_config cfg;
+    char err[512];
+    int r = stp_config_parse_string("f.ini", text, &cfg, err, sizeof(err));
+    if (r == 0) {
+        CHECK(cfg.n_listeners > 0, "a valid configuration has a listener");
+        for (int i = 0; i < cfg.n_listeners; i++) {
+            const struct stp_listener_cfg *l = &cfg.listeners[i];
+            CHECK(l->upstream != NULL, "every listener's upstream is resolved");
+            CHECK(l->upstream >= cfg.upstreams &&
+                      l->upstream < cfg.upstreams + cfg.n_upstreams,
+                  "the upstream points into the configuration");
+            CHECK(l->max_line >= 512 && l->max_line <= 8192, "max_line range");
+            CHECK(!l->require_tls || l->tls != STP_TLS_NONE,
+                  "require_tls needs TLS");
+            CHECK((l->cert == NULL) == (l->key == NULL), "cert and key pair");
+            CHECK(l->tlsp.min_version <= l->tlsp.max_version, "versions");
+            CHECK(l->timeout_idle_ms > 0 && l->timeout_command_ms > 0,
+                  "timeouts are positive");
+        }
+        for (int i = 0; i < cfg.n_upstreams; i++)
+            CHECK(cfg.upstreams[i].server_name != NULL,
+                  "server_name defaults to the address's host");
+        stp_config_free(&cfg);
+    } else {
+        CHECK(r < 0, "errors are negative");
+        CHECK(strncmp(err, "f.ini:", 6) == 0, "errors start with FILE:");
+        const char *p = err + 6;
+        CHECK(*p >= '0' && *p <= '9', "then a line number");
+        while (*p >= '0' && *p <= '9')
+            p++;
+        CHECK(p[0] == ':' && p[1] == ' ' && p[2] != '\0', "then ': message'");
+        CHECK(strchr(err, '\n') == NULL, "one line");
+        CHECK(cfg.listeners == NULL && cfg.n_listeners == 0,
+              "a failed load leaves nothing behind");
+    }
+    free(text);
+    return 0;
+}
