@@ -47,7 +47,6 @@ struct stp_listener {
     uv_tcp_t tcp;
     struct stp_server *srv;
     int idx;                 /* its [listener] in srv->gen->cfg; -1: closed */
-    unsigned n_sessions;
     char addr[64];
     struct stp_listener *next;
 };

@@ -146,7 +146,6 @@ static void handle_closed(uv_handle_t *h)
     if (s->next)
         s->next->prev = s->prev;
     srv->n_sessions--;
-    s->lst->n_sessions--;
     if (s->counted)
         stp_shared_count(srv->shared, s->gen, s->lcfg - s->gen->cfg.listeners,
                          &s->peer_addr, -1, NULL);
@@ -597,7 +596,6 @@ int stp_session_accept(struct stp_listener *lst)
         s->next->prev = s;
     srv->sessions = s;
     srv->n_sessions++;
-    lst->n_sessions++;
     if ((r = uv_accept((uv_stream_t *)&lst->tcp,
                        (uv_stream_t *)&s->client.tcp)) < 0) {
         s->upstream_closed = true;

@@ -319,6 +319,7 @@ static void set_state(struct sess *s, enum st st)
 /* ---- output --------------------------------------------------------------- */
 
 static void pump_body(struct sess *s);
+static void flush(struct sess *s);
 
 static void write_cb(uv_write_t *req, int status)
 {
@@ -340,22 +341,13 @@ static void write_cb(uv_write_t *req, int status)
         if (s->closing)
             return;
     }
-    if (s->pend.len) {
-        struct obuf t = s->fly;
-        s->fly = s->pend;
-        s->pend = t;
-        s->write_inflight = true;
-        uv_buf_t b = uv_buf_init(s->fly.data, (unsigned)s->fly.len);
-        int r = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &b, 1, write_cb);
-        if (r < 0) {
-            s->write_inflight = false;
-            sess_fail(s, "write failed", uv_strerror(r));
-        }
-    } else if (s->st == ST_CLOSING) {
+    if (s->pend.len)
+        flush(s);
+    else if (s->st == ST_CLOSING)
         sess_close(s);
-    }
 }
 
+/* Swap the pending buffer in and write it (one write in flight). */
 static void flush(struct sess *s)
 {
     if (s->closing || s->write_inflight || !s->pend.len)
