@@ -531,14 +531,19 @@ void stp_smtp_tls_started(struct stp_smtp *s)
     STP_ASSERT(s->phase == STP_PH_STARTTLS || s->phase == STP_PH_CLOSED);
     if (s->phase == STP_PH_CLOSED)
         return;
+    bool open_tx = s->in_tx;
     s->tls = true;
     s->auth_done = false;
     s->in_tx = false;
     s->chunking = false;
     enter(s, STP_PH_COMMAND);
-    /* Clear any plaintext transaction on the upstream; the client must EHLO
-     * again anyway (RFC 3207 4.2). */
-    forward_line(s, "RSET", 4, STP_PEND_RSET_INTERNAL);
+    /* A transaction the upstream accepted in plaintext must not carry over
+     * into the TLS session (RFC 3207 4.2). Without one there is nothing to
+     * clear: envelope state only starts with an accepted MAIL, and the
+     * client's EHLO after TLS resets the rest. Skipping RSET then saves a
+     * round trip on every session. */
+    if (open_tx)
+        forward_line(s, "RSET", 4, STP_PEND_RSET_INTERNAL);
 }
 
 void stp_smtp_upstream_lost(struct stp_smtp *s)
