@@ -106,6 +106,8 @@ int stp_conn_write_ref(struct stp_conn *c, struct stp_conn *from,
                        const char *p, size_t n);
 /* Encrypt staged plaintext and start writing. */
 int stp_conn_flush(struct stp_conn *c);
+/* Flush, ending TLS with a close_notify if it is up. */
+int stp_conn_close_notify(struct stp_conn *c);
 bool stp_conn_busy(const struct stp_conn *c); /* over the high-water mark */
 bool stp_conn_idle(const struct stp_conn *c); /* nothing queued or in flight */
 

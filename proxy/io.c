@@ -177,17 +177,51 @@ static int outq_copy(struct stp_conn *c, const char *p, size_t n)
     return 0;
 }
 
+/* Drop the first n queued bytes: they have been written. */
+static void outq_consume(struct stp_conn *c, size_t n)
+{
+    while (n > 0) {
+        struct stp_slice *s = &c->outq[c->out_head];
+        uint32_t k = (uint32_t)STP_MIN(n, (size_t)s->len);
+        s->off += k;
+        s->len -= k;
+        c->out_bytes -= k;
+        c->bytes_out += k;
+        n -= k;
+        if (s->len > 0)
+            break;
+        stp_buf_unref(s->buf);
+        c->out_head = (c->out_head + 1) % STP_OUTQ_SLOTS;
+        c->out_count--;
+    }
+}
+
+/* Write what is queued. The socket usually takes it all at once: then no
+ * write request, no callback and no change to the epoll set (uv_write costs
+ * an epoll_ctl per call). Only the rest goes to uv_write, which also reports
+ * any error later, from write_cb, as before. */
+static unsigned outq_bufs(const struct stp_conn *c, uv_buf_t *bufs)
+{
+    for (unsigned i = 0; i < c->out_count; i++) {
+        const struct stp_slice *s =
+            &c->outq[(c->out_head + i) % STP_OUTQ_SLOTS];
+        bufs[i] = uv_buf_init(s->buf->data + s->off, s->len);
+    }
+    return c->out_count;
+}
+
 static void start_write(struct stp_conn *c)
 {
     uv_buf_t bufs[STP_OUTQ_SLOTS];
     if (c->out_inflight || !c->out_count || c->closing)
         return;
-    for (unsigned i = 0; i < c->out_count; i++) {
-        struct stp_slice *s = &c->outq[(c->out_head + i) % STP_OUTQ_SLOTS];
-        bufs[i] = uv_buf_init(s->buf->data + s->off, s->len);
-    }
-    c->out_inflight = c->out_count;
-    int r = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs, c->out_count,
+    int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, outq_bufs(c, bufs));
+    if (n > 0)
+        outq_consume(c, (size_t)n);
+    if (!c->out_count)
+        return;
+    c->out_inflight = outq_bufs(c, bufs);
+    int r = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs, c->out_inflight,
                      write_cb);
     if (r < 0) {
         c->out_inflight = 0;
@@ -214,9 +248,10 @@ static void write_cb(uv_write_t *req, int status)
         c->cb(c, STP_IO_ERROR, status);
         return;
     }
-    if (c->out_count)
-        start_write(c);
-    else
+    start_write(c);
+    /* Only a write that had to wait reports the queue empty: the owner
+     * checks the queue itself after its own flushes. */
+    if (!c->out_count)
         c->cb(c, STP_IO_DRAINED, 0);
 }
 
@@ -273,7 +308,23 @@ static void tls_pump(struct stp_conn *c)
         size_t room = make_room(&c->rx, &c->rx_off);
         if (room == 0)
             break;
-        int r = stp_tls_read(c->tls, c->rx->data + c->rx->len, room);
+        /* Decrypt every record there is room for before telling the owner:
+         * what a peer sent in several records goes on in one write. */
+        int r;
+        bool got = false;
+        while (room > 0 && (r = stp_tls_read(c->tls, c->rx->data + c->rx->len,
+                                             room)) > 0) {
+            c->rx->len += (uint32_t)r;
+            room -= (size_t)r;
+            got = true;
+        }
+        if (got) {
+            c->cb(c, STP_IO_DATA, 0);
+            /* The end (or an error) after the data waits until the owner
+             * takes input again: wolfSSL reports it again then. */
+            if (room == 0 || r > 0 || c->closing || !c->reading)
+                continue;
+        }
         if (r == -EAGAIN) {
             stp_conn_flush(c); /* a read may have produced alerts */
             break;
@@ -282,8 +333,6 @@ static void tls_pump(struct stp_conn *c)
             c->cb(c, r == 0 ? STP_IO_EOF : STP_IO_ERROR, r);
             return;
         }
-        c->rx->len += (uint32_t)r;
-        c->cb(c, STP_IO_DATA, 0);
     }
     if (!c->closing)
         update_reading(c);
@@ -421,20 +470,39 @@ int stp_conn_write_ref(struct stp_conn *c, struct stp_conn *from,
     return r;
 }
 
+/* Encrypt the staged plaintext onto the output queue. */
+static int seal(struct stp_conn *c)
+{
+    if (!c->tls || !c->ptx || !c->tls_ready)
+        return 0;
+    struct stp_buf *b = c->ptx;
+    c->ptx = NULL;
+    int r = b->len ? stp_tls_write(c->tls, b->data, b->len) : 0;
+    stp_buf_unref(b);
+    return r < 0 ? r : 0;
+}
+
 int stp_conn_flush(struct stp_conn *c)
 {
     if (c->closing)
         return 0;
-    if (c->tls && c->ptx && c->tls_ready) {
-        struct stp_buf *b = c->ptx;
-        c->ptx = NULL;
-        int r = b->len ? stp_tls_write(c->tls, b->data, b->len) : 0;
-        stp_buf_unref(b);
-        if (r < 0)
-            return r;
-    }
+    int r = seal(c);
+    if (r < 0)
+        return r;
     start_write(c);
     return 0;
+}
+
+int stp_conn_close_notify(struct stp_conn *c)
+{
+    if (c->closing || !c->tls || !c->tls_ready)
+        return stp_conn_flush(c);
+    /* The last reply and the alert leave in one write. */
+    int r = seal(c);
+    if (r == 0)
+        stp_tls_shutdown(c->tls);
+    start_write(c);
+    return r;
 }
 
 bool stp_conn_busy(const struct stp_conn *c)

@@ -203,14 +203,9 @@ static void drain_and_close(struct stp_session *s, const char *reason,
         s->reason = reason;
     if (cut_upstream)
         stp_session_close_upstream(s);
-    bool tls_up = s->client.tls && s->client.tls_ready;
     stp_session_transition(s, STP_SS_DRAINING);
     stp_conn_want_read(&s->client, false);
-    if (tls_up) {
-        stp_conn_flush(&s->client);
-        stp_tls_shutdown(s->client.tls);
-    }
-    stp_conn_flush(&s->client);
+    stp_conn_close_notify(&s->client);
     if (stp_conn_idle(&s->client))
         finish(s);
     else
