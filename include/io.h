@@ -30,11 +30,11 @@ struct stp_slice {
 };
 
 /* Slices queued for one uv_write at a time. */
-#define STP_OUTQ_SLOTS 64
+#define STP_OUTQ_SLOTS 16
 /* Back-pressure: stop reading the other side above this many queued bytes,
  * or when few slots are left. */
 #define STP_OUTQ_HIGH (256 * 1024)
-#define STP_OUTQ_SLOTS_LOW 8
+#define STP_OUTQ_SLOTS_LOW 4
 
 enum stp_io_event {
     STP_IO_DATA,       /* new plaintext in the input buffer */
@@ -109,6 +109,8 @@ int stp_conn_flush(struct stp_conn *c);
 /* Flush, ending TLS with a close_notify if it is up. */
 int stp_conn_close_notify(struct stp_conn *c);
 bool stp_conn_busy(const struct stp_conn *c); /* over the high-water mark */
+/* No slot left for another piece (a line may take two); implies busy. */
+bool stp_conn_full(const struct stp_conn *c);
 bool stp_conn_idle(const struct stp_conn *c); /* nothing queued or in flight */
 
 /* Switch to TLS in CTX's role (SERVER_NAME: see stp_tls_new). Input

@@ -327,6 +327,13 @@ static void tls_pump(struct stp_conn *c)
         }
         if (r == -EAGAIN) {
             stp_conn_flush(c); /* a read may have produced alerts */
+            if (c->rx && c->rx->len == 0) {
+                /* Fetched for a read that brought nothing: an idle
+                 * session holds no buffer. */
+                stp_buf_unref(c->rx);
+                c->rx = NULL;
+                c->rx_off = 0;
+            }
             break;
         }
         if (r <= 0) {
@@ -509,6 +516,15 @@ bool stp_conn_busy(const struct stp_conn *c)
 {
     return c->out_bytes > STP_OUTQ_HIGH ||
            STP_OUTQ_SLOTS - c->out_count < STP_OUTQ_SLOTS_LOW;
+}
+
+/* A forwarded line takes at most two slots (its buffer may fill up). */
+#define PIECE_SLOTS 2
+_Static_assert(STP_OUTQ_SLOTS_LOW > PIECE_SLOTS, "full must imply busy");
+
+bool stp_conn_full(const struct stp_conn *c)
+{
+    return STP_OUTQ_SLOTS - c->out_count <= PIECE_SLOTS;
 }
 
 bool stp_conn_idle(const struct stp_conn *c)

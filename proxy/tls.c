@@ -32,7 +32,7 @@ struct stp_tls {
     void *arg;
     int last_err;
     bool server;
-    char sni[256];        /* the name the client asked for, "" if none */
+    char *sni;            /* the name the client asked for, if any */
 };
 
 /* Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD only. */
@@ -385,6 +385,7 @@ void stp_tls_free(struct stp_tls *t)
     if (!t)
         return;
     wolfSSL_free(t->ssl);
+    free(t->sni);
     free(t);
 }
 
@@ -451,21 +452,23 @@ const char *stp_tls_cipher(const struct stp_tls *t)
  * ClientHello itself. */
 void stp_tls_note_client_hello(struct stp_tls *t, const char *buf, size_t n)
 {
-    unsigned int sz = sizeof(t->sni) - 1;
-    if (!t->server || t->sni[0] || n > UINT32_MAX)
+    char name[256];
+    unsigned int sz = sizeof(name) - 1;
+    if (!t->server || t->sni || n > UINT32_MAX)
         return;
+    /* Held only when there is one: most SMTP clients send none, and an idle
+     * session should cost little. */
     if (wolfSSL_SNI_GetFromBuffer((const unsigned char *)buf, (unsigned)n,
-                                  WOLFSSL_SNI_HOST_NAME,
-                                  (unsigned char *)t->sni,
-                                  &sz) == WOLFSSL_SUCCESS)
-        t->sni[STP_MIN(sz, sizeof(t->sni) - 1)] = '\0';
-    else
-        t->sni[0] = '\0';
+                                  WOLFSSL_SNI_HOST_NAME, (unsigned char *)name,
+                                  &sz) == WOLFSSL_SUCCESS && sz > 0) {
+        name[STP_MIN(sz, sizeof(name) - 1)] = '\0';
+        t->sni = strdup(name);
+    }
 }
 
 const char *stp_tls_sni(const struct stp_tls *t)
 {
-    if (t->sni[0])
+    if (t->sni)
         return t->sni;
     return wolfSSL_get_servername(t->ssl, WOLFSSL_SNI_HOST_NAME);
 }
