@@ -120,6 +120,10 @@ struct stp_smtp_ops {
     void (*event)(void *ctx, const char *event, const char *detail);
     /* Optional: every phase change, for debug logs. */
     void (*phase)(void *ctx, int from, int to);
+    /* Optional back-pressure: true when the upstream's queue cannot take
+     * another piece; client input then stops where it is, to be offered
+     * again. */
+    bool (*upstream_full)(void *ctx);
 };
 
 struct stp_smtp_cfg {

@@ -279,6 +279,12 @@ static void act_phase(void *ctx, int from, int to)
                 stp_phase_name((enum stp_phase)to));
 }
 
+static bool act_upstream_full(void *ctx)
+{
+    struct stp_session *s = ctx;
+    return !s->upstream_closed && stp_conn_full(&s->upstream);
+}
+
 static const struct stp_smtp_ops engine_ops = {
     .to_upstream = act_to_upstream,
     .to_client = act_to_client,
@@ -286,6 +292,7 @@ static const struct stp_smtp_ops engine_ops = {
     .close = act_close,
     .event = act_event,
     .phase = act_phase,
+    .upstream_full = act_upstream_full,
 };
 
 /* ---- flow ------------------------------------------------------------------- */
@@ -321,15 +328,25 @@ static void flush_both(struct stp_session *s)
 /* Offer buffered client plaintext to the engine. */
 static void process_client(struct stp_session *s)
 {
-    if (s->state != STP_SS_RELAY || stp_conn_busy(&s->upstream))
-        return;
-    size_t n;
-    const char *p = stp_conn_in(&s->client, &n);
-    if (n == 0)
-        return;
-    size_t k = stp_smtp_client_input(&s->smtp, p, n);
-    if (k && s->state != STP_SS_CLOSED)
-        stp_conn_consume(&s->client, k);
+    while (s->state == STP_SS_RELAY && !stp_conn_busy(&s->upstream)) {
+        size_t n;
+        const char *p = stp_conn_in(&s->client, &n);
+        if (n == 0)
+            return;
+        size_t k = stp_smtp_client_input(&s->smtp, p, n);
+        if (k && s->state != STP_SS_CLOSED)
+            stp_conn_consume(&s->client, k);
+        if (s->state != STP_SS_RELAY || !act_upstream_full(s))
+            return;
+        /* The engine stopped for want of room upstream (many small pieces,
+         * such as pipelined tiny BDAT chunks): write them, usually at once,
+         * and go on; with a write still pending, DRAINED resumes. */
+        int r = stp_conn_flush(&s->upstream);
+        if (r < 0) {
+            fail_write(s, &s->upstream, r);
+            return;
+        }
+    }
 }
 
 static void process_upstream(struct stp_session *s)

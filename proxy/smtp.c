@@ -293,6 +293,8 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
 {
     size_t off = 0;
     while (off < n && !s->waiting) {
+        if (s->ops->upstream_full && s->ops->upstream_full(s->ctx))
+            return off; /* every step below forwards at most one piece */
         const char *q = p + off;
         size_t left = n - off;
         switch (s->phase) {

@@ -45,6 +45,8 @@ struct fz {
     size_t clen;
     char ubuf[BUF];
     size_t ulen;
+    unsigned room;     /* pieces the upstream takes per call; 0: any */
+    unsigned pieces;
 };
 
 static struct fz F;
@@ -70,6 +72,8 @@ static void op_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
     CHECK(!F.closed, "to_upstream after close");
     CHECK(!F.up_gone, "to_upstream after the upstream was cut");
     CHECK(!F.tls_pending, "to_upstream between start_tls and tls_started");
+    CHECK(!(F.room && F.pieces >= F.room), "to_upstream while full");
+    F.pieces++;
     if (kind == STP_FWD_RAW) {
         CHECK(F.in_base && p >= F.in_base && p + n <= F.in_base + F.in_len,
               "FWD_RAW outside the offered buffer");
@@ -140,7 +144,13 @@ static void op_phase(void *ctx, int from, int to)
           "bad phase");
 }
 
+static bool op_upstream_full(void *ctx)
+{
+    return F.room && F.pieces >= F.room;
+}
+
 static const struct stp_smtp_ops ops = {
+    .upstream_full = op_upstream_full,
     .to_upstream = op_to_upstream,
     .to_client = op_to_client,
     .start_tls = op_start_tls,
@@ -180,6 +190,7 @@ static void pump(void)
             F.lines_in_call = 0;
             size_t k = stp_smtp_client_input(&F.s, F.cbuf, F.clen);
             F.in_base = NULL;
+            F.pieces = 0; /* written: room again */
             client_stream_whole();
             CHECK(k <= F.clen, "client_input consumed too much");
             CHECK(!(pending && k), "client bytes consumed before tls_started");
@@ -305,7 +316,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 pump();
             }
             break;
-        case 7: /* timer and upstream connection events */
+        case 7: /* timer and upstream events, room upstream */
             i++;
             if (arg % 4 == 0)
                 stp_smtp_timeout(&F.s);
@@ -315,6 +326,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             } else if (arg % 4 == 2) {
                 stp_smtp_upstream_unreachable(&F.s);
                 F.up_gone = true;
+            } else {
+                F.room = (arg >> 2) % 4; /* a slower upstream, or not */
             }
             client_stream_whole();
             pump();

@@ -49,6 +49,26 @@ def test_bdat_pipelined_chunks_and_zero_length_last(make_scripted, make_proxy):
     assert m["content"] == b"0123456789\r\n.\r\n"
 
 
+def test_bdat_many_tiny_pipelined_chunks_in_one_write(make_scripted, make_proxy):
+    """Each tiny chunk and each BDAT line is a separate piece on the way
+    upstream: far more pieces than the output queue has slots. The proxy must
+    hold back and resume, not fail the session."""
+    up = make_scripted(ehlo=EHLO_WITH_CHUNKING)
+    proxy = make_proxy(up)
+    c, _ = h.open_session(proxy.port, tls=True)
+    n = 60  # under the engine's 64 pending replies: all in one write
+    body = bytes(0x41 + i % 26 for i in range(n))
+    with c:
+        c.send(b"MAIL FROM:<b@example.org>\r\nRCPT TO:<a@example.net>\r\n"
+               + b"".join(b"BDAT 1\r\n" + body[i:i + 1] for i in range(n))
+               + b"BDAT 0 LAST\r\n")
+        codes = [c.read_reply().code for _ in range(n + 3)]
+        assert codes == [250] * (n + 3), codes
+        c.expect("QUIT", 221)
+    m = up.wait_messages(1)[0]
+    assert m["content"] == body
+
+
 def test_bdat_refused_when_upstream_lacks_chunking_and_chunk_is_discarded(make_scripted,
                                                                           make_proxy):
     up = make_scripted(ehlo=EHLO_WITHOUT_CHUNKING)
