@@ -53,8 +53,7 @@ typedef void (*stp_conn_cb)(struct stp_conn *c, enum stp_io_event ev, int err);
 struct stp_conn {
     uint32_t magic;
     uv_tcp_t tcp;
-    uv_connect_t creq;
-    uv_write_t wreq;
+    uv_write_t *wreq;   /* only while a write waits for the socket */
     stp_conn_cb cb;
     void *owner;
     struct stp_tls *tls;

@@ -220,8 +220,13 @@ static void start_write(struct stp_conn *c)
         outq_consume(c, (size_t)n);
     if (!c->out_count)
         return;
+    /* Most sessions never get here: the request exists only meanwhile. */
+    if (!c->wreq && !(c->wreq = malloc(sizeof(*c->wreq)))) {
+        c->cb(c, STP_IO_ERROR, UV_ENOMEM);
+        return;
+    }
     c->out_inflight = outq_bufs(c, bufs);
-    int r = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs, c->out_inflight,
+    int r = uv_write(c->wreq, (uv_stream_t *)&c->tcp, bufs, c->out_inflight,
                      write_cb);
     if (r < 0) {
         c->out_inflight = 0;
@@ -251,8 +256,11 @@ static void write_cb(uv_write_t *req, int status)
     start_write(c);
     /* Only a write that had to wait reports the queue empty: the owner
      * checks the queue itself after its own flushes. */
-    if (!c->out_count)
+    if (!c->out_count) {
+        free(c->wreq); /* libuv is done with it */
+        c->wreq = NULL;
         c->cb(c, STP_IO_DRAINED, 0);
+    }
 }
 
 /* ---- TLS ------------------------------------------------------------------ */
@@ -402,6 +410,7 @@ int stp_conn_init(uv_loop_t *loop, struct stp_conn *c, stp_conn_cb cb,
 static void connect_cb(uv_connect_t *req, int status)
 {
     struct stp_conn *c = conn_of(req->handle->data);
+    free(req); /* libuv calls this once, also when closed meanwhile */
     if (status == UV_ECANCELED)
         return;
     if (status == 0)
@@ -411,7 +420,13 @@ static void connect_cb(uv_connect_t *req, int status)
 
 int stp_conn_connect(struct stp_conn *c, const struct sockaddr *addr)
 {
-    return uv_tcp_connect(&c->creq, &c->tcp, addr, connect_cb);
+    uv_connect_t *req = malloc(sizeof(*req));
+    if (!req)
+        return UV_ENOMEM;
+    int r = uv_tcp_connect(req, &c->tcp, addr, connect_cb);
+    if (r < 0)
+        free(req);
+    return r;
 }
 
 void stp_conn_want_read(struct stp_conn *c, bool on)
@@ -579,5 +594,7 @@ void stp_conn_release(struct stp_conn *c)
     c->crx = c->ptx = NULL;
     stp_tls_free(c->tls);
     c->tls = NULL;
+    free(c->wreq);
+    c->wreq = NULL;
     c->magic = 0;
 }
