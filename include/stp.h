@@ -13,9 +13,12 @@
 /* Errors are negative errno values (libuv's UV_E* are the same on Linux). */
 #define STP_OK 0
 
-/* Size of one pooled I/O buffer. Holds a whole TLS record (16 KiB + overhead
- * needs two reads at most) and always more than the longest command line. */
-#define STP_BUF_SIZE (16 * 1024)
+/* Size of one pooled I/O buffer: several TLS records (16 KiB + overhead
+ * each), and always more than the longest command line. A bulk transfer
+ * moves this much per read and write: 64 KiB took a tenth off the CPU per
+ * GB against 16 KiB (fewer system calls and loopback segments). Idle
+ * sessions hold none. */
+#define STP_BUF_SIZE (64 * 1024)
 
 /* RFC 5321 4.5.3.1: command line 512, reply line 512. We accept longer replies
  * from the upstream (some servers send long EHLO lines) but stay bounded. */

@@ -11,7 +11,7 @@
 
 /* ---- buffer pool (one event loop per thread: no locks) -------------------- */
 
-#define POOL_REST 64
+#define POOL_REST 16
 
 static __thread struct stp_buf *pool;
 static __thread unsigned pool_n;
