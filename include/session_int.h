@@ -55,7 +55,7 @@ struct stp_session {
     uint64_t content_ms;       /* start of the message being received; 0 */
     bool shutting_down;        /* 421 at the next command boundary */
     bool counted;              /* in the shared tallies */
-    struct sockaddr_storage peer_addr, local_addr;
+    struct sockaddr_storage peer_addr;
     char peer[64];
     struct stp_session *prev, *next;
 };

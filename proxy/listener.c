@@ -258,6 +258,8 @@ static struct stp_listener *listener_open(struct stp_server *srv,
     }
     if (r == 0)
         r = uv_tcp_bind(&l->tcp, (const struct sockaddr *)&lc->addr, 0);
+    if (r == 0) /* accepted sockets inherit it: no system call per session */
+        r = uv_tcp_nodelay(&l->tcp, 1);
     if (r == 0)
         r = uv_listen((uv_stream_t *)&l->tcp, 511, on_connection);
     if (r < 0) {

@@ -615,7 +615,7 @@ int stp_session_accept(struct stp_listener *lst)
         stp_conn_close(&s->client, conn_closed);
         return r;
     }
-    uv_tcp_nodelay(&s->client.tcp, 1);
+    /* TCP_NODELAY comes from the listening socket (Linux copies it). */
     int len = sizeof(s->peer_addr);
     if (uv_tcp_getpeername(&s->client.tcp, (struct sockaddr *)&s->peer_addr,
                            &len) == 0) {
@@ -630,9 +630,6 @@ int stp_session_accept(struct stp_listener *lst)
                      &counts);
     s->counted = true;
     s->id = counts.id;
-    len = sizeof(s->local_addr);
-    uv_tcp_getsockname(&s->client.tcp, (struct sockaddr *)&s->local_addr,
-                       &len);
     const struct stp_listener_cfg *lc = s->lcfg;
     stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s", s->id,
             s->peer, lc->name);

@@ -126,8 +126,15 @@ static void send_proxy_header(struct stp_session *s)
 {
     char buf[1024];
     int n;
+    /* The address the client reached: asked only here, as few sessions
+     * need it. */
+    struct sockaddr_storage local;
+    int len = sizeof(local);
+    if (uv_tcp_getsockname(&s->client.tcp, (struct sockaddr *)&local,
+                           &len) < 0)
+        memset(&local, 0, sizeof(local));
     const struct sockaddr *src = (struct sockaddr *)&s->peer_addr;
-    const struct sockaddr *dst = (struct sockaddr *)&s->local_addr;
+    const struct sockaddr *dst = (struct sockaddr *)&local;
     if (s->up->identity == STP_ID_PROXY_V1) {
         n = stp_proxy_v1(buf, sizeof(buf), src, dst);
     } else {
