@@ -254,8 +254,11 @@ static void act_to_client(void *ctx, const char *p, size_t n)
 static void act_start_tls(void *ctx)
 {
     struct stp_session *s = ctx;
+    /* Reading stops in settle if the 220 cannot leave at once; usually it
+     * does, TLS starts there and reading never pauses. Either way nothing
+     * is read before settle: this runs inside the client's read callback
+     * and the engine consumes nothing after STARTTLS. */
     stp_session_transition(s, STP_SS_STARTTLS);
-    stp_conn_want_read(&s->client, false);
 }
 
 static void act_close(void *ctx, enum stp_close_reason why, bool cut)
