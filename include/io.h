@@ -29,7 +29,7 @@ struct stp_slice {
     uint32_t off, len;
 };
 
-/* Slices queued for one uv_write at a time. */
+/* Slices waiting to be written (most leave at the next flush). */
 #define STP_OUTQ_SLOTS 16
 /* Back-pressure: stop reading the other side above this many queued bytes,
  * or when few slots are left. */

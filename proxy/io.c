@@ -4,7 +4,8 @@
  * callback consumes; wolfSSL decrypts into `rx`; the owner hands slices of
  * `rx` to the other connection's queue (stp_conn_write_ref) without a copy.
  * Records produced by wolfSSL are appended to the queue by the send callback.
- * One uv_write is in flight at a time, carrying every queued slice. */
+ * A flush hands every queued slice to uv_try_write; only what the socket
+ * does not take goes to a uv_write, one in flight at a time. */
 #include <string.h>
 
 #include "io.h"
