@@ -8,6 +8,8 @@
 #
 # Without PREFIX the prefix is
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/starttls-proxy/wolfssl-VERSION-KEY
+# and after a build, prefixes there that no build used for 30 days (older
+# versions, other flags) are removed.
 #
 # Where the source comes from:
 #   STP_WOLFSSL_SRC=DIR|TARBALL  a wolfSSL source tree or release tarball
@@ -267,22 +269,21 @@ if [ $print_only = 1 ]; then
 fi
 
 built() { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && [ -f "$prefix/lib/libwolfssl.a" ]; }
-if built; then
+# The stamp's time says when a prefix was last used (see prune below).
+reuse() {
+  touch "$stamp" 2>/dev/null || :
   say "wolfSSL $version already built in $prefix"
   echo "$prefix"
   exit 0
-fi
+}
+built && reuse
 
 # One build at a time per prefix (two configures at once wait for each other).
 mkdir -p "$cache" "$(dirname "$prefix")"
 if command -v flock >/dev/null && [ -z "${STP_WOLFSSL_LOCKED:-}" ]; then
   STP_WOLFSSL_LOCKED=1 exec flock "$prefix.lock" sh "$script" "$@"
 fi
-if built; then
-  say "wolfSSL $version already built in $prefix"
-  echo "$prefix"
-  exit 0
-fi
+built && reuse
 
 # -- tools ---------------------------------------------------------------------
 
@@ -358,4 +359,20 @@ mv "$work/stage$prefix" "$prefix"
 rm -rf "$prefix/share/doc"
 echo "$key" > "$stamp"
 say "wolfSSL $version built in $(($(date +%s) - start))s: $prefix"
+
+# Prune: prefixes in the cache (other versions or flags) unused for 30 days.
+if [ -z "$want_prefix" ]; then
+  for old in "$cache"/wolfssl-*/.stp-wolfssl; do
+    [ -f "$old" ] || continue
+    dir=${old%/.stp-wolfssl}
+    [ "$dir" != "$prefix" ] && [ -n "$(find "$old" -mtime +30 2>/dev/null)" ] || continue
+    say "removing $dir (unused for 30 days)"
+    rm -rf "$dir" "$dir.log" "$dir.lock"
+  done
+  # Locks and logs of builds that never finished.
+  for f in "$cache"/wolfssl-*.lock "$cache"/wolfssl-*.log; do
+    [ -f "$f" ] && [ ! -d "${f%.*}" ] && [ -n "$(find "$f" -mtime +30 2>/dev/null)" ] &&
+      rm -f "$f"
+  done
+fi
 echo "$prefix"
