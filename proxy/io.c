@@ -197,10 +197,6 @@ static void outq_consume(struct stp_conn *c, size_t n)
     }
 }
 
-/* Write what is queued. The socket usually takes it all at once: then no
- * write request, no callback and no change to the epoll set (uv_write costs
- * an epoll_ctl per call). Only the rest goes to uv_write, which also reports
- * any error later, from write_cb, as before. */
 static unsigned outq_bufs(const struct stp_conn *c, uv_buf_t *bufs)
 {
     for (unsigned i = 0; i < c->out_count; i++) {
@@ -211,6 +207,10 @@ static unsigned outq_bufs(const struct stp_conn *c, uv_buf_t *bufs)
     return c->out_count;
 }
 
+/* Write what is queued. The socket usually takes it all at once: then no
+ * write request, no callback and no change to the epoll set (uv_write costs
+ * an epoll_ctl per call). Only the rest goes to uv_write, which also reports
+ * any error later, from write_cb. */
 static void start_write(struct stp_conn *c)
 {
     uv_buf_t bufs[STP_OUTQ_SLOTS];
