@@ -24,7 +24,7 @@
  *
  * One event loop, one thread; libuv for sockets, wolfSSL as the TLS client
  * driven through IO callbacks (ciphertext in from the read buffer, out into
- * a per-session buffer flushed with uv_write). */
+ * a per-session buffer flushed with uv_try_write, the rest with uv_write). */
 #include <wolfssl/options.h>
 #include <wolfssl/ssl.h>
 
@@ -352,6 +352,21 @@ static void flush(struct sess *s)
 {
     if (s->closing || s->write_inflight || !s->pend.len)
         return;
+    /* Commands and handshake records usually fit the socket at once:
+     * uv_try_write spares the write request and the epoll_ctl each uv_write
+     * costs (the proxy does the same), so the client takes less of the CPU
+     * it shares with the servers. Message bodies and the close keep
+     * write_cb, which paces them. Errors surface through uv_write below. */
+    if (s->st != ST_BODY && s->st != ST_CLOSING) {
+        uv_buf_t b = uv_buf_init(s->pend.data, (unsigned)s->pend.len);
+        int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
+        if (n > 0) {
+            s->pend.len -= (size_t)n;
+            memmove(s->pend.data, s->pend.data + n, s->pend.len);
+        }
+        if (!s->pend.len)
+            return;
+    }
     struct obuf t = s->fly;
     s->fly = s->pend;
     s->pend = t;
