@@ -103,6 +103,36 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def time_wait_sockets():
+    """TCP sockets in TIME_WAIT, IPv4 and IPv6 (from /proc/net/sockstat*)."""
+    n = 0
+    for path in ("/proc/net/sockstat", "/proc/net/sockstat6"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    if parts and parts[0] in ("TCP:", "TCP6:") and "tw" in parts:
+                        n += int(parts[parts.index("tw") + 1])
+        except OSError:
+            pass
+    return n
+
+
+def wait_for_quiet(limit, max_wait):
+    """An earlier run's tens of thousands of closed connections linger in
+    TIME_WAIT (and in conntrack) for a minute or two and slow loopback TCP:
+    wait for them to expire, up to MAX_WAIT seconds."""
+    t0 = time.monotonic()
+    n = time_wait_sockets()
+    if n > limit:
+        log("run.py: %d sockets in TIME_WAIT (an earlier run's): waiting up to %ds for them"
+            % (n, max_wait))
+    while n > limit and time.monotonic() - t0 < max_wait:
+        time.sleep(2)
+        n = time_wait_sockets()
+    return n
+
+
 def rss_kib(pid):
     with open("/proc/%d/statm" % pid) as f:
         return int(f.read().split()[1]) * PAGE_KIB
@@ -672,6 +702,8 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--workdir", help="parent of the scratch directory (default: $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
+    ap.add_argument("--no-wait", action="store_true",
+                    help="start at once even with many sockets of an earlier run in TIME_WAIT")
     args = ap.parse_args()
 
     missing = [(what, path) for what, path, pkg in (
@@ -698,6 +730,7 @@ def main():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    tw0 = time_wait_sockets() if args.no_wait else wait_for_quiet(1000, 150)
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
     log("run.py: %s run, scratch %s, fd limit %d, load average %.2f%s" % (
@@ -720,7 +753,8 @@ def main():
                                                 os.cpu_count()))
     print("TLS: %s; starttls-proxy wolfSSL: %s; stunnel: %s" % (
         bench.info.get("tls", "?"), wolfssl_of(args.proxy), stunnel_version(args.stunnel)))
-    print("load average at start: %.2f (other work on the machine disturbs latency most)" % load0)
+    print("load average at start: %.2f, TIME_WAIT sockets %d (other work on the machine "
+          "disturbs latency most)" % (load0, tw0))
     extra = StarttlsProxy._accepted.get(args.proxy)
     if extra:
         print("starttls-proxy config adds: %s" % ", ".join(
