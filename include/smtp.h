@@ -174,6 +174,8 @@ struct stp_smtp {
     bool reply_421;      /* the client already got a 421 */
     bool partial;        /* a command line has begun but not ended */
     bool in_tx;          /* the upstream accepted a MAIL, no end yet */
+    bool need_helo;      /* TLS started, no EHLO/HELO since: the upstream
+                            still holds the plaintext one */
     uint32_t errors;     /* consecutive error replies */
     enum stp_dot_state dot;
     uint64_t chunk_left;

@@ -153,6 +153,15 @@ static bool allowed_before_tls(enum stp_cmd c)
            c == STP_CMD_QUIT || c == STP_CMD_NOOP || c == STP_CMD_RSET;
 }
 
+/* RFC 3207 4.2: after TLS the client must EHLO again. The upstream never saw
+ * the handshake and still holds the plaintext EHLO, so until a new one only
+ * these go through. */
+static bool allowed_before_helo(enum stp_cmd c)
+{
+    return c == STP_CMD_EHLO || c == STP_CMD_HELO || c == STP_CMD_QUIT ||
+           c == STP_CMD_NOOP || c == STP_CMD_RSET || c == STP_CMD_HELP;
+}
+
 /* Does this command get a reply from us rather than from the upstream? Such
  * replies wait until every earlier command has been answered. */
 static const char *local_reply(struct stp_smtp *s, enum stp_cmd c,
@@ -178,6 +187,10 @@ static const char *local_reply(struct stp_smtp *s, enum stp_cmd c,
     if (s->cfg.require_tls && !s->tls && !allowed_before_tls(c)) {
         *why = "tls_required";
         return "530 5.7.0 Must issue a STARTTLS command first\r\n";
+    }
+    if (s->need_helo && !allowed_before_helo(c)) {
+        *why = "helo_required_after_tls";
+        return "503 5.5.1 Error: send HELO/EHLO first\r\n";
     }
     if (c == STP_CMD_BDAT) {
         uint64_t size;
@@ -248,6 +261,8 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     }
     if (s->pend_count == STP_SMTP_MAX_PENDING)
         return false;
+    if (c == STP_CMD_EHLO || c == STP_CMD_HELO)
+        s->need_helo = false;
     switch (c) {
     case STP_CMD_EHLO:
         forward_line(s, line, len, STP_PEND_EHLO);
@@ -537,6 +552,7 @@ void stp_smtp_tls_started(struct stp_smtp *s)
     s->tls = true;
     s->auth_done = false;
     s->in_tx = false;
+    s->need_helo = true;
     s->chunking = false;
     enter(s, STP_PH_COMMAND);
     /* A transaction the upstream accepted in plaintext must not carry over

@@ -71,8 +71,35 @@ def test_plaintext_transaction_does_not_survive_starttls(make_proxy, aio):
         r = c.cmd("RCPT TO:<a@example.net>")
         assert r.code == 503, "plaintext MAIL survived into TLS: %r" % r.raw
         c.expect("EHLO client.test", 250)
+        r = c.cmd("RCPT TO:<a@example.net>")
+        assert r.code == 503, "plaintext MAIL survived into TLS: %r" % r.raw
         c.expect("QUIT", 221)
     assert aio.envelopes == []
+
+
+def test_commands_before_the_new_ehlo_after_starttls_get_503(proxy_scripted):
+    """RFC 3207 4.2: the client must EHLO again after TLS. The upstream still
+    holds the plaintext EHLO, so the proxy holds everything else back until
+    then (NOOP, RSET, HELP and QUIT excepted)."""
+    proxy, up = proxy_scripted
+    with h.SmtpConn(proxy.port) as c:
+        c.greeting()
+        c.expect("EHLO plaintext.name", 250)
+        c.expect("STARTTLS", 220)
+        c.starttls()
+        for line in ("MAIL FROM:<b@example.org>", "RCPT TO:<a@example.net>", "DATA",
+                     "VRFY root"):
+            r = c.cmd(line)
+            assert r.code == 503 and "HELO/EHLO" in r.text, (line, r.raw)
+        c.expect("NOOP", 250)
+        c.expect("EHLO tls.name", 250)
+        c.expect("MAIL FROM:<b@example.org>", 250)
+        c.expect("QUIT", 221)
+    up.wait_closed()
+    cmds = up.all_commands()
+    assert not up.saw_verb("RCPT") and not up.saw_verb("DATA") and not up.saw_verb("VRFY"), cmds
+    assert len(up.saw_verb("MAIL")) == 1, cmds
+    assert len(proxy.events("reject")) == 4, proxy.log_tail()
 
 
 def test_bare_cr_in_a_command_is_not_forwarded(proxy_scripted):

@@ -1000,6 +1000,7 @@ struct scen {
 #define R554TLS "554 5.5.1 Error: TLS already active\r\n"
 #define R502 "502 5.5.1 Error: command not implemented\r\n"
 #define R503 "503 5.5.1 Error: already authenticated\r\n"
+#define R503HELO "503 5.5.1 Error: send HELO/EHLO first\r\n"
 #define R500LONG "500 5.5.2 Error: line too long\r\n"
 #define R500CHAR "500 5.5.2 Error: bad character in command\r\n"
 #define R550X "550 5.7.0 Error: insufficient authorization\r\n"
@@ -1161,6 +1162,26 @@ static const struct scen scens[] = {
       U("421 4.3.0 bye\r\n")},
      "MAIL FROM:<a>\r\nRSET\r\n", NULL, "",
      GREET OK250 R220 "421 4.3.0 bye\r\n", STP_CLOSE_UPSTREAM_421, -1, 1},
+    {"after TLS, MAIL before a new EHLO: 503, not forwarded", DEF,
+     {U(GREET), C("EHLO c\r\n"), U(EHLO_UP), C("STARTTLS\r\n"), TLS,
+      C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nAUTH PLAIN AGEAYg==\r\n"
+        "NOOP\r\nRSET\r\nHELP\r\n"),
+      U(OK250 OK250 "214 2.0.0 help\r\n")},
+     "EHLO c\r\nNOOP\r\nRSET\r\nHELP\r\n", NULL, "",
+     GREET EHLO_PLAIN R220 R503HELO R503HELO R503HELO OK250 OK250
+     "214 2.0.0 help\r\n", NO_CLOSE, -1, 1, true},
+    {"after TLS, HELO then MAIL is forwarded", DEF,
+     {U(GREET), C("EHLO c\r\n"), U(EHLO_UP), C("STARTTLS\r\n"), TLS,
+      C("HELO c\r\n"), U("250 mx.test\r\n"), C("MAIL FROM:<a>\r\n"),
+      U("250 2.1.0 Ok\r\n")},
+     "EHLO c\r\nHELO c\r\nMAIL FROM:<a>\r\n", NULL, "",
+     GREET EHLO_PLAIN R220 "250 mx.test\r\n250 2.1.0 Ok\r\n", NO_CLOSE, -1,
+     1},
+    {"implicit TLS: no new EHLO needed (the upstream is fresh)",
+     CFG(true, false, true, false),
+     {U(GREET), C("MAIL FROM:<a>\r\n"), U("250 2.1.0 Ok\r\n")},
+     "MAIL FROM:<a>\r\n", NULL, "", GREET "250 2.1.0 Ok\r\n", NO_CLOSE, -1,
+     0},
     {"timeout while waiting for the handshake", DEF,
      {U(GREET), C("STARTTLS\r\nNOOP\r\n"), TIMEOUT}, "", NULL, "",
      GREET R220 TMO421, STP_CLOSE_TIMEOUT, 1, 1},
@@ -1316,9 +1337,14 @@ static const struct scen scens[] = {
      NO_CLOSE, -1},
     {"CHUNKING forgotten after TLS", DEF,
      {U(GREET), C("EHLO c\r\n"), U(EHLO_CHUNK_UP), C("STARTTLS\r\n"), TLS,
+      C("EHLO c\r\n"), U(EHLO_UP), C("BDAT 3 LAST\r\nabcNOOP\r\n"), U(OK250)},
+     "EHLO c\r\nEHLO c\r\nNOOP\r\n", NULL, "",
+     GREET EHLO_CHUNK_PLAIN R220 EHLO_TLS R502 OK250, NO_CLOSE, -1, 1},
+    {"BDAT before the EHLO after TLS: 503, octets discarded", DEF,
+     {U(GREET), C("EHLO c\r\n"), U(EHLO_CHUNK_UP), C("STARTTLS\r\n"), TLS,
       C("BDAT 3 LAST\r\nabcNOOP\r\n"), U(OK250)},
      "EHLO c\r\nNOOP\r\n", NULL, "",
-     GREET EHLO_CHUNK_PLAIN R220 R502 OK250, NO_CLOSE, -1, 1},
+     GREET EHLO_CHUNK_PLAIN R220 R503HELO OK250, NO_CLOSE, -1, 1, true},
     {"CHUNKING forgotten by a later EHLO", DEF,
      {U(GREET), C("EHLO c\r\n"), U(EHLO_CHUNK_UP), C("EHLO c\r\n"),
       U(EHLO_UP), C("BDAT 3 LAST\r\nabcNOOP\r\n"), U(OK250)},
