@@ -649,7 +649,24 @@ class Bench:
                                    for j, c in enumerate(r)).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        paired = []
+        for metric, label in (("cpu_per_session", "CPU per session"),
+                              ("cpu_per_gb", "CPU per GB")):
+            r = self.paired_ratios(metric)
+            if r:
+                paired.append("%s %.3f (%.3f-%.3f)" % (label, statistics.median(r), min(r),
+                                                       max(r)))
+        if paired:
+            # Both servers run back to back in each round, so a round's ratio
+            # is less disturbed by the machine drifting between rounds.
+            lines.append("")
+            lines.append("ratio per round (median, range): " + "; ".join(paired))
         return "\n".join(lines)
+
+    def paired_ratios(self, metric):
+        a = self.results.get(metric, {}).get("starttls-proxy", [])
+        b = self.results.get(metric, {}).get("stunnel", [])
+        return [x / y for x, y in zip(a, b) if y]
 
     def run(self):
         p = self.p
