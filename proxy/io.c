@@ -336,13 +336,10 @@ static void tls_pump(struct stp_conn *c)
         }
         if (r == -EAGAIN) {
             stp_conn_flush(c); /* a read may have produced alerts */
-            if (c->rx && c->rx->len == 0) {
-                /* Fetched for a read that brought nothing: an idle
-                 * session holds no buffer. */
-                stp_buf_unref(c->rx);
-                c->rx = NULL;
-                c->rx_off = 0;
-            }
+            /* Fetched for a read that brought nothing: an idle session
+             * holds no buffer. */
+            if (c->rx && c->rx->len == 0)
+                stp_conn_discard_input(c);
             break;
         }
         if (r <= 0) {

@@ -425,12 +425,13 @@ class SmtpConn:
         except (ConnectionError, ssl.SSLError, OSError) as e:
             return ("<%s>" % e).encode()
 
-    def starttls(self, ctx=None, server_hostname="proxy.test"):
-        """Switch this socket to TLS. Refuses if the server sent anything
-        beyond what we have parsed (that would be response injection)."""
+    def starttls(self, ctx=None, server_hostname="proxy.test", session=None):
+        """Switch this socket to TLS (offering SESSION for resumption, with
+        the CTX it came from). Refuses if the server sent anything beyond
+        what we have parsed (that would be response injection)."""
         assert not self.buf, "bytes after the 220 to STARTTLS: %r" % self.buf
         self.sock = (ctx or client_tls_context()).wrap_socket(
-            self.sock, server_hostname=server_hostname)
+            self.sock, server_hostname=server_hostname, session=session)
         self.tls = True
         return self.sock
 
@@ -1217,12 +1218,12 @@ def verifying_client_context(ca, cert=None):
 
 
 def open_implicit(port, ctx=None, server_hostname="proxy.test", ehlo="client.test",
-                  timeout=IO_TIMEOUT, source=None):
-    """Connect to an implicit-TLS listener: handshake, greeting, EHLO.
-    Returns (conn, ehlo_reply)."""
+                  timeout=IO_TIMEOUT, source=None, session=None):
+    """Connect to an implicit-TLS listener: handshake (offering SESSION),
+    greeting, EHLO. Returns (conn, ehlo_reply)."""
     c = SmtpConn(port, timeout=timeout, source=source)
     try:
-        c.starttls(ctx, server_hostname=server_hostname)
+        c.starttls(ctx, server_hostname=server_hostname, session=session)
         c.greeting()
         r = c.expect("EHLO " + ehlo, 250)
     except BaseException:

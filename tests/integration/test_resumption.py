@@ -13,33 +13,30 @@ import stp_harness as h
 import hardening_util as hu
 
 
+def finish(c):
+    """NOOP inside TLS (by then the server's ticket has arrived), QUIT.
+    Returns (reused, version, the session to offer next time)."""
+    c.expect("NOOP", 250)
+    out = (c.sock.session_reused, c.sock.version(), c.sock.session)
+    c.expect("QUIT", 221)
+    return out
+
+
 def starttls_session(port, ctx, session=None):
-    """Greeting, EHLO, STARTTLS, TLS (offering SESSION), EHLO and NOOP inside
-    TLS (by then the server's ticket has arrived), QUIT. Returns
-    (reused, version, the session to offer next time)."""
+    """Greeting, EHLO, STARTTLS offering SESSION, EHLO, NOOP, QUIT."""
     with h.SmtpConn(port) as c:
         c.greeting()
         c.expect("EHLO client.test", 250)
         c.expect("STARTTLS", 220)
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="proxy.test", session=session)
-        c.tls = True
+        c.starttls(ctx, session=session)
         c.expect("EHLO client.test", 250)
-        c.expect("NOOP", 250)
-        out = (c.sock.session_reused, c.sock.version(), c.sock.session)
-        c.expect("QUIT", 221)
-    return out
+        return finish(c)
 
 
 def implicit_session(port, ctx, session=None):
-    with h.SmtpConn(port) as c:
-        c.sock = ctx.wrap_socket(c.sock, server_hostname="proxy.test", session=session)
-        c.tls = True
-        c.greeting()
-        c.expect("EHLO client.test", 250)
-        c.expect("NOOP", 250)
-        out = (c.sock.session_reused, c.sock.version(), c.sock.session)
-        c.expect("QUIT", 221)
-    return out
+    c, _ = h.open_implicit(port, ctx, session=session)
+    with c:
+        return finish(c)
 
 
 def client_ctx(max_version=None):
