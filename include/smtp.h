@@ -34,10 +34,21 @@ enum stp_cmd {
     STP_CMD_XCLIENT, STP_CMD_XFORWARD,
 };
 
-/* Classify a command line (no terminator). The verb is case-insensitive and
- * ends at a space or the end of the line. *arg points past the spaces after
- * the verb (at the end of the line if there are no arguments). */
-enum stp_cmd stp_cmd_parse(const char *line, size_t len, const char **arg);
+/* A command line (no terminator) split the way the most lenient upstream
+ * splits it: leading white space skipped, the verb (case-insensitive) ends at
+ * any white space (SP, HT, VT, FF, CR, LF), the arguments start after the white
+ * space that follows it. A line is forwarded in canonical form, "VERB" or
+ * "VERB SP ARGS", so every upstream reads the verb the proxy classified. */
+struct stp_cmdline {
+    enum stp_cmd cmd;
+    const char *verb;  /* as the client wrote it */
+    size_t verb_len;
+    const char *arg;   /* to the end of the line; arg_len 0: none */
+    size_t arg_len;
+    bool canonical;    /* the line is already "VERB" or "VERB SP ARGS" */
+};
+void stp_cmd_parse(const char *line, size_t len, struct stp_cmdline *out);
+bool stp_smtp_space(char c);
 const char *stp_cmd_name(enum stp_cmd cmd);
 
 /* "BDAT <size> [LAST]" arguments. 0 or -EINVAL. */
@@ -167,7 +178,6 @@ struct stp_smtp {
     void *ctx;
     enum stp_phase phase;
     bool tls;            /* client leg encrypted */
-    bool auth_done;      /* an AUTH got 235 */
     bool chunking;       /* upstream offered CHUNKING in its last EHLO */
     bool skipping;       /* discarding the rest of an over-long line */
     bool waiting;        /* stalled until the pending replies are in */

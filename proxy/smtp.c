@@ -1,6 +1,7 @@
 /* The SMTP engine of one proxied session: client command policy, upstream
  * reply tracking, EHLO editing, message-content framing. No I/O here: bytes
  * in, actions out (struct stp_smtp_ops). The parsers are in smtp_parse.c. */
+#include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -145,6 +146,27 @@ static void forward_line(struct stp_smtp *s, const char *p, size_t n,
     pend_push(s, kind);
 }
 
+/* Forward a command as "VERB" or "VERB SP ARGS": never the client's leading
+ * blanks or TAB/VT/FF separators, which upstreams split differently. */
+static void forward_cmd(struct stp_smtp *s, const char *line, size_t len,
+                        const struct stp_cmdline *cl, enum stp_pend kind)
+{
+    if (cl->canonical) {
+        forward_line(s, line, len, kind);
+        return;
+    }
+    char buf[STP_MAX_LINE_MAX];
+    size_t n = cl->verb_len;
+    STP_ASSERT(n + 1 + cl->arg_len <= sizeof(buf));
+    memcpy(buf, cl->verb, n);
+    if (cl->arg_len) {
+        buf[n++] = ' ';
+        memcpy(buf + n, cl->arg, cl->arg_len);
+        n += cl->arg_len;
+    }
+    forward_line(s, buf, n, kind);
+}
+
 /* RFC 3207 section 4: before TLS, a server requiring it answers 530 to all but
  * these. */
 static bool allowed_before_tls(enum stp_cmd c)
@@ -164,29 +186,34 @@ static bool allowed_before_helo(enum stp_cmd c)
 
 /* Does this command get a reply from us rather than from the upstream? Such
  * replies wait until every earlier command has been answered. */
-static const char *local_reply(struct stp_smtp *s, enum stp_cmd c,
-                               const char *arg, const char *end,
-                               const char **why)
+static const char *local_reply(struct stp_smtp *s,
+                               const struct stp_cmdline *cl, const char **why)
 {
+    enum stp_cmd c = cl->cmd;
     if (c == STP_CMD_XCLIENT || c == STP_CMD_XFORWARD) {
         *why = "client_identity_command";
         return "550 5.7.0 Error: insufficient authorization\r\n";
     }
     if (c == STP_CMD_STARTTLS) {
         *why = NULL;
-        if (arg != end)
+        if (cl->arg_len)
             return "501 5.5.4 Syntax: STARTTLS\r\n";
         if (s->tls)
             return "554 5.5.1 Error: TLS already active\r\n";
         if (!s->cfg.offer_starttls)
             return "502 5.5.1 Error: command not implemented\r\n";
-        if (s->auth_done)
-            return "503 5.5.1 Error: already authenticated\r\n";
         return "220 2.0.0 Ready to start TLS\r\n";
     }
     if (s->cfg.require_tls && !s->tls && !allowed_before_tls(c)) {
         *why = "tls_required";
         return "530 5.7.0 Must issue a STARTTLS command first\r\n";
+    }
+    /* RFC 4954 4, Postfix smtpd_tls_auth_only: where TLS is offered, no
+     * password crosses in clear, whatever the upstream would accept. */
+    if (c == STP_CMD_AUTH && s->cfg.offer_starttls && !s->tls) {
+        *why = "auth_before_tls";
+        return "538 5.7.11 Encryption required for requested authentication "
+               "mechanism\r\n";
     }
     if (s->need_helo && !allowed_before_helo(c)) {
         *why = "helo_required_after_tls";
@@ -195,7 +222,7 @@ static const char *local_reply(struct stp_smtp *s, enum stp_cmd c,
     if (c == STP_CMD_BDAT) {
         uint64_t size;
         bool last;
-        if (stp_bdat_parse(arg, (size_t)(end - arg), &size, &last) < 0) {
+        if (stp_bdat_parse(cl->arg, cl->arg_len, &size, &last) < 0) {
             *why = "bdat_syntax";
             return "501 5.5.4 Syntax: BDAT size [LAST]\r\n";
         }
@@ -228,10 +255,11 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
                "500 5.5.2 Error: bad character in command\r\n");
         return true;
     }
-    const char *arg;
-    enum stp_cmd c = stp_cmd_parse(line, len, &arg);
+    struct stp_cmdline cl;
+    stp_cmd_parse(line, len, &cl);
+    enum stp_cmd c = cl.cmd;
     const char *why = NULL;
-    const char *text = local_reply(s, c, arg, line + len, &why);
+    const char *text = local_reply(s, &cl, &why);
     if (text) {
         if (s->pend_count)
             return false;
@@ -251,8 +279,8 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
         } else if (c == STP_CMD_BDAT) {
             uint64_t size;
             bool last;
-            if (stp_bdat_parse(arg, (size_t)(line + len - arg), &size,
-                               &last) == 0 && size > 0) {
+            if (stp_bdat_parse(cl.arg, cl.arg_len, &size, &last) == 0 &&
+                size > 0) {
                 s->chunk_left = size;
                 enter(s, STP_PH_CHUNK_DISCARD);
             }
@@ -265,38 +293,42 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
         s->need_helo = false;
     switch (c) {
     case STP_CMD_EHLO:
-        forward_line(s, line, len, STP_PEND_EHLO);
+        forward_cmd(s, line, len, &cl, STP_PEND_EHLO);
         break;
     case STP_CMD_DATA:
-        forward_line(s, line, len, STP_PEND_DATA);
+        forward_cmd(s, line, len, &cl, STP_PEND_DATA);
         s->waiting = true;
         break;
     case STP_CMD_AUTH:
-        forward_line(s, line, len, STP_PEND_AUTH);
+        forward_cmd(s, line, len, &cl, STP_PEND_AUTH);
         s->waiting = true;
         break;
     case STP_CMD_QUIT:
-        forward_line(s, line, len, STP_PEND_QUIT);
+        forward_cmd(s, line, len, &cl, STP_PEND_QUIT);
         enter(s, STP_PH_QUIT);
         break;
     case STP_CMD_BDAT: {
+        /* Rebuilt from what was counted: the upstream reads the same size. */
         bool last;
-        stp_bdat_parse(arg, (size_t)(line + len - arg), &s->chunk_left, &last);
-        forward_line(s, line, len, last ? STP_PEND_RESET : STP_PEND_BDAT);
+        char buf[40];
+        stp_bdat_parse(cl.arg, cl.arg_len, &s->chunk_left, &last);
+        int n = snprintf(buf, sizeof(buf), "BDAT %" PRIu64 "%s",
+                         s->chunk_left, last ? " LAST" : "");
+        forward_line(s, buf, (size_t)n, last ? STP_PEND_RESET : STP_PEND_BDAT);
         if (s->chunk_left > 0)
             enter(s, STP_PH_CHUNK);
         break;
     }
     case STP_CMD_MAIL:
-        forward_line(s, line, len, STP_PEND_MAIL);
+        forward_cmd(s, line, len, &cl, STP_PEND_MAIL);
         break;
     case STP_CMD_HELO: case STP_CMD_RSET:
-        forward_line(s, line, len, STP_PEND_RESET);
+        forward_cmd(s, line, len, &cl, STP_PEND_RESET);
         break;
     case STP_CMD_UNKNOWN: case STP_CMD_RCPT: case STP_CMD_NOOP:
     case STP_CMD_VRFY: case STP_CMD_EXPN: case STP_CMD_HELP:
     case STP_CMD_ETRN:
-        forward_line(s, line, len, STP_PEND_CMD);
+        forward_cmd(s, line, len, &cl, STP_PEND_CMD);
         break;
     case STP_CMD_STARTTLS: case STP_CMD_XCLIENT: case STP_CMD_XFORWARD:
         STP_ASSERT(!"answered locally");
@@ -419,8 +451,6 @@ static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
         s->waiting = false;
         if (code == 334)
             enter(s, STP_PH_AUTH);
-        else if (code == 235)
-            s->auth_done = true;
         break;
     case STP_PEND_QUIT:
         close_session(s, STP_CLOSE_QUIT, false);
@@ -550,7 +580,6 @@ void stp_smtp_tls_started(struct stp_smtp *s)
         return;
     bool open_tx = s->in_tx;
     s->tls = true;
-    s->auth_done = false;
     s->in_tx = false;
     s->need_helo = true;
     s->chunking = false;

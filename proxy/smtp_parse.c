@@ -34,21 +34,45 @@ static const struct {
     {"XFORWARD", STP_CMD_XFORWARD},
 };
 
-enum stp_cmd stp_cmd_parse(const char *line, size_t len, const char **arg)
+/* Upstreams tokenise with isspace(): Postfix skips leading white space and
+ * ends the verb at any of these, Exim ends it at any of these too. The proxy
+ * recognises verbs the same lenient way, so that no upstream can read a verb
+ * the proxy did not see (XCLIENT<TAB>..., a leading blank). CR and LF never
+ * reach here (a line ends at LF, a bare CR refuses it) but count, to be
+ * safe. */
+bool stp_smtp_space(char c)
 {
-    size_t v = 0;
-    while (v < len && line[v] != ' ')
+    return c == ' ' || c == '\t' || c == '\v' || c == '\f' || c == '\r' ||
+           c == '\n';
+}
+
+void stp_cmd_parse(const char *line, size_t len, struct stp_cmdline *out)
+{
+    size_t b = 0;
+    while (b < len && stp_smtp_space(line[b]))
+        b++;
+    size_t v = b;
+    while (v < len && !stp_smtp_space(line[v]))
         v++;
     size_t a = v;
-    while (a < len && line[a] == ' ')
+    while (a < len && stp_smtp_space(line[a]))
         a++;
-    *arg = line + a;
+    out->verb = line + b;
+    out->verb_len = v - b;
+    out->arg = line + a;
+    out->arg_len = len - a;
+    /* As the client wrote it, the line is what we would send: no leading
+     * blank, one SP before the arguments, nothing after a bare verb. */
+    out->canonical = b == 0 && (a == len ? v == len : a == v + 1 &&
+                                                      line[v] == ' ');
+    out->cmd = STP_CMD_UNKNOWN;
     for (size_t i = 0; i < STP_ARRAY_LEN(verbs); i++) {
-        if (strlen(verbs[i].verb) == v &&
-            strncasecmp(line, verbs[i].verb, v) == 0)
-            return verbs[i].cmd;
+        if (strlen(verbs[i].verb) == out->verb_len &&
+            strncasecmp(out->verb, verbs[i].verb, out->verb_len) == 0) {
+            out->cmd = verbs[i].cmd;
+            break;
+        }
     }
-    return STP_CMD_UNKNOWN;
 }
 
 const char *stp_cmd_name(enum stp_cmd cmd)

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "mta_tokens.h"
 #include "smtp.h"
 
 #define BUF 16384
@@ -31,6 +32,7 @@
 struct fz {
     struct stp_smtp s;
     bool require_tls;
+    bool offer;        /* the listener offers STARTTLS */
     bool tls;          /* the client leg is (now) TLS */
     bool tls_pending;  /* start_tls called, tls_started not yet */
     bool closed;
@@ -59,11 +61,13 @@ static struct fz F;
         }                                                                      \
     } while (0)
 
-/* First token of a line, case-insensitively. */
-static bool verb_is(const char *p, size_t n, const char *verb)
+/* "VERB" or "VERB SP ARGS": read alike by every tokeniser. */
+static bool canonical(const char *p, size_t n)
 {
-    size_t k = strlen(verb);
-    return n >= k && strncasecmp(p, verb, k) == 0 && (n == k || p[k] == ' ');
+    size_t off, len;
+    postfix_verb(p, n, &off, &len);
+    return off == 0 && (len == n || (p[len] == ' ' && len + 1 < n &&
+                                     !mta_space(p[len + 1])));
 }
 
 static void op_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
@@ -86,16 +90,21 @@ static void op_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
     bool sasl = F.auth_call && F.lines_in_call == 0;
     if (F.in_base)
         F.lines_in_call++;
-    if (!sasl)
-        CHECK(!verb_is(p, n, "XCLIENT") && !verb_is(p, n, "XFORWARD"),
+    if (!sasl) {
+        CHECK(canonical(p, n), "command forwarded in non-canonical form");
+        CHECK(!mta_verb_is(p, n, "XCLIENT") && !mta_verb_is(p, n, "XFORWARD"),
               "XCLIENT/XFORWARD forwarded");
+        CHECK(!mta_verb_is(p, n, "STARTTLS"), "STARTTLS forwarded");
+        CHECK(!(F.offer && !F.tls && mta_verb_is(p, n, "AUTH")),
+              "AUTH forwarded in clear where TLS is offered");
+    }
     if (F.require_tls && !F.tls) {
         static const char *const restricted[] = {
             "MAIL", "RCPT", "DATA", "BDAT", "AUTH", "VRFY", "EXPN", "ETRN",
             "HELP",
         };
         for (size_t i = 0; i < sizeof(restricted) / sizeof(restricted[0]); i++)
-            CHECK(!verb_is(p, n, restricted[i]),
+            CHECK(!mta_verb_is(p, n, restricted[i]),
                   "restricted command forwarded before TLS");
     }
 }
@@ -233,6 +242,10 @@ static const char *const client_lines[] = {
     ".\r\n", "\n.\n", "\r\n.\n", "\n.\r\n", "\r.\r", "\r\n.\r", "..x\r\n",
     "hello world\r\n", "\r", "\n", ".", "BDAT 9\r\nXCLIENT\r\n",
     "MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n",
+    "XCLIENT\tADDR=6.6.6.6\r\n", " XCLIENT ADDR=6.6.6.6\r\n",
+    "\tXFORWARD\vADDR=6.6.6.6\r\n", "XCLIENT\fADDR=6.6.6.6\r\n",
+    "DATA\t\r\n", "BDAT\t5\r\n", "AUTH\tPLAIN\r\n", "STARTTLS\t\r\n",
+    "  MAIL\tFROM:<a>\r\n", "RCPT  TO:<b>\r\n",
 };
 
 static const char *const upstream_lines[] = {
@@ -266,6 +279,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .hostname = "fuzz.test",
     };
     F.require_tls = cfg.require_tls;
+    F.offer = cfg.offer_starttls;
     F.tls = cfg.tls_active;
     stp_smtp_init(&F.s, &cfg, &ops, NULL);
 

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "mta_tokens.h"
 #include "smtp.h"
 
 #define CHECK(c, what)                                                         \
@@ -94,21 +95,31 @@ static void fuzz_cmd(const uint8_t *d, size_t n)
         "XFORWARD",
     }; /* indexed by enum stp_cmd */
     char *b = dup_exact(d, n);
-    const char *arg = NULL;
-    enum stp_cmd c = stp_cmd_parse(b, n, &arg);
-    size_t v = 0;
-    while (v < n && b[v] != ' ')
-        v++;
-    size_t a = v;
-    while (a < n && b[a] == ' ')
-        a++;
+    struct stp_cmdline cl;
+    stp_cmd_parse(b, n, &cl);
+    /* The proxy's verb is Postfix's verb, and Exim runs no verb the proxy
+     * did not see. */
+    size_t off, len;
+    postfix_verb(b, n, &off, &len);
     enum stp_cmd want = STP_CMD_UNKNOWN;
-    for (int i = 1; i < (int)(sizeof(verbs) / sizeof(verbs[0])); i++)
-        if (strlen(verbs[i]) == v && strncasecmp(b, verbs[i], v) == 0)
+    for (int i = 1; i < (int)(sizeof(verbs) / sizeof(verbs[0])); i++) {
+        if (strlen(verbs[i]) == len && strncasecmp(b + off, verbs[i], len) == 0)
             want = (enum stp_cmd)i;
-    CHECK(c == want, "cmd_parse verb differs from the reference");
-    CHECK(arg == b + a, "cmd_parse arg differs from the reference");
-    CHECK(stp_cmd_name(c) != NULL, "cmd_name NULL");
+        if (exim_verb_is(b, n, verbs[i]))
+            CHECK(cl.cmd == (enum stp_cmd)i, "Exim reads a verb the proxy missed");
+    }
+    CHECK(cl.cmd == want, "cmd_parse verb differs from Postfix's");
+    CHECK(cl.verb == b + off && cl.verb_len == len, "verb span differs");
+    CHECK(cl.arg >= cl.verb + cl.verb_len && cl.arg + cl.arg_len == b + n,
+          "arg outside the line");
+    CHECK(cl.arg_len == 0 || !mta_space(cl.arg[0]), "arg starts with a blank");
+    for (const char *q = cl.verb + cl.verb_len; q < cl.arg; q++)
+        CHECK(mta_space(*q), "non-blank between verb and arg");
+    CHECK(!cl.canonical || (off == 0 && (cl.arg_len == 0 ? len == n
+                                         : cl.arg == b + len + 1 &&
+                                               b[len] == ' ')),
+          "canonical line is not VERB [SP ARGS]");
+    CHECK(stp_cmd_name(cl.cmd) != NULL, "cmd_name NULL");
     free(b);
 }
 

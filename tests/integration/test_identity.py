@@ -356,3 +356,67 @@ def test_a_client_xclient_never_reaches_an_xclient_upstream(make_proxy, make_raw
     assert len(xclients) == 1, xclients
     attrs = assert_xtext_attributes(xclients[0])
     assert (attrs.get("ADDR"), attrs.get("PORT")) == (CLIENT_IP, str(port)), xclients
+
+
+# --- a client's XCLIENT hidden behind odd white space, against Postfix ------------------
+# Postfix skips leading white space and splits the verb on any of it: the
+# proxy must refuse what Postfix would run, and forward the rest in canonical
+# form. 192.0.2.0/24 is in this Postfix's mynetworks: a forged address there
+# would be allowed to relay.
+
+@pytest.mark.parametrize("line", [
+    b"XCLIENT\tADDR=192.0.2.66", b"XCLIENT\x0bADDR=192.0.2.66", b"XCLIENT\x0cADDR=192.0.2.66",
+    b" XCLIENT ADDR=192.0.2.66", b"\tXCLIENT ADDR=192.0.2.66", b"xclient\t\tADDR=192.0.2.66",
+    b"XFORWARD\tADDR=192.0.2.66",
+], ids=["tab", "vt", "ff", "leading-space", "leading-tab", "lower-two-tabs", "xforward-tab"])
+def test_xclient_behind_white_space_is_refused_and_postfix_denies_relay(make_proxy, postfix,
+                                                                          pki, line):
+    proxy = make_proxy(postfix.address("plain"), upstream_opts=up_opts(pki, "none", "xclient"),
+                       **plain_listener())
+    c = client_from_127_0_0_2(proxy)
+    with c:
+        port = c.sock.getsockname()[1]
+        c.send(line + b"\r\n")
+        r = c.read_reply()
+        assert r.code == 550 and "5.7.0" in r.text, r.raw
+        c.expect("MAIL FROM:<b@example.org>", 250)
+        r = c.cmd("RCPT TO:<victim@foreign.example>")
+        assert r.code == 554 and "Relay access denied" in r.text, r.raw
+        c.expect("RCPT TO:<a@example.net>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: ws\r\n\r\nbody\r\n.\r\n")
+        qid = queue_id(c.read_reply())
+        c.expect("QUIT", 221)
+    _, addr, cport = postfix.client_of_queue_id(qid)
+    assert (addr, cport) == (CLIENT_IP, port)
+    assert "192.0.2.66" not in postfix.log_text()
+
+
+def test_bdat_and_data_behind_a_tab_stay_in_step_with_postfix(make_proxy, postfix, pki):
+    """BDAT<TAB>5 is counted as a 5-octet chunk (the XCLIENT after it is a
+    command, refused); DATA<TAB> gets Postfix's 354 and the message goes in."""
+    proxy = make_proxy(postfix.address("plain"), upstream_opts=up_opts(pki, "none", "xclient"),
+                       **plain_listener())
+    c = client_from_127_0_0_2(proxy)
+    with c:
+        port = c.sock.getsockname()[1]
+        c.expect("MAIL FROM:<b@example.org>", 250)
+        c.expect("RCPT TO:<a@example.net>", 250)
+        c.send(b"BDAT\t5\r\nAAAAA")
+        assert c.read_reply().code == 250
+        c.send(b"XCLIENT ADDR=192.0.2.66\r\n")
+        r = c.read_reply()
+        assert r.code == 550, r.raw
+        c.send(b"BDAT\t0 LAST\r\n")
+        bdat_qid = queue_id(c.read_reply())
+        c.expect("MAIL FROM:<b@example.org>", 250)
+        c.expect("RCPT TO:<a@example.net>", 250)
+        c.send(b"DATA\t\r\n")
+        assert c.read_reply().code == 354
+        c.send(b"Subject: tab\r\n\r\nbody\r\n.\r\n")
+        data_qid = queue_id(c.read_reply())
+        c.expect("QUIT", 221)
+    for qid in (bdat_qid, data_qid):
+        _, addr, cport = postfix.client_of_queue_id(qid)
+        assert (addr, cport) == (CLIENT_IP, port)
+    assert "192.0.2.66" not in postfix.log_text()

@@ -240,18 +240,35 @@ def test_auth_login_exchange_after_tls_is_relayed(proxy_scripted):
     assert cmds[i + 1:i + 3] == [b"dXNlcg==", b"STARTTLS"], cmds
 
 
-def test_starttls_after_plaintext_auth_is_refused(make_scripted, make_proxy):
-    """RFC 4954: STARTTLS after a successful plaintext AUTH is refused, so the
-    authenticated plaintext state cannot be carried into TLS."""
+@pytest.mark.parametrize("line", ["AUTH PLAIN AHVzZXIAc2VjcmV0", "AUTH LOGIN", "auth\tplain"])
+def test_auth_before_tls_on_an_opportunistic_listener_gets_538(make_scripted, make_proxy, line):
+    """RFC 4954 4 (Postfix smtpd_tls_auth_only): where TLS is offered, no
+    password crosses in clear, even with require_tls = no; the upstream,
+    which offers AUTH, never sees it. After STARTTLS the same AUTH goes
+    through."""
     up = make_scripted()
     proxy = make_proxy(up, require_tls="no")
     with h.SmtpConn(proxy.port) as c:
         c.greeting()
         c.expect("EHLO client.test", 250)
-        r = c.cmd("AUTH PLAIN AHVzZXIAc2VjcmV0")
-        if r.code == 235:
-            r = c.cmd("STARTTLS")
-            assert r.code == 503, "STARTTLS after AUTH: %r" % r.raw
-        else:
-            assert 500 <= r.code < 600, r.raw
+        r = c.cmd(line)
+        assert r.code == 538 and "5.7.11" in r.text, r.raw
+        c.expect("STARTTLS", 220)
+        c.starttls()
+        c.expect("EHLO client.test", 250)
+        c.expect("AUTH PLAIN AHVzZXIAc2VjcmV0", 235)
         c.expect("QUIT", 221)
+    auths = up.saw_verb("AUTH")
+    assert auths == [b"AUTH PLAIN AHVzZXIAc2VjcmV0"], up.all_commands()
+
+
+def test_auth_on_a_plaintext_listener_is_relayed(make_scripted, make_proxy):
+    """tls = none (devices on a private network): AUTH is the upstream's."""
+    up = make_scripted()
+    proxy = make_proxy(up, tls="none", require_tls=None)
+    with h.SmtpConn(proxy.port) as c:
+        c.greeting()
+        c.expect("EHLO client.test", 250)
+        c.expect("AUTH PLAIN AHVzZXIAc2VjcmV0", 235)
+        c.expect("QUIT", 221)
+    assert up.saw_verb("AUTH") == [b"AUTH PLAIN AHVzZXIAc2VjcmV0"], up.all_commands()

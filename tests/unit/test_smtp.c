@@ -138,51 +138,71 @@ struct cmd_case {
     const char *in;
     size_t n;
     enum stp_cmd cmd;
-    int argoff; /* -1: only check that arg stays inside the line */
+    int argoff;     /* -1: only check that arg stays inside the line */
+    int canonical;  /* -1: don't check */
 };
 
 static const struct cmd_case cmd_cases[] = {
-    {S("EHLO client.test"), STP_CMD_EHLO, 5},
-    {S("ehlo client.test"), STP_CMD_EHLO, 5},
-    {S("EhLo x"), STP_CMD_EHLO, 5},
-    {S("EHLO"), STP_CMD_EHLO, 4},
-    {S("EHLOX"), STP_CMD_UNKNOWN, -1},
-    {S("EHLOX y"), STP_CMD_UNKNOWN, -1},
-    {S("EHL"), STP_CMD_UNKNOWN, -1},
-    {S("EHLO\tx"), STP_CMD_UNKNOWN, -1},
-    {S(""), STP_CMD_UNKNOWN, -1},
-    {S(" EHLO x"), STP_CMD_UNKNOWN, -1},
-    {S("HELO x"), STP_CMD_HELO, 5},
-    {S("MAIL FROM:<a@b>"), STP_CMD_MAIL, 5},
-    {S("MAIL  FROM:<>"), STP_CMD_MAIL, 6},
-    {S("mail from:<>"), STP_CMD_MAIL, 5},
-    {S("MAIL"), STP_CMD_MAIL, 4},
-    {S("RCPT TO:<a@b>"), STP_CMD_RCPT, 5},
-    {S("DATA"), STP_CMD_DATA, 4},
-    {S("data"), STP_CMD_DATA, 4},
-    {S("DATAX"), STP_CMD_UNKNOWN, -1},
-    {S("BDAT 100 LAST"), STP_CMD_BDAT, 5},
-    {S("RSET"), STP_CMD_RSET, 4},
-    {S("NOOP"), STP_CMD_NOOP, 4},
-    {S("NOOP   x"), STP_CMD_NOOP, 7},
-    {S("QUIT"), STP_CMD_QUIT, 4},
-    {S("VRFY user"), STP_CMD_VRFY, 5},
-    {S("EXPN list"), STP_CMD_EXPN, 5},
-    {S("HELP"), STP_CMD_HELP, 4},
-    {S("ETRN #d"), STP_CMD_ETRN, 5},
-    {S("AUTH PLAIN AGE="), STP_CMD_AUTH, 5},
-    {S("STARTTLS"), STP_CMD_STARTTLS, 8},
-    {S("starttls"), STP_CMD_STARTTLS, 8},
-    {S("StartTLS"), STP_CMD_STARTTLS, 8},
-    {S("STARTTLS foo"), STP_CMD_STARTTLS, 9},
-    {S("STARTTLSX"), STP_CMD_UNKNOWN, -1},
-    {S("STARTTL"), STP_CMD_UNKNOWN, -1},
-    {S("XCLIENT ADDR=1.2.3.4"), STP_CMD_XCLIENT, 8},
-    {S("xclient ADDR=1.2.3.4"), STP_CMD_XCLIENT, 8},
-    {S("XFORWARD NAME=x"), STP_CMD_XFORWARD, 9},
-    {S("xForward"), STP_CMD_XFORWARD, 8},
-    {S("FOO bar"), STP_CMD_UNKNOWN, -1},
-    {S("MAIL\0FROM"), STP_CMD_UNKNOWN, -1},
+    {S("EHLO client.test"), STP_CMD_EHLO, 5, 1},
+    {S("ehlo client.test"), STP_CMD_EHLO, 5, 1},
+    {S("EhLo x"), STP_CMD_EHLO, 5, 1},
+    {S("EHLO"), STP_CMD_EHLO, 4, 1},
+    {S("EHLOX"), STP_CMD_UNKNOWN, -1, 1},
+    {S("EHLOX y"), STP_CMD_UNKNOWN, -1, 1},
+    {S("EHL"), STP_CMD_UNKNOWN, -1, 1},
+    /* Upstreams split on any white space and skip leading blanks: so must
+     * the classifier, or XCLIENT<TAB> passes as an unknown verb. */
+    {S("EHLO\tx"), STP_CMD_EHLO, 5, 0},
+    {S(""), STP_CMD_UNKNOWN, 0, 1},
+    {S(" EHLO x"), STP_CMD_EHLO, 6, 0},
+    {S("\t \tEHLO x"), STP_CMD_EHLO, 8, 0},
+    {S("XCLIENT\tADDR=6.6.6.6"), STP_CMD_XCLIENT, 8, 0},
+    {S("XCLIENT\vADDR=6.6.6.6"), STP_CMD_XCLIENT, 8, 0},
+    {S("XCLIENT\fADDR=6.6.6.6"), STP_CMD_XCLIENT, 8, 0},
+    {S("XCLIENT\rADDR=6.6.6.6"), STP_CMD_XCLIENT, 8, 0},
+    {S(" XCLIENT ADDR=6.6.6.6"), STP_CMD_XCLIENT, 9, 0},
+    {S("\tXFORWARD ADDR=6.6.6.6"), STP_CMD_XFORWARD, 10, 0},
+    {S("XCLIENT"), STP_CMD_XCLIENT, 7, 1},
+    {S("DATA\t"), STP_CMD_DATA, 5, 0},
+    {S("DATA "), STP_CMD_DATA, 5, 0},
+    {S("BDAT\t5"), STP_CMD_BDAT, 5, 0},
+    {S("AUTH\tPLAIN"), STP_CMD_AUTH, 5, 0},
+    {S("STARTTLS\t"), STP_CMD_STARTTLS, 9, 0},
+    {S("STARTTLS \t "), STP_CMD_STARTTLS, 11, 0},
+    {S(" \t "), STP_CMD_UNKNOWN, 3, 0},
+    {S("XCLIENT\x1c" "ADDR"), STP_CMD_UNKNOWN, -1, 1},
+    {S("HELO x"), STP_CMD_HELO, 5, 1},
+    {S("MAIL FROM:<a@b>"), STP_CMD_MAIL, 5, 1},
+    {S("MAIL  FROM:<>"), STP_CMD_MAIL, 6, 0},
+    {S("MAIL FROM:<a>\tSIZE=1"), STP_CMD_MAIL, 5, 1},
+    {S("mail from:<>"), STP_CMD_MAIL, 5, 1},
+    {S("MAIL"), STP_CMD_MAIL, 4, 1},
+    {S("RCPT TO:<a@b>"), STP_CMD_RCPT, 5, 1},
+    {S("DATA"), STP_CMD_DATA, 4, 1},
+    {S("data"), STP_CMD_DATA, 4, 1},
+    {S("DATAX"), STP_CMD_UNKNOWN, -1, 1},
+    {S("BDAT 100 LAST"), STP_CMD_BDAT, 5, 1},
+    {S("RSET"), STP_CMD_RSET, 4, 1},
+    {S("NOOP"), STP_CMD_NOOP, 4, 1},
+    {S("NOOP   x"), STP_CMD_NOOP, 7, 0},
+    {S("QUIT"), STP_CMD_QUIT, 4, 1},
+    {S("VRFY user"), STP_CMD_VRFY, 5, 1},
+    {S("EXPN list"), STP_CMD_EXPN, 5, 1},
+    {S("HELP"), STP_CMD_HELP, 4, 1},
+    {S("ETRN #d"), STP_CMD_ETRN, 5, 1},
+    {S("AUTH PLAIN AGE="), STP_CMD_AUTH, 5, 1},
+    {S("STARTTLS"), STP_CMD_STARTTLS, 8, 1},
+    {S("starttls"), STP_CMD_STARTTLS, 8, 1},
+    {S("StartTLS"), STP_CMD_STARTTLS, 8, 1},
+    {S("STARTTLS foo"), STP_CMD_STARTTLS, 9, 1},
+    {S("STARTTLSX"), STP_CMD_UNKNOWN, -1, 1},
+    {S("STARTTL"), STP_CMD_UNKNOWN, -1, 1},
+    {S("XCLIENT ADDR=1.2.3.4"), STP_CMD_XCLIENT, 8, 1},
+    {S("xclient ADDR=1.2.3.4"), STP_CMD_XCLIENT, 8, 1},
+    {S("XFORWARD NAME=x"), STP_CMD_XFORWARD, 9, 1},
+    {S("xForward"), STP_CMD_XFORWARD, 8, 1},
+    {S("FOO bar"), STP_CMD_UNKNOWN, -1, 1},
+    {S("MAIL\0FROM"), STP_CMD_UNKNOWN, -1, -1},
 };
 
 static void test_cmd_parse(void)
@@ -198,20 +218,26 @@ static void test_cmd_parse(void)
                   len);
             char *b = malloc(c->n ? c->n : 1);
             memcpy(b, c->in, c->n);
-            const char *arg = NULL;
-            enum stp_cmd cmd = stp_cmd_parse(b, c->n, &arg);
-            CHECK(cmd == c->cmd, "split %zu: cmd %d (%s), want %d (%s)", split,
-                  (int)cmd, stp_cmd_name(cmd), (int)c->cmd,
+            struct stp_cmdline cl;
+            stp_cmd_parse(b, c->n, &cl);
+            CHECK(cl.cmd == c->cmd, "split %zu: cmd %d (%s), want %d (%s)",
+                  split, (int)cl.cmd, stp_cmd_name(cl.cmd), (int)c->cmd,
                   stp_cmd_name(c->cmd));
-            CHECK(arg >= b && arg <= b + c->n, "arg outside the line");
-            if (c->argoff >= 0 && arg >= b && arg <= b + c->n)
-                CHECK(arg - b == c->argoff, "arg at %ld, want %d",
-                      (long)(arg - b), c->argoff);
+            CHECK(cl.arg >= b && cl.arg + cl.arg_len == b + c->n,
+                  "arg outside the line");
+            CHECK(cl.verb >= b && cl.verb + cl.verb_len <= cl.arg,
+                  "verb outside the line");
+            if (c->argoff >= 0)
+                CHECK(cl.arg - b == c->argoff, "arg at %ld, want %d",
+                      (long)(cl.arg - b), c->argoff);
+            if (c->canonical >= 0)
+                CHECK(cl.canonical == (c->canonical == 1),
+                      "canonical %d, want %d", cl.canonical, c->canonical);
             /* a truncated line must not be read past its end */
             if (split <= c->n) {
-                const char *a2 = NULL;
-                stp_cmd_parse(b, split, &a2);
-                CHECK(a2 >= b && a2 <= b + split,
+                struct stp_cmdline c2;
+                stp_cmd_parse(b, split, &c2);
+                CHECK(c2.arg >= b && c2.arg + c2.arg_len == b + split,
                       "prefix %zu: arg outside the line", split);
             }
             free(b);
@@ -975,6 +1001,7 @@ struct scen {
     {.offer_starttls = offer, .require_tls = req, .tls_active = active,        \
      .upstream_tls = uptls, .max_line = 512, .hostname = HOST}
 #define DEF CFG(true, false, false, false)
+#define NONE CFG(false, false, false, false) /* tls = none */
 
 #define GREET "220 mx.test ESMTP\r\n"
 #define EHLO_UP                                                                \
@@ -999,7 +1026,8 @@ struct scen {
 #define R501TLS "501 5.5.4 Syntax: STARTTLS\r\n"
 #define R554TLS "554 5.5.1 Error: TLS already active\r\n"
 #define R502 "502 5.5.1 Error: command not implemented\r\n"
-#define R503 "503 5.5.1 Error: already authenticated\r\n"
+#define R538                                                                   \
+    "538 5.7.11 Encryption required for requested authentication mechanism\r\n"
 #define R503HELO "503 5.5.1 Error: send HELO/EHLO first\r\n"
 #define R500LONG "500 5.5.2 Error: line too long\r\n"
 #define R500CHAR "500 5.5.2 Error: bad character in command\r\n"
@@ -1231,6 +1259,44 @@ static const struct scen scens[] = {
       U(OK250)},
      "NOOP\r\n", NULL, "", GREET R550X R550X R550X OK250, NO_CLOSE, -1, 0,
      true},
+    /* Postfix and Exim split the verb on any white space (and Postfix skips
+     * leading blanks): the proxy must see what they see. */
+    {"XCLIENT/XFORWARD behind TAB, VT, FF or leading blanks refused",
+     CFG(true, false, true, false),
+     {U(GREET),
+      C("XCLIENT\tADDR=6.6.6.6\r\nXCLIENT\vADDR=6.6.6.6\r\n"
+        "XCLIENT\fADDR=6.6.6.6\r\n XCLIENT ADDR=6.6.6.6\r\n"
+        "\txforward ADDR=6.6.6.6\r\nNOOP\r\n"),
+      U(OK250)},
+     "NOOP\r\n", NULL, "", GREET R550X R550X R550X R550X R550X OK250,
+     NO_CLOSE, -1, 0, true},
+    {"odd white space forwarded in canonical form", CFG(true, false, true, false),
+     {U(GREET), C("  EHLO\tc\r\n"), U(EHLO_UP),
+      C("MAIL\tFROM:<a>\r\nRCPT  TO:<b>\r\nNOOP\f\r\n"),
+      U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" OK250)},
+     "EHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nNOOP\r\n", NULL, "",
+     GREET EHLO_TLS "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" OK250, NO_CLOSE, -1,
+     0},
+    {"DATA<TAB> is DATA: content follows the 354", CFG(true, false, true, false),
+     {U(GREET), C("MAIL FROM:<a>\r\n"), U("250 2.1.0 Ok\r\n"),
+      C("RCPT TO:<b>\r\n"), U("250 2.1.5 Ok\r\n"), C("DATA\t\r\n"), U(R354),
+      C("XCLIENT ADDR=6.6.6.6\r\n.\r\n"), U(OK250)},
+     "MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\nXCLIENT ADDR=6.6.6.6\r\n.\r\n",
+     NULL, "XCLIENT ADDR=6.6.6.6\r\n.\r\n",
+     GREET "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" R354 OK250, NO_CLOSE, -1, 0},
+    {"BDAT<TAB>5 counts the chunk, the XCLIENT after it is refused",
+     CFG(true, false, true, false),
+     {U(GREET), C("EHLO c\r\n"), U(EHLO_CHUNK_UP),
+      C("BDAT\t5\r\nAAAAAXCLIENT ADDR=6.6.6.6\r\nbdat 0  last\r\n"),
+      U(OK250), U(OK250)},
+     "EHLO c\r\nBDAT 5\r\nAAAAABDAT 0 LAST\r\n", NULL, "AAAAA",
+     GREET "250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+     OK250 R550X OK250, NO_CLOSE, -1, 0, true},
+    {"STARTTLS<TAB> is STARTTLS", DEF,
+     {U(GREET), C("EHLO c\r\n"), U(EHLO_UP), C("STARTTLS\t\r\n"), TLS,
+      C("EHLO c\r\n"), U(EHLO_UP)},
+     "EHLO c\r\nEHLO c\r\n", NULL, "", GREET EHLO_PLAIN R220 EHLO_TLS,
+     NO_CLOSE, -1, 1},
     {"reply order with a pipelined XCLIENT", DEF,
      {U(GREET),
       C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nXCLIENT ADDR=1.2.3.4\r\n"
@@ -1308,7 +1374,7 @@ static const struct scen scens[] = {
       C("BDAT 9\r\nXCLIENT\r\nbdat 7 last\r\na\r\n.\r\nX"), C("QUIT\r\n"),
       U("250 2.0.0 9 octets\r\n250 2.0.0 queued\r\n221 2.0.0 Bye\r\n")},
      "EHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 9\r\nXCLIENT\r\n"
-     "bdat 7 last\r\na\r\n.\r\nXQUIT\r\n",
+     "BDAT 7 LAST\r\na\r\n.\r\nXQUIT\r\n",
      NULL, "XCLIENT\r\na\r\n.\r\nX",
      GREET EHLO_CHUNK_PLAIN "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
                             "250 2.0.0 9 octets\r\n250 2.0.0 queued\r\n"
@@ -1352,26 +1418,42 @@ static const struct scen scens[] = {
      GREET EHLO_CHUNK_PLAIN EHLO_PLAIN R502 OK250, NO_CLOSE, -1},
 
     /* --- AUTH --- */
-    {"AUTH LOGIN exchange, then STARTTLS is 503", DEF,
-     {U(GREET), C("EHLO c\r\n"), U(EHLO_UP), C("AUTH LOGIN\r\n"),
+    {"AUTH before TLS where TLS is offered: 538, never forwarded", DEF,
+     {U(GREET), C("EHLO c\r\n"), U(EHLO_UP),
+      C("AUTH PLAIN AHVzZXIAcGFzcw==\r\nAUTH\tLOGIN\r\n auth plain\r\n"
+        "NOOP\r\n"), U(OK250)},
+     "EHLO c\r\nNOOP\r\n", NULL, "",
+     GREET EHLO_PLAIN R538 R538 R538 OK250, NO_CLOSE, -1, 0, true},
+    {"AUTH before TLS with require_tls: 530", CFG(true, true, false, false),
+     {U(GREET), C("AUTH PLAIN AHVzZXIAcGFzcw==\r\nNOOP\r\n"), U(OK250)},
+     "NOOP\r\n", NULL, "", GREET R530 OK250, NO_CLOSE, -1, 0, true},
+    {"AUTH LOGIN exchange after STARTTLS", DEF,
+     {U(GREET), C("EHLO c\r\n"), U(EHLO_UP), C("STARTTLS\r\n"), TLS,
+      C("EHLO c\r\n"), U(EHLO_UP), C("AUTH LOGIN\r\n"),
       U("334 VXNlcm5hbWU6\r\n"), C("dXNlcg==\r\n"), U("334 UGFzc3dvcmQ6\r\n"),
       C("cGFzcw==\r\n"), U("235 2.7.0 Authentication successful\r\n"),
       C("STARTTLS\r\nNOOP\r\n"), U(OK250)},
-     "EHLO c\r\nAUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\nNOOP\r\n", NULL, "",
-     GREET EHLO_PLAIN "334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n"
-                      "235 2.7.0 Authentication successful\r\n" R503 OK250,
-     NO_CLOSE, -1, 0},
-    {"AUTH response pipelined waits for the 334", DEF,
+     "EHLO c\r\nEHLO c\r\nAUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\nNOOP\r\n", NULL,
+     "", GREET EHLO_PLAIN R220 EHLO_TLS
+     "334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n"
+     "235 2.7.0 Authentication successful\r\n" R554TLS OK250,
+     NO_CLOSE, -1, 1},
+    {"AUTH on a tls = none listener is relayed", NONE,
+     {U(GREET), C("AUTH\tPLAIN AHVzZXIAcGFzcw==\r\n"),
+      U("235 2.7.0 Authentication successful\r\n")},
+     "AUTH PLAIN AHVzZXIAcGFzcw==\r\n", NULL, "",
+     GREET "235 2.7.0 Authentication successful\r\n", NO_CLOSE, -1, 0},
+    {"AUTH response pipelined waits for the 334", NONE,
      {U(GREET), C("AUTH LOGIN\r\ndXNlcg==\r\n"), LEFT(10),
       U("334 VXNlcm5hbWU6\r\n"), LEFT(0), U("535 5.7.8 failed\r\n"),
-      C("STARTTLS\r\n"), TLS},
-     "AUTH LOGIN\r\ndXNlcg==\r\n", NULL, "",
-     GREET "334 VXNlcm5hbWU6\r\n535 5.7.8 failed\r\n" R220, NO_CLOSE, -1, 1},
-    {"AUTH response is not a command", DEF,
+      C("NOOP\r\n"), U(OK250)},
+     "AUTH LOGIN\r\ndXNlcg==\r\nNOOP\r\n", NULL, "",
+     GREET "334 VXNlcm5hbWU6\r\n535 5.7.8 failed\r\n" OK250, NO_CLOSE, -1, 0},
+    {"AUTH response is not a command", NONE,
      {U(GREET), C("AUTH LOGIN\r\n"), U("334 VXNlcm5hbWU6\r\n"),
-      C("STARTTLS\r\n"), U("501 5.5.2 Cannot decode\r\n"), C("NOOP\r\n"),
-      U(OK250)},
-     "AUTH LOGIN\r\nSTARTTLS\r\nNOOP\r\n", NULL, "",
+      C("XCLIENT ADDR=1.2.3.4\r\n"), U("501 5.5.2 Cannot decode\r\n"),
+      C("NOOP\r\n"), U(OK250)},
+     "AUTH LOGIN\r\nXCLIENT ADDR=1.2.3.4\r\nNOOP\r\n", NULL, "",
      GREET "334 VXNlcm5hbWU6\r\n501 5.5.2 Cannot decode\r\n" OK250, NO_CLOSE,
      -1, 0},
 
