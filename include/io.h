@@ -40,7 +40,9 @@ enum stp_io_event {
     STP_IO_DATA,       /* new plaintext in the input buffer */
     STP_IO_DRAINED,    /* the output queue is empty */
     STP_IO_TLS_READY,  /* handshake complete */
-    STP_IO_EOF,        /* peer closed (or TLS close_notify) */
+    STP_IO_EOF,        /* peer closed (or TLS close_notify), once; what it
+                          sent before is in the input buffer, and writing
+                          still works */
     STP_IO_ERROR,      /* read/write/TLS error; err says which */
     STP_IO_CONNECTED,  /* outgoing connect done (err < 0: failed) */
 };
@@ -61,6 +63,8 @@ struct stp_conn {
     bool reading;       /* the owner wants input */
     bool read_active;   /* uv_read_start is in effect */
     bool closing;
+    bool eof;           /* the peer's FIN (or close_notify) came */
+    bool eof_told;      /* STP_IO_EOF was reported: it is, once */
     /* Plaintext input: bytes [rx_off, rx->len) are not consumed yet. */
     struct stp_buf *rx;
     uint32_t rx_off;

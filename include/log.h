@@ -3,6 +3,7 @@
 #define STP_LOG_H
 
 #include <stdarg.h>
+#include <stddef.h>
 
 enum stp_log_level {
     STP_LOG_ERROR = 0,
@@ -19,6 +20,12 @@ int stp_log_parse_level(const char *text, enum stp_log_level *level);
 /* Writes "<timestamp> <level> <message>\n" to stderr in one write(). */
 void stp_log(enum stp_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/* A value a peer chose (SNI, certificate subject, reply text, error text),
+ * made safe to print between double quotes: '"' and '\\' escaped with a
+ * backslash, control and non-ASCII bytes as \xHH, cut with "..." to fit
+ * CAP (at least 8). Returns BUF. */
+const char *stp_log_esc(char *buf, size_t cap, const char *s);
 
 #define stp_log_enabled(lvl) ((lvl) <= stp_log_get_level())
 

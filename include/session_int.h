@@ -44,6 +44,7 @@ struct stp_session {
     bool up_tls_pending;         /* the prelude asked for TLS */
     int open_handles;
     bool upstream_closed;
+    bool client_eof;             /* the client half-closed: reads no more */
     const char *reason;
     uint64_t start_ms;
     /* Deadlines are computed from these (milliseconds of uv_now). */

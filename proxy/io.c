@@ -118,7 +118,7 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 
 static void update_reading(struct stp_conn *c)
 {
-    bool on = c->reading && !c->closing && input_room(c);
+    bool on = c->reading && !c->closing && !c->eof && input_room(c);
     if (on == c->read_active)
         return;
     c->read_active = on;
@@ -292,6 +292,15 @@ static int tls_send(void *arg, const char *buf, int sz)
 
 static const struct stp_tls_io tls_io = {tls_recv, tls_send};
 
+/* The peer sends no more: said once. Its last bytes may still be in rx, and
+ * we may still write (a half-closed client waits for its replies). */
+static void tell_eof(struct stp_conn *c)
+{
+    c->eof_told = true;
+    update_reading(c);
+    c->cb(c, STP_IO_EOF, 0);
+}
+
 /* Run the handshake and decrypt into rx while the owner takes input. */
 static void tls_pump(struct stp_conn *c)
 {
@@ -312,7 +321,7 @@ static void tls_pump(struct stp_conn *c)
             c->cb(c, STP_IO_TLS_READY, 0);
             continue;
         }
-        if (!c->reading)
+        if (!c->reading || c->eof_told)
             break;
         size_t room = make_room(&c->rx, &c->rx_off);
         if (room == 0)
@@ -340,10 +349,21 @@ static void tls_pump(struct stp_conn *c)
              * holds no buffer. */
             if (c->rx && c->rx->len == 0)
                 stp_conn_discard_input(c);
+            /* The peer's FIN came before its last records: told now that
+             * they are decrypted. */
+            if (c->eof && !(c->crx && c->crx_off < c->crx->len)) {
+                tell_eof(c);
+                return;
+            }
             break;
         }
-        if (r <= 0) {
-            c->cb(c, r == 0 ? STP_IO_EOF : STP_IO_ERROR, r);
+        if (r == 0) { /* close_notify */
+            c->eof = true;
+            tell_eof(c);
+            return;
+        }
+        if (r < 0) {
+            c->cb(c, STP_IO_ERROR, r);
             return;
         }
     }
@@ -375,8 +395,18 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         update_reading(c);
         return;
     }
+    if (nread == UV_EOF) {
+        c->eof = true;
+        if (c->tls && c->tls_ready && !c->eof_told)
+            tls_pump(c); /* the records before the FIN first */
+        else if (!c->eof_told)
+            tell_eof(c);
+        else
+            update_reading(c);
+        return;
+    }
     if (nread < 0) {
-        c->cb(c, nread == UV_EOF ? STP_IO_EOF : STP_IO_ERROR, (int)nread);
+        c->cb(c, STP_IO_ERROR, (int)nread);
         return;
     }
     c->bytes_in += (uint64_t)nread;

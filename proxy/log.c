@@ -48,9 +48,46 @@ void stp_log(enum stp_log_level level, const char *fmt, ...)
     n += m;
     if ((size_t)n > sizeof(line) - 2)
         n = (int)sizeof(line) - 2;
+    /* Values from peers are escaped by the callers (stp_log_esc); this is
+     * the backstop: whatever slipped through, one call is one line. */
+    for (int i = 0; i < n; i++)
+        if ((unsigned char)line[i] < 0x20 || line[i] == 0x7f)
+            line[i] = '?';
     line[n++] = '\n';
     ssize_t w = write(STDERR_FILENO, line, (size_t)n);
     (void)w;
+}
+
+const char *stp_log_esc(char *buf, size_t cap, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+    STP_ASSERT(cap >= 8);
+    for (; s && *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        char e[4];
+        size_t k = 0;
+        if (c == '"' || c == '\\') {
+            e[k++] = '\\';
+            e[k++] = (char)c;
+        } else if (c < 0x20 || c >= 0x7f) {
+            e[k++] = '\\';
+            e[k++] = 'x';
+            e[k++] = hex[c >> 4];
+            e[k++] = hex[c & 15];
+        } else {
+            e[k++] = (char)c;
+        }
+        if (o + k + 4 > cap) { /* room for "..." and the NUL */
+            memcpy(buf + o, "...", 3);
+            o += 3;
+            break;
+        }
+        memcpy(buf + o, e, k);
+        o += k;
+    }
+    buf[o] = '\0';
+    return buf;
 }
 
 const char *stp_strerror(int err)

@@ -363,6 +363,29 @@ static void process_upstream(struct stp_session *s)
         stp_conn_consume(&s->upstream, (size_t)k);
 }
 
+/* The client sent its last byte (shutdown(SHUT_WR), or close_notify): what
+ * it sent before is still handled and answered, as a server would; once
+ * nothing more can come of it, the session ends. A message it did not finish
+ * must not complete upstream. */
+static void check_client_eof(struct stp_session *s)
+{
+    if (!s->client_eof || s->state != STP_SS_RELAY)
+        return;
+    size_t n;
+    stp_conn_in(&s->client, &n);
+    if (n > 0 && (s->smtp.waiting || stp_smtp_replies_due(&s->smtp) ||
+                  act_upstream_full(s)))
+        return; /* buffered commands or content still to be taken */
+    if (stp_smtp_in_content(&s->smtp)) {
+        s->reason = "client_eof";
+        finish(s);
+        return;
+    }
+    /* Waiting for the greeting only: nothing the client asked for. */
+    if (!stp_smtp_replies_due(&s->smtp) || s->smtp.phase == STP_PH_GREETING)
+        drain_and_close(s, "client_eof", false);
+}
+
 /* After anything happened: push output, pick who may read. */
 void stp_session_settle(struct stp_session *s)
 {
@@ -379,6 +402,7 @@ void stp_session_settle(struct stp_session *s)
         }
         stp_session_transition(s, STP_SS_HANDSHAKE);
     }
+    check_client_eof(s);
     if (s->state == STP_SS_RELAY) {
         track_client(s);
         /* Shutting down: 421 as soon as nothing is in flight. */
@@ -417,12 +441,16 @@ static void log_client_tls(struct stp_session *s, const char *event)
 {
     struct stp_tls *t = s->client.tls;
     const char *sni = stp_tls_sni(t);
-    char subject[256];
+    char subject[256], esni[300], esubject[300];
     bool cert = stp_tls_peer_subject(t, subject, sizeof(subject));
-    stp_log(STP_LOG_INFO, SID " event=%s tls=%s cipher=%s%s%s%s%s%s", s->id,
-            event, stp_tls_version(t), stp_tls_cipher(t), sni ? " sni=" : "",
-            sni ? sni : "", cert ? " client_cert=\"" : "",
-            cert ? subject : "", cert ? "\"" : "");
+    /* Both are the client's choice: escaped, so they cannot forge a line
+     * or a key. */
+    stp_log(STP_LOG_INFO, SID " event=%s tls=%s cipher=%s%s%s%s%s%s%s", s->id,
+            event, stp_tls_version(t), stp_tls_cipher(t), sni ? " sni=\"" : "",
+            sni ? stp_log_esc(esni, sizeof(esni), sni) : "", sni ? "\"" : "",
+            cert ? " client_cert=\"" : "",
+            cert ? stp_log_esc(esubject, sizeof(esubject), subject) : "",
+            cert ? "\"" : "");
 }
 
 static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
@@ -456,11 +484,19 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
         stp_smtp_tls_started(&s->smtp);
         break;
     case STP_IO_EOF:
+        if (s->state == STP_SS_RELAY) {
+            /* A half-close: the client may still read the replies to
+             * what it sent (settle decides when it is over). */
+            s->client_eof = true;
+            break;
+        }
+        /* fall through */
     case STP_IO_ERROR:
-        if (s->state == STP_SS_HANDSHAKE || s->state == STP_SS_TLS_ACCEPT)
+        if (s->state == STP_SS_HANDSHAKE || s->state == STP_SS_TLS_ACCEPT) {
+            char e[256];
             stp_log(STP_LOG_INFO, SID " event=tls_error error=\"%s\"", s->id,
-                    err == -EPROTO ? stp_tls_error(c->tls)
-                                   : stp_strerror(err));
+                    stp_log_esc(e, sizeof(e), stp_tls_error_or(c, err)));
+        }
         if (!s->reason)
             s->reason =
                 ev == STP_IO_EOF ? "client_eof"
@@ -510,9 +546,13 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
             stp_upstream_fail(s, STP_UP_FAIL_TLS, why);
             break;
         }
-        stp_log(STP_LOG_INFO, SID " event=upstream_closed %s%s", s->id,
-                ev == STP_IO_EOF ? "" : "error=",
-                ev == STP_IO_EOF ? "eof" : stp_tls_error_or(c, err));
+        char e[256];
+        if (ev == STP_IO_EOF)
+            stp_log(STP_LOG_INFO, SID " event=upstream_closed eof", s->id);
+        else
+            stp_log(STP_LOG_INFO, SID " event=upstream_closed error=\"%s\"",
+                    s->id,
+                    stp_log_esc(e, sizeof(e), stp_tls_error_or(c, err)));
         /* Relay whatever complete replies arrived before the end. */
         process_upstream(s);
         stp_smtp_upstream_lost(&s->smtp);

@@ -19,8 +19,9 @@ static const char *const failure_replies[] = {
 void stp_upstream_fail(struct stp_session *s, enum stp_up_failure f,
                        const char *reason)
 {
+    char e[256]; /* may quote what the next hop said or presented */
     stp_log(STP_LOG_WARN, SID " event=upstream_error upstream=%s error=\"%s\"",
-            s->id, s->up->name, reason);
+            s->id, s->up->name, stp_log_esc(e, sizeof(e), reason));
     s->reason = "next_hop_setup_failed";
     stp_smtp_abort(&s->smtp, failure_replies[f], STP_CLOSE_NEXT_HOP);
 }

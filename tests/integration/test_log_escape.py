@@ -1,0 +1,17 @@
+"""Values a peer chooses (here the TLS server name a client sends) are
+escaped in the log: a newline cannot start a forged line, a quote cannot end
+a value early and forge keys."""
+
+import stp_harness as h
+
+FORGED = 'a.test\n2026-01-01T00:00:00.000Z error event=reload status=failed "x=1'
+
+
+def test_a_server_name_cannot_forge_log_lines(make_proxy, scripted):
+    proxy = make_proxy(scripted, tls="implicit", require_tls=None)
+    rc, out = h.s_client(proxy.port, "-servername", FORGED, stdin=b"QUIT\r\n")
+    ev = proxy.wait_event("tls")
+    assert ev.get("sni") == 'a.test\\x0a2026-01-01T00:00:00.000Z error event=reload ' \
+                           'status=failed \\"x=1', ev["_line"]
+    assert "x" not in ev, ev["_line"]
+    assert not [l for l in proxy.log_lines() if "event=reload" in l and "event=tls" not in l]
