@@ -18,7 +18,11 @@
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
 
 static struct stp_workers workers;
-static uv_signal_t sig_term, sig_int, sig_hup;
+/* Every signal the proxy handles. USR1 is what log rotation sends daemons
+ * (we log to stderr: nothing to reopen) and USR2 is kept for a binary
+ * upgrade: neither may take the default action, which kills. */
+static const int handled[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
+static uv_signal_t sigs[STP_ARRAY_LEN(handled)];
 static const char *config_path = DEFAULT_CONFIG;
 static struct stp_gen *current; /* the configuration last handed out */
 
@@ -33,15 +37,15 @@ static void usage(FILE *f)
             "Runs in the foreground and logs to stderr. SIGHUP reloads the\n"
             "configuration; SIGTERM or SIGINT stops accepting and lets open\n"
             "sessions finish (up to drain_timeout); a second one stops at "
-            "once.\n",
+            "once. SIGUSR1 and SIGUSR2 are ignored.\n",
             DEFAULT_CONFIG);
 }
 
 static void close_signals(struct stp_workers *ws)
 {
-    uv_close((uv_handle_t *)&sig_term, NULL);
-    uv_close((uv_handle_t *)&sig_int, NULL);
-    uv_close((uv_handle_t *)&sig_hup, NULL);
+    (void)ws;
+    for (size_t i = 0; i < STP_ARRAY_LEN(sigs); i++)
+        uv_close((uv_handle_t *)&sigs[i], NULL);
 }
 
 /* SIGHUP: read the file again; the workers switch to it, or nothing changes
@@ -74,6 +78,11 @@ static void reload(void)
 static void on_signal(uv_signal_t *h, int signum)
 {
     static bool stopping;
+    if (signum == SIGUSR1 || signum == SIGUSR2) {
+        stp_log(STP_LOG_INFO, "event=signal signal=%s action=ignored",
+                signum == SIGUSR1 ? "USR1" : "USR2");
+        return;
+    }
     if (signum == SIGHUP) {
         if (!stopping)
             reload();
@@ -175,12 +184,10 @@ int main(int argc, char **argv)
     uv_loop_t *loop = uv_default_loop();
     /* Handlers first: a signal must never find the default action, even
      * in the instant after the listeners appear. */
-    uv_signal_init(loop, &sig_term);
-    uv_signal_init(loop, &sig_int);
-    uv_signal_init(loop, &sig_hup);
-    uv_signal_start(&sig_term, on_signal, SIGTERM);
-    uv_signal_start(&sig_int, on_signal, SIGINT);
-    uv_signal_start(&sig_hup, on_signal, SIGHUP);
+    for (size_t i = 0; i < STP_ARRAY_LEN(sigs); i++) {
+        uv_signal_init(loop, &sigs[i]);
+        uv_signal_start(&sigs[i], on_signal, handled[i]);
+    }
     int n = gen->cfg.workers > 0 ? gen->cfg.workers
                                  : (int)uv_available_parallelism();
     if (stp_workers_init(&workers, loop, gen, n) < 0 ||
