@@ -249,6 +249,7 @@ static int begin_section(struct parser *p, char *line)
         if (p->proxy_line != 0)
             return stp_cfg_fail(p, p->line, "duplicate section [proxy]");
         p->proxy_line = p->line;
+        p->cfg->line_proxy = p->line;
         p->sect = SECT_PROXY;
         return 0;
     }

@@ -95,45 +95,64 @@ static void on_signal(uv_signal_t *h, int signum)
     stopping = true;
 }
 
-/* After binding and loading keys: become USER, or stay root only when the
- * configuration says user = root. */
-static int drop_privileges(const struct stp_config *cfg)
+/* Who the process becomes once its sockets are bound. Resolved before
+ * anything is bound, and by -t, so that a name that does not exist is a
+ * configuration error with its line, not a failed start. Only root changes
+ * identity; it must say whom to become, or user = root to stay. */
+struct identity {
+    bool change;
+    uid_t uid;
+    gid_t gid;
+};
+
+static int resolve_identity(const struct stp_config *cfg, struct identity *id,
+                            char *err, size_t errlen)
 {
+    memset(id, 0, sizeof(*id));
     if (geteuid() != 0)
         return 0;
     if (!cfg->user) {
-        fprintf(stderr,
-                "%s: running as root: set user = (e.g. starttls-proxy) in "
-                "[proxy] to drop privileges after binding, or user = root to "
-                "stay root\n",
-                cfg->path);
+        snprintf(err, errlen,
+                 "%s:%d: running as root: set user = (e.g. starttls-proxy) "
+                 "in [proxy] to drop privileges after binding, or user = "
+                 "root to stay root",
+                 cfg->path, cfg->line_proxy);
         return -EPERM;
+    }
+    struct group *gr = cfg->group ? getgrnam(cfg->group) : NULL;
+    if (cfg->group && !gr) {
+        snprintf(err, errlen, "%s:%d: unknown group '%s'", cfg->path,
+                 cfg->line_group, cfg->group);
+        return -ENOENT;
     }
     if (strcmp(cfg->user, "root") == 0)
         return 0;
     struct passwd *pw = getpwnam(cfg->user);
     if (!pw) {
-        fprintf(stderr, "%s:%d: unknown user '%s'\n", cfg->path,
-                cfg->line_user, cfg->user);
+        snprintf(err, errlen, "%s:%d: unknown user '%s'", cfg->path,
+                 cfg->line_user, cfg->user);
         return -ENOENT;
     }
-    gid_t gid = pw->pw_gid;
-    if (cfg->group) {
-        struct group *gr = getgrnam(cfg->group);
-        if (!gr) {
-            fprintf(stderr, "%s: unknown group '%s'\n", cfg->path,
-                    cfg->group);
-            return -ENOENT;
-        }
-        gid = gr->gr_gid;
-    }
-    if (setgroups(1, &gid) < 0 || setgid(gid) < 0 || setuid(pw->pw_uid) < 0) {
-        fprintf(stderr, "%s: cannot become %s: %s\n", cfg->path, cfg->user,
-                strerror(errno));
+    id->change = true;
+    id->uid = pw->pw_uid;
+    id->gid = gr ? gr->gr_gid : pw->pw_gid;
+    return 0;
+}
+
+/* After binding and loading keys. */
+static int drop_privileges(const struct stp_config *cfg,
+                           const struct identity *id)
+{
+    if (!id->change)
+        return 0;
+    if (setgroups(1, &id->gid) < 0 || setgid(id->gid) < 0 ||
+        setuid(id->uid) < 0) {
+        fprintf(stderr, "%s:%d: cannot become %s: %s\n", cfg->path,
+                cfg->line_user, cfg->user, strerror(errno));
         return -errno;
     }
     stp_log(STP_LOG_INFO, "event=privileges user=%s uid=%u gid=%u", cfg->user,
-            (unsigned)pw->pw_uid, (unsigned)gid);
+            (unsigned)id->uid, (unsigned)id->gid);
     return 0;
 }
 
@@ -166,10 +185,15 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    /* The configuration and every TLS context it names: -t stops here. */
+    /* The configuration, every TLS context it names and the account to
+     * run as: -t stops here. */
     struct stp_gen *gen;
+    struct identity id;
     char err[1024];
-    if (stp_gen_new(config_path, &gen, err, sizeof(err)) < 0) {
+    int r = stp_gen_new(config_path, &gen, err, sizeof(err));
+    if (r == 0 && (r = resolve_identity(&gen->cfg, &id, err, sizeof(err))) < 0)
+        stp_gen_unref(gen);
+    if (r < 0) {
         fprintf(stderr, "%s\n", err);
         return 1;
     }
@@ -191,7 +215,7 @@ int main(int argc, char **argv)
     int n = gen->cfg.workers > 0 ? gen->cfg.workers
                                  : (int)uv_available_parallelism();
     if (stp_workers_init(&workers, loop, gen, n) < 0 ||
-        drop_privileges(&gen->cfg) < 0)
+        drop_privileges(&gen->cfg, &id) < 0)
         return 1;
     workers.on_all_done = close_signals;
     current = gen;
