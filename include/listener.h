@@ -12,7 +12,7 @@
 #include <pthread.h>
 
 struct stp_session;
-struct stp_ipcount;
+struct stp_tally;
 
 /* A configuration with its TLS contexts. Sessions hold a reference, so a
  * reload never changes what an open session runs on. Shared by the workers:
@@ -22,17 +22,25 @@ struct stp_gen {
     struct stp_config cfg;
     struct stp_tls_ctx **lst_tls; /* per listener; NULL for tls = none */
     struct stp_tls_ctx **up_tls;  /* per upstream; NULL for tls = none */
-    unsigned *lst_sessions;       /* per listener, under stp_shared.mu */
+};
+
+/* Sessions per key (a client address, a listening address): a hash table
+ * whose entries exist while their count is above 0. */
+struct stp_tallies {
+    struct stp_tally **table;
+    unsigned buckets; /* a power of 2 */
 };
 
 /* What the workers share: the counts behind the connection limits. Taken
- * once when a session starts and once when it ends, never on the data path. */
+ * once when a session starts and once when it ends, never on the data path.
+ * They outlive configuration generations: a limit counts the sessions open,
+ * whichever configuration they started on. */
 struct stp_shared {
     pthread_mutex_t mu;
-    unsigned n_sessions;           /* all workers */
-    struct stp_ipcount **ip_table; /* sessions per client address */
-    unsigned ip_buckets;
-    uint64_t next_id;              /* session ids */
+    unsigned n_sessions;               /* all workers */
+    struct stp_tallies per_ip;         /* by client address */
+    struct stp_tallies per_listener;   /* by listening address */
+    uint64_t next_id;                  /* session ids */
 };
 
 /* Counts seen by one session as it starts. */

@@ -19,7 +19,6 @@ static void gen_free(struct stp_gen *g)
         stp_tls_ctx_free(g->up_tls[i]);
     free(g->lst_tls);
     free(g->up_tls);
-    free(g->lst_sessions);
     stp_config_free(&g->cfg);
     free(g);
 }
@@ -98,9 +97,7 @@ int stp_gen_new(const char *path, struct stp_gen **out, char *err,
     }
     g->lst_tls = calloc((size_t)g->cfg.n_listeners + 1, sizeof(*g->lst_tls));
     g->up_tls = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_tls));
-    g->lst_sessions = calloc((size_t)g->cfg.n_listeners + 1,
-                             sizeof(*g->lst_sessions));
-    if (!g->lst_tls || !g->up_tls || !g->lst_sessions)
+    if (!g->lst_tls || !g->up_tls)
         r = -ENOMEM;
     if (r == 0)
         r = gen_tls(g, err, errlen);
@@ -112,38 +109,50 @@ int stp_gen_new(const char *path, struct stp_gen **out, char *err,
     return 0;
 }
 
-/* ---- client addresses ------------------------------------------------------- */
+/* ---- tallies ---------------------------------------------------------------- */
 
-struct stp_ipcount {
-    struct stp_ipcount *next;
+struct stp_tally {
+    struct stp_tally *next;
     unsigned count;
     uint8_t len;
-    uint8_t addr[16];
+    uint8_t key[20]; /* an IPv6 address, or a family, port and address */
 };
 
-static size_t ip_key(const struct sockaddr_storage *ss, const uint8_t **p)
+/* A client address: its bytes. */
+static size_t ip_key(const struct sockaddr_storage *ss, uint8_t *key)
 {
     if (ss->ss_family == AF_INET) {
-        *p = (const uint8_t *)&((const struct sockaddr_in *)ss)->sin_addr;
+        memcpy(key, &((const struct sockaddr_in *)ss)->sin_addr, 4);
         return 4;
     }
-    *p = (const uint8_t *)&((const struct sockaddr_in6 *)ss)->sin6_addr;
+    memcpy(key, &((const struct sockaddr_in6 *)ss)->sin6_addr, 16);
     return 16;
 }
 
-/* Sessions from the address in SS, after adding DELTA (under sh->mu). */
-static unsigned ip_add(struct stp_shared *sh, const struct sockaddr_storage *ss,
-                       int delta)
+/* A listening address: the listener's identity across reloads, as it is for
+ * its socket, so a renamed listener keeps counting its sessions, and one
+ * removed and added again finds those still open. */
+static size_t listener_key(const struct sockaddr_storage *ss, uint8_t *key)
 {
-    const uint8_t *k;
-    size_t len = ip_key(ss, &k);
+    uint16_t port = ss->ss_family == AF_INET
+                        ? ((const struct sockaddr_in *)ss)->sin_port
+                        : ((const struct sockaddr_in6 *)ss)->sin6_port;
+    key[0] = ss->ss_family == AF_INET ? 4 : 6;
+    memcpy(key + 1, &port, 2);
+    return 3 + ip_key(ss, key + 3);
+}
+
+/* The count of KEY after adding DELTA (under sh->mu). */
+static unsigned tally_add(struct stp_tallies *t, const uint8_t *k, size_t len,
+                          int delta)
+{
     uint32_t h = 2166136261u; /* FNV-1a */
     for (size_t i = 0; i < len; i++)
         h = (h ^ k[i]) * 16777619u;
-    struct stp_ipcount **pp = &sh->ip_table[h & (sh->ip_buckets - 1)];
+    struct stp_tally **pp = &t->table[h & (t->buckets - 1)];
     for (; *pp; pp = &(*pp)->next) {
-        struct stp_ipcount *e = *pp;
-        if (e->len != len || memcmp(e->addr, k, len) != 0)
+        struct stp_tally *e = *pp;
+        if (e->len != len || memcmp(e->key, k, len) != 0)
             continue;
         e->count += (unsigned)delta;
         unsigned n = e->count;
@@ -155,23 +164,44 @@ static unsigned ip_add(struct stp_shared *sh, const struct sockaddr_storage *ss,
     }
     if (delta <= 0)
         return 0;
-    struct stp_ipcount *e = calloc(1, sizeof(*e));
+    struct stp_tally *e = calloc(1, sizeof(*e));
     if (!e)
         return 0; /* unaccounted rather than refused */
     e->len = (uint8_t)len;
-    memcpy(e->addr, k, len);
+    memcpy(e->key, k, len);
     e->count = (unsigned)delta;
     e->next = *pp;
     *pp = e;
     return e->count;
 }
 
+static int tallies_init(struct stp_tallies *t, unsigned buckets)
+{
+    t->buckets = buckets;
+    t->table = calloc(buckets, sizeof(*t->table));
+    return t->table ? 0 : -ENOMEM;
+}
+
+static void tallies_free(struct stp_tallies *t)
+{
+    for (unsigned i = 0; t->table && i < t->buckets; i++) {
+        while (t->table[i]) {
+            struct stp_tally *e = t->table[i];
+            t->table[i] = e->next;
+            free(e);
+        }
+    }
+    free(t->table);
+}
+
 int stp_shared_init(struct stp_shared *sh)
 {
     memset(sh, 0, sizeof(*sh));
-    sh->ip_buckets = 4096;
-    if (!(sh->ip_table = calloc(sh->ip_buckets, sizeof(*sh->ip_table))))
+    if (tallies_init(&sh->per_ip, 4096) < 0 ||
+        tallies_init(&sh->per_listener, 64) < 0) {
+        tallies_free(&sh->per_ip);
         return -ENOMEM;
+    }
     if (getrandom(&sh->next_id, sizeof(sh->next_id), 0) < 0)
         sh->next_id = uv_hrtime();
     pthread_mutex_init(&sh->mu, NULL);
@@ -180,14 +210,8 @@ int stp_shared_init(struct stp_shared *sh)
 
 void stp_shared_free(struct stp_shared *sh)
 {
-    for (unsigned i = 0; sh->ip_table && i < sh->ip_buckets; i++) {
-        while (sh->ip_table[i]) {
-            struct stp_ipcount *e = sh->ip_table[i];
-            sh->ip_table[i] = e->next;
-            free(e);
-        }
-    }
-    free(sh->ip_table);
+    tallies_free(&sh->per_ip);
+    tallies_free(&sh->per_listener);
     pthread_mutex_destroy(&sh->mu);
 }
 
@@ -195,14 +219,17 @@ void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
                       const struct sockaddr_storage *peer, int delta,
                       struct stp_counts *out)
 {
+    uint8_t lkey[20], ikey[20];
+    size_t llen = listener_key(&g->cfg.listeners[lst].addr, lkey);
+    size_t ilen = peer && peer->ss_family ? ip_key(peer, ikey) : 0;
     pthread_mutex_lock(&sh->mu);
     sh->n_sessions += (unsigned)delta;
-    g->lst_sessions[lst] += (unsigned)delta;
-    unsigned per_ip = peer && peer->ss_family ? ip_add(sh, peer, delta) : 0;
+    unsigned per_lst = tally_add(&sh->per_listener, lkey, llen, delta);
+    unsigned per_ip = ilen ? tally_add(&sh->per_ip, ikey, ilen, delta) : 0;
     if (out) {
         out->id = ++sh->next_id;
         out->total = sh->n_sessions;
-        out->listener = g->lst_sessions[lst];
+        out->listener = per_lst;
         out->per_ip = per_ip;
     }
     pthread_mutex_unlock(&sh->mu);

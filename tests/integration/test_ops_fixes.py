@@ -3,6 +3,7 @@ of ports, signals that must not kill, and -t checking what a start checks."""
 
 import os
 import signal
+import socket
 
 import pytest
 
@@ -28,6 +29,61 @@ def wait_greeted(port):
 def close_all(conns):
     for c in conns:
         c.close()
+
+
+# --- the listener's max_connections across reloads ---------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_listener_limit_counts_sessions_opened_before_a_reload(make_scripted, make_proxy,
+                                                               workers):
+    up = make_scripted()
+    proxy = hu.start(make_proxy, up, proxy={"workers": str(workers)}, max_connections="2")
+    conns = [hu.greeted(proxy.port), hu.greeted(proxy.port)]
+    try:
+        reload_ok(proxy)
+        hu.assert_refused(proxy.port)
+        # a session of the old configuration ends: the new one gets its slot
+        conns.pop().close()
+        conns.append(wait_greeted(proxy.port))
+        hu.assert_refused(proxy.port)
+    finally:
+        close_all(conns)
+
+
+def test_listener_limit_survives_a_rename(make_scripted, make_proxy):
+    up = make_scripted()
+    proxy = hu.start(make_proxy, up, max_connections="2")
+    conns = [hu.greeted(proxy.port), hu.greeted(proxy.port)]
+    try:
+        reload_ok(proxy, proxy.config_text.replace("[listener main]", "[listener renamed]"))
+        hu.assert_refused(proxy.port)
+        conns.pop().close()
+        conns.append(wait_greeted(proxy.port))
+    finally:
+        close_all(conns)
+
+
+def test_listener_removed_and_added_again_counts_its_open_sessions(make_scripted,
+                                                                   make_proxy, tls_files):
+    up = make_scripted()
+    other = h.free_port()
+    proxy = hu.start(make_proxy, up)
+    full = proxy.config_text + hu.listener_section("second", other, tls_files,
+                                                   max_connections="2")
+    reload_ok(proxy, full)
+    conns = [hu.greeted(other), hu.greeted(other)]
+    try:
+        reload_ok(proxy, hu.remove_section(full, "[listener second]"))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", other), timeout=3).close()
+        reload_ok(proxy, full)
+        hu.assert_refused(other)
+        conns.pop().close()
+        conns.append(wait_greeted(other))
+        hu.assert_refused(other)
+    finally:
+        close_all(conns)
+    assert hu.deliver(proxy.port).code == 250
 
 
 # --- signals -----------------------------------------------------------------------------
