@@ -24,7 +24,6 @@ static struct stp_workers workers;
 static const int handled[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
 static uv_signal_t sigs[STP_ARRAY_LEN(handled)];
 static const char *config_path = DEFAULT_CONFIG;
-static struct stp_gen *current; /* the configuration last handed out */
 
 static void usage(FILE *f)
 {
@@ -55,12 +54,11 @@ static void reload(void)
     struct stp_gen *g;
     char err[1024];
     int r = stp_gen_new(config_path, &g, err, sizeof(err));
-    /* New addresses are tried here, so "ok" means the workers can bind. */
-    if (r == 0 &&
-        (r = stp_gen_check_bind(g, current, workers.n > 1, err,
-                                sizeof(err))) < 0)
-        stp_gen_unref(g);
+    /* New addresses are bound here, so "ok" means they are listening. */
+    if (r == 0)
+        r = stp_workers_reload(&workers, g, err, sizeof(err));
     if (r < 0) {
+        stp_gen_unref(g);
         stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
         return;
     }
@@ -68,11 +66,9 @@ static void reload(void)
         stp_log(STP_LOG_WARN, "event=reload msg=\"workers changes only on "
                               "restart\" workers=%d", workers.n);
     stp_log_set_level(g->cfg.log_level);
-    stp_workers_reload(&workers, g);
     stp_log(STP_LOG_INFO, "event=reload status=ok listeners=%d sessions=%u",
             g->cfg.n_listeners, stp_workers_sessions(&workers));
-    stp_gen_unref(current);
-    current = g; /* the workers took their own references */
+    stp_gen_unref(g); /* the workers took their own references */
 }
 
 static void on_signal(uv_signal_t *h, int signum)
@@ -214,11 +210,14 @@ int main(int argc, char **argv)
     }
     int n = gen->cfg.workers > 0 ? gen->cfg.workers
                                  : (int)uv_available_parallelism();
-    if (stp_workers_init(&workers, loop, gen, n) < 0 ||
-        drop_privileges(&gen->cfg, &id) < 0)
+    if (stp_workers_init(&workers, loop, gen, n, err, sizeof(err)) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    if (drop_privileges(&gen->cfg, &id) < 0)
         return 1;
     workers.on_all_done = close_signals;
-    current = gen;
+    stp_gen_unref(gen); /* the workers hold it */
     if (stp_workers_run(&workers) < 0)
         return 1;
     stp_log(STP_LOG_INFO, "event=started version=%s pid=%d workers=%d",
@@ -227,7 +226,6 @@ int main(int argc, char **argv)
     uv_run(loop, UV_RUN_DEFAULT);
 
     stp_workers_free(&workers);
-    stp_gen_unref(current);
     stp_log(STP_LOG_INFO, "event=stopped");
     uv_loop_close(loop);
     stp_tls_global_cleanup();

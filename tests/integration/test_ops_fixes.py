@@ -86,6 +86,37 @@ def test_listener_removed_and_added_again_counts_its_open_sessions(make_scripted
     assert hu.deliver(proxy.port).code == 250
 
 
+# --- one process per set of ports ------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_daemon_on_the_same_ports_refuses_to_start(make_scripted, make_proxy,
+                                                           workers):
+    up = make_scripted()
+    proxy = hu.start(make_proxy, up, proxy={"workers": str(workers)})
+    rc, err = hu.run_briefly(proxy.binary, proxy.config_path)
+    assert rc is not None, "a second daemon started on the same ports:\n" + err
+    assert rc != 0, err
+    assert "127.0.0.1:%d: Address already in use" % proxy.port in err, err
+    assert "%s:" % proxy.config_path in err, err
+    for _ in range(6):                  # every connection still reaches the first
+        assert hu.deliver(proxy.port).code == 250
+    assert len(up.wait_messages(6)) == 6
+
+
+def test_two_workers_serve_a_listener_added_by_reload_until_it_is_removed(
+        make_scripted, make_proxy, tls_files):
+    up = make_scripted()
+    proxy = hu.start(make_proxy, up, proxy={"workers": "2"})
+    other = h.free_port()
+    reload_ok(proxy, proxy.config_text + hu.listener_section("added", other, tls_files))
+    for _ in range(6):
+        assert hu.deliver(other).code == 250
+    reload_ok(proxy, hu.remove_section(proxy.config_text, "[listener added]"))
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", other), timeout=3).close()
+    assert hu.deliver(proxy.port).code == 250
+
+
 # --- signals -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("workers", [1, 2])
