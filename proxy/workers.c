@@ -111,7 +111,7 @@ int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
         if (!fds || uv_loop_init(&w->loop) < 0) {
             snprintf(err, errlen, "%s:0: worker %d: %s", gen->cfg.path, i,
                      fds ? "cannot make its event loop" : strerror(errno));
-            free(fds);
+            stp_fds_free(fds, gen->cfg.n_listeners);
             return -ENOMEM;
         }
         uv_async_init(&w->loop, &w->async, on_command);
