@@ -1,5 +1,7 @@
 """Operating the daemon: listener limits across reloads, one process per set
-of ports, signals that must not kill, and -t checking what a start checks."""
+of ports, signals that must not kill, -t checking what a start checks, and
+the configuration syntax beyond inih's defaults (no "key: value", lines
+longer than its 198 characters)."""
 
 import os
 import signal
@@ -166,3 +168,27 @@ def test_config_check_accepts_a_user_and_group_that_exist(stp_bin, tmp_path):
     p = h.check_config(stp_bin, str(tmp_path),
                        one_listener_config({"user": "nobody", "group": "daemon"}))
     assert p.returncode == 0, p.stdout
+
+
+# --- configuration syntax ---------------------------------------------------------------
+
+DEFAULT_CIPHERS = ("TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:"
+                   "TLS13-CHACHA20-POLY1305-SHA256:"
+                   "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                   "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                   "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+
+
+def test_the_default_cipher_list_can_be_written_out(make_scripted, make_proxy):
+    assert len("ciphers = " + DEFAULT_CIPHERS) > 198
+    up = make_scripted()
+    proxy = hu.start(make_proxy, up, ciphers=DEFAULT_CIPHERS)
+    assert hu.deliver(proxy.port).code == 250
+
+
+def test_config_check_refuses_a_colon_between_key_and_value(stp_bin, tmp_path):
+    text = one_listener_config({}).replace("listen = ", "listen: ")
+    p = h.check_config(stp_bin, str(tmp_path), text)
+    want = "%s:%d: use '=' between key and value" % (p.config_path,
+                                                     line_starting(text, "listen:"))
+    assert p.returncode != 0 and want in p.stdout, p.stdout
