@@ -94,7 +94,8 @@ struct stp_config {
     uint32_t max_connections;        /* default 10000, all listeners */
     uint64_t drain_timeout_ms;       /* default 30 s */
     char *user, *group;              /* drop privileges to these */
-    int line_user;                   /* where user = is, for messages */
+    int line_user, line_group;       /* where user = and group = are */
+    int line_proxy;                  /* [proxy], 0 without one */
     struct stp_listener_cfg *listeners;
     int n_listeners;
     struct stp_upstream_cfg *upstreams;

@@ -10,6 +10,10 @@
 #include "config.h"
 
 #define CFG_DEFAULT_MAX_LINE 2048
+/* The longest line of the file, blanks around it aside. inih's buffer is
+ * fixed when it is built (Debian's: 200 bytes); longer lines are split by
+ * our reader itself (see read_line in config.c). */
+#define CFG_MAX_LINE 4096
 #define CFG_DEFAULT_IDLE_MS (300 * 1000)
 #define CFG_DEFAULT_CONNECT_MS (30 * 1000)
 /* RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the end of
@@ -83,6 +87,7 @@ struct parser {
     const char *file;
     const char *pos, *end; /* text not yet handed to inih */
     int line;              /* line last handed to inih */
+    char *long_line;       /* a line too long for inih, CFG_MAX_LINE + 1 */
     bool want_key;         /* that line must reach on_key(), else bad syntax */
     struct stp_config *cfg;
     enum sect_kind sect;

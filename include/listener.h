@@ -12,7 +12,7 @@
 #include <pthread.h>
 
 struct stp_session;
-struct stp_ipcount;
+struct stp_tally;
 
 /* A configuration with its TLS contexts. Sessions hold a reference, so a
  * reload never changes what an open session runs on. Shared by the workers:
@@ -22,17 +22,25 @@ struct stp_gen {
     struct stp_config cfg;
     struct stp_tls_ctx **lst_tls; /* per listener; NULL for tls = none */
     struct stp_tls_ctx **up_tls;  /* per upstream; NULL for tls = none */
-    unsigned *lst_sessions;       /* per listener, under stp_shared.mu */
+};
+
+/* Sessions per key (a client address, a listening address): a hash table
+ * whose entries exist while their count is above 0. */
+struct stp_tallies {
+    struct stp_tally **table;
+    unsigned buckets; /* a power of 2 */
 };
 
 /* What the workers share: the counts behind the connection limits. Taken
- * once when a session starts and once when it ends, never on the data path. */
+ * once when a session starts and once when it ends, never on the data path.
+ * They outlive configuration generations: a limit counts the sessions open,
+ * whichever configuration they started on. */
 struct stp_shared {
     pthread_mutex_t mu;
-    unsigned n_sessions;           /* all workers */
-    struct stp_ipcount **ip_table; /* sessions per client address */
-    unsigned ip_buckets;
-    uint64_t next_id;              /* session ids */
+    unsigned n_sessions;               /* all workers */
+    struct stp_tallies per_ip;         /* by client address */
+    struct stp_tallies per_listener;   /* by listening address */
+    uint64_t next_id;                  /* session ids */
 };
 
 /* Counts seen by one session as it starts. */
@@ -41,8 +49,38 @@ struct stp_counts {
     unsigned total, listener, per_ip;
 };
 
-/* A bound socket. Kept across reloads while its address stays; closed ones
- * are kept until the server is freed (sessions may still point at them). */
+/* The listening sockets, one per address, bound and listening in the main
+ * thread. One socket per address means the kernel itself refuses the
+ * address to a second process (no SO_REUSEPORT). Each worker accepts on its
+ * own duplicate of the descriptor; when several loops wake for one
+ * connection, the losers' accept() gets EAGAIN, which libuv ignores. */
+struct stp_socket {
+    struct sockaddr_storage addr;
+    int fd;
+};
+
+struct stp_sockets {
+    struct stp_socket *v;
+    int n;
+};
+
+/* Bind and listen on every address of G not yet in S, all or none. ERR gets
+ * "FILE:LINE: listener 'NAME': cannot listen on ADDR: reason". */
+int stp_sockets_bind(struct stp_sockets *s, const struct stp_gen *g, char *err,
+                     size_t errlen);
+/* Close the sockets whose address G no longer has. */
+void stp_sockets_keep_only(struct stp_sockets *s, const struct stp_gen *g);
+/* A duplicate of the socket of each listener of G, in G's order, for one
+ * worker: an array the worker owns (see stp_fds_free). NULL when out of
+ * descriptors or memory. */
+int *stp_sockets_dup(const struct stp_sockets *s, const struct stp_gen *g);
+void stp_sockets_close(struct stp_sockets *s);
+/* Close the N descriptors of FDS not taken (-1) and free the array. */
+void stp_fds_free(int *fds, int n);
+
+/* A worker's handle on a listening socket. Kept across reloads while its
+ * address stays; closed ones are kept until the server is freed (sessions
+ * may still point at them). */
 struct stp_listener {
     uv_tcp_t tcp;
     struct stp_server *srv;
@@ -51,12 +89,11 @@ struct stp_listener {
     struct stp_listener *next;
 };
 
-/* One worker's event loop with its own listening sockets (SO_REUSEPORT
- * when there are several workers) and sessions. */
+/* One worker's event loop with its handles on the listening sockets and its
+ * sessions. */
 struct stp_server {
     uv_loop_t *loop;
     int worker;                      /* number, for logs */
-    bool reuseport;
     struct stp_shared *shared;
     struct stp_gen *gen;             /* for new sessions */
     struct stp_listener *listeners;  /* all ever bound */
@@ -81,18 +118,15 @@ void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
                       const struct sockaddr_storage *peer, int delta,
                       struct stp_counts *out);
 
-/* Bind the generation's listeners on LOOP (not yet running). Errors are
- * logged. */
+/* Listen with the generation's sockets on LOOP (not yet running): FDS from
+ * stp_sockets_dup, taken over. Errors are logged. */
 int stp_server_start(struct stp_server *srv, uv_loop_t *loop,
                      struct stp_gen *gen, struct stp_shared *shared,
-                     int worker, bool reuseport);
-/* Before a reload: can every address NEW adds to OLD be bound? ERR gets
- * "FILE:LINE: ..." for the first that cannot. */
-int stp_gen_check_bind(const struct stp_gen *new, const struct stp_gen *old,
-                       bool reuseport, char *err, size_t errlen);
-/* SIGHUP: switch new sessions to GEN (the server takes a reference): its
- * listeners are bound first; if one cannot be, nothing changes. */
-int stp_server_adopt(struct stp_server *srv, struct stp_gen *gen);
+                     int worker, int *fds);
+/* SIGHUP: switch new sessions to GEN (the server takes a reference) and FDS
+ * (from stp_sockets_dup, taken over): sockets whose address stays are kept,
+ * new ones listened on first; if one cannot be, nothing changes. */
+int stp_server_adopt(struct stp_server *srv, struct stp_gen *gen, int *fds);
 /* Stop accepting; sessions end at their next command boundary, all of them
  * after the drain timeout or at once with FORCE. */
 void stp_server_stop(struct stp_server *srv, bool force);

@@ -1,5 +1,6 @@
-/* Worker threads: one event loop each, with its own listening sockets
- * (SO_REUSEPORT) and sessions; the main thread only handles signals. */
+/* Worker threads: one event loop each, accepting on its own duplicates of
+ * the listening sockets, with its sessions; the main thread owns the
+ * sockets and handles signals. */
 #ifndef STP_WORKERS_H
 #define STP_WORKERS_H
 
@@ -14,17 +15,24 @@ struct stp_workers {
     struct stp_worker *w;
     int n;
     struct stp_shared shared;
+    struct stp_sockets sockets;  /* the main thread's, one per address */
+    struct stp_gen *gen;         /* the generation last handed out */
     uv_async_t done;             /* on the main loop: a worker finished */
     void (*on_all_done)(struct stp_workers *ws);
 };
 
-/* Create N workers and bind their listeners (nothing runs yet, so this can
- * happen before privileges are dropped). */
+/* Bind the listeners and create N workers listening on them (nothing runs
+ * yet, so this can happen before privileges are dropped). ERR gets
+ * "FILE:LINE: message", e.g. for an address another process holds. */
 int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
-                     struct stp_gen *gen, int n);
+                     struct stp_gen *gen, int n, char *err, size_t errlen);
 int stp_workers_run(struct stp_workers *ws);
-/* Hand every worker the new generation (each takes its own reference). */
-void stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen);
+/* Bind what GEN adds, then hand every worker GEN (each takes its own
+ * reference) with its sockets; the addresses GEN dropped are closed. On
+ * error nothing changes and ERR says why. */
+int stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen,
+                       char *err, size_t errlen);
+/* Stop listening at once (the sockets close); the workers drain. */
 void stp_workers_stop(struct stp_workers *ws, bool force);
 unsigned stp_workers_sessions(struct stp_workers *ws);
 /* After the main loop ended: join and free. */

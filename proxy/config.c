@@ -4,7 +4,12 @@
  * section starts, so the line reader does both jobs: it counts lines for
  * "FILE:LINE:" messages and opens sections itself (an empty [listener a] must
  * still exist and be checked). It also strips indentation, so inih never sees
- * an indented key as a continuation of the previous value. */
+ * an indented key as a continuation of the previous value.
+ *
+ * inih's separators and line length are fixed when it is built: it takes
+ * "key: value" as "key = value", and its buffer holds 198 characters. The
+ * reader refuses the colon, and splits a longer line itself, by inih's rules,
+ * for the same handler. */
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <fcntl.h>
@@ -249,6 +254,7 @@ static int begin_section(struct parser *p, char *line)
         if (p->proxy_line != 0)
             return stp_cfg_fail(p, p->line, "duplicate section [proxy]");
         p->proxy_line = p->line;
+        p->cfg->line_proxy = p->line;
         p->sect = SECT_PROXY;
         return 0;
     }
@@ -257,6 +263,71 @@ static int begin_section(struct parser *p, char *line)
     if (klen == 8 && strncmp(kind, "upstream", klen) == 0)
         return open_named(p, false, name);
     return stp_cfg_fail(p, p->line, "unknown section [%s]", kind);
+}
+
+/* Where inih ends a key (at the first of CHARS) or a value (CHARS NULL) in
+ * the LEN characters at S: there, or at an inline comment, a ';' after a
+ * blank (INI_ALLOW_INLINE_COMMENTS and INI_INLINE_COMMENT_PREFIXES as Debian
+ * builds inih). Returns its offset, LEN if none. */
+static size_t inih_span(const char *s, size_t len, const char *chars)
+{
+    bool was_space = false;
+    size_t i = 0;
+    for (; i < len; i++) {
+        if ((chars && strchr(chars, s[i])) || (was_space && s[i] == ';'))
+            break;
+        was_space = isspace((unsigned char)s[i]);
+    }
+    return i;
+}
+
+/* The LEN characters at S without the blanks around them, NUL-terminated. */
+static char *strip(char *s, size_t len)
+{
+    while (len > 0 && isspace((unsigned char)*s)) {
+        s++;
+        len--;
+    }
+    while (len > 0 && isspace((unsigned char)s[len - 1]))
+        len--;
+    s[len] = '\0';
+    return s;
+}
+
+static int on_key(void *user, const char *section, const char *name,
+                  const char *value);
+
+/* A trimmed line of LEN characters that inih's buffer cannot hold, read here
+ * as inih would read it. BUF gets the blank line inih is handed instead. */
+static char *long_line(struct parser *p, const char *s, size_t len, char *buf)
+{
+    if (!p->long_line && !(p->long_line = malloc(CFG_MAX_LINE + 1))) {
+        stp_cfg_oom(p);
+        return NULL;
+    }
+    char *line = p->long_line;
+    memcpy(line, s, len);
+    line[len] = '\0';
+    strcpy(buf, "\n");
+    if (line[0] == ';' || line[0] == '#')
+        return buf;
+    if (line[0] == '[')
+        return begin_section(p, line) < 0 ? NULL : buf;
+    size_t sep = inih_span(line, len, "=");
+    if (sep == len) {
+        syntax_error(p, p->line);
+        return NULL;
+    }
+    char *value = line + sep + 1;
+    size_t vlen = inih_span(value, len - sep - 1, NULL);
+    return on_key(p, "", strip(line, sep), strip(value, vlen)) ? buf : NULL;
+}
+
+/* inih takes "key: value" too; one separator keeps files greppable. */
+static bool colon_separated(const char *s, size_t len)
+{
+    size_t sep = inih_span(s, len, "=:");
+    return sep < len && s[sep] == ':';
 }
 
 /* ini_reader: hands inih one line at a time (see the top of the file). */
@@ -283,16 +354,23 @@ static char *read_line(char *buf, int num, void *stream)
     while (eol > s && isspace((unsigned char)eol[-1]))
         eol--;
     size_t len = (size_t)(eol - s);
-    if (num < 2 || len > (size_t)num - 2) {
-        stp_cfg_fail(p, p->line, "line too long (max %d characters)", num - 2);
+    if (len > CFG_MAX_LINE || num < 2) {
+        stp_cfg_fail(p, p->line, "line too long (max %d characters)",
+                     CFG_MAX_LINE);
         return NULL;
     }
+    p->want_key = len > 0 && strchr("[;#", s[0]) == NULL;
+    if (p->want_key && colon_separated(s, len)) {
+        stp_cfg_fail(p, p->line, "use '=' between key and value");
+        return NULL;
+    }
+    if (num < 2 || len > (size_t)num - 2)
+        return long_line(p, s, len, buf);
     memcpy(buf, s, len);
     buf[len] = '\n';
     buf[len + 1] = '\0';
     if (buf[0] == '[' && begin_section(p, buf) < 0)
         return NULL;
-    p->want_key = len > 0 && strchr("[;#", buf[0]) == NULL;
     return buf;
 }
 
@@ -397,6 +475,7 @@ static int parse_text(const char *file, const char *text, size_t len,
 
     free(p.lst_state);
     free(p.up_state);
+    free(p.long_line);
     if (p.rc < 0)
         stp_config_free(out);
     return p.rc;

@@ -155,6 +155,8 @@ static int set_account(struct parser *p, const struct key_def *k, void *obj,
         return bad_value(p, k, value, "a user or group name");
     if (k - stp_cfg_keys == K_USER)
         p->cfg->line_user = p->line;
+    else
+        p->cfg->line_group = p->line;
     return set_string(p, k, obj, value);
 }
 

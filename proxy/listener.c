@@ -1,8 +1,12 @@
 /* The server: configuration generations with their TLS contexts, listening
  * sockets, per-address connection counts, reload and shutdown. */
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <string.h>
 #include <unistd.h>
+#include <fcntl.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 
 #include "listener.h"
 #include "log.h"
@@ -19,7 +23,6 @@ static void gen_free(struct stp_gen *g)
         stp_tls_ctx_free(g->up_tls[i]);
     free(g->lst_tls);
     free(g->up_tls);
-    free(g->lst_sessions);
     stp_config_free(&g->cfg);
     free(g);
 }
@@ -98,9 +101,7 @@ int stp_gen_new(const char *path, struct stp_gen **out, char *err,
     }
     g->lst_tls = calloc((size_t)g->cfg.n_listeners + 1, sizeof(*g->lst_tls));
     g->up_tls = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_tls));
-    g->lst_sessions = calloc((size_t)g->cfg.n_listeners + 1,
-                             sizeof(*g->lst_sessions));
-    if (!g->lst_tls || !g->up_tls || !g->lst_sessions)
+    if (!g->lst_tls || !g->up_tls)
         r = -ENOMEM;
     if (r == 0)
         r = gen_tls(g, err, errlen);
@@ -112,38 +113,50 @@ int stp_gen_new(const char *path, struct stp_gen **out, char *err,
     return 0;
 }
 
-/* ---- client addresses ------------------------------------------------------- */
+/* ---- tallies ---------------------------------------------------------------- */
 
-struct stp_ipcount {
-    struct stp_ipcount *next;
+struct stp_tally {
+    struct stp_tally *next;
     unsigned count;
     uint8_t len;
-    uint8_t addr[16];
+    uint8_t key[20]; /* an IPv6 address, or a family, port and address */
 };
 
-static size_t ip_key(const struct sockaddr_storage *ss, const uint8_t **p)
+/* A client address: its bytes. */
+static size_t ip_key(const struct sockaddr_storage *ss, uint8_t *key)
 {
     if (ss->ss_family == AF_INET) {
-        *p = (const uint8_t *)&((const struct sockaddr_in *)ss)->sin_addr;
+        memcpy(key, &((const struct sockaddr_in *)ss)->sin_addr, 4);
         return 4;
     }
-    *p = (const uint8_t *)&((const struct sockaddr_in6 *)ss)->sin6_addr;
+    memcpy(key, &((const struct sockaddr_in6 *)ss)->sin6_addr, 16);
     return 16;
 }
 
-/* Sessions from the address in SS, after adding DELTA (under sh->mu). */
-static unsigned ip_add(struct stp_shared *sh, const struct sockaddr_storage *ss,
-                       int delta)
+/* A listening address: the listener's identity across reloads, as it is for
+ * its socket, so a renamed listener keeps counting its sessions, and one
+ * removed and added again finds those still open. */
+static size_t listener_key(const struct sockaddr_storage *ss, uint8_t *key)
 {
-    const uint8_t *k;
-    size_t len = ip_key(ss, &k);
+    uint16_t port = ss->ss_family == AF_INET
+                        ? ((const struct sockaddr_in *)ss)->sin_port
+                        : ((const struct sockaddr_in6 *)ss)->sin6_port;
+    key[0] = ss->ss_family == AF_INET ? 4 : 6;
+    memcpy(key + 1, &port, 2);
+    return 3 + ip_key(ss, key + 3);
+}
+
+/* The count of KEY after adding DELTA (under sh->mu). */
+static unsigned tally_add(struct stp_tallies *t, const uint8_t *k, size_t len,
+                          int delta)
+{
     uint32_t h = 2166136261u; /* FNV-1a */
     for (size_t i = 0; i < len; i++)
         h = (h ^ k[i]) * 16777619u;
-    struct stp_ipcount **pp = &sh->ip_table[h & (sh->ip_buckets - 1)];
+    struct stp_tally **pp = &t->table[h & (t->buckets - 1)];
     for (; *pp; pp = &(*pp)->next) {
-        struct stp_ipcount *e = *pp;
-        if (e->len != len || memcmp(e->addr, k, len) != 0)
+        struct stp_tally *e = *pp;
+        if (e->len != len || memcmp(e->key, k, len) != 0)
             continue;
         e->count += (unsigned)delta;
         unsigned n = e->count;
@@ -155,23 +168,44 @@ static unsigned ip_add(struct stp_shared *sh, const struct sockaddr_storage *ss,
     }
     if (delta <= 0)
         return 0;
-    struct stp_ipcount *e = calloc(1, sizeof(*e));
+    struct stp_tally *e = calloc(1, sizeof(*e));
     if (!e)
         return 0; /* unaccounted rather than refused */
     e->len = (uint8_t)len;
-    memcpy(e->addr, k, len);
+    memcpy(e->key, k, len);
     e->count = (unsigned)delta;
     e->next = *pp;
     *pp = e;
     return e->count;
 }
 
+static int tallies_init(struct stp_tallies *t, unsigned buckets)
+{
+    t->buckets = buckets;
+    t->table = calloc(buckets, sizeof(*t->table));
+    return t->table ? 0 : -ENOMEM;
+}
+
+static void tallies_free(struct stp_tallies *t)
+{
+    for (unsigned i = 0; t->table && i < t->buckets; i++) {
+        while (t->table[i]) {
+            struct stp_tally *e = t->table[i];
+            t->table[i] = e->next;
+            free(e);
+        }
+    }
+    free(t->table);
+}
+
 int stp_shared_init(struct stp_shared *sh)
 {
     memset(sh, 0, sizeof(*sh));
-    sh->ip_buckets = 4096;
-    if (!(sh->ip_table = calloc(sh->ip_buckets, sizeof(*sh->ip_table))))
+    if (tallies_init(&sh->per_ip, 4096) < 0 ||
+        tallies_init(&sh->per_listener, 64) < 0) {
+        tallies_free(&sh->per_ip);
         return -ENOMEM;
+    }
     if (getrandom(&sh->next_id, sizeof(sh->next_id), 0) < 0)
         sh->next_id = uv_hrtime();
     pthread_mutex_init(&sh->mu, NULL);
@@ -180,14 +214,8 @@ int stp_shared_init(struct stp_shared *sh)
 
 void stp_shared_free(struct stp_shared *sh)
 {
-    for (unsigned i = 0; sh->ip_table && i < sh->ip_buckets; i++) {
-        while (sh->ip_table[i]) {
-            struct stp_ipcount *e = sh->ip_table[i];
-            sh->ip_table[i] = e->next;
-            free(e);
-        }
-    }
-    free(sh->ip_table);
+    tallies_free(&sh->per_ip);
+    tallies_free(&sh->per_listener);
     pthread_mutex_destroy(&sh->mu);
 }
 
@@ -195,20 +223,145 @@ void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
                       const struct sockaddr_storage *peer, int delta,
                       struct stp_counts *out)
 {
+    uint8_t lkey[20], ikey[20];
+    size_t llen = listener_key(&g->cfg.listeners[lst].addr, lkey);
+    size_t ilen = peer && peer->ss_family ? ip_key(peer, ikey) : 0;
     pthread_mutex_lock(&sh->mu);
     sh->n_sessions += (unsigned)delta;
-    g->lst_sessions[lst] += (unsigned)delta;
-    unsigned per_ip = peer && peer->ss_family ? ip_add(sh, peer, delta) : 0;
+    unsigned per_lst = tally_add(&sh->per_listener, lkey, llen, delta);
+    unsigned per_ip = ilen ? tally_add(&sh->per_ip, ikey, ilen, delta) : 0;
     if (out) {
         out->id = ++sh->next_id;
         out->total = sh->n_sessions;
-        out->listener = g->lst_sessions[lst];
+        out->listener = per_lst;
         out->per_ip = per_ip;
     }
     pthread_mutex_unlock(&sh->mu);
 }
 
-/* ---- listening sockets ------------------------------------------------------ */
+/* ---- listening sockets: one per address, the main thread's ------------------ */
+
+static bool same_addr(const struct sockaddr_storage *a,
+                      const struct sockaddr_storage *b)
+{
+    size_t len = a->ss_family == AF_INET ? sizeof(struct sockaddr_in)
+                                         : sizeof(struct sockaddr_in6);
+    return a->ss_family == b->ss_family && memcmp(a, b, len) == 0;
+}
+
+static int socket_find(const struct stp_sockets *s,
+                       const struct sockaddr_storage *addr)
+{
+    for (int i = 0; i < s->n; i++)
+        if (same_addr(&s->v[i].addr, addr))
+            return i;
+    return -1;
+}
+
+/* A listening socket on SS, or -errno. Set up as libuv's bind would: the
+ * address reusable at once after a restart (not shared: that would be
+ * SO_REUSEPORT), [::] taking IPv4 too. TCP_NODELAY is inherited by accepted
+ * sockets (Linux copies it): no system call per session. */
+static int socket_listen(const struct sockaddr_storage *ss)
+{
+    int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                    0);
+    if (fd < 0)
+        return -errno;
+    int one = 1, zero = 0;
+    socklen_t len = ss->ss_family == AF_INET ? sizeof(struct sockaddr_in)
+                                             : sizeof(struct sockaddr_in6);
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+        (ss->ss_family == AF_INET6 &&
+         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0) ||
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0 ||
+        bind(fd, (const struct sockaddr *)ss, len) < 0 || listen(fd, 511) < 0) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    return fd;
+}
+
+int stp_sockets_bind(struct stp_sockets *s, const struct stp_gen *g, char *err,
+                     size_t errlen)
+{
+    const struct stp_config *c = &g->cfg;
+    struct stp_socket *v = realloc(s->v, ((size_t)s->n + (size_t)c->n_listeners +
+                                          1) * sizeof(*v));
+    if (!v) {
+        snprintf(err, errlen, "%s:0: out of memory", c->path);
+        return -ENOMEM;
+    }
+    s->v = v;
+    int before = s->n;
+    for (int i = 0; i < c->n_listeners; i++) {
+        const struct stp_listener_cfg *lc = &c->listeners[i];
+        if (socket_find(s, &lc->addr) >= 0)
+            continue;
+        int fd = socket_listen(&lc->addr);
+        if (fd < 0) {
+            snprintf(err, errlen,
+                     "%s:%d: listener '%s': cannot listen on %s: %s", c->path,
+                     lc->line, lc->name, lc->listen_text, stp_strerror(fd));
+            while (s->n > before)
+                close(s->v[--s->n].fd);
+            return fd;
+        }
+        s->v[s->n].addr = lc->addr;
+        s->v[s->n++].fd = fd;
+    }
+    return 0;
+}
+
+void stp_sockets_keep_only(struct stp_sockets *s, const struct stp_gen *g)
+{
+    int kept = 0;
+    for (int i = 0; i < s->n; i++) {
+        bool in_g = false;
+        for (int j = 0; j < g->cfg.n_listeners && !in_g; j++)
+            in_g = same_addr(&s->v[i].addr, &g->cfg.listeners[j].addr);
+        if (in_g)
+            s->v[kept++] = s->v[i];
+        else
+            close(s->v[i].fd);
+    }
+    s->n = kept;
+}
+
+int *stp_sockets_dup(const struct stp_sockets *s, const struct stp_gen *g)
+{
+    int n = g->cfg.n_listeners;
+    int *fds = malloc(((size_t)n + 1) * sizeof(*fds));
+    for (int i = 0; fds && i < n; i++) {
+        int k = socket_find(s, &g->cfg.listeners[i].addr);
+        STP_ASSERT(k >= 0); /* stp_sockets_bind(g) came first */
+        if ((fds[i] = fcntl(s->v[k].fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+            stp_fds_free(fds, i);
+            return NULL;
+        }
+    }
+    return fds;
+}
+
+void stp_sockets_close(struct stp_sockets *s)
+{
+    for (int i = 0; i < s->n; i++)
+        close(s->v[i].fd);
+    free(s->v);
+    s->v = NULL;
+    s->n = 0;
+}
+
+void stp_fds_free(int *fds, int n)
+{
+    for (int i = 0; fds && i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    free(fds);
+}
+
+/* ---- a worker's handles on them -------------------------------------------- */
 
 static void on_connection(uv_stream_t *server, int status)
 {
@@ -235,9 +388,11 @@ static void listener_close(struct stp_listener *l)
     uv_close((uv_handle_t *)&l->tcp, listener_closed);
 }
 
+/* Accept on *FD, a worker's duplicate of the listening socket; the handle
+ * takes it over (*FD becomes -1), else the caller still owns it. */
 static struct stp_listener *listener_open(struct stp_server *srv,
                                           const struct stp_listener_cfg *lc,
-                                          int idx)
+                                          int idx, int *fd)
 {
     struct stp_listener *l = calloc(1, sizeof(*l));
     if (!l)
@@ -246,28 +401,20 @@ static struct stp_listener *listener_open(struct stp_server *srv,
     l->idx = idx;
     stp_format_addr((const struct sockaddr *)&lc->addr, l->addr,
                     sizeof(l->addr));
-    int r = uv_tcp_init_ex(srv->loop, &l->tcp, lc->addr.ss_family);
-    l->tcp.data = l;
-    if (r == 0 && srv->reuseport) {
-        /* Each worker has its own socket; the kernel spreads connections. */
-        uv_os_fd_t fd;
-        int one = 1;
-        if (uv_fileno((uv_handle_t *)&l->tcp, &fd) == 0 &&
-            setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0)
-            r = -errno;
+    int r = uv_tcp_init(srv->loop, &l->tcp);
+    if (r == 0) {
+        l->tcp.data = l;
+        if ((r = uv_tcp_open(&l->tcp, *fd)) == 0) {
+            *fd = -1;
+            r = uv_listen((uv_stream_t *)&l->tcp, 511, on_connection);
+        }
+        if (r < 0)
+            uv_close((uv_handle_t *)&l->tcp, listener_closed);
     }
-    if (r == 0)
-        r = uv_tcp_bind(&l->tcp, (const struct sockaddr *)&lc->addr, 0);
-    if (r == 0) /* accepted sockets inherit it: no system call per session */
-        r = uv_tcp_nodelay(&l->tcp, 1);
-    if (r == 0)
-        r = uv_listen((uv_stream_t *)&l->tcp, 511, on_connection);
     if (r < 0) {
         stp_log(STP_LOG_ERROR,
                 "event=listen_error listener=%s addr=%s error=\"%s\"",
                 lc->name, l->addr, uv_strerror(r));
-        if (!uv_is_closing((uv_handle_t *)&l->tcp))
-            uv_close((uv_handle_t *)&l->tcp, listener_closed);
         l->idx = -1;
     }
     l->next = srv->listeners;
@@ -286,78 +433,43 @@ static void log_listening(const struct stp_listener *l,
             lc->require_tls ? "yes" : "no", lc->upstream->address_text);
 }
 
-static bool same_addr(const struct sockaddr_storage *a,
-                      const struct sockaddr_storage *b)
-{
-    size_t len = a->ss_family == AF_INET ? sizeof(struct sockaddr_in)
-                                         : sizeof(struct sockaddr_in6);
-    return a->ss_family == b->ss_family && memcmp(a, b, len) == 0;
-}
-
-int stp_gen_check_bind(const struct stp_gen *new, const struct stp_gen *old,
-                       bool reuseport, char *err, size_t errlen)
-{
-    for (int i = 0; i < new->cfg.n_listeners; i++) {
-        const struct stp_listener_cfg *lc = &new->cfg.listeners[i];
-        bool kept = false;
-        for (int j = 0; j < old->cfg.n_listeners && !kept; j++)
-            kept = same_addr(&lc->addr, &old->cfg.listeners[j].addr);
-        if (kept)
-            continue;
-        int fd = socket(lc->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        int one = 1, e = fd < 0 ? errno : 0;
-        if (!e && (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one,
-                              sizeof(one)) < 0 ||
-                   (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one,
-                                            sizeof(one)) < 0) ||
-                   bind(fd, (const struct sockaddr *)&lc->addr,
-                        sizeof(lc->addr)) < 0))
-            e = errno;
-        if (fd >= 0)
-            close(fd);
-        if (e) {
-            snprintf(err, errlen, "%s:%d: listener '%s': cannot listen on %s: %s",
-                     new->cfg.path, lc->line, lc->name, lc->listen_text,
-                     strerror(e));
-            return -e;
-        }
-    }
-    return 0;
-}
-
 int stp_server_start(struct stp_server *srv, uv_loop_t *loop,
                      struct stp_gen *gen, struct stp_shared *shared,
-                     int worker, bool reuseport)
+                     int worker, int *fds)
 {
     memset(srv, 0, sizeof(*srv));
     srv->loop = loop;
     srv->gen = gen;
     srv->shared = shared;
     srv->worker = worker;
-    srv->reuseport = reuseport;
     stp_gen_ref(gen);
     uv_timer_init(loop, &srv->drain_timer);
     srv->drain_timer.data = srv;
-    for (int i = 0; i < gen->cfg.n_listeners; i++) {
+    int r = 0;
+    for (int i = 0; r == 0 && i < gen->cfg.n_listeners; i++) {
         const struct stp_listener_cfg *lc = &gen->cfg.listeners[i];
-        struct stp_listener *l = listener_open(srv, lc, i);
-        if (!l)
-            return -EADDRNOTAVAIL;
-        log_listening(l, lc);
+        struct stp_listener *l = listener_open(srv, lc, i, &fds[i]);
+        if (l)
+            log_listening(l, lc);
+        else
+            r = -EADDRNOTAVAIL;
     }
-    return 0;
+    stp_fds_free(fds, gen->cfg.n_listeners);
+    return r;
 }
 
-int stp_server_adopt(struct stp_server *srv, struct stp_gen *g)
+int stp_server_adopt(struct stp_server *srv, struct stp_gen *g, int *fds)
 {
-    if (srv->stopping)
-        return -ESHUTDOWN;
     const struct stp_config *c = &g->cfg;
+    if (srv->stopping) {
+        stp_fds_free(fds, c->n_listeners);
+        return -ESHUTDOWN;
+    }
     struct stp_listener **map = calloc((size_t)c->n_listeners + 1,
                                        sizeof(*map));
     bool *fresh = calloc((size_t)c->n_listeners + 1, sizeof(*fresh));
     int r = map && fresh ? 0 : -ENOMEM;
-    /* Keep the sockets whose address stays; bind the new ones first, so a
+    /* Keep the handles whose address stays; open the new ones first, so a
      * failure leaves the running configuration untouched. */
     for (int i = 0; r == 0 && i < c->n_listeners; i++) {
         for (struct stp_listener *l = srv->listeners; l; l = l->next)
@@ -367,10 +479,11 @@ int stp_server_adopt(struct stp_server *srv, struct stp_gen *g)
                 map[i] = l;
         if (!map[i]) {
             fresh[i] = true;
-            if (!(map[i] = listener_open(srv, &c->listeners[i], i)))
+            if (!(map[i] = listener_open(srv, &c->listeners[i], i, &fds[i])))
                 r = -EADDRNOTAVAIL;
         }
     }
+    stp_fds_free(fds, c->n_listeners); /* the kept addresses' duplicates */
     if (r < 0) {
         for (int i = 0; map && fresh && i < c->n_listeners; i++)
             if (fresh[i] && map[i])

@@ -18,9 +18,12 @@
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
 
 static struct stp_workers workers;
-static uv_signal_t sig_term, sig_int, sig_hup;
+/* Every signal the proxy handles. USR1 is what log rotation sends daemons
+ * (we log to stderr: nothing to reopen) and USR2 is kept for a binary
+ * upgrade: neither may take the default action, which kills. */
+static const int handled[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
+static uv_signal_t sigs[STP_ARRAY_LEN(handled)];
 static const char *config_path = DEFAULT_CONFIG;
-static struct stp_gen *current; /* the configuration last handed out */
 
 static void usage(FILE *f)
 {
@@ -33,15 +36,15 @@ static void usage(FILE *f)
             "Runs in the foreground and logs to stderr. SIGHUP reloads the\n"
             "configuration; SIGTERM or SIGINT stops accepting and lets open\n"
             "sessions finish (up to drain_timeout); a second one stops at "
-            "once.\n",
+            "once. SIGUSR1 and SIGUSR2 are ignored.\n",
             DEFAULT_CONFIG);
 }
 
 static void close_signals(struct stp_workers *ws)
 {
-    uv_close((uv_handle_t *)&sig_term, NULL);
-    uv_close((uv_handle_t *)&sig_int, NULL);
-    uv_close((uv_handle_t *)&sig_hup, NULL);
+    (void)ws;
+    for (size_t i = 0; i < STP_ARRAY_LEN(sigs); i++)
+        uv_close((uv_handle_t *)&sigs[i], NULL);
 }
 
 /* SIGHUP: read the file again; the workers switch to it, or nothing changes
@@ -51,12 +54,11 @@ static void reload(void)
     struct stp_gen *g;
     char err[1024];
     int r = stp_gen_new(config_path, &g, err, sizeof(err));
-    /* New addresses are tried here, so "ok" means the workers can bind. */
-    if (r == 0 &&
-        (r = stp_gen_check_bind(g, current, workers.n > 1, err,
-                                sizeof(err))) < 0)
-        stp_gen_unref(g);
+    /* New addresses are bound here, so "ok" means they are listening. */
+    if (r == 0)
+        r = stp_workers_reload(&workers, g, err, sizeof(err));
     if (r < 0) {
+        stp_gen_unref(g);
         stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
         return;
     }
@@ -64,16 +66,19 @@ static void reload(void)
         stp_log(STP_LOG_WARN, "event=reload msg=\"workers changes only on "
                               "restart\" workers=%d", workers.n);
     stp_log_set_level(g->cfg.log_level);
-    stp_workers_reload(&workers, g);
     stp_log(STP_LOG_INFO, "event=reload status=ok listeners=%d sessions=%u",
             g->cfg.n_listeners, stp_workers_sessions(&workers));
-    stp_gen_unref(current);
-    current = g; /* the workers took their own references */
+    stp_gen_unref(g); /* the workers took their own references */
 }
 
 static void on_signal(uv_signal_t *h, int signum)
 {
     static bool stopping;
+    if (signum == SIGUSR1 || signum == SIGUSR2) {
+        stp_log(STP_LOG_INFO, "event=signal signal=%s action=ignored",
+                signum == SIGUSR1 ? "USR1" : "USR2");
+        return;
+    }
     if (signum == SIGHUP) {
         if (!stopping)
             reload();
@@ -86,45 +91,64 @@ static void on_signal(uv_signal_t *h, int signum)
     stopping = true;
 }
 
-/* After binding and loading keys: become USER, or stay root only when the
- * configuration says user = root. */
-static int drop_privileges(const struct stp_config *cfg)
+/* Who the process becomes once its sockets are bound. Resolved before
+ * anything is bound, and by -t, so that a name that does not exist is a
+ * configuration error with its line, not a failed start. Only root changes
+ * identity; it must say whom to become, or user = root to stay. */
+struct identity {
+    bool change;
+    uid_t uid;
+    gid_t gid;
+};
+
+static int resolve_identity(const struct stp_config *cfg, struct identity *id,
+                            char *err, size_t errlen)
 {
+    memset(id, 0, sizeof(*id));
     if (geteuid() != 0)
         return 0;
     if (!cfg->user) {
-        fprintf(stderr,
-                "%s: running as root: set user = (e.g. starttls-proxy) in "
-                "[proxy] to drop privileges after binding, or user = root to "
-                "stay root\n",
-                cfg->path);
+        snprintf(err, errlen,
+                 "%s:%d: running as root: set user = (e.g. starttls-proxy) "
+                 "in [proxy] to drop privileges after binding, or user = "
+                 "root to stay root",
+                 cfg->path, cfg->line_proxy);
         return -EPERM;
+    }
+    struct group *gr = cfg->group ? getgrnam(cfg->group) : NULL;
+    if (cfg->group && !gr) {
+        snprintf(err, errlen, "%s:%d: unknown group '%s'", cfg->path,
+                 cfg->line_group, cfg->group);
+        return -ENOENT;
     }
     if (strcmp(cfg->user, "root") == 0)
         return 0;
     struct passwd *pw = getpwnam(cfg->user);
     if (!pw) {
-        fprintf(stderr, "%s:%d: unknown user '%s'\n", cfg->path,
-                cfg->line_user, cfg->user);
+        snprintf(err, errlen, "%s:%d: unknown user '%s'", cfg->path,
+                 cfg->line_user, cfg->user);
         return -ENOENT;
     }
-    gid_t gid = pw->pw_gid;
-    if (cfg->group) {
-        struct group *gr = getgrnam(cfg->group);
-        if (!gr) {
-            fprintf(stderr, "%s: unknown group '%s'\n", cfg->path,
-                    cfg->group);
-            return -ENOENT;
-        }
-        gid = gr->gr_gid;
-    }
-    if (setgroups(1, &gid) < 0 || setgid(gid) < 0 || setuid(pw->pw_uid) < 0) {
-        fprintf(stderr, "%s: cannot become %s: %s\n", cfg->path, cfg->user,
-                strerror(errno));
+    id->change = true;
+    id->uid = pw->pw_uid;
+    id->gid = gr ? gr->gr_gid : pw->pw_gid;
+    return 0;
+}
+
+/* After binding and loading keys. */
+static int drop_privileges(const struct stp_config *cfg,
+                           const struct identity *id)
+{
+    if (!id->change)
+        return 0;
+    if (setgroups(1, &id->gid) < 0 || setgid(id->gid) < 0 ||
+        setuid(id->uid) < 0) {
+        fprintf(stderr, "%s:%d: cannot become %s: %s\n", cfg->path,
+                cfg->line_user, cfg->user, strerror(errno));
         return -errno;
     }
     stp_log(STP_LOG_INFO, "event=privileges user=%s uid=%u gid=%u", cfg->user,
-            (unsigned)pw->pw_uid, (unsigned)gid);
+            (unsigned)id->uid, (unsigned)id->gid);
     return 0;
 }
 
@@ -157,10 +181,15 @@ int main(int argc, char **argv)
         return 1;
     }
 
-    /* The configuration and every TLS context it names: -t stops here. */
+    /* The configuration, every TLS context it names and the account to
+     * run as: -t stops here. */
     struct stp_gen *gen;
+    struct identity id;
     char err[1024];
-    if (stp_gen_new(config_path, &gen, err, sizeof(err)) < 0) {
+    int r = stp_gen_new(config_path, &gen, err, sizeof(err));
+    if (r == 0 && (r = resolve_identity(&gen->cfg, &id, err, sizeof(err))) < 0)
+        stp_gen_unref(gen);
+    if (r < 0) {
         fprintf(stderr, "%s\n", err);
         return 1;
     }
@@ -175,19 +204,20 @@ int main(int argc, char **argv)
     uv_loop_t *loop = uv_default_loop();
     /* Handlers first: a signal must never find the default action, even
      * in the instant after the listeners appear. */
-    uv_signal_init(loop, &sig_term);
-    uv_signal_init(loop, &sig_int);
-    uv_signal_init(loop, &sig_hup);
-    uv_signal_start(&sig_term, on_signal, SIGTERM);
-    uv_signal_start(&sig_int, on_signal, SIGINT);
-    uv_signal_start(&sig_hup, on_signal, SIGHUP);
+    for (size_t i = 0; i < STP_ARRAY_LEN(sigs); i++) {
+        uv_signal_init(loop, &sigs[i]);
+        uv_signal_start(&sigs[i], on_signal, handled[i]);
+    }
     int n = gen->cfg.workers > 0 ? gen->cfg.workers
                                  : (int)uv_available_parallelism();
-    if (stp_workers_init(&workers, loop, gen, n) < 0 ||
-        drop_privileges(&gen->cfg) < 0)
+    if (stp_workers_init(&workers, loop, gen, n, err, sizeof(err)) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    if (drop_privileges(&gen->cfg, &id) < 0)
         return 1;
     workers.on_all_done = close_signals;
-    current = gen;
+    stp_gen_unref(gen); /* the workers hold it */
     if (stp_workers_run(&workers) < 0)
         return 1;
     stp_log(STP_LOG_INFO, "event=started version=%s pid=%d workers=%d",
@@ -196,7 +226,6 @@ int main(int argc, char **argv)
     uv_run(loop, UV_RUN_DEFAULT);
 
     stp_workers_free(&workers);
-    stp_gen_unref(current);
     stp_log(STP_LOG_INFO, "event=stopped");
     uv_loop_close(loop);
     stp_tls_global_cleanup();

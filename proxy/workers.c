@@ -1,7 +1,9 @@
-/* Worker threads. Each owns a loop, its sockets, its sessions and its buffer
- * pool; they share only the configuration generation (read-only, atomic
- * reference count) and the limits' tallies (one mutex, taken when a session
- * starts and ends). Commands reach a worker through its uv_async. */
+/* Worker threads. Each owns a loop, its handles on the listening sockets, its
+ * sessions and its buffer pool; they share only the configuration generation
+ * (read-only, atomic reference count) and the limits' tallies (one mutex,
+ * taken when a session starts and ends). The main thread owns the listening
+ * sockets and hands each worker duplicates of their descriptors. Commands
+ * reach a worker through its uv_async. */
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,9 +22,10 @@ struct stp_worker {
     uv_loop_t loop;
     uv_async_t async;
     struct stp_server srv;
-    pthread_mutex_t mu;          /* guards cmd and next_gen */
+    pthread_mutex_t mu;          /* guards cmd, next_gen and next_fds */
     unsigned cmd;
     struct stp_gen *next_gen;
+    int *next_fds;               /* its sockets, one per listener */
     bool done;
 };
 
@@ -32,11 +35,13 @@ static void on_command(uv_async_t *a)
     pthread_mutex_lock(&w->mu);
     unsigned cmd = w->cmd;
     struct stp_gen *g = w->next_gen;
+    int *fds = w->next_fds;
     w->cmd = 0;
     w->next_gen = NULL;
+    w->next_fds = NULL;
     pthread_mutex_unlock(&w->mu);
     if (g) {
-        stp_server_adopt(&w->srv, g);
+        stp_server_adopt(&w->srv, g, fds);
         stp_gen_unref(g);
     }
     if (cmd & (CMD_STOP | CMD_FORCE))
@@ -81,12 +86,19 @@ static void on_worker_done(uv_async_t *a)
 }
 
 int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
-                     struct stp_gen *gen, int n)
+                     struct stp_gen *gen, int n, char *err, size_t errlen)
 {
     memset(ws, 0, sizeof(*ws));
     if (stp_shared_init(&ws->shared) < 0 ||
-        !(ws->w = calloc((size_t)n, sizeof(*ws->w))))
+        !(ws->w = calloc((size_t)n, sizeof(*ws->w)))) {
+        snprintf(err, errlen, "%s:0: out of memory", gen->cfg.path);
         return -ENOMEM;
+    }
+    ws->gen = gen;
+    stp_gen_ref(gen);
+    int r = stp_sockets_bind(&ws->sockets, gen, err, errlen);
+    if (r < 0)
+        return r;
     ws->n = n;
     uv_async_init(main_loop, &ws->done, on_worker_done);
     ws->done.data = ws;
@@ -95,15 +107,22 @@ int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
         w->ws = ws;
         w->n = i;
         pthread_mutex_init(&w->mu, NULL);
-        if (uv_loop_init(&w->loop) < 0)
+        int *fds = stp_sockets_dup(&ws->sockets, gen);
+        if (!fds || uv_loop_init(&w->loop) < 0) {
+            snprintf(err, errlen, "%s:0: worker %d: %s", gen->cfg.path, i,
+                     fds ? "cannot make its event loop" : strerror(errno));
+            stp_fds_free(fds, gen->cfg.n_listeners);
             return -ENOMEM;
+        }
         uv_async_init(&w->loop, &w->async, on_command);
         w->async.data = w;
-        int r = stp_server_start(&w->srv, &w->loop, gen, &ws->shared, i,
-                                 n > 1);
+        r = stp_server_start(&w->srv, &w->loop, gen, &ws->shared, i, fds);
         w->srv.on_empty = on_empty;
-        if (r < 0)
+        if (r < 0) {
+            snprintf(err, errlen, "%s:0: worker %d cannot listen (see the "
+                     "log)", gen->cfg.path, i);
             return r;
+        }
     }
     return 0;
 }
@@ -120,15 +139,28 @@ int stp_workers_run(struct stp_workers *ws)
     return 0;
 }
 
-static void post(struct stp_worker *w, unsigned cmd, struct stp_gen *g)
+/* The pending generation and its descriptors, if any, dropped. */
+static void drop_next(struct stp_worker *w)
+{
+    if (w->next_gen)
+        stp_fds_free(w->next_fds, w->next_gen->cfg.n_listeners);
+    stp_gen_unref(w->next_gen);
+    w->next_gen = NULL;
+    w->next_fds = NULL;
+}
+
+/* CMD, and G with FDS (taken over): a generation not yet adopted is
+ * replaced. */
+static void post(struct stp_worker *w, unsigned cmd, struct stp_gen *g,
+                 int *fds)
 {
     pthread_mutex_lock(&w->mu);
     w->cmd |= cmd;
     if (g) {
         stp_gen_ref(g);
-        if (w->next_gen)
-            stp_gen_unref(w->next_gen);
+        drop_next(w);
         w->next_gen = g;
+        w->next_fds = fds;
     }
     bool done = w->done;
     pthread_mutex_unlock(&w->mu);
@@ -136,16 +168,54 @@ static void post(struct stp_worker *w, unsigned cmd, struct stp_gen *g)
         uv_async_send(&w->async);
 }
 
-void stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen)
+/* Every worker's duplicates of GEN's sockets, or NULL (errno says why). */
+static int **dup_for_workers(struct stp_workers *ws, struct stp_gen *gen)
 {
+    int **fds = calloc((size_t)ws->n, sizeof(*fds));
+    for (int i = 0; fds && i < ws->n; i++) {
+        if ((fds[i] = stp_sockets_dup(&ws->sockets, gen)))
+            continue;
+        int e = errno;
+        while (i-- > 0)
+            stp_fds_free(fds[i], gen->cfg.n_listeners);
+        free(fds);
+        errno = e;
+        return NULL;
+    }
+    return fds;
+}
+
+int stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen,
+                       char *err, size_t errlen)
+{
+    int r = stp_sockets_bind(&ws->sockets, gen, err, errlen);
+    if (r < 0)
+        return r;
+    int **fds = dup_for_workers(ws, gen);
+    if (!fds) {
+        snprintf(err, errlen, "%s:0: cannot hand the listening sockets to "
+                 "the workers: %s", gen->cfg.path, strerror(errno));
+        /* Only what GEN bound goes: the running generation keeps its own. */
+        stp_sockets_keep_only(&ws->sockets, ws->gen);
+        return -ENOMEM;
+    }
     for (int i = 0; i < ws->n; i++)
-        post(&ws->w[i], CMD_RELOAD, gen);
+        post(&ws->w[i], CMD_RELOAD, gen, fds[i]);
+    free(fds);
+    stp_sockets_keep_only(&ws->sockets, gen);
+    stp_gen_ref(gen);
+    stp_gen_unref(ws->gen);
+    ws->gen = gen;
+    return 0;
 }
 
 void stp_workers_stop(struct stp_workers *ws, bool force)
 {
+    /* Our descriptors too, or the kernel would keep completing connections
+     * that no worker accepts any more. */
+    stp_sockets_close(&ws->sockets);
     for (int i = 0; i < ws->n; i++)
-        post(&ws->w[i], force ? CMD_FORCE : CMD_STOP, NULL);
+        post(&ws->w[i], force ? CMD_FORCE : CMD_STOP, NULL, NULL);
 }
 
 unsigned stp_workers_sessions(struct stp_workers *ws)
@@ -164,9 +234,11 @@ void stp_workers_free(struct stp_workers *ws)
             pthread_join(w->thread, NULL);
         uv_loop_close(&w->loop);
         stp_server_free(&w->srv);
-        stp_gen_unref(w->next_gen);
+        drop_next(w);
         pthread_mutex_destroy(&w->mu);
     }
     free(ws->w);
+    stp_sockets_close(&ws->sockets);
+    stp_gen_unref(ws->gen);
     stp_shared_free(&ws->shared);
 }

@@ -126,6 +126,35 @@ def reload_status(events):
 
 
 # ---------------------------------------------------------------------------
+# connection limits
+
+def greeted(port, source=None):
+    """A connection that got its 220 greeting (a session the proxy accepted)."""
+    c = connect_from(port, source) if source else h.SmtpConn(port)
+    c.greeting(220)
+    return c
+
+
+def try_greeted(port):
+    """A connection if it got a 220 greeting, else None (closed)."""
+    c = h.SmtpConn(port)
+    r = c.read_reply()
+    if r.code == 220:
+        return c
+    c.close()
+    return None
+
+
+def assert_refused(port, source=None):
+    """The next connection gets exactly the too-many-connections 421, then EOF."""
+    c = connect_from(port, source) if source else h.SmtpConn(port)
+    with c:
+        got = c.read_until_closed(timeout=5)
+    assert got == TOO_MANY_CONNECTIONS, "expected only %r then a close, got %r" % (
+        TOO_MANY_CONNECTIONS, got)
+
+
+# ---------------------------------------------------------------------------
 # certificates
 
 
@@ -369,6 +398,20 @@ class RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join(2)
+
+
+def run_briefly(stp_bin, path, timeout=5):
+    """Run the daemon on the config file PATH; returns (exit code, or None if
+    it was still running after TIMEOUT, stderr). Stops it if running."""
+    p = subprocess.Popen([stp_bin, "-c", str(path)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = p.communicate(timeout=timeout)
+        return p.returncode, err.decode("utf-8", "replace")
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=10)
+        return None, err.decode("utf-8", "replace")
 
 
 def wait_exit(proxy, timeout):

@@ -1,6 +1,7 @@
 """The daemon as a process: -t config check, --version/-h, signals, log
 events, self-signed fallback certificate, IPv6 and several listeners."""
 
+import os
 import re
 import signal
 import smtplib
@@ -14,11 +15,13 @@ import stp_harness as h
 
 
 def good_config(tls_files, port=None, upstream_port=None):
+    # As root, -t checks the account to become, as a start would.
+    user = "user = root\n" if os.geteuid() == 0 else ""
     return textwrap.dedent("""\
         [proxy]
         log_level = debug
         hostname = proxy.test
-
+        {user}
         [listener main]
         listen = 127.0.0.1:{port}
         tls = starttls
@@ -33,7 +36,7 @@ def good_config(tls_files, port=None, upstream_port=None):
         address = 127.0.0.1:{uport}
         tls = none
         """).format(port=port or h.free_port(), uport=upstream_port or h.free_port(),
-                    cert=tls_files["cert"], key=tls_files["key"])
+                    cert=tls_files["cert"], key=tls_files["key"], user=user)
 
 
 def line_of(text, prefix):

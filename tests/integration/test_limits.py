@@ -20,22 +20,6 @@ def second_listener(tls_files, port, **kw):
     return ("second", opts)
 
 
-def greeted(port, source=None):
-    """A connection that got its 220 greeting (a session the proxy accepted)."""
-    c = hu.connect_from(port, source) if source else h.SmtpConn(port)
-    c.greeting(220)
-    return c
-
-
-def assert_refused(port, source=None):
-    """The next connection gets exactly the too-many-connections 421, then EOF."""
-    c = hu.connect_from(port, source) if source else h.SmtpConn(port)
-    with c:
-        got = c.read_until_closed(timeout=5)
-    assert got == hu.TOO_MANY_CONNECTIONS, "expected only %r then a close, got %r" % (
-        hu.TOO_MANY_CONNECTIONS, got)
-
-
 def settle_upstream(up, expected):
     """The upstream saw exactly EXPECTED sessions (and no more arrive)."""
     up.wait_sessions(expected)
@@ -50,10 +34,10 @@ def test_global_limit_counts_every_listener(make_scripted, make_proxy, tls_files
     other = h.free_port()
     proxy = hu.start(make_proxy, up, proxy={"max_connections": "3"},
                      extra_listeners=[second_listener(tls_files, other)])
-    open_ = [greeted(proxy.port), greeted(proxy.port), greeted(other)]
+    open_ = [hu.greeted(proxy.port), hu.greeted(proxy.port), hu.greeted(other)]
     try:
-        assert_refused(proxy.port)
-        assert_refused(other)
+        hu.assert_refused(proxy.port)
+        hu.assert_refused(other)
         settle_upstream(up, 3)
     finally:
         for c in open_:
@@ -63,26 +47,17 @@ def test_global_limit_counts_every_listener(make_scripted, make_proxy, tls_files
 def test_slot_freed_by_a_finished_session_is_reused(make_scripted, make_proxy):
     up = make_scripted()
     proxy = hu.start(make_proxy, up, proxy={"max_connections": "2"})
-    a, b = greeted(proxy.port), greeted(proxy.port)
+    a, b = hu.greeted(proxy.port), hu.greeted(proxy.port)
     with b:
-        assert_refused(proxy.port)
+        hu.assert_refused(proxy.port)
         with a:
             a.expect("QUIT", 221)
         # the slot comes back once the daemon has seen the close
-        c = h.wait_until(lambda: _try_greeted(proxy.port), 3, interval=0.1)
+        c = h.wait_until(lambda: hu.try_greeted(proxy.port), 3, interval=0.1)
         assert c, "no slot after a session ended"
         with c:
             c.expect("EHLO client.test", 250)
             c.expect("QUIT", 221)
-
-
-def _try_greeted(port):
-    c = h.SmtpConn(port)
-    r = c.read_reply()
-    if r.code == 220:
-        return c
-    c.close()
-    return None
 
 
 def test_listener_limit_leaves_other_listeners_open(make_scripted, make_proxy, tls_files):
@@ -90,11 +65,11 @@ def test_listener_limit_leaves_other_listeners_open(make_scripted, make_proxy, t
     other = h.free_port()
     proxy = hu.start(make_proxy, up, max_connections="2",
                      extra_listeners=[second_listener(tls_files, other)])
-    conns = [greeted(proxy.port), greeted(proxy.port)]
+    conns = [hu.greeted(proxy.port), hu.greeted(proxy.port)]
     try:
-        assert_refused(proxy.port)
-        conns.append(greeted(other))
-        conns.append(greeted(other))
+        hu.assert_refused(proxy.port)
+        conns.append(hu.greeted(other))
+        conns.append(hu.greeted(other))
         settle_upstream(up, 4)
     finally:
         for c in conns:
@@ -104,13 +79,13 @@ def test_listener_limit_leaves_other_listeners_open(make_scripted, make_proxy, t
 def test_per_ip_limit_refuses_only_that_address(make_scripted, make_proxy):
     up = make_scripted()
     proxy = hu.start(make_proxy, up, max_connections_per_ip="2")
-    conns = [greeted(proxy.port, "127.0.0.2"), greeted(proxy.port, "127.0.0.2")]
+    conns = [hu.greeted(proxy.port, "127.0.0.2"), hu.greeted(proxy.port, "127.0.0.2")]
     try:
-        assert_refused(proxy.port, "127.0.0.2")
-        conns.append(greeted(proxy.port, "127.0.0.3"))
-        conns.append(greeted(proxy.port, "127.0.0.3"))
-        assert_refused(proxy.port, "127.0.0.3")
-        conns.append(greeted(proxy.port, "127.0.0.4"))
+        hu.assert_refused(proxy.port, "127.0.0.2")
+        conns.append(hu.greeted(proxy.port, "127.0.0.3"))
+        conns.append(hu.greeted(proxy.port, "127.0.0.3"))
+        hu.assert_refused(proxy.port, "127.0.0.3")
+        conns.append(hu.greeted(proxy.port, "127.0.0.4"))
         settle_upstream(up, 5)
     finally:
         for c in conns:
@@ -143,7 +118,7 @@ def test_refused_client_gets_421_even_when_the_upstream_is_slow(make_scripted, m
     with first:
         up.wait_sessions(1)
         t0 = time.monotonic()
-        assert_refused(proxy.port)
+        hu.assert_refused(proxy.port)
         assert time.monotonic() - t0 < 1.0
         settle_upstream(up, 1)
 
@@ -156,20 +131,20 @@ def test_slots_are_released_however_a_session_ends(make_scripted, make_proxy):
     proxy = hu.start(make_proxy, up, max_connections_per_ip="2", timeout_idle="1s")
     src = "127.0.0.5"
     for _ in range(2):
-        c = greeted(proxy.port, src)
+        c = hu.greeted(proxy.port, src)
         c.expect("QUIT", 221)
         c.close()
-        c = greeted(proxy.port, src)
+        c = hu.greeted(proxy.port, src)
         c.close()                                             # FIN
-        c = greeted(proxy.port, src)
+        c = hu.greeted(proxy.port, src)
         hu.reset_close(c.sock)                                # RST
-        c = greeted(proxy.port, src)
+        c = hu.greeted(proxy.port, src)
         c.expect("EHLO client.test", 250)
         c.expect("STARTTLS", 220)
         c.send(b"\x16\x03\x01\x00\x05not a ClientHello" * 4)  # failed handshake
         c.read_until_closed(timeout=5)
         c.close()
-        c = greeted(proxy.port, src)
+        c = hu.greeted(proxy.port, src)
         assert c.read_reply().raw == hu.TIMEOUT_EXCEEDED       # idle timeout
         c.close()
 

@@ -5,8 +5,6 @@ then becomes `user` (and `group`); it refuses to stay root unless
 import grp
 import os
 import pwd
-import signal
-import subprocess
 
 import pytest
 
@@ -58,7 +56,7 @@ def test_group_option_sets_the_group(make_scripted, make_proxy):
 
 def run_briefly(stp_bin, tmp_path, proxy_opts, timeout=5):
     """Start the daemon with a one-listener config; returns (exit code or
-    None if still running after TIMEOUT, stderr). Kills it if running."""
+    None if still running after TIMEOUT, stderr, config path)."""
     port = h.free_port()
     text = h.render_config(
         dict({"hostname": "proxy.test"}, **proxy_opts),
@@ -66,15 +64,8 @@ def run_briefly(stp_bin, tmp_path, proxy_opts, timeout=5):
         [("up", {"address": "127.0.0.1:%d" % h.free_port()})])
     path = tmp_path / "stp.conf"
     path.write_text(text)
-    p = subprocess.Popen([stp_bin, "-c", str(path)], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _, err = p.communicate(timeout=timeout)
-        return p.returncode, err.decode("utf-8", "replace"), str(path)
-    except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=10)
-        return None, err.decode("utf-8", "replace"), str(path)
+    rc, err = hu.run_briefly(stp_bin, path, timeout)
+    return rc, err, str(path)
 
 
 def test_root_without_user_refuses_to_start_with_a_clear_message(stp_bin, tmp_path):

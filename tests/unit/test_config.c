@@ -247,9 +247,13 @@ static void test_errors(void)
         /* a bad line wins over what its section then lacks */
         {"[listener a]\nupstream = up\nlisten 0.0.0.0\n" UP,
          "t.ini:3: syntax error (expected [section] or key = value)"},
-        /* inih also reads "name: value" */
+        /* inih also reads "name: value": refused */
         {"[listener a]\nlisten 0.0.0.0:25\n",
-         "t.ini:2: unknown key 'listen 0.0.0.0' in [listener a]"},
+         "t.ini:2: use '=' between key and value"},
+        {"[listener a]\nlisten: 0.0.0.0:25\n",
+         "t.ini:2: use '=' between key and value"},
+        {MINIMAL "  max_line : 512 ; a colon\n",
+         "t.ini:6: use '=' between key and value"},
         {MINIMAL "oops", "t.ini:6: syntax error (expected [section] or key = value)"},
         {"[proxy]\n = 1\n", "t.ini:2: unknown key '' in [proxy]"},
     };
@@ -264,20 +268,82 @@ static void test_errors(void)
     }
 }
 
+/* TEXT with "%s" replaced by N copies of C. */
+static char *with_run(const char *text, size_t n, char c)
+{
+    char *run = malloc(n + 1);
+    size_t len = strlen(text) + n;
+    char *out = malloc(len + 1);
+    memset(run, c, n);
+    run[n] = '\0';
+    snprintf(out, len + 1, text, run);
+    free(run);
+    return out;
+}
+
 static void test_line_too_long(void)
 {
-    char text[1024];
     struct stp_config cfg;
     char err[256];
-    snprintf(text, sizeof(text), "[listener a]\ncert = /%0300d\n", 0);
+    char *text = with_run("[listener a]\ncert = /%s\n", 4090, 'x');
     CHECK(stp_config_parse_string("t.ini", text, &cfg, err, sizeof(err)) == -EINVAL);
-    CHECK_STR(err, "t.ini:2: line too long (max 198 characters)");
+    CHECK_STR(err, "t.ini:2: line too long (max 4096 characters)");
+    free(text);
 
     /* A tiny error buffer truncates but stays terminated. */
     char tiny[8];
     CHECK(stp_config_parse_string("t.ini", "[foo]\n", &cfg, tiny, sizeof(tiny)) == -EINVAL);
     CHECK_STR(tiny, "t.ini:1");
     CHECK(stp_config_parse_string("t.ini", "[foo]\n", &cfg, NULL, 0) == -EINVAL);
+}
+
+/* Lines longer than inih's 198 characters are read as inih reads shorter
+ * ones: the default cipher list can be written out. */
+static void test_long_lines(void)
+{
+    static const char ciphers[] =
+        "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:"
+        "TLS13-CHACHA20-POLY1305-SHA256:"
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+        "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305;not-a-comment";
+    struct stp_config cfg;
+    char err[256] = "";
+    char text[2048];
+    snprintf(text, sizeof(text),
+             LST_A "  ciphers\t=  %s  ; the default, written out\n"
+             "; %s\n" UP, ciphers, ciphers);
+    CHECK(strlen(ciphers) > 198);
+    CHECK(stp_config_parse_string("t.ini", text, &cfg, err, sizeof(err)) == 0);
+    CHECK_STR(err, "");
+    CHECK_STR(cfg.listeners[0].tlsp.ciphers, ciphers);
+    CHECK(cfg.n_upstreams == 1 && cfg.listeners[0].upstream == &cfg.upstreams[0]);
+    stp_config_free(&cfg);
+
+    /* the longest line there may be */
+    char *at_max = with_run(LST_A "ciphers = %s\n" UP, 4096 - 10, 'A');
+    CHECK(stp_config_parse_string("t.ini", at_max, &cfg, err, sizeof(err)) == 0);
+    CHECK(cfg.listeners[0].tlsp.ciphers && strlen(cfg.listeners[0].tlsp.ciphers) == 4086);
+    stp_config_free(&cfg);
+    free(at_max);
+
+    static const struct { const char *text; const char *err; } bad[] = {
+        {LST_A "ciphers: %s\n" UP, "t.ini:4: use '=' between key and value"},
+        {LST_A "ciphers %s\n" UP,
+         "t.ini:4: syntax error (expected [section] or key = value)"},
+        {LST_A "ciphers = %s\nlisten = 0.0.0.0:26\n" UP, "t.ini:5: duplicate key 'listen'"},
+        {LST_A "%s = 1\n" UP, "t.ini:4: unknown key '"},
+        {"[listener %s]\n", "t.ini:1: section header too long"},
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(bad); i++) {
+        char *t = with_run(bad[i].text, 300, 'A');
+        CHECK(stp_config_parse_string("t.ini", t, &cfg, err, sizeof(err)) == -EINVAL);
+        CHECK(strncmp(err, bad[i].err, strlen(bad[i].err)) == 0);
+        if (strncmp(err, bad[i].err, strlen(bad[i].err)) != 0)
+            fprintf(stderr, "  got:  %s\n  want: %s...\n", err, bad[i].err);
+        CHECK(is_zeroed(&cfg));
+        free(t);
+    }
 }
 
 static void test_defaults(void)
@@ -568,6 +634,7 @@ int main(void)
     test_hostport();
     test_errors();
     test_line_too_long();
+    test_long_lines();
     test_defaults();
     test_full(cert, key);
     test_tls_keys(cert, key);
