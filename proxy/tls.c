@@ -8,6 +8,7 @@
 #include <wolfssl/wolfcrypt/random.h>
 
 #include <arpa/inet.h>
+#include <stdarg.h>
 #include <string.h>
 #include <strings.h>
 
@@ -68,19 +69,42 @@ int stp_tls_global_init(void)
 
 void stp_tls_global_cleanup(void) { wolfSSL_Cleanup(); }
 
-static int fail(char *err, size_t errlen, const char *what, int code)
+/* Record an error about setting AT; returns -EINVAL. */
+static int fail(struct stp_tls_err *e, enum stp_tls_setting at,
+                const char *what, int code)
 {
     char buf[WOLFSSL_MAX_ERROR_SZ];
     wolfSSL_ERR_error_string_n((unsigned long)code, buf, sizeof(buf));
-    snprintf(err, errlen, "%s: %s", what, code ? buf : "failed");
+    e->at = at;
+    snprintf(e->msg, sizeof(e->msg), "%s: %s", what, code ? buf : "failed");
+    return -EINVAL;
+}
+
+/* Until something more precise is known. */
+static void err_init(struct stp_tls_err *e)
+{
+    e->at = STP_TLS_SET_SECTION;
+    e->sni = -1;
+    snprintf(e->msg, sizeof(e->msg), "out of memory");
+}
+
+__attribute__((format(printf, 3, 4)))
+static int failf(struct stp_tls_err *e, enum stp_tls_setting at,
+                 const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof(e->msg), fmt, ap);
+    va_end(ap);
+    e->at = at;
     return -EINVAL;
 }
 
 /* An ECDSA P-256 certificate signed by its own key, valid for a year, so a
  * listener without configured files still speaks TLS (the demo, a first
  * run). Clients cannot verify it: the caller warns loudly. */
-static int self_signed(WOLFSSL_CTX *ctx, const char *cn, char *err,
-                       size_t errlen)
+static int self_signed(WOLFSSL_CTX *ctx, const char *cn,
+                       struct stp_tls_err *e)
 {
     WC_RNG rng;
     ecc_key key;
@@ -89,10 +113,10 @@ static int self_signed(WOLFSSL_CTX *ctx, const char *cn, char *err,
     int r, len, klen = 0;
 
     if ((r = wc_InitRng(&rng)) != 0)
-        return fail(err, errlen, "self-signed certificate: rng", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate: rng", r);
     if ((r = wc_ecc_init(&key)) != 0) {
         wc_FreeRng(&rng);
-        return fail(err, errlen, "self-signed certificate: key", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate: key", r);
     }
     r = wc_ecc_make_key_ex(&rng, 32, &key, ECC_SECP256R1);
     if (r == 0)
@@ -114,20 +138,21 @@ static int self_signed(WOLFSSL_CTX *ctx, const char *cn, char *err,
     wc_ecc_free(&key);
     wc_FreeRng(&rng);
     if (r < 0)
-        return fail(err, errlen, "self-signed certificate", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate", r);
     if ((r = wolfSSL_CTX_use_certificate_buffer(ctx, der, len,
                                                 WOLFSSL_FILETYPE_ASN1)) !=
             WOLFSSL_SUCCESS ||
         (r = wolfSSL_CTX_use_PrivateKey_buffer(ctx, kder, klen,
                                                WOLFSSL_FILETYPE_ASN1)) !=
             WOLFSSL_SUCCESS)
-        return fail(err, errlen, "self-signed certificate: load", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate: load",
+                    r);
     return 0;
 }
 
 /* Versions, ciphers and groups: the same for both roles. */
 static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
-                        char *err, size_t errlen)
+                        struct stp_tls_err *e)
 {
     static const struct {
         int min, max;
@@ -147,19 +172,19 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
         {"P-521", WOLFSSL_ECC_SECP521R1},
     };
     if (wolfSSL_CTX_SetMinVersion(ctx, v[p->min_version].min) !=
-            WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_max_proto_version(ctx, v[p->max_version].max) !=
-            WOLFSSL_SUCCESS) {
-        snprintf(err, errlen,
-                 "TLS %s..%s is not available in this wolfSSL build",
-                 v[p->min_version].name, v[p->max_version].name);
-        return -EINVAL;
-    }
+        WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_MIN_VERSION,
+                     "TLS %s is not available in this wolfSSL build",
+                     v[p->min_version].name);
+    if (wolfSSL_CTX_set_max_proto_version(ctx, v[p->max_version].max) !=
+        WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_MAX_VERSION,
+                     "TLS %s is not available in this wolfSSL build",
+                     v[p->max_version].name);
     const char *ciphers = p->ciphers ? p->ciphers : default_ciphers;
-    if (wolfSSL_CTX_set_cipher_list(ctx, ciphers) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "no usable cipher in '%s'", ciphers);
-        return -EINVAL;
-    }
+    if (wolfSSL_CTX_set_cipher_list(ctx, ciphers) != WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_CIPHERS, "no usable cipher in '%s'",
+                     ciphers);
     int ids[STP_ARRAY_LEN(g)], n = 0;
     char list[64] = "";
     const char *s = p->groups ? p->groups : default_groups;
@@ -178,48 +203,46 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
      * disabled-curve mask); set_groups then fixes the TLS 1.3 key share
      * order. */
     if (wolfSSL_CTX_set1_curves_list(ctx, list) != WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "groups '%s' are not available",
-                 p->groups ? p->groups : default_groups);
-        return -EINVAL;
-    }
+        wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_GROUPS, "groups '%s' are not available",
+                     p->groups ? p->groups : default_groups);
     return 0;
 }
 
+/* A key that does not match its certificate is the key's fault: the
+ * certificate is what the clients were promised. */
 static int load_pair(WOLFSSL_CTX *ctx, const char *cert, const char *key,
-                     char *err, size_t errlen)
+                     struct stp_tls_err *e)
 {
     if (wolfSSL_CTX_use_certificate_chain_file(ctx, cert) != WOLFSSL_SUCCESS)
-        return fail(err, errlen, cert, (int)wolfSSL_ERR_get_error());
+        return fail(e, STP_TLS_SET_CERT, cert, (int)wolfSSL_ERR_get_error());
     if (wolfSSL_CTX_use_PrivateKey_file(ctx, key, WOLFSSL_FILETYPE_PEM) !=
         WOLFSSL_SUCCESS)
-        return fail(err, errlen, key, (int)wolfSSL_ERR_get_error());
-    if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "%s: key does not match certificate %s", key,
-                 cert);
-        return -EINVAL;
-    }
+        return fail(e, STP_TLS_SET_KEY, key, (int)wolfSSL_ERR_get_error());
+    if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_KEY, "%s: key does not match certificate %s",
+                     key, cert);
     return 0;
 }
 
 /* A server context with one certificate and the listener's policy. */
 static WOLFSSL_CTX *server_ctx(const struct stp_tls_server_opts *o,
-                               const char *cert, const char *key, char *err,
-                               size_t errlen)
+                               const char *cert, const char *key,
+                               struct stp_tls_err *e)
 {
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_server_method());
     if (!ctx) {
-        fail(err, errlen, "TLS context", 0);
+        fail(e, STP_TLS_SET_SECTION, "TLS context", 0);
         return NULL;
     }
-    int r = apply_params(ctx, o->params, err, errlen);
+    int r = apply_params(ctx, o->params, e);
     if (r == 0)
-        r = cert ? load_pair(ctx, cert, key, err, errlen)
-                 : self_signed(ctx, o->cn, err, errlen);
+        r = cert ? load_pair(ctx, cert, key, e) : self_signed(ctx, o->cn, e);
     if (r == 0 && o->client_ca) {
         if (wolfSSL_CTX_load_verify_locations(ctx, o->client_ca, NULL) !=
             WOLFSSL_SUCCESS) {
-            r = fail(err, errlen, o->client_ca, (int)wolfSSL_ERR_get_error());
+            r = fail(e, STP_TLS_SET_CA, o->client_ca,
+                     (int)wolfSSL_ERR_get_error());
         } else {
             int mode = o->verify_client == STP_VERIFY_CLIENT_REQUIRE
                            ? WOLFSSL_VERIFY_PEER |
@@ -266,23 +289,25 @@ static int on_servername(WOLFSSL *ssl, int *alert, void *arg)
 }
 
 int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
-                           struct stp_tls_ctx **out, char *err, size_t errlen)
+                           struct stp_tls_ctx **out, struct stp_tls_err *e)
 {
+    err_init(e);
     struct stp_tls_ctx *c = calloc(1, sizeof(*c));
     if (!c)
         return -ENOMEM;
     *out = c;
-    if (!(c->ctx = server_ctx(o, o->cert, o->key, err, errlen)))
+    if (!(c->ctx = server_ctx(o, o->cert, o->key, e)))
         goto fail;
     if (o->n_sni > 0) {
         if (!(c->sni = calloc((size_t)o->n_sni, sizeof(*c->sni))))
             goto fail;
         for (int i = 0; i < o->n_sni; i++, c->n_sni++) {
             c->sni[i].name = strdup(o->sni[i].name);
-            c->sni[i].ctx = server_ctx(o, o->sni[i].cert, o->sni[i].key, err,
-                                       errlen);
-            if (!c->sni[i].name || !c->sni[i].ctx)
+            c->sni[i].ctx = server_ctx(o, o->sni[i].cert, o->sni[i].key, e);
+            if (!c->sni[i].name || !c->sni[i].ctx) {
+                e->sni = i;
                 goto fail;
+            }
         }
         wolfSSL_CTX_set_servername_callback(c->ctx, on_servername);
         wolfSSL_CTX_set_servername_arg(c->ctx, c);
@@ -295,19 +320,20 @@ fail:
 }
 
 int stp_tls_ctx_new_client(const struct stp_tls_client_opts *o,
-                           struct stp_tls_ctx **out, char *err, size_t errlen)
+                           struct stp_tls_ctx **out, struct stp_tls_err *e)
 {
+    err_init(e);
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
     if (!ctx)
-        return fail(err, errlen, "TLS context", 0);
-    int r = apply_params(ctx, o->params, err, errlen);
+        return fail(e, STP_TLS_SET_SECTION, "TLS context", 0);
+    int r = apply_params(ctx, o->params, e);
     if (r == 0 && o->cert)
-        r = load_pair(ctx, o->cert, o->key, err, errlen);
+        r = load_pair(ctx, o->cert, o->key, e);
     if (r == 0 && o->verify) {
         const char *ca = o->ca_file ? o->ca_file : system_ca_file;
         if (wolfSSL_CTX_load_verify_locations(ctx, ca, NULL) !=
             WOLFSSL_SUCCESS)
-            r = fail(err, errlen, ca, (int)wolfSSL_ERR_get_error());
+            r = fail(e, STP_TLS_SET_CA, ca, (int)wolfSSL_ERR_get_error());
     }
     if (r < 0) {
         wolfSSL_CTX_free(ctx);
