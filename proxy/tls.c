@@ -37,12 +37,19 @@ struct stp_tls {
 };
 
 /* Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD only. */
-static const char default_ciphers[] =
-    "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:"
-    "TLS13-CHACHA20-POLY1305-SHA256:"
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
+#define AEAD_CIPHERS                                                          \
+    "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:"                        \
+    "TLS13-CHACHA20-POLY1305-SHA256:"                                         \
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"              \
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"              \
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+static const char default_ciphers[] = AEAD_CIPHERS;
+/* TLS 1.0 and 1.1 have no AEAD suite: with min_version below 1.2 the default
+ * list gains the ECDHE CBC-SHA suites (Mozilla "old"), after the AEAD ones,
+ * which the server's order keeps first for TLS 1.2 and 1.3 clients. */
+static const char legacy_ciphers[] =
+    AEAD_CIPHERS ":ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:"
+                 "ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES256-SHA";
 static const char default_groups[] = "X25519:P-256:P-384";
 static const char system_ca_file[] = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -181,7 +188,9 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
         return failf(e, STP_TLS_SET_MAX_VERSION,
                      "TLS %s is not available in this wolfSSL build",
                      v[p->max_version].name);
-    const char *ciphers = p->ciphers ? p->ciphers : default_ciphers;
+    const char *ciphers = p->ciphers                       ? p->ciphers
+                          : p->min_version < STP_TLS_V1_2 ? legacy_ciphers
+                                                          : default_ciphers;
     if (wolfSSL_CTX_set_cipher_list(ctx, ciphers) != WOLFSSL_SUCCESS)
         return failf(e, STP_TLS_SET_CIPHERS, "no usable cipher in '%s'",
                      ciphers);

@@ -92,3 +92,27 @@ def test_upstream_material_is_reported_at_its_line(stp_bin, pki, tmp_path, garba
     # the line in [upstream up], not the listener's key line
     assert line == max(i for i, l in enumerate(text.splitlines(), 1)
                        if l.startswith(key + " = ")), msg
+
+
+# --- min_version = 1.0: the recipe in the README -----------------------------------------------
+
+
+def test_tls_1_0_device_gets_a_cbc_suite_and_smtp_works(make_proxy, aio, pki):
+    """The README's recipe: min_version = 1.0 and nothing else."""
+    proxy = make_proxy(aio, min_version="1.0", cert=pki.proxy.cert, key=pki.proxy.key)
+    talk = b"EHLO printer.test\nMAIL FROM:<p@example.org>\nRCPT TO:<a@example.net>\nDATA\n" \
+           b"Subject: tls1.0\n\nscan\n.\nQUIT\n"
+    rc, out = h.s_client(proxy.port, "-tls1", "-cipher", "DEFAULT@SECLEVEL=0", "-ign_eof",
+                         stdin=talk, starttls=True)
+    assert re.search(r"^New, TLSv1\.0, Cipher is ECDHE-ECDSA-AES(128|256)-SHA$", out, re.M), out
+    assert "\n221 " in out, out
+    assert aio.wait_messages(1)[-1]["original_content"].endswith(b"scan\r\n")
+
+
+def test_tls_1_2_client_on_a_tls_1_0_listener_still_gets_aead(make_proxy, scripted, pki):
+    proxy = make_proxy(scripted, min_version="1.0", cert=pki.proxy.cert, key=pki.proxy.key)
+    # OpenSSL's default list offers CBC suites too: the server's order wins
+    rc, out = h.s_client(proxy.port, "-tls1_2", "-cipher", "DEFAULT@SECLEVEL=0",
+                         stdin=b"QUIT\n", starttls=True)
+    assert re.search(r"^New, TLSv1\.2, Cipher is ECDHE-ECDSA-(AES128-GCM-SHA256|"
+                     r"AES256-GCM-SHA384|CHACHA20-POLY1305)$", out, re.M), out
