@@ -84,9 +84,6 @@ void stp_tls_shutdown(struct stp_tls *t);
 
 const char *stp_tls_version(const struct stp_tls *t);
 const char *stp_tls_cipher(const struct stp_tls *t);
-/* Server side: look for the client's server name in BUF (buffered
- * ciphertext before the handshake completes: the ClientHello). */
-void stp_tls_note_client_hello(struct stp_tls *t, const char *buf, size_t n);
 /* The server name the client asked for (server side), or NULL. */
 const char *stp_tls_sni(const struct stp_tls *t);
 /* Common name of the peer's certificate into BUF; false when none. */

@@ -14,6 +14,7 @@
 
 #include "stp.h"
 #include "tls.h"
+#include "tls_hello.h"
 
 struct stp_tls_ctx {
     WOLFSSL_CTX *ctx;
@@ -25,14 +26,20 @@ struct stp_tls_ctx {
         WOLFSSL_CTX *ctx;
     } *sni;
     int n_sni;
+    uint16_t groups[8];   /* what `groups` allows, for TLS 1.2's check */
+    int n_groups;
 };
 
 struct stp_tls {
     WOLFSSL *ssl;
+    const struct stp_tls_ctx *ctx;
     const struct stp_tls_io *io;
     void *arg;
     int last_err;
     bool server;
+    bool hello_done;      /* server: the ClientHello went to wolfSSL */
+    bool groups_ok;       /* it offers a group TLS 1.2 may use */
+    struct stp_hello *hello; /* server: the first flight until then */
     char *sni;            /* the name the client asked for, if any */
 };
 
@@ -53,9 +60,13 @@ static const char legacy_ciphers[] =
 static const char default_groups[] = "X25519:P-256:P-384";
 static const char system_ca_file[] = "/etc/ssl/certs/ca-certificates.crt";
 
+static int hello_recv(struct stp_tls *t, char *buf, int sz);
+
 static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *arg)
 {
     struct stp_tls *t = arg;
+    if (t->server && !t->hello_done)
+        return hello_recv(t, buf, sz);
     int n = t->io->recv(t->arg, buf, sz);
     if (n == -EAGAIN)
         return WOLFSSL_CBIO_ERR_WANT_READ;
@@ -67,6 +78,69 @@ static int io_send(WOLFSSL *ssl, char *buf, int sz, void *arg)
     struct stp_tls *t = arg;
     int n = t->io->send(t->arg, buf, sz);
     return n < 0 ? WOLFSSL_CBIO_ERR_CONN_CLOSE : n;
+}
+
+/* wolfSSL picks TLS 1.2's ECDHE curve among the client's groups that
+ * `groups` allows, but when there is none it takes P-256 (its default
+ * ECDHE size) instead of failing. So a client must offer one of ours, or,
+ * offering none at all (RFC 8422 allows it), P-256 must be one of ours. */
+static bool shares_group(const struct stp_tls_ctx *c,
+                         const struct stp_hello *h)
+{
+    static const uint16_t p256[] = {WOLFSSL_ECC_SECP256R1};
+    const uint16_t *offer = h->has_groups ? h->groups : p256;
+    int n = h->has_groups ? h->n_groups : 1;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < c->n_groups; j++)
+            if (offer[i] == c->groups[j])
+                return true;
+    return false;
+}
+
+/* What the proxy keeps from the ClientHello. The server name is held only
+ * when there is one: most SMTP clients send none, and an idle session
+ * should cost little. wolfSSL keeps it only when it matched one of ours;
+ * logs and PROXY v2 want it in any case. */
+static void hello_noted(struct stp_tls *t, const struct stp_hello *h)
+{
+    t->groups_ok = shares_group(t->ctx, h);
+    if (h->sni[0])
+        t->sni = strdup(h->sni);
+}
+
+/* Server side: the client's first flight is read into t->hello until its
+ * ClientHello is whole, then handed to wolfSSL as one record; later input
+ * goes straight through. The 16 KiB are held for that moment only. */
+static int hello_recv(struct stp_tls *t, char *buf, int sz)
+{
+    struct stp_hello *h = t->hello;
+    size_t room;
+    if (!h && !(h = t->hello = calloc(1, sizeof(*h))))
+        return WOLFSSL_CBIO_ERR_GENERAL;
+    for (uint8_t *p; (p = stp_hello_room(h, &room)), room > 0;) {
+        int n = t->io->recv(t->arg, (char *)p, (int)STP_MIN(room, INT32_MAX));
+        if (n == -EAGAIN)
+            return WOLFSSL_CBIO_ERR_WANT_READ;
+        if (n <= 0)
+            return WOLFSSL_CBIO_ERR_CONN_CLOSE;
+        if (stp_hello_add(h, (size_t)n))
+            hello_noted(t, h);
+    }
+    size_t k = stp_hello_take(h, (uint8_t *)buf, (size_t)sz);
+    if (k > 0)
+        return (int)k;
+    free(h);
+    t->hello = NULL;
+    t->hello_done = true;
+    return io_recv(t->ssl, buf, sz, t);
+}
+
+/* Called by wolfSSL with the ClientHello read, before it picks a suite. */
+static int on_cert_setup(WOLFSSL *ssl, void *arg)
+{
+    const struct stp_tls *t = wolfSSL_GetIOReadCtx(ssl);
+    (void)arg;
+    return wolfSSL_GetVersion(ssl) >= WOLFSSL_TLSV1_3 || t->groups_ok;
 }
 
 int stp_tls_global_init(void)
@@ -157,6 +231,36 @@ static int self_signed(WOLFSSL_CTX *ctx, const char *cn,
     return 0;
 }
 
+/* The wolfSSL ids of the groups in S (NULL: the defaults), in order, into
+ * IDS (room for 8) and their names, ':'-separated, into LIST. Returns how
+ * many. The names were checked when the configuration was read. */
+static int parse_groups(const char *s, int *ids, char *list, size_t listlen)
+{
+    static const struct {
+        const char *name;
+        int id;
+    } g[] = {
+        {"X25519", WOLFSSL_ECC_X25519},    {"X448", WOLFSSL_ECC_X448},
+        {"P-256", WOLFSSL_ECC_SECP256R1},  {"P-384", WOLFSSL_ECC_SECP384R1},
+        {"P-521", WOLFSSL_ECC_SECP521R1},
+    };
+    int n = 0;
+    list[0] = '\0';
+    for (s = s ? s : default_groups; *s && n < 8;) {
+        size_t len = strcspn(s, ":");
+        for (size_t i = 0; i < STP_ARRAY_LEN(g) && n < 8; i++) {
+            if (strlen(g[i].name) != len || strncasecmp(s, g[i].name, len))
+                continue;
+            ids[n++] = g[i].id;
+            size_t used = strlen(list);
+            snprintf(list + used, listlen - used, "%s%s", used ? ":" : "",
+                     g[i].name);
+        }
+        s += len + (s[len] == ':');
+    }
+    return n;
+}
+
 /* Versions, ciphers and groups: the same for both roles. */
 static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
                         struct stp_tls_err *e)
@@ -169,14 +273,6 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
         [STP_TLS_V1_1] = {WOLFSSL_TLSV1_1, 0x0302, "1.1"},
         [STP_TLS_V1_2] = {WOLFSSL_TLSV1_2, 0x0303, "1.2"},
         [STP_TLS_V1_3] = {WOLFSSL_TLSV1_3, 0x0304, "1.3"},
-    };
-    static const struct {
-        const char *name;
-        int id;
-    } g[] = {
-        {"X25519", WOLFSSL_ECC_X25519},    {"X448", WOLFSSL_ECC_X448},
-        {"P-256", WOLFSSL_ECC_SECP256R1},  {"P-384", WOLFSSL_ECC_SECP384R1},
-        {"P-521", WOLFSSL_ECC_SECP521R1},
     };
     if (wolfSSL_CTX_SetMinVersion(ctx, v[p->min_version].min) !=
         WOLFSSL_SUCCESS)
@@ -194,23 +290,12 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
     if (wolfSSL_CTX_set_cipher_list(ctx, ciphers) != WOLFSSL_SUCCESS)
         return failf(e, STP_TLS_SET_CIPHERS, "no usable cipher in '%s'",
                      ciphers);
-    int ids[STP_ARRAY_LEN(g)], n = 0;
-    char list[64] = "";
-    const char *s = p->groups ? p->groups : default_groups;
-    while (*s && n < (int)STP_ARRAY_LEN(g)) {
-        size_t len = strcspn(s, ":");
-        for (size_t i = 0; i < STP_ARRAY_LEN(g); i++) {
-            if (strlen(g[i].name) != len || strncasecmp(s, g[i].name, len))
-                continue;
-            ids[n++] = g[i].id;
-            snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s",
-                     list[0] ? ":" : "", g[i].name);
-        }
-        s += len + (s[len] == ':');
-    }
-    /* set1_curves_list is what restricts TLS 1.2's ECDHE curve (wolfSSL's
-     * disabled-curve mask); set_groups then fixes the TLS 1.3 key share
-     * order. */
+    char list[64];
+    int ids[8], n = parse_groups(p->groups, ids, list, sizeof(list));
+    /* set1_curves_list is what keeps TLS 1.2's ECDHE curve among the
+     * client's groups that are ours (wolfSSL's disabled-curve mask; see
+     * on_cert_setup for a client offering none); set_groups fixes the TLS
+     * 1.3 key share order. */
     if (wolfSSL_CTX_set1_curves_list(ctx, list) != WOLFSSL_SUCCESS ||
         wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS)
         return failf(e, STP_TLS_SET_GROUPS, "groups '%s' are not available",
@@ -268,6 +353,7 @@ static WOLFSSL_CTX *server_ctx(const struct stp_tls_server_opts *o,
     }
     wolfSSL_CTX_SetIORecv(ctx, io_recv);
     wolfSSL_CTX_SetIOSend(ctx, io_send);
+    wolfSSL_CTX_set_cert_cb(ctx, on_cert_setup, NULL);
     return ctx;
 }
 
@@ -305,6 +391,11 @@ int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
     if (!c)
         return -ENOMEM;
     *out = c;
+    char list[64];
+    int ids[8];
+    c->n_groups = parse_groups(o->params->groups, ids, list, sizeof(list));
+    for (int i = 0; i < c->n_groups; i++)
+        c->groups[i] = (uint16_t)ids[i];
     if (!(c->ctx = server_ctx(o, o->cert, o->key, e)))
         goto fail;
     if (o->n_sni > 0) {
@@ -394,6 +485,7 @@ int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
         free(t);
         return -ENOMEM;
     }
+    t->ctx = ctx;
     t->io = io;
     t->arg = arg;
     t->server = !ctx->client;
@@ -420,6 +512,7 @@ void stp_tls_free(struct stp_tls *t)
     if (!t)
         return;
     wolfSSL_free(t->ssl);
+    free(t->hello);
     free(t->sni);
     free(t);
 }
@@ -480,25 +573,6 @@ const char *stp_tls_version(const struct stp_tls *t)
 const char *stp_tls_cipher(const struct stp_tls *t)
 {
     return wolfSSL_get_cipher_name(t->ssl);
-}
-
-/* wolfSSL keeps the client's server name only when it matched one of ours;
- * logs and PROXY v2 want it in any case, so it is read from the
- * ClientHello itself. */
-void stp_tls_note_client_hello(struct stp_tls *t, const char *buf, size_t n)
-{
-    char name[256];
-    unsigned int sz = sizeof(name) - 1;
-    if (!t->server || t->sni || n > UINT32_MAX)
-        return;
-    /* Held only when there is one: most SMTP clients send none, and an idle
-     * session should cost little. */
-    if (wolfSSL_SNI_GetFromBuffer((const unsigned char *)buf, (unsigned)n,
-                                  WOLFSSL_SNI_HOST_NAME, (unsigned char *)name,
-                                  &sz) == WOLFSSL_SUCCESS && sz > 0) {
-        name[STP_MIN(sz, sizeof(name) - 1)] = '\0';
-        t->sni = strdup(name);
-    }
 }
 
 const char *stp_tls_sni(const struct stp_tls *t)

@@ -116,3 +116,128 @@ def test_tls_1_2_client_on_a_tls_1_0_listener_still_gets_aead(make_proxy, script
                          stdin=b"QUIT\n", starttls=True)
     assert re.search(r"^New, TLSv1\.2, Cipher is ECDHE-ECDSA-(AES128-GCM-SHA256|"
                      r"AES256-GCM-SHA384|CHACHA20-POLY1305)$", out, re.M), out
+
+
+# --- groups apply to TLS 1.2's ECDHE curve -------------------------------------------------------
+
+
+def implicit_proxy(make_proxy, upstream, pki, **kw):
+    return make_proxy(upstream, tls="implicit", cert=pki.proxy.cert, key=pki.proxy.key, **kw)
+
+
+def test_tls_1_2_client_offering_only_other_curves_is_refused(make_proxy, scripted, pki):
+    proxy = implicit_proxy(make_proxy, scripted, pki, groups="P-384")
+    rc, out = h.s_client(proxy.port, "-tls1_2", "-groups", "P-256")
+    assert not re.search(r"^New, TLSv1\.2, Cipher is (?!\(NONE\))", out, re.M), out
+    assert "Server Temp Key" not in out, out
+    # Python's ssl, one curve
+    ctx = h.client_tls_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ecdh_curve("prime256v1")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        c, _ = h.open_implicit(proxy.port, ctx, timeout=5)
+        c.close()
+    assert proxy.events("tls_error"), proxy.log_tail()
+
+
+def test_tls_1_2_client_offering_one_of_the_groups_gets_it(make_proxy, scripted, pki):
+    proxy = implicit_proxy(make_proxy, scripted, pki, groups="P-384:X25519")
+    rc, out = h.s_client(proxy.port, "-tls1_2", "-groups", "P-256:P-521:P-384",
+                         stdin=b"QUIT\n")
+    assert re.search(r"^Server Temp Key: ECDH, (secp384r1|P-384)", out, re.M), out
+    ctx = h.client_tls_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    c, _ = h.open_implicit(proxy.port, ctx)
+    with c:
+        assert c.sock.version() == "TLSv1.2"
+        c.expect("QUIT", 221)
+
+
+def test_upstream_groups_apply_to_tls_1_2(make_proxy, make_aio, pki):
+    """The upstream leg shares the code: an upstream that can only do P-256
+    in TLS 1.2 is refused by groups = P-384."""
+    sctx = h.server_tls_context(pki.upstream, maximum=ssl.TLSVersion.TLSv1_2)
+    sctx.set_ecdh_curve("prime256v1")
+    up = make_aio(ssl_context=sctx)
+    proxy = make_proxy(up, upstream_opts={"tls": "implicit", "ca_file": pki.ca.cert,
+                                          "server_name": "upstream.test", "groups": "P-384"})
+    with h.SmtpConn(proxy.port, timeout=10) as c:
+        r = c.read_reply()
+        assert r.code == 421 and "4.7.0" in r.text, r.raw
+    assert up.sessions() == []
+
+
+# --- a ClientHello in many small records ---------------------------------------------------------
+
+
+def refragment(data, size):
+    """The TLS records in DATA re-split into records of at most SIZE bytes."""
+    out, pos = b"", 0
+    while pos < len(data):
+        head, n = data[pos:pos + 3], int.from_bytes(data[pos + 3:pos + 5], "big")
+        body, pos = data[pos + 5:pos + 5 + n], pos + 5 + n
+        for k in range(0, len(body), size):
+            chunk = body[k:k + size]
+            out += head + len(chunk).to_bytes(2, "big") + chunk
+    return out
+
+
+class BioConn:
+    """TLS over a raw socket through Python's MemoryBIO, so the test decides
+    how the first flight is cut into records."""
+
+    def __init__(self, port, ctx, hello_record_size):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="proxy.test")
+        self._step(lambda: self.obj.do_handshake(),
+                   lambda data: refragment(data, hello_record_size))
+
+    def _step(self, op, first=lambda data: data):
+        while True:
+            try:
+                result = op()
+            except ssl.SSLWantReadError:
+                result = None
+            else:
+                self._flush(first)
+                return result
+            self._flush(first)
+            first = lambda data: data  # noqa: E731 - only the first flight
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the proxy")
+            self.inc.write(data)
+
+    def _flush(self, transform):
+        data = self.out.read()
+        if data:
+            self.sock.sendall(transform(data))
+
+    def read(self):
+        return self._step(lambda: self.obj.read(65536))
+
+    def write(self, data):
+        self.obj.write(data)
+        self._flush(lambda d: d)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["TLSv1.2", "TLSv1.3"])
+def test_client_hello_in_tiny_records_is_accepted(make_proxy, scripted, pki, size, version):
+    proxy = implicit_proxy(make_proxy, scripted, pki)
+    ctx = h.client_tls_context()
+    ctx.maximum_version = version
+    c = BioConn(proxy.port, ctx, size)
+    try:
+        assert c.read().startswith(b"220 "), "no greeting"
+        c.write(b"QUIT\r\n")
+        assert c.read().startswith(b"221 ")
+    finally:
+        c.close()
+    # the server name came out of the reassembled ClientHello
+    assert proxy.wait_event("tls").get("sni") == "proxy.test", proxy.log_tail()
