@@ -86,10 +86,16 @@ const char *stp_tls_version(const struct stp_tls *t);
 const char *stp_tls_cipher(const struct stp_tls *t);
 /* The server name the client asked for (server side), or NULL. */
 const char *stp_tls_sni(const struct stp_tls *t);
-/* Common name of the peer's certificate into BUF; false when none. */
+/* Common name of the peer's certificate into BUF; false when none. On a
+ * resumed session (server side), the client certificate verified in the
+ * full handshake, which the session ticket carried. */
 bool stp_tls_peer_cn(const struct stp_tls *t, char *buf, size_t len);
-/* Subject of the peer's certificate into BUF; false when there is none. */
+/* Subject of the peer's certificate into BUF (as for the common name);
+ * false when there is none. */
 bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len);
+/* True when the client certificate came with a resumed session rather than
+ * in this handshake. */
+bool stp_tls_cert_resumed(const struct stp_tls *t);
 /* Last error as text, for logs. */
 const char *stp_tls_error(const struct stp_tls *t);
 
