@@ -71,6 +71,8 @@ struct stp_tls {
     struct stp_hello *hello; /* server: the first flight until then */
     struct stp_tls_ident *resumed; /* the identity the ticket carried */
     char *sni;            /* the name the client asked for, if any */
+    char *ip_name;        /* client: the IP address the server must name */
+    const char *refused;  /* why peer_checks refused the peer, for logs */
 };
 
 /* Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD only. */
@@ -637,6 +639,7 @@ int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
     c->n_groups = parse_groups(o->params->groups, ids, list, sizeof(list));
     for (int i = 0; i < c->n_groups; i++)
         c->groups[i] = (uint16_t)ids[i];
+    c->verify = o->client_ca && o->verify_client != STP_VERIFY_CLIENT_NONE;
     if (!(c->tickets = tickets_new()) ||
         !(c->ctx = server_ctx(o, o->cert, o->key, c->tickets, e)))
         goto fail;
@@ -746,6 +749,11 @@ int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
             stp_tls_free(t);
             return -EINVAL;
         }
+        if (ctx->verify && is_ip(server_name) &&
+            !(t->ip_name = strdup(server_name))) {
+            stp_tls_free(t);
+            return -ENOMEM;
+        }
     }
     *out = t;
     return 0;
@@ -758,6 +766,7 @@ void stp_tls_free(struct stp_tls *t)
     wolfSSL_free(t->ssl);
     free(t->hello);
     free(t->resumed);
+    free(t->ip_name);
     free(t->sni);
     free(t);
 }
@@ -774,11 +783,46 @@ static int result(struct stp_tls *t, int r)
     return -EPROTO;
 }
 
+/* Whether the certificate names IP among its iPAddress entries. */
+static bool names_ip(WOLFSSL_X509 *x, const char *ip)
+{
+    unsigned char want[16], got[16];
+    int af = strchr(ip, ':') ? AF_INET6 : AF_INET;
+    bool found = false;
+    if (inet_pton(af, ip, want) != 1)
+        return false;
+    /* wolfSSL gives iPAddress entries as text; compared as addresses. */
+    for (const char *n; !found && (n = wolfSSL_X509_get_next_altname(x));)
+        found = inet_pton(af, n, got) == 1 &&
+                memcmp(want, got, af == AF_INET ? 4 : 16) == 0;
+    return found;
+}
+
+/* What wolfSSL 5.5.4 does not check in a verified peer's certificate: a
+ * leaf whose key usage leaves out digitalSignature cannot sign the key
+ * exchange or CertificateVerify (RFC 5280 4.2.1.3; every suite the proxy
+ * offers by default signs), and an IP address must be one of its
+ * iPAddress names, never its common name (RFC 6125 1.7.2, RFC 2818 3.1). */
+static int peer_checks(struct stp_tls *t)
+{
+    WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(t->ssl);
+    if (!x)
+        return 0;
+    unsigned ku = wolfSSL_X509_get_key_usage(x);
+    if (ku != (unsigned)-1 && !(ku & KEYUSE_DIGITAL_SIG))
+        t->refused = "peer certificate's key usage does not allow signing";
+    else if (t->ip_name && !names_ip(x, t->ip_name))
+        t->refused = "peer certificate does not name the IP address "
+                     "(no matching subjectAltName iPAddress)";
+    wolfSSL_X509_free(x);
+    return t->refused ? -EPROTO : 0;
+}
+
 int stp_tls_handshake(struct stp_tls *t)
 {
     int r = wolfSSL_negotiate(t->ssl);
     if (r == WOLFSSL_SUCCESS)
-        return 0;
+        return t->ctx->verify ? peer_checks(t) : 0;
     r = result(t, r);
     return r == 0 ? -ECONNRESET : r;
 }
@@ -879,6 +923,8 @@ bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len)
 
 const char *stp_tls_error(const struct stp_tls *t)
 {
+    if (t->refused)
+        return t->refused;
     static __thread char buf[WOLFSSL_MAX_ERROR_SZ];
     wolfSSL_ERR_error_string_n((unsigned long)t->last_err, buf, sizeof(buf));
     return buf;

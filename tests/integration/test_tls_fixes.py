@@ -3,6 +3,7 @@ material at the line of the key at fault, the TLS 1.0 recipe, `groups` on
 TLS 1.2, fragmented ClientHellos, and the client certificate reported on a
 resumed session."""
 
+import os
 import re
 import socket
 import ssl
@@ -310,3 +311,60 @@ def test_resumed_session_without_certificate_reports_none(make_proxy, make_aio, 
     assert reused
     assert tlv.get("SSL_CLIENT") == 0x01 and "SSL_CN" not in tlv, tlv
     assert "client_cert" not in ev, ev["_line"]
+
+
+# --- what the upstream's certificate must say ---------------------------------------------------
+
+
+def leaf(pki, name, cn, ext):
+    """A certificate for CN signed by the test CA with the extensions EXT
+    (openssl x509 -extfile lines)."""
+    key, csr = pki._csr(name, cn)
+    cert = os.path.join(pki.dir, name + ".pem")
+    extfile = os.path.join(pki.dir, name + ".ext")
+    with open(extfile, "w") as f:
+        f.write("\n".join(ext) + "\n")
+    pki._serial += 1
+    pki._run("x509", "-req", "-in", csr, "-CA", pki.ca.cert, "-CAkey", pki.ca.key,
+             "-set_serial", str(pki._serial), "-days", "30", "-sha256", "-extfile", extfile,
+             "-out", cert)
+    return h.CertPair(name, cert, key, cn)
+
+
+def upstream_outcome(make_proxy, make_aio, pki, pair, server_name):
+    """Relay one session to an implicit-TLS upstream presenting PAIR; returns
+    the reply code the client got first (220: relayed, 421: refused)."""
+    up = make_aio(ssl_context=h.server_tls_context(pair))
+    uopts = {"tls": "implicit", "ca_file": pki.ca.cert}
+    if server_name:
+        uopts["server_name"] = server_name
+    proxy = make_proxy(up, upstream_opts=uopts)
+    with h.SmtpConn(proxy.port, timeout=10) as c:
+        code = c.read_reply().code
+    return code, proxy, up
+
+
+def test_ip_server_name_needs_an_ip_subject_alt_name(make_proxy, make_aio, pki):
+    """CN=127.0.0.1 without a subjectAltName does not name the address."""
+    cn_only = leaf(pki, "cn-ip", "127.0.0.1",
+                   ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature",
+                    "extendedKeyUsage=serverAuth"])
+    code, proxy, up = upstream_outcome(make_proxy, make_aio, pki, cn_only, None)
+    assert code == 421, proxy.log_tail()
+    assert "iPAddress" in proxy.log_text(), proxy.log_tail()
+    assert up.sessions() == []
+
+
+def test_ip_server_name_matches_an_ip_subject_alt_name(make_proxy, make_aio, pki):
+    code, proxy, _ = upstream_outcome(make_proxy, make_aio, pki, pki.upstream, None)
+    assert code == 220, proxy.log_tail()
+
+
+def test_upstream_leaf_that_may_not_sign_is_refused(make_proxy, make_aio, pki):
+    ca_only = leaf(pki, "ku-certsign", "upstream.test",
+                   ["basicConstraints=CA:FALSE", "keyUsage=critical,keyCertSign",
+                    "extendedKeyUsage=serverAuth", "subjectAltName=DNS:upstream.test"])
+    code, proxy, up = upstream_outcome(make_proxy, make_aio, pki, ca_only, "upstream.test")
+    assert code == 421, proxy.log_tail()
+    assert "key usage" in proxy.log_text(), proxy.log_tail()
+    assert up.sessions() == []
