@@ -584,6 +584,10 @@ static WOLFSSL_CTX *server_ctx(const struct stp_tls_server_opts *o,
                            ? WOLFSSL_VERIFY_PEER
                            : WOLFSSL_VERIFY_NONE;
             wolfSSL_CTX_set_verify(ctx, mode, NULL);
+            /* wolfSSL's session cache (TLS 1.2 resumption by session ID)
+             * forgets the client certificate; tickets keep it. */
+            if (mode != WOLFSSL_VERIFY_NONE)
+                wolfSSL_CTX_set_session_cache_mode(ctx, WOLFSSL_SESS_CACHE_OFF);
         }
     }
     if (r < 0) {

@@ -368,3 +368,23 @@ def test_upstream_leaf_that_may_not_sign_is_refused(make_proxy, make_aio, pki):
     assert code == 421, proxy.log_tail()
     assert "key usage" in proxy.log_text(), proxy.log_tail()
     assert up.sessions() == []
+
+
+def test_tls_1_2_session_id_resumption_never_loses_the_certificate(make_proxy, make_aio, pki):
+    """A client without tickets offers its session ID: wolfSSL's session
+    cache would resume it without the certificate, so such a listener does
+    a full handshake instead."""
+    up = make_aio(proxy_protocol_timeout=5)
+    proxy = implicit_proxy(make_proxy, up, pki, client_ca=pki.client_ca.cert,
+                           verify_client="require",
+                           upstream_opts={"client_identity": "proxy-v2"})
+    ctx = h.client_tls_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.load_cert_chain(pki.client.cert, pki.client.key)
+    _, sess, _, _ = cert_session(proxy, up, ctx)
+    assert not sess.has_ticket
+    reused, _, tlv, ev = cert_session(proxy, up, ctx, sess)
+    assert not reused
+    assert tlv.get("SSL_CLIENT") == 0x07 and tlv.get("SSL_CN") == b"client.test", tlv
+    assert "client.test" in ev.get("client_cert", ""), ev["_line"]
