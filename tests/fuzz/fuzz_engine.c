@@ -25,6 +25,7 @@
 #include <strings.h>
 
 #include "smtp.h"
+#include "fuzz.h"
 
 #define BUF 16384
 
@@ -50,14 +51,6 @@ struct fz {
 };
 
 static struct fz F;
-
-#define CHECK(c, what)                                                         \
-    do {                                                                       \
-        if (!(c)) {                                                            \
-            fprintf(stderr, "invariant broken: %s\n", what);                   \
-            abort();                                                           \
-        }                                                                      \
-    } while (0)
 
 /* First token of a line, case-insensitively. */
 static bool verb_is(const char *p, size_t n, const char *verb)

@@ -10,14 +10,7 @@
 #include <strings.h>
 
 #include "smtp.h"
-
-#define CHECK(c, what)                                                         \
-    do {                                                                       \
-        if (!(c)) {                                                            \
-            fprintf(stderr, "check failed: %s\n", what);                       \
-            abort();                                                           \
-        }                                                                      \
-    } while (0)
+#include "fuzz.h"
 
 static char *dup_exact(const uint8_t *p, size_t n)
 {
