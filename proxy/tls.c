@@ -12,9 +12,9 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <time.h>
-#include <strings.h>
 
 #include "stp.h"
 #include "tls.h"
@@ -167,7 +167,9 @@ static int hello_recv(struct stp_tls *t, char *buf, int sz)
     return io_recv(t->ssl, buf, sz, t);
 }
 
-/* Called by wolfSSL with the ClientHello read, before it picks a suite. */
+/* Called by wolfSSL with the ClientHello read, before it picks a suite:
+ * below TLS 1.3, a client that shares no group with us is refused here (see
+ * shares_group); TLS 1.3 key shares are wolfSSL's own business. */
 static int on_cert_setup(WOLFSSL *ssl, void *arg)
 {
     const struct stp_tls *t = wolfSSL_GetIOReadCtx(ssl);
