@@ -652,7 +652,8 @@ int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
     if (o->n_sni > 0) {
         if (!(c->sni = calloc((size_t)o->n_sni, sizeof(*c->sni))))
             goto fail;
-        for (int i = 0; i < o->n_sni; i++, c->n_sni++) {
+        for (int i = 0; i < o->n_sni; i++) {
+            c->n_sni++; /* freed with the context, whatever fails below */
             c->sni[i].name = strdup(o->sni[i].name);
             c->sni[i].ctx = server_ctx(o, o->sni[i].cert, o->sni[i].key,
                                        c->tickets, e);
