@@ -37,6 +37,13 @@ struct stp_tls_params {
     char *groups;                     /* NULL: X25519:P-256:P-384 */
 };
 
+/* The lines of a section's TLS keys (0: not set), so an error found when the
+ * TLS layer loads the files points at the key at fault. */
+struct stp_tls_lines {
+    int cert, key, ca;                /* ca: client_ca or ca_file */
+    int ciphers, groups, min_version, max_version;
+};
+
 /* A certificate chosen by the client's server name (SNI). */
 struct stp_sni_cfg {
     char *name;                       /* "mail.example.net", "*.example.org" */
@@ -55,6 +62,7 @@ struct stp_upstream_cfg {
     char *server_name;               /* SNI and checked name; default host */
     char *cert, *key;                /* client certificate, optional */
     enum stp_identity identity;      /* default none */
+    struct stp_tls_lines tls_lines;
     uint64_t timeout_connect_ms;     /* default 30 s */
     uint64_t timeout_reply_ms;       /* default 600 s */
     int line;                        /* where the section starts */
@@ -73,6 +81,7 @@ struct stp_listener_cfg {
     int n_sni;
     char *client_ca;                 /* CAs for client certificates */
     enum stp_verify_client verify_client; /* default none */
+    struct stp_tls_lines tls_lines;
     char *upstream_name;
     struct stp_upstream_cfg *upstream; /* resolved reference */
     uint32_t max_line;               /* default 2048, 512..8192 */

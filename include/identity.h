@@ -14,6 +14,7 @@ struct stp_tls_info {
     const char *sni;      /* server name the client asked for */
     const char *cn;       /* client certificate subject */
     bool cert_verified;   /* a client certificate was presented and verified */
+    bool cert_resumed;    /* ... in the full handshake of a resumed session */
 };
 
 /* Each returns the header length written into BUF, or -ENOSPC/-EAFNOSUPPORT.

@@ -39,12 +39,32 @@ struct stp_tls_client_opts {
     const char *cert, *key;       /* client certificate, optional */
 };
 
+/* The setting a context error is about, so the caller can point at its
+ * line in the configuration. */
+enum stp_tls_setting {
+    STP_TLS_SET_SECTION = 0, /* none in particular */
+    STP_TLS_SET_CERT,
+    STP_TLS_SET_KEY,
+    STP_TLS_SET_CA,          /* client_ca, ca_file */
+    STP_TLS_SET_CIPHERS,
+    STP_TLS_SET_GROUPS,
+    STP_TLS_SET_MIN_VERSION,
+    STP_TLS_SET_MAX_VERSION,
+};
+
+struct stp_tls_err {
+    enum stp_tls_setting at;
+    int sni;                 /* >= 0: the cert or key of that sni entry */
+    char msg[448];
+};
+
 /* Defaults follow Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD,
- * X25519/P-256/P-384. Errors: negative, with a message in ERR. */
+ * X25519/P-256/P-384. Errors: negative, with the setting and a message in
+ * *E. */
 int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
-                           struct stp_tls_ctx **out, char *err, size_t errlen);
+                           struct stp_tls_ctx **out, struct stp_tls_err *e);
 int stp_tls_ctx_new_client(const struct stp_tls_client_opts *o,
-                           struct stp_tls_ctx **out, char *err, size_t errlen);
+                           struct stp_tls_ctx **out, struct stp_tls_err *e);
 void stp_tls_ctx_free(struct stp_tls_ctx *ctx);
 
 /* A connection of CTX's role. For a client, SERVER_NAME (may be NULL) is sent
@@ -64,15 +84,18 @@ void stp_tls_shutdown(struct stp_tls *t);
 
 const char *stp_tls_version(const struct stp_tls *t);
 const char *stp_tls_cipher(const struct stp_tls *t);
-/* Server side: look for the client's server name in BUF (buffered
- * ciphertext before the handshake completes: the ClientHello). */
-void stp_tls_note_client_hello(struct stp_tls *t, const char *buf, size_t n);
 /* The server name the client asked for (server side), or NULL. */
 const char *stp_tls_sni(const struct stp_tls *t);
-/* Common name of the peer's certificate into BUF; false when none. */
+/* Common name of the peer's certificate into BUF; false when none. On a
+ * resumed session (server side), the client certificate verified in the
+ * full handshake, which the session ticket carried. */
 bool stp_tls_peer_cn(const struct stp_tls *t, char *buf, size_t len);
-/* Subject of the peer's certificate into BUF; false when there is none. */
+/* Subject of the peer's certificate into BUF (as for the common name);
+ * false when there is none. */
 bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len);
+/* True when the client certificate came with a resumed session rather than
+ * in this handshake. */
+bool stp_tls_cert_resumed(const struct stp_tls *t);
 /* Last error as text, for logs. */
 const char *stp_tls_error(const struct stp_tls *t);
 

@@ -337,6 +337,10 @@ int stp_cfg_end_listener(struct parser *p, int i)
     struct stp_listener_cfg *l = &p->cfg->listeners[i];
     const int *kl = p->lst_state[i].key_line;
 
+    l->tls_lines = (struct stp_tls_lines){
+        kl[K_CERT], kl[K_KEY], kl[K_CLIENT_CA], kl[K_CIPHERS], kl[K_GROUPS],
+        kl[K_MIN_VERSION], kl[K_MAX_VERSION]};
+
     if (l->listen_text == NULL)
         return stp_cfg_fail(p, l->line, "listener '%s' has no listen address", l->name);
     if (l->upstream_name == NULL)
@@ -369,6 +373,9 @@ int stp_cfg_end_upstream(struct parser *p, int i)
 {
     struct stp_upstream_cfg *u = &p->cfg->upstreams[i];
     const int *kl = p->up_state[i].key_line;
+    u->tls_lines = (struct stp_tls_lines){
+        kl[K_UP_CERT], kl[K_UP_KEY], kl[K_UP_CA_FILE], kl[K_UP_CIPHERS],
+        kl[K_UP_GROUPS], kl[K_UP_MIN_VERSION], kl[K_UP_MAX_VERSION]};
     if (u->address_text == NULL)
         return stp_cfg_fail(p, u->line, "upstream '%s' has no address", u->name);
     if (check_pair(p, u->cert, u->key, kl[K_UP_CERT], kl[K_UP_KEY]) < 0 ||

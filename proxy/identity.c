@@ -55,7 +55,19 @@ enum {
     PP2_SUBTYPE_SSL_CIPHER = 0x23,
     PP2_CLIENT_SSL = 0x01,
     PP2_CLIENT_CERT_CONN = 0x02,
+    PP2_CLIENT_CERT_SESS = 0x04,
 };
+
+/* As HAProxy: CERT_SESS for a session with a client certificate, CERT_CONN
+ * when it was sent on this connection (a full handshake, not a resumed
+ * one). */
+static uint8_t client_bits(const struct stp_tls_info *tls)
+{
+    if (!tls->cn)
+        return PP2_CLIENT_SSL;
+    return PP2_CLIENT_SSL | PP2_CLIENT_CERT_SESS |
+           (tls->cert_resumed ? 0 : PP2_CLIENT_CERT_CONN);
+}
 
 /* Append one TLV; false when it does not fit. */
 static bool tlv(uint8_t *buf, size_t cap, size_t *o, uint8_t type,
@@ -114,7 +126,7 @@ int stp_proxy_v2(char *out, size_t cap, const struct sockaddr *src,
         if (o + 3 + 5 > cap)
             return -ENOSPC;
         o += 3;
-        buf[o] = PP2_CLIENT_SSL | (tls->cn ? PP2_CLIENT_CERT_CONN : 0);
+        buf[o] = client_bits(tls);
         /* 0 only for a certificate presented and verified (the spec). */
         uint32_t verify = tls->cn && tls->cert_verified ? 0 : 1;
         buf[o + 1] = (uint8_t)(verify >> 24);

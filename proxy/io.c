@@ -306,9 +306,6 @@ static void tls_pump(struct stp_conn *c)
 {
     while (!c->closing) {
         if (!c->tls_ready) {
-            if (c->crx && c->crx_off < c->crx->len)
-                stp_tls_note_client_hello(c->tls, c->crx->data + c->crx_off,
-                                          c->crx->len - c->crx_off);
             int r = stp_tls_handshake(c->tls);
             stp_conn_flush(c);
             if (r == -EAGAIN)

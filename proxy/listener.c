@@ -38,10 +38,28 @@ void stp_gen_unref(struct stp_gen *g)
         gen_free(g);
 }
 
+/* The line of the setting a TLS error is about; the section's when that
+ * setting is a default. */
+static int tls_err_line(const struct stp_tls_err *e,
+                        const struct stp_tls_lines *l,
+                        const struct stp_sni_cfg *sni, int section)
+{
+    int line = e->sni >= 0 ? sni[e->sni].line
+               : e->at == STP_TLS_SET_CERT        ? l->cert
+               : e->at == STP_TLS_SET_KEY         ? l->key
+               : e->at == STP_TLS_SET_CA          ? l->ca
+               : e->at == STP_TLS_SET_CIPHERS     ? l->ciphers
+               : e->at == STP_TLS_SET_GROUPS      ? l->groups
+               : e->at == STP_TLS_SET_MIN_VERSION ? l->min_version
+               : e->at == STP_TLS_SET_MAX_VERSION ? l->max_version
+                                                  : 0;
+    return line > 0 ? line : section;
+}
+
 static int gen_tls(struct stp_gen *g, char *err, size_t errlen)
 {
     const struct stp_config *cfg = &g->cfg;
-    char msg[512];
+    struct stp_tls_err e;
     for (int i = 0; i < cfg->n_listeners; i++) {
         const struct stp_listener_cfg *lc = &cfg->listeners[i];
         struct stp_tls_server_opts o = {
@@ -51,9 +69,10 @@ static int gen_tls(struct stp_gen *g, char *err, size_t errlen)
         };
         if (lc->tls == STP_TLS_NONE)
             continue;
-        if (stp_tls_ctx_new_server(&o, &g->lst_tls[i], msg, sizeof(msg)) < 0) {
+        if (stp_tls_ctx_new_server(&o, &g->lst_tls[i], &e) < 0) {
             snprintf(err, errlen, "%s:%d: listener '%s': %s", cfg->path,
-                     lc->line, lc->name, msg);
+                     tls_err_line(&e, &lc->tls_lines, lc->sni, lc->line),
+                     lc->name, e.msg);
             return -EINVAL;
         }
         if (!lc->cert)
@@ -72,9 +91,10 @@ static int gen_tls(struct stp_gen *g, char *err, size_t errlen)
         };
         if (u->tls == STP_TLS_NONE)
             continue;
-        if (stp_tls_ctx_new_client(&o, &g->up_tls[i], msg, sizeof(msg)) < 0) {
+        if (stp_tls_ctx_new_client(&o, &g->up_tls[i], &e) < 0) {
             snprintf(err, errlen, "%s:%d: upstream '%s': %s", cfg->path,
-                     u->line, u->name, msg);
+                     tls_err_line(&e, &u->tls_lines, NULL, u->line), u->name,
+                     e.msg);
             return -EINVAL;
         }
         if (!u->verify)

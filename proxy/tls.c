@@ -4,15 +4,45 @@
 #include <wolfssl/ssl.h>
 #include <wolfssl/openssl/ssl.h>
 #include <wolfssl/wolfcrypt/asn_public.h>
+#include <wolfssl/wolfcrypt/chacha20_poly1305.h>
 #include <wolfssl/wolfcrypt/ecc.h>
 #include <wolfssl/wolfcrypt/random.h>
 
 #include <arpa/inet.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
+#include <time.h>
 
 #include "stp.h"
 #include "tls.h"
+#include "tls_hello.h"
+
+/* A verified client certificate's identity, kept for its session. */
+struct stp_tls_ident {
+    char subject[256];
+    char cn[256];
+};
+
+/* Server: the session ticket keys and the identities tickets refer to. */
+struct stp_tickets {
+    pthread_mutex_t mu;
+    uint8_t prefix[8];     /* key_name: this context's prefix, key generation */
+    struct {
+        uint8_t key[CHACHA20_POLY1305_AEAD_KEYSIZE];
+        uint64_t gen;
+        time_t born;
+    } k[2];
+    int cur;
+    uint64_t nonce;        /* per key: ChaCha20-Poly1305 nonces never repeat */
+    struct ident_slot {
+        uint8_t tag[12];   /* random: which identity the ticket meant */
+        struct stp_tls_ident id;
+    } *ids;                /* a ring, allocated with the first identity */
+    uint32_t next_id;
+};
 
 struct stp_tls_ctx {
     WOLFSSL_CTX *ctx;
@@ -24,30 +54,51 @@ struct stp_tls_ctx {
         WOLFSSL_CTX *ctx;
     } *sni;
     int n_sni;
+    uint16_t groups[8];   /* what `groups` allows, for TLS 1.2's check */
+    int n_groups;
+    struct stp_tickets *tickets; /* server */
 };
 
 struct stp_tls {
     WOLFSSL *ssl;
+    const struct stp_tls_ctx *ctx;
     const struct stp_tls_io *io;
     void *arg;
     int last_err;
     bool server;
+    bool hello_done;      /* server: the ClientHello went to wolfSSL */
+    bool groups_ok;       /* it offers a group TLS 1.2 may use */
+    struct stp_hello *hello; /* server: the first flight until then */
+    struct stp_tls_ident *resumed; /* the identity the ticket carried */
     char *sni;            /* the name the client asked for, if any */
+    char *ip_name;        /* client: the IP address the server must name */
+    const char *refused;  /* why peer_checks refused the peer, for logs */
 };
 
 /* Mozilla "intermediate": TLS 1.2 and 1.3, ECDHE with AEAD only. */
-static const char default_ciphers[] =
-    "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:"
-    "TLS13-CHACHA20-POLY1305-SHA256:"
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
+#define AEAD_CIPHERS                                                          \
+    "TLS13-AES128-GCM-SHA256:TLS13-AES256-GCM-SHA384:"                        \
+    "TLS13-CHACHA20-POLY1305-SHA256:"                                         \
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"              \
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"              \
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+static const char default_ciphers[] = AEAD_CIPHERS;
+/* TLS 1.0 and 1.1 have no AEAD suite: with min_version below 1.2 the default
+ * list gains the ECDHE CBC-SHA suites (Mozilla "old"), after the AEAD ones,
+ * which the server's order keeps first for TLS 1.2 and 1.3 clients. */
+static const char legacy_ciphers[] =
+    AEAD_CIPHERS ":ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:"
+                 "ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES256-SHA";
 static const char default_groups[] = "X25519:P-256:P-384";
 static const char system_ca_file[] = "/etc/ssl/certs/ca-certificates.crt";
+
+static int hello_recv(struct stp_tls *t, char *buf, int sz);
 
 static int io_recv(WOLFSSL *ssl, char *buf, int sz, void *arg)
 {
     struct stp_tls *t = arg;
+    if (t->server && !t->hello_done)
+        return hello_recv(t, buf, sz);
     int n = t->io->recv(t->arg, buf, sz);
     if (n == -EAGAIN)
         return WOLFSSL_CBIO_ERR_WANT_READ;
@@ -61,6 +112,278 @@ static int io_send(WOLFSSL *ssl, char *buf, int sz, void *arg)
     return n < 0 ? WOLFSSL_CBIO_ERR_CONN_CLOSE : n;
 }
 
+/* wolfSSL picks TLS 1.2's ECDHE curve among the client's groups that
+ * `groups` allows, but when there is none it takes P-256 (its default
+ * ECDHE size) instead of failing. So a client must offer one of ours, or,
+ * offering none at all (RFC 8422 allows it), P-256 must be one of ours. */
+static bool shares_group(const struct stp_tls_ctx *c,
+                         const struct stp_hello *h)
+{
+    static const uint16_t p256[] = {WOLFSSL_ECC_SECP256R1};
+    const uint16_t *offer = h->has_groups ? h->groups : p256;
+    int n = h->has_groups ? h->n_groups : 1;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < c->n_groups; j++)
+            if (offer[i] == c->groups[j])
+                return true;
+    return false;
+}
+
+/* What the proxy keeps from the ClientHello. The server name is held only
+ * when there is one: most SMTP clients send none, and an idle session
+ * should cost little. wolfSSL keeps it only when it matched one of ours;
+ * logs and PROXY v2 want it in any case. */
+static void hello_noted(struct stp_tls *t, const struct stp_hello *h)
+{
+    t->groups_ok = shares_group(t->ctx, h);
+    if (h->sni[0])
+        t->sni = strdup(h->sni);
+}
+
+/* Server side: the client's first flight is read into t->hello until its
+ * ClientHello is whole, then handed to wolfSSL as one record; later input
+ * goes straight through. The 16 KiB are held for that moment only. */
+static int hello_recv(struct stp_tls *t, char *buf, int sz)
+{
+    struct stp_hello *h = t->hello;
+    size_t room;
+    if (!h && !(h = t->hello = calloc(1, sizeof(*h))))
+        return WOLFSSL_CBIO_ERR_GENERAL;
+    for (uint8_t *p; (p = stp_hello_room(h, &room)), room > 0;) {
+        int n = t->io->recv(t->arg, (char *)p, (int)STP_MIN(room, INT32_MAX));
+        if (n == -EAGAIN)
+            return WOLFSSL_CBIO_ERR_WANT_READ;
+        if (n <= 0)
+            return WOLFSSL_CBIO_ERR_CONN_CLOSE;
+        if (stp_hello_add(h, (size_t)n))
+            hello_noted(t, h);
+    }
+    size_t k = stp_hello_take(h, (uint8_t *)buf, (size_t)sz);
+    if (k > 0)
+        return (int)k;
+    free(h);
+    t->hello = NULL;
+    t->hello_done = true;
+    return io_recv(t->ssl, buf, sz, t);
+}
+
+/* Called by wolfSSL with the ClientHello read, before it picks a suite:
+ * below TLS 1.3, a client that shares no group with us is refused here (see
+ * shares_group); TLS 1.3 key shares are wolfSSL's own business. */
+static int on_cert_setup(WOLFSSL *ssl, void *arg)
+{
+    const struct stp_tls *t = wolfSSL_GetIOReadCtx(ssl);
+    (void)arg;
+    return wolfSSL_GetVersion(ssl) >= WOLFSSL_TLSV1_3 || t->groups_ok;
+}
+
+/* ---- session tickets ------------------------------------------------------ */
+
+/* wolfSSL's own tickets have no room for the client certificate, and its
+ * session cache forgets it, so a resumed session would lose the identity
+ * the full handshake verified. The proxy seals tickets itself: wolfSSL's
+ * ticket state, then a 16-byte reference to the identity (zero without a
+ * certificate), under ChaCha20-Poly1305. The identities are kept in a ring
+ * of TICKET_IDS per listener: a ticket whose identity has been overwritten
+ * is refused, which costs a full handshake, never a wrong identity. */
+enum {
+    TICKET_HINT = 300,      /* seconds a ticket is good for (wolfSSL's default) */
+    TICKET_KEY_LIFE = 3600, /* a new key every hour */
+    TICKET_REF = 16,
+    TICKET_IDS = 1024,
+};
+
+static time_t now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec;
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static int random_bytes(void *p, size_t n)
+{
+    return getrandom(p, n, 0) == (ssize_t)n ? 0 : -EIO;
+}
+
+static int ticket_key_new(struct stp_tickets *tk, int slot, uint64_t gen)
+{
+    if (random_bytes(tk->k[slot].key, sizeof(tk->k[slot].key)) < 0)
+        return -EIO;
+    tk->k[slot].gen = gen;
+    tk->k[slot].born = now_s();
+    return 0;
+}
+
+static struct stp_tickets *tickets_new(void)
+{
+    struct stp_tickets *tk = calloc(1, sizeof(*tk));
+    if (!tk)
+        return NULL;
+    pthread_mutex_init(&tk->mu, NULL);
+    if (random_bytes(tk->prefix, sizeof(tk->prefix)) < 0 ||
+        ticket_key_new(tk, 0, 1) < 0) {
+        pthread_mutex_destroy(&tk->mu);
+        free(tk);
+        return NULL;
+    }
+    return tk;
+}
+
+static void tickets_free(struct stp_tickets *tk)
+{
+    if (!tk)
+        return;
+    pthread_mutex_destroy(&tk->mu);
+    explicit_bzero(tk->k, sizeof(tk->k));
+    free(tk->ids);
+    free(tk);
+}
+
+/* The key to seal with: the current one, or a new one when it is an hour
+ * old (the previous still opens its tickets). Under tk->mu. */
+static int ticket_seal_key(struct stp_tickets *tk)
+{
+    int cur = tk->cur;
+    if (now_s() - tk->k[cur].born < TICKET_KEY_LIFE)
+        return cur;
+    if (ticket_key_new(tk, !cur, tk->k[cur].gen + 1) < 0)
+        return -1;
+    tk->cur = !cur;
+    tk->nonce = 0;
+    return tk->cur;
+}
+
+/* The key a ticket names, while tickets sealed with it can be alive. */
+static int ticket_open_key(const struct stp_tickets *tk, const uint8_t *name)
+{
+    if (memcmp(name, tk->prefix, sizeof(tk->prefix)) != 0)
+        return -1;
+    uint64_t gen = get64(name + 8);
+    for (int i = 0; i < 2; i++)
+        if (tk->k[i].gen == gen &&
+            now_s() - tk->k[i].born < TICKET_KEY_LIFE + TICKET_HINT)
+            return i;
+    return -1;
+}
+
+/* Keep ID; REF (TICKET_REF bytes) says where: slot + 1, then its tag. */
+static int ident_keep(struct stp_tickets *tk, const struct stp_tls_ident *id,
+                      uint8_t *ref)
+{
+    if (!tk->ids && !(tk->ids = calloc(TICKET_IDS, sizeof(*tk->ids))))
+        return -ENOMEM;
+    uint32_t slot = tk->next_id++ % TICKET_IDS;
+    struct ident_slot *e = &tk->ids[slot];
+    if (random_bytes(e->tag, sizeof(e->tag)) < 0)
+        return -EIO;
+    e->id = *id;
+    put64(ref, (uint64_t)(slot + 1) << 32);
+    memcpy(ref + 4, e->tag, sizeof(e->tag));
+    return 0;
+}
+
+static const struct stp_tls_ident *ident_find(const struct stp_tickets *tk,
+                                              const uint8_t *ref)
+{
+    uint64_t slot = get64(ref) >> 32;
+    if (!tk->ids || slot == 0 || slot > TICKET_IDS)
+        return NULL;
+    const struct ident_slot *e = &tk->ids[slot - 1];
+    return memcmp(e->tag, ref + 4, sizeof(e->tag)) == 0 ? &e->id : NULL;
+}
+
+static bool session_ident(const struct stp_tls *t, struct stp_tls_ident *id);
+
+static int ticket_seal(struct stp_tickets *tk, struct stp_tls *t,
+                       uint8_t *name, uint8_t *iv, uint8_t *mac,
+                       uint8_t *ticket, int len, int *out_len)
+{
+    struct stp_tls_ident id;
+    uint8_t *ref = ticket + len;
+    int k;
+    if (len < 0 || len + TICKET_REF > *out_len)
+        return WOLFSSL_TICKET_RET_REJECT;
+    memset(ref, 0, TICKET_REF);
+    /* A session whose identity cannot be kept gets no ticket. */
+    if ((session_ident(t, &id) && ident_keep(tk, &id, ref) < 0) ||
+        (k = ticket_seal_key(tk)) < 0)
+        return WOLFSSL_TICKET_RET_REJECT;
+    memcpy(name, tk->prefix, sizeof(tk->prefix));
+    put64(name + 8, tk->k[k].gen);
+    memset(iv, 0, WOLFSSL_TICKET_IV_SZ);
+    put64(iv, ++tk->nonce);
+    memset(mac, 0, WOLFSSL_TICKET_MAC_SZ);
+    /* The key name and nonce are authenticated with the ticket. */
+    uint8_t aad[WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ];
+    memcpy(aad, name, WOLFSSL_TICKET_NAME_SZ);
+    memcpy(aad + WOLFSSL_TICKET_NAME_SZ, iv, WOLFSSL_TICKET_IV_SZ);
+    if (wc_ChaCha20Poly1305_Encrypt(tk->k[k].key, iv, aad, sizeof(aad), ticket,
+                                    (word32)(len + TICKET_REF), ticket,
+                                    mac) != 0)
+        return WOLFSSL_TICKET_RET_REJECT;
+    *out_len = len + TICKET_REF;
+    return WOLFSSL_TICKET_RET_OK;
+}
+
+static int ticket_open(struct stp_tickets *tk, struct stp_tls *t,
+                       const uint8_t *name, const uint8_t *iv,
+                       const uint8_t *mac, uint8_t *ticket, int len,
+                       int *out_len)
+{
+    uint8_t aad[WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ];
+    int k = ticket_open_key(tk, name);
+    if (k < 0 || len < TICKET_REF)
+        return WOLFSSL_TICKET_RET_REJECT;
+    memcpy(aad, name, WOLFSSL_TICKET_NAME_SZ);
+    memcpy(aad + WOLFSSL_TICKET_NAME_SZ, iv, WOLFSSL_TICKET_IV_SZ);
+    if (wc_ChaCha20Poly1305_Decrypt(tk->k[k].key, iv, aad, sizeof(aad), ticket,
+                                    (word32)len, mac, ticket) != 0)
+        return WOLFSSL_TICKET_RET_REJECT;
+    const uint8_t *ref = ticket + len - TICKET_REF;
+    static const uint8_t none[TICKET_REF];
+    free(t->resumed); /* TLS 1.3 may offer several tickets */
+    t->resumed = NULL;
+    if (memcmp(ref, none, TICKET_REF) != 0) {
+        const struct stp_tls_ident *id = ident_find(tk, ref);
+        if (!id || !(t->resumed = malloc(sizeof(*id))))
+            return WOLFSSL_TICKET_RET_REJECT;
+        *t->resumed = *id;
+    }
+    *out_len = len - TICKET_REF;
+    /* As wolfSSL's own callback: TLS 1.2 gets a fresh ticket. */
+    return wolfSSL_GetVersion(t->ssl) >= WOLFSSL_TLSV1_3
+               ? WOLFSSL_TICKET_RET_OK
+               : WOLFSSL_TICKET_RET_CREATE;
+}
+
+static int on_ticket(WOLFSSL *ssl, unsigned char name[WOLFSSL_TICKET_NAME_SZ],
+                     unsigned char iv[WOLFSSL_TICKET_IV_SZ],
+                     unsigned char mac[WOLFSSL_TICKET_MAC_SZ], int enc,
+                     unsigned char *ticket, int len, int *out_len, void *arg)
+{
+    struct stp_tickets *tk = arg;
+    struct stp_tls *t = wolfSSL_GetIOReadCtx(ssl);
+    pthread_mutex_lock(&tk->mu);
+    int r = enc ? ticket_seal(tk, t, name, iv, mac, ticket, len, out_len)
+                : ticket_open(tk, t, name, iv, mac, ticket, len, out_len);
+    pthread_mutex_unlock(&tk->mu);
+    return r;
+}
+
 int stp_tls_global_init(void)
 {
     return wolfSSL_Init() == WOLFSSL_SUCCESS ? 0 : -EIO;
@@ -68,19 +391,42 @@ int stp_tls_global_init(void)
 
 void stp_tls_global_cleanup(void) { wolfSSL_Cleanup(); }
 
-static int fail(char *err, size_t errlen, const char *what, int code)
+/* Record an error about setting AT; returns -EINVAL. */
+static int fail(struct stp_tls_err *e, enum stp_tls_setting at,
+                const char *what, int code)
 {
     char buf[WOLFSSL_MAX_ERROR_SZ];
     wolfSSL_ERR_error_string_n((unsigned long)code, buf, sizeof(buf));
-    snprintf(err, errlen, "%s: %s", what, code ? buf : "failed");
+    e->at = at;
+    snprintf(e->msg, sizeof(e->msg), "%s: %s", what, code ? buf : "failed");
+    return -EINVAL;
+}
+
+/* Until something more precise is known. */
+static void err_init(struct stp_tls_err *e)
+{
+    e->at = STP_TLS_SET_SECTION;
+    e->sni = -1;
+    snprintf(e->msg, sizeof(e->msg), "out of memory");
+}
+
+__attribute__((format(printf, 3, 4)))
+static int failf(struct stp_tls_err *e, enum stp_tls_setting at,
+                 const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof(e->msg), fmt, ap);
+    va_end(ap);
+    e->at = at;
     return -EINVAL;
 }
 
 /* An ECDSA P-256 certificate signed by its own key, valid for a year, so a
  * listener without configured files still speaks TLS (the demo, a first
  * run). Clients cannot verify it: the caller warns loudly. */
-static int self_signed(WOLFSSL_CTX *ctx, const char *cn, char *err,
-                       size_t errlen)
+static int self_signed(WOLFSSL_CTX *ctx, const char *cn,
+                       struct stp_tls_err *e)
 {
     WC_RNG rng;
     ecc_key key;
@@ -89,10 +435,10 @@ static int self_signed(WOLFSSL_CTX *ctx, const char *cn, char *err,
     int r, len, klen = 0;
 
     if ((r = wc_InitRng(&rng)) != 0)
-        return fail(err, errlen, "self-signed certificate: rng", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate: rng", r);
     if ((r = wc_ecc_init(&key)) != 0) {
         wc_FreeRng(&rng);
-        return fail(err, errlen, "self-signed certificate: key", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate: key", r);
     }
     r = wc_ecc_make_key_ex(&rng, 32, &key, ECC_SECP256R1);
     if (r == 0)
@@ -114,20 +460,51 @@ static int self_signed(WOLFSSL_CTX *ctx, const char *cn, char *err,
     wc_ecc_free(&key);
     wc_FreeRng(&rng);
     if (r < 0)
-        return fail(err, errlen, "self-signed certificate", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate", r);
     if ((r = wolfSSL_CTX_use_certificate_buffer(ctx, der, len,
                                                 WOLFSSL_FILETYPE_ASN1)) !=
             WOLFSSL_SUCCESS ||
         (r = wolfSSL_CTX_use_PrivateKey_buffer(ctx, kder, klen,
                                                WOLFSSL_FILETYPE_ASN1)) !=
             WOLFSSL_SUCCESS)
-        return fail(err, errlen, "self-signed certificate: load", r);
+        return fail(e, STP_TLS_SET_SECTION, "self-signed certificate: load",
+                    r);
     return 0;
+}
+
+/* The wolfSSL ids of the groups in S (NULL: the defaults), in order, into
+ * IDS (room for 8) and their names, ':'-separated, into LIST. Returns how
+ * many. The names were checked when the configuration was read. */
+static int parse_groups(const char *s, int *ids, char *list, size_t listlen)
+{
+    static const struct {
+        const char *name;
+        int id;
+    } g[] = {
+        {"X25519", WOLFSSL_ECC_X25519},    {"X448", WOLFSSL_ECC_X448},
+        {"P-256", WOLFSSL_ECC_SECP256R1},  {"P-384", WOLFSSL_ECC_SECP384R1},
+        {"P-521", WOLFSSL_ECC_SECP521R1},
+    };
+    int n = 0;
+    list[0] = '\0';
+    for (s = s ? s : default_groups; *s && n < 8;) {
+        size_t len = strcspn(s, ":");
+        for (size_t i = 0; i < STP_ARRAY_LEN(g) && n < 8; i++) {
+            if (strlen(g[i].name) != len || strncasecmp(s, g[i].name, len))
+                continue;
+            ids[n++] = g[i].id;
+            size_t used = strlen(list);
+            snprintf(list + used, listlen - used, "%s%s", used ? ":" : "",
+                     g[i].name);
+        }
+        s += len + (s[len] == ':');
+    }
+    return n;
 }
 
 /* Versions, ciphers and groups: the same for both roles. */
 static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
-                        char *err, size_t errlen)
+                        struct stp_tls_err *e)
 {
     static const struct {
         int min, max;
@@ -138,88 +515,69 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
         [STP_TLS_V1_2] = {WOLFSSL_TLSV1_2, 0x0303, "1.2"},
         [STP_TLS_V1_3] = {WOLFSSL_TLSV1_3, 0x0304, "1.3"},
     };
-    static const struct {
-        const char *name;
-        int id;
-    } g[] = {
-        {"X25519", WOLFSSL_ECC_X25519},    {"X448", WOLFSSL_ECC_X448},
-        {"P-256", WOLFSSL_ECC_SECP256R1},  {"P-384", WOLFSSL_ECC_SECP384R1},
-        {"P-521", WOLFSSL_ECC_SECP521R1},
-    };
     if (wolfSSL_CTX_SetMinVersion(ctx, v[p->min_version].min) !=
-            WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_max_proto_version(ctx, v[p->max_version].max) !=
-            WOLFSSL_SUCCESS) {
-        snprintf(err, errlen,
-                 "TLS %s..%s is not available in this wolfSSL build",
-                 v[p->min_version].name, v[p->max_version].name);
-        return -EINVAL;
-    }
-    const char *ciphers = p->ciphers ? p->ciphers : default_ciphers;
-    if (wolfSSL_CTX_set_cipher_list(ctx, ciphers) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "no usable cipher in '%s'", ciphers);
-        return -EINVAL;
-    }
-    int ids[STP_ARRAY_LEN(g)], n = 0;
-    char list[64] = "";
-    const char *s = p->groups ? p->groups : default_groups;
-    while (*s && n < (int)STP_ARRAY_LEN(g)) {
-        size_t len = strcspn(s, ":");
-        for (size_t i = 0; i < STP_ARRAY_LEN(g); i++) {
-            if (strlen(g[i].name) != len || strncasecmp(s, g[i].name, len))
-                continue;
-            ids[n++] = g[i].id;
-            snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s",
-                     list[0] ? ":" : "", g[i].name);
-        }
-        s += len + (s[len] == ':');
-    }
-    /* set1_curves_list is what restricts TLS 1.2's ECDHE curve (wolfSSL's
-     * disabled-curve mask); set_groups then fixes the TLS 1.3 key share
-     * order. */
+        WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_MIN_VERSION,
+                     "TLS %s is not available in this wolfSSL build",
+                     v[p->min_version].name);
+    if (wolfSSL_CTX_set_max_proto_version(ctx, v[p->max_version].max) !=
+        WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_MAX_VERSION,
+                     "TLS %s is not available in this wolfSSL build",
+                     v[p->max_version].name);
+    const char *ciphers = p->ciphers                       ? p->ciphers
+                          : p->min_version < STP_TLS_V1_2 ? legacy_ciphers
+                                                          : default_ciphers;
+    if (wolfSSL_CTX_set_cipher_list(ctx, ciphers) != WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_CIPHERS, "no usable cipher in '%s'",
+                     ciphers);
+    char list[64];
+    int ids[8], n = parse_groups(p->groups, ids, list, sizeof(list));
+    /* set1_curves_list is what keeps TLS 1.2's ECDHE curve among the
+     * client's groups that are ours (wolfSSL's disabled-curve mask; see
+     * on_cert_setup for a client offering none); set_groups fixes the TLS
+     * 1.3 key share order. */
     if (wolfSSL_CTX_set1_curves_list(ctx, list) != WOLFSSL_SUCCESS ||
-        wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "groups '%s' are not available",
-                 p->groups ? p->groups : default_groups);
-        return -EINVAL;
-    }
+        wolfSSL_CTX_set_groups(ctx, ids, n) != WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_GROUPS, "groups '%s' are not available",
+                     p->groups ? p->groups : default_groups);
     return 0;
 }
 
+/* A key that does not match its certificate is the key's fault: the
+ * certificate is what the clients were promised. */
 static int load_pair(WOLFSSL_CTX *ctx, const char *cert, const char *key,
-                     char *err, size_t errlen)
+                     struct stp_tls_err *e)
 {
     if (wolfSSL_CTX_use_certificate_chain_file(ctx, cert) != WOLFSSL_SUCCESS)
-        return fail(err, errlen, cert, (int)wolfSSL_ERR_get_error());
+        return fail(e, STP_TLS_SET_CERT, cert, (int)wolfSSL_ERR_get_error());
     if (wolfSSL_CTX_use_PrivateKey_file(ctx, key, WOLFSSL_FILETYPE_PEM) !=
         WOLFSSL_SUCCESS)
-        return fail(err, errlen, key, (int)wolfSSL_ERR_get_error());
-    if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS) {
-        snprintf(err, errlen, "%s: key does not match certificate %s", key,
-                 cert);
-        return -EINVAL;
-    }
+        return fail(e, STP_TLS_SET_KEY, key, (int)wolfSSL_ERR_get_error());
+    if (wolfSSL_CTX_check_private_key(ctx) != WOLFSSL_SUCCESS)
+        return failf(e, STP_TLS_SET_KEY, "%s: key does not match certificate %s",
+                     key, cert);
     return 0;
 }
 
 /* A server context with one certificate and the listener's policy. */
 static WOLFSSL_CTX *server_ctx(const struct stp_tls_server_opts *o,
-                               const char *cert, const char *key, char *err,
-                               size_t errlen)
+                               const char *cert, const char *key,
+                               struct stp_tickets *tk, struct stp_tls_err *e)
 {
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_server_method());
     if (!ctx) {
-        fail(err, errlen, "TLS context", 0);
+        fail(e, STP_TLS_SET_SECTION, "TLS context", 0);
         return NULL;
     }
-    int r = apply_params(ctx, o->params, err, errlen);
+    int r = apply_params(ctx, o->params, e);
     if (r == 0)
-        r = cert ? load_pair(ctx, cert, key, err, errlen)
-                 : self_signed(ctx, o->cn, err, errlen);
+        r = cert ? load_pair(ctx, cert, key, e) : self_signed(ctx, o->cn, e);
     if (r == 0 && o->client_ca) {
         if (wolfSSL_CTX_load_verify_locations(ctx, o->client_ca, NULL) !=
             WOLFSSL_SUCCESS) {
-            r = fail(err, errlen, o->client_ca, (int)wolfSSL_ERR_get_error());
+            r = fail(e, STP_TLS_SET_CA, o->client_ca,
+                     (int)wolfSSL_ERR_get_error());
         } else {
             int mode = o->verify_client == STP_VERIFY_CLIENT_REQUIRE
                            ? WOLFSSL_VERIFY_PEER |
@@ -228,6 +586,10 @@ static WOLFSSL_CTX *server_ctx(const struct stp_tls_server_opts *o,
                            ? WOLFSSL_VERIFY_PEER
                            : WOLFSSL_VERIFY_NONE;
             wolfSSL_CTX_set_verify(ctx, mode, NULL);
+            /* wolfSSL's session cache (TLS 1.2 resumption by session ID)
+             * forgets the client certificate; tickets keep it. */
+            if (mode != WOLFSSL_VERIFY_NONE)
+                wolfSSL_CTX_set_session_cache_mode(ctx, WOLFSSL_SESS_CACHE_OFF);
         }
     }
     if (r < 0) {
@@ -236,6 +598,11 @@ static WOLFSSL_CTX *server_ctx(const struct stp_tls_server_opts *o,
     }
     wolfSSL_CTX_SetIORecv(ctx, io_recv);
     wolfSSL_CTX_SetIOSend(ctx, io_send);
+    wolfSSL_CTX_set_cert_cb(ctx, on_cert_setup, NULL);
+    /* Every certificate's context seals with the listener's keys. */
+    wolfSSL_CTX_set_TicketEncCb(ctx, on_ticket);
+    wolfSSL_CTX_set_TicketEncCtx(ctx, tk);
+    wolfSSL_CTX_set_TicketHint(ctx, TICKET_HINT);
     return ctx;
 }
 
@@ -266,23 +633,34 @@ static int on_servername(WOLFSSL *ssl, int *alert, void *arg)
 }
 
 int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
-                           struct stp_tls_ctx **out, char *err, size_t errlen)
+                           struct stp_tls_ctx **out, struct stp_tls_err *e)
 {
+    err_init(e);
     struct stp_tls_ctx *c = calloc(1, sizeof(*c));
     if (!c)
         return -ENOMEM;
     *out = c;
-    if (!(c->ctx = server_ctx(o, o->cert, o->key, err, errlen)))
+    char list[64];
+    int ids[8];
+    c->n_groups = parse_groups(o->params->groups, ids, list, sizeof(list));
+    for (int i = 0; i < c->n_groups; i++)
+        c->groups[i] = (uint16_t)ids[i];
+    c->verify = o->client_ca && o->verify_client != STP_VERIFY_CLIENT_NONE;
+    if (!(c->tickets = tickets_new()) ||
+        !(c->ctx = server_ctx(o, o->cert, o->key, c->tickets, e)))
         goto fail;
     if (o->n_sni > 0) {
         if (!(c->sni = calloc((size_t)o->n_sni, sizeof(*c->sni))))
             goto fail;
-        for (int i = 0; i < o->n_sni; i++, c->n_sni++) {
+        for (int i = 0; i < o->n_sni; i++) {
+            c->n_sni++; /* freed with the context, whatever fails below */
             c->sni[i].name = strdup(o->sni[i].name);
-            c->sni[i].ctx = server_ctx(o, o->sni[i].cert, o->sni[i].key, err,
-                                       errlen);
-            if (!c->sni[i].name || !c->sni[i].ctx)
+            c->sni[i].ctx = server_ctx(o, o->sni[i].cert, o->sni[i].key,
+                                       c->tickets, e);
+            if (!c->sni[i].name || !c->sni[i].ctx) {
+                e->sni = i;
                 goto fail;
+            }
         }
         wolfSSL_CTX_set_servername_callback(c->ctx, on_servername);
         wolfSSL_CTX_set_servername_arg(c->ctx, c);
@@ -295,19 +673,20 @@ fail:
 }
 
 int stp_tls_ctx_new_client(const struct stp_tls_client_opts *o,
-                           struct stp_tls_ctx **out, char *err, size_t errlen)
+                           struct stp_tls_ctx **out, struct stp_tls_err *e)
 {
+    err_init(e);
     WOLFSSL_CTX *ctx = wolfSSL_CTX_new(wolfSSLv23_client_method());
     if (!ctx)
-        return fail(err, errlen, "TLS context", 0);
-    int r = apply_params(ctx, o->params, err, errlen);
+        return fail(e, STP_TLS_SET_SECTION, "TLS context", 0);
+    int r = apply_params(ctx, o->params, e);
     if (r == 0 && o->cert)
-        r = load_pair(ctx, o->cert, o->key, err, errlen);
+        r = load_pair(ctx, o->cert, o->key, e);
     if (r == 0 && o->verify) {
         const char *ca = o->ca_file ? o->ca_file : system_ca_file;
         if (wolfSSL_CTX_load_verify_locations(ctx, ca, NULL) !=
             WOLFSSL_SUCCESS)
-            r = fail(err, errlen, ca, (int)wolfSSL_ERR_get_error());
+            r = fail(e, STP_TLS_SET_CA, ca, (int)wolfSSL_ERR_get_error());
     }
     if (r < 0) {
         wolfSSL_CTX_free(ctx);
@@ -339,6 +718,7 @@ void stp_tls_ctx_free(struct stp_tls_ctx *ctx)
     }
     free(ctx->sni);
     wolfSSL_CTX_free(ctx->ctx);
+    tickets_free(ctx->tickets);
     free(ctx);
 }
 
@@ -359,6 +739,7 @@ int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
         free(t);
         return -ENOMEM;
     }
+    t->ctx = ctx;
     t->io = io;
     t->arg = arg;
     t->server = !ctx->client;
@@ -375,6 +756,11 @@ int stp_tls_new(struct stp_tls_ctx *ctx, const struct stp_tls_io *io,
             stp_tls_free(t);
             return -EINVAL;
         }
+        if (ctx->verify && is_ip(server_name) &&
+            !(t->ip_name = strdup(server_name))) {
+            stp_tls_free(t);
+            return -ENOMEM;
+        }
     }
     *out = t;
     return 0;
@@ -385,6 +771,9 @@ void stp_tls_free(struct stp_tls *t)
     if (!t)
         return;
     wolfSSL_free(t->ssl);
+    free(t->hello);
+    free(t->resumed);
+    free(t->ip_name);
     free(t->sni);
     free(t);
 }
@@ -401,11 +790,46 @@ static int result(struct stp_tls *t, int r)
     return -EPROTO;
 }
 
+/* Whether the certificate names IP among its iPAddress entries. */
+static bool names_ip(WOLFSSL_X509 *x, const char *ip)
+{
+    unsigned char want[16], got[16];
+    int af = strchr(ip, ':') ? AF_INET6 : AF_INET;
+    bool found = false;
+    if (inet_pton(af, ip, want) != 1)
+        return false;
+    /* wolfSSL gives iPAddress entries as text; compared as addresses. */
+    for (const char *n; !found && (n = wolfSSL_X509_get_next_altname(x));)
+        found = inet_pton(af, n, got) == 1 &&
+                memcmp(want, got, af == AF_INET ? 4 : 16) == 0;
+    return found;
+}
+
+/* What wolfSSL 5.5.4 does not check in a verified peer's certificate: a
+ * leaf whose key usage leaves out digitalSignature cannot sign the key
+ * exchange or CertificateVerify (RFC 5280 4.2.1.3; every suite the proxy
+ * offers by default signs), and an IP address must be one of its
+ * iPAddress names, never its common name (RFC 6125 1.7.2, RFC 2818 3.1). */
+static int peer_checks(struct stp_tls *t)
+{
+    WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(t->ssl);
+    if (!x)
+        return 0;
+    unsigned ku = wolfSSL_X509_get_key_usage(x);
+    if (ku != (unsigned)-1 && !(ku & KEYUSE_DIGITAL_SIG))
+        t->refused = "peer certificate's key usage does not allow signing";
+    else if (t->ip_name && !names_ip(x, t->ip_name))
+        t->refused = "peer certificate does not name the IP address "
+                     "(no matching subjectAltName iPAddress)";
+    wolfSSL_X509_free(x);
+    return t->refused ? -EPROTO : 0;
+}
+
 int stp_tls_handshake(struct stp_tls *t)
 {
     int r = wolfSSL_negotiate(t->ssl);
     if (r == WOLFSSL_SUCCESS)
-        return 0;
+        return t->ctx->verify ? peer_checks(t) : 0;
     r = result(t, r);
     return r == 0 ? -ECONNRESET : r;
 }
@@ -447,25 +871,6 @@ const char *stp_tls_cipher(const struct stp_tls *t)
     return wolfSSL_get_cipher_name(t->ssl);
 }
 
-/* wolfSSL keeps the client's server name only when it matched one of ours;
- * logs and PROXY v2 want it in any case, so it is read from the
- * ClientHello itself. */
-void stp_tls_note_client_hello(struct stp_tls *t, const char *buf, size_t n)
-{
-    char name[256];
-    unsigned int sz = sizeof(name) - 1;
-    if (!t->server || t->sni || n > UINT32_MAX)
-        return;
-    /* Held only when there is one: most SMTP clients send none, and an idle
-     * session should cost little. */
-    if (wolfSSL_SNI_GetFromBuffer((const unsigned char *)buf, (unsigned)n,
-                                  WOLFSSL_SNI_HOST_NAME, (unsigned char *)name,
-                                  &sz) == WOLFSSL_SUCCESS && sz > 0) {
-        name[STP_MIN(sz, sizeof(name) - 1)] = '\0';
-        t->sni = strdup(name);
-    }
-}
-
 const char *stp_tls_sni(const struct stp_tls *t)
 {
     if (t->sni)
@@ -473,30 +878,60 @@ const char *stp_tls_sni(const struct stp_tls *t)
     return wolfSSL_get_servername(t->ssl, WOLFSSL_SNI_HOST_NAME);
 }
 
-bool stp_tls_peer_cn(const struct stp_tls *t, char *buf, size_t len)
+/* The identity in the peer's certificate; false when it sent none. */
+static bool cert_ident(WOLFSSL *ssl, struct stp_tls_ident *id)
 {
-    WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(t->ssl);
+    WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(ssl);
     if (!x)
         return false;
-    int n = wolfSSL_X509_NAME_get_text_by_NID(wolfSSL_X509_get_subject_name(x),
-                                              NID_commonName, buf, (int)len);
-    wolfSSL_X509_free(x);
-    return n > 0;
-}
-
-bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len)
-{
-    WOLFSSL_X509 *x = wolfSSL_get_peer_certificate(t->ssl);
-    if (!x)
-        return false;
-    bool ok = wolfSSL_X509_NAME_oneline(wolfSSL_X509_get_subject_name(x), buf,
-                                        (int)len) != NULL;
+    WOLFSSL_X509_NAME *name = wolfSSL_X509_get_subject_name(x);
+    bool ok = wolfSSL_X509_NAME_oneline(name, id->subject,
+                                        (int)sizeof(id->subject)) != NULL;
+    if (wolfSSL_X509_NAME_get_text_by_NID(name, NID_commonName, id->cn,
+                                          (int)sizeof(id->cn)) <= 0)
+        id->cn[0] = '\0';
     wolfSSL_X509_free(x);
     return ok;
 }
 
+/* The client's verified identity: its certificate in a full handshake, what
+ * the ticket carried in a resumed one. */
+static bool session_ident(const struct stp_tls *t, struct stp_tls_ident *id)
+{
+    if (stp_tls_cert_resumed(t)) {
+        *id = *t->resumed;
+        return true;
+    }
+    return cert_ident(t->ssl, id);
+}
+
+bool stp_tls_cert_resumed(const struct stp_tls *t)
+{
+    return t->resumed && wolfSSL_session_reused(t->ssl);
+}
+
+bool stp_tls_peer_cn(const struct stp_tls *t, char *buf, size_t len)
+{
+    struct stp_tls_ident id;
+    if (!session_ident(t, &id) || !id.cn[0])
+        return false;
+    snprintf(buf, len, "%s", id.cn);
+    return true;
+}
+
+bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len)
+{
+    struct stp_tls_ident id;
+    if (!session_ident(t, &id))
+        return false;
+    snprintf(buf, len, "%s", id.subject);
+    return true;
+}
+
 const char *stp_tls_error(const struct stp_tls *t)
 {
+    if (t->refused)
+        return t->refused;
     static __thread char buf[WOLFSSL_MAX_ERROR_SZ];
     wolfSSL_ERR_error_string_n((unsigned long)t->last_err, buf, sizeof(buf));
     return buf;

@@ -149,6 +149,7 @@ static void send_proxy_header(struct stp_session *s)
             if (stp_tls_peer_cn(s->client.tls, cn, sizeof(cn))) {
                 ti.cn = cn;
                 ti.cert_verified = true; /* the handshake verified it */
+                ti.cert_resumed = stp_tls_cert_resumed(s->client.tls);
             }
             tip = &ti;
         }

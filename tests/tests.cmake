@@ -45,7 +45,7 @@ if(STP_FUZZ)
   foreach(src ${STP_FUZZERS})
     get_filename_component(name ${src} NAME_WE)
     add_executable(${name} ${src} proxy/log.c proxy/config.c proxy/config_keys.c proxy/values.c proxy/smtp_parse.c proxy/smtp.c
-      proxy/prelude.c proxy/identity.c)
+      proxy/prelude.c proxy/identity.c proxy/tls_hello.c)
     target_include_directories(${name} PRIVATE include)
     target_compile_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
     target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)

@@ -6,14 +6,7 @@
 #include <string.h>
 
 #include "config.h"
-
-#define CHECK(c, what)                                                         \
-    do {                                                                       \
-        if (!(c)) {                                                            \
-            fprintf(stderr, "check failed: %s\n", what);                       \
-            abort();                                                           \
-        }                                                                      \
-    } while (0)
+#include "fuzz.h"
 
 int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size)
 {

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "fuzz.h"
 #include "mta_tokens.h"
 #include "smtp.h"
 
@@ -52,14 +53,6 @@ struct fz {
 };
 
 static struct fz F;
-
-#define CHECK(c, what)                                                         \
-    do {                                                                       \
-        if (!(c)) {                                                            \
-            fprintf(stderr, "invariant broken: %s\n", what);                   \
-            abort();                                                           \
-        }                                                                      \
-    } while (0)
 
 /* "VERB" or "VERB SP ARGS": read alike by every tokeniser. */
 static bool canonical(const char *p, size_t n)

@@ -9,16 +9,9 @@
 #include <string.h>
 #include <strings.h>
 
+#include "fuzz.h"
 #include "mta_tokens.h"
 #include "smtp.h"
-
-#define CHECK(c, what)                                                         \
-    do {                                                                       \
-        if (!(c)) {                                                            \
-            fprintf(stderr, "check failed: %s\n", what);                       \
-            abort();                                                           \
-        }                                                                      \
-    } while (0)
 
 static char *dup_exact(const uint8_t *p, size_t n)
 {

@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "prelude.h"
+#include "fuzz.h"
 
 #define BUF 65536
 
@@ -38,14 +39,6 @@
 #ifndef STRICT_FAIL_CATEGORY
 #define STRICT_FAIL_CATEGORY 1
 #endif
-
-#define CHECK(c, what)                                                         \
-    do {                                                                       \
-        if (!(c)) {                                                            \
-            fprintf(stderr, "invariant broken: %s\n", what);                   \
-            abort();                                                           \
-        }                                                                      \
-    } while (0)
 
 static const char *const names[4] = {
     "proxy.example",

@@ -403,6 +403,10 @@ static const struct v2_case v2_cases[] = {
      465, true,
      {"TLSv1.3", "TLS_AES_128_GCM_SHA256", "mail.example.com",
       "client.example.org", true}},
+    {"v4, TLS, verified cert of a resumed session", "192.0.2.1", 40000,
+     "198.51.100.2", 465, true,
+     {"TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", NULL, "client.example.org",
+      true, true}},
     {"v4, TLS, cert not verified", "192.0.2.1", 40000, "198.51.100.2", 465,
      true, {"TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256", "mx.test", "bob", false}},
     {"v4, TLS, no client cert", "192.0.2.1", 40000, "198.51.100.2", 465, true,
@@ -453,7 +457,10 @@ static void check_v2(const struct v2_case *c, const uint8_t *p, size_t n)
     CHECK(d.ssl, "no PP2_TYPE_SSL TLV");
     if (!d.ssl)
         return;
-    uint8_t want_client = 0x01 | (ti->cn ? 0x02 : 0);
+    /* PP2_CLIENT_SSL; with a certificate PP2_CLIENT_CERT_SESS, and
+     * PP2_CLIENT_CERT_CONN unless it came with a resumed session. */
+    uint8_t want_client =
+        0x01 | (ti->cn ? 0x04 : 0) | (ti->cn && !ti->cert_resumed ? 0x02 : 0);
     CHECK(d.client == want_client, "client flags 0x%02x, want 0x%02x",
           d.client, want_client);
     if (ti->cn && ti->cert_verified)
