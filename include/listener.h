@@ -83,6 +83,9 @@ void stp_fds_free(int *fds, int n);
  * may still point at them). */
 struct stp_listener {
     uv_tcp_t tcp;
+    uv_tcp_t spare;          /* takes a connection no session can have */
+    bool spare_busy;         /* closing the last one it took */
+    bool pending;            /* a connection waits for the spare */
     struct stp_server *srv;
     int idx;                 /* its [listener] in srv->gen->cfg; -1: closed */
     char addr[64];

@@ -6,7 +6,11 @@
 
 #include "listener.h"
 
-/* Accept a pending connection on LST and start its session. */
+/* Accept a pending connection on LST and start its session. Returns 0, or a
+ * negative error: STP_ACCEPT_FAILED when the connection was taken and lost
+ * (the accept itself failed), any other when no session could be made for
+ * it and it is still pending. */
+#define STP_ACCEPT_FAILED (-0x10000)
 int stp_session_accept(struct stp_listener *lst);
 /* Server shutdown: sessions between commands get a 421 and close now, the
  * others when their command or message is done; FORCE: all of them now. */

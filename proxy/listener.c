@@ -383,6 +383,39 @@ void stp_fds_free(int *fds, int n)
 
 /* ---- a worker's handles on them -------------------------------------------- */
 
+static void on_connection(uv_stream_t *server, int status);
+
+static void spare_closed(uv_handle_t *h)
+{
+    struct stp_listener *l = h->data;
+    l->spare_busy = false;
+    /* Another connection came while the spare was closing: libuv holds it
+     * and watches the socket no more until it is taken. */
+    if (l->pending && l->idx >= 0) {
+        l->pending = false;
+        on_connection((uv_stream_t *)&l->tcp, 0);
+    }
+}
+
+/* A connection libuv accepted must be taken, or libuv stops watching the
+ * listening socket for good. With no session for it (out of memory), it is
+ * taken into the listener's spare handle, which needs no memory, and closed
+ * at once: the client sees a reset rather than a port that hangs. */
+static void reject_pending(struct stp_listener *l)
+{
+    if (l->spare_busy) {
+        l->pending = true; /* taken when the spare is closed */
+        return;
+    }
+    uv_tcp_init(l->srv->loop, &l->spare);
+    l->spare.data = l;
+    l->spare_busy = true;
+    if (uv_accept((uv_stream_t *)&l->tcp, (uv_stream_t *)&l->spare) == 0)
+        uv_tcp_close_reset(&l->spare, spare_closed);
+    else
+        uv_close((uv_handle_t *)&l->spare, spare_closed);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     struct stp_listener *lst = server->data;
@@ -393,9 +426,12 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     int r = stp_session_accept(lst);
-    if (r < 0)
-        stp_log(STP_LOG_WARN, "event=accept_error addr=%s error=\"%s\"",
+    if (r < 0 && r != STP_ACCEPT_FAILED) {
+        stp_log(STP_LOG_WARN,
+                "event=accept_error addr=%s error=\"%s\" action=closed",
                 lst->addr, stp_strerror(r));
+        reject_pending(lst);
+    }
 }
 
 static void listener_closed(uv_handle_t *h) { (void)h; }

@@ -656,7 +656,9 @@ int stp_session_accept(struct stp_listener *lst)
         s->upstream_closed = true;
         s->state = STP_SS_CLOSED;
         stp_conn_close(&s->client, conn_closed);
-        return r;
+        stp_log(STP_LOG_WARN, "event=accept_error addr=%s error=\"%s\"",
+                lst->addr, uv_strerror(r));
+        return STP_ACCEPT_FAILED;
     }
     /* TCP_NODELAY comes from the listening socket (Linux copies it). */
     int len = sizeof(s->peer_addr);

@@ -12,13 +12,15 @@ endforeach()
 # Integration tests: each tests/integration/test_*.py runs the real daemon
 # (STP_BIN) against real peers, with Debian's python3 and pytest.
 if(STP_INTEGRATION_TESTS)
+  # An allocation-failure shim the tests preload into the daemon.
+  add_library(stp_failalloc SHARED tests/support/failalloc.c)
   file(GLOB STP_INTEGRATION CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/tests/integration/test_*.py)
   foreach(py ${STP_INTEGRATION})
     get_filename_component(name ${py} NAME_WE)
     add_test(NAME integration_${name}
       COMMAND /usr/bin/python3 -m pytest -q -p no:cacheprovider ${py})
     set_tests_properties(integration_${name} PROPERTIES
-      ENVIRONMENT "STP_BIN=$<TARGET_FILE:starttls-proxy>"
+      ENVIRONMENT "STP_BIN=$<TARGET_FILE:starttls-proxy>;STP_FAILALLOC=$<TARGET_FILE:stp_failalloc>"
       TIMEOUT 600)
   endforeach()
 endif()

@@ -57,13 +57,14 @@ def make_proxy(stp_bin, tls_files, tmp_path):
     UPSTREAM is an object with .address or an "IP:PORT" string. Listener
     options override the defaults below (a value of None removes the key).
     extra_listeners=[(name, opts)] adds listeners; proxy_opts overrides the
-    [proxy] section. The Proxy gets .port (listener "main") and .ports.
+    [proxy] section; env adds to the daemon's environment. The Proxy gets .port (listener "main") and .ports.
 
     At teardown the daemon must still be alive, exit 0 on SIGTERM and have no
     sanitizer reports in its log (unless the test stopped it itself)."""
     made = []
 
-    def make(upstream, extra_listeners=(), proxy_opts=None, upstream_opts=None, **listener):
+    def make(upstream, extra_listeners=(), proxy_opts=None, upstream_opts=None, env=None,
+             **listener):
         addr = upstream if isinstance(upstream, str) else upstream.address
         port = h.free_port()
         opts = {
@@ -84,7 +85,7 @@ def make_proxy(stp_bin, tls_files, tmp_path):
         listeners = [("main", opts)] + list(extra_listeners)
         text = h.render_config(popts, listeners, [("up", uopts)])
         workdir = str(tmp_path / ("proxy%d" % len(made)))
-        p = h.Proxy(stp_bin, workdir, text, n_listeners=len(listeners))
+        p = h.Proxy(stp_bin, workdir, text, n_listeners=len(listeners), env=env)
         ports = {}
         for name, o in listeners:
             lp = o.get("listen", "")

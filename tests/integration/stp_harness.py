@@ -167,8 +167,9 @@ def render_config(proxy=None, listeners=(), upstreams=()):
 class Proxy:
     """One running starttls-proxy process."""
 
-    def __init__(self, binary, workdir, config_text, n_listeners=1):
+    def __init__(self, binary, workdir, config_text, n_listeners=1, env=None):
         self.binary = binary
+        self.env = env              # extra environment variables
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         self.config_path = os.path.join(workdir, "stp.conf")
@@ -187,7 +188,7 @@ class Proxy:
         self.proc = subprocess.Popen(
             [self.binary, "-c", self.config_path],
             stdin=subprocess.DEVNULL, stdout=self._logf, stderr=self._logf,
-            cwd=self.workdir,
+            cwd=self.workdir, env=dict(os.environ, **self.env) if self.env else None,
         )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
