@@ -196,6 +196,7 @@ struct stp_smtp {
      * of its life and should not carry it). */
     bool in_reply;
     int reply_code;
+    size_t reply_bytes;  /* of the reply being relayed, up to STP_MAX_REPLY */
     char *ehlo;
     size_t ehlo_len;
     bool ehlo_overflow;

@@ -26,6 +26,7 @@
 #define STP_MAX_LINE_MAX 8192
 #define STP_MAX_REPLY_LINE 2048
 #define STP_MAX_EHLO_REPLY 8192
+#define STP_MAX_REPLY (64 * 1024) /* one multi-line reply, all lines */
 
 /* Broken invariants abort; bad input never does. */
 #define STP_ASSERT(c)                                                          \

@@ -536,6 +536,11 @@ long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n)
             return upstream_error(s, "reason=bad_reply_line");
         if (s->in_reply && code != s->reply_code)
             return upstream_error(s, "reason=reply_code_changed");
+        /* Each line is bounded; so is a reply, or "250-" forever would be
+         * relayed forever. */
+        s->reply_bytes = (s->in_reply ? s->reply_bytes : 0) + len + 2;
+        if (s->reply_bytes > STP_MAX_REPLY)
+            return upstream_error(s, "reason=reply_too_long");
         off += used;
         if (s->pend_count == 0) {
             if (code == 421) {

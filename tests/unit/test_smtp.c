@@ -1045,6 +1045,9 @@ struct scen {
 static char d_long[1024], d_long_pend[1024];
 static char d_512[600], d_513[600], d_512lf[600], d_512lf_up[600];
 static char d_long_reply[2200];
+/* 70 lines of "250-" and 1000 x: over STP_MAX_REPLY after 65 of them */
+static char d_endless[70 * 1006 + 1], d_endless_cli[sizeof(GREET) + 65 * 1006 +
+                                                  sizeof(ERR421)];
 static char d_70noop[70 * 6 + 1], d_64ok[64 * 14 + 1], d_6ok[6 * 14 + 1],
     d_70ok_cli[sizeof(GREET) + 70 * 14 + 1];
 
@@ -1068,6 +1071,17 @@ static void init_dynamic(void)
     memset(x2100, 'x', 2100);
     x2100[2100] = 0;
     snprintf(d_long_reply, sizeof(d_long_reply), "250 %s\r\n", x2100);
+    char cont[1007];
+    memset(cont, 'x', sizeof(cont));
+    memcpy(cont, "250-", 4);
+    memcpy(cont + 1004, "\r\n", 3);
+    strcpy(d_endless_cli, GREET);
+    for (int i = 0; i < 70; i++) {
+        strcat(d_endless, cont);
+        if (i < 65)
+            strcat(d_endless_cli, cont);
+    }
+    strcat(d_endless_cli, ERR421);
     d_70noop[0] = d_64ok[0] = d_6ok[0] = 0;
     strcpy(d_70ok_cli, GREET);
     for (int i = 0; i < 70; i++) {
@@ -1518,6 +1532,9 @@ static const struct scen scens[] = {
     {"reply line too long", DEF, {U(GREET), C("NOOP\r\n"), UD(d_long_reply)},
      "NOOP\r\n", NULL, "", GREET ERR421, STP_CLOSE_UPSTREAM_PROTO, 1, 0, false,
      true},
+    {"multi-line reply without an end: 421 past 64 KiB", DEF,
+     {U(GREET), C("NOOP\r\n"), UD(d_endless)}, "NOOP\r\n", NULL, "",
+     d_endless_cli, STP_CLOSE_UPSTREAM_PROTO, 1, 0, false, true},
     {"reply line with an embedded CR", DEF,
      {U(GREET), C("NOOP\r\n"), U("250 a\rb\r\n")}, "NOOP\r\n", NULL, "",
      GREET ERR421, STP_CLOSE_UPSTREAM_PROTO, 1, 0, false, true},
