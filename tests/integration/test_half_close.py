@@ -20,40 +20,33 @@ def reply_codes(data):
     return [int(l[:3]) for l in data.split(b"\r\n") if len(l) >= 4 and l[3:4] == b" "]
 
 
-def test_plaintext_half_close_gets_every_reply(make_proxy, aio):
+def plaintext_half_close(make_proxy, aio, data):
+    """EHLO, DATA, then FIN: (proxy, the replies up to the close)."""
     proxy = make_proxy(aio, tls="none", require_tls=None)
     with h.SmtpConn(proxy.port) as c:
         c.greeting()
         c.expect("EHLO client.test", 250)
-        c.send(PIPELINED)
+        c.send(data)
         c.sock.shutdown(socket.SHUT_WR)
-        got = c.read_until_closed()
+        return proxy, c.read_until_closed()
+
+
+def test_plaintext_half_close_gets_every_reply(make_proxy, aio):
+    proxy, got = plaintext_half_close(make_proxy, aio, PIPELINED)
     assert reply_codes(got) == [250, 250, 354, 250, 221], got
     assert [m["original_content"] for m in aio.wait_messages(1)] == [MSG]
     proxy.wait_event("disconnect", reason="quit")
 
 
 def test_half_close_without_quit_closes_after_the_replies(make_proxy, aio):
-    proxy = make_proxy(aio, tls="none", require_tls=None)
-    with h.SmtpConn(proxy.port) as c:
-        c.greeting()
-        c.expect("EHLO client.test", 250)
-        c.send(PIPELINED[:-len(b"QUIT\r\n")])
-        c.sock.shutdown(socket.SHUT_WR)
-        got = c.read_until_closed()
+    proxy, got = plaintext_half_close(make_proxy, aio, PIPELINED[:-len(b"QUIT\r\n")])
     assert reply_codes(got) == [250, 250, 354, 250], got
     assert len(aio.wait_messages(1)) == 1
     proxy.wait_event("disconnect", reason="client_eof")
 
 
 def test_half_close_in_the_middle_of_a_message_delivers_nothing(make_proxy, aio):
-    proxy = make_proxy(aio, tls="none", require_tls=None)
-    with h.SmtpConn(proxy.port) as c:
-        c.greeting()
-        c.expect("EHLO client.test", 250)
-        c.send(b"MAIL FROM:<b@example.org>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n" + MSG)
-        c.sock.shutdown(socket.SHUT_WR)
-        got = c.read_until_closed()
+    proxy, got = plaintext_half_close(make_proxy, aio, PIPELINED[:PIPELINED.index(b".\r\n")])
     assert reply_codes(got) == [250, 250, 354], got
     proxy.wait_event("disconnect", reason="client_eof")
     time.sleep(0.5)
