@@ -58,6 +58,13 @@ int stp_bdat_parse(const char *arg, size_t len, uint64_t *size, bool *last);
  * Returns 0 with *code and *last set, or -EINVAL if it is not a reply line. */
 int stp_reply_line(const char *line, size_t len, int *code, bool *last);
 
+/* Does an EHLO extension line's text (after "250-") name keyword KW? Blanks
+ * before it are skipped, as clients do; RFC 5321 keywords are letters,
+ * digits and '-', anything else ends one ("AUTH=", "AUTH\t", "AUTH PLAIN"
+ * are all AUTH). The proxy's own EHLO and the client's use this one
+ * matcher. */
+bool stp_ehlo_keyword_is(const char *text, size_t n, const char *kw);
+
 /* EHLO reply filter. IN is a complete 250 reply (lines with CRLF). Writes the
  * edited reply into OUT: drops extension lines named by FLAGS, always drops
  * STARTTLS/XCLIENT/XFORWARD, appends STARTTLS when asked, and fixes the

@@ -69,17 +69,6 @@ static void advance(struct stp_prelude *p)
     }
 }
 
-static bool keyword(const char *t, size_t n, const char *kw)
-{
-    size_t k = strlen(kw);
-    while (n && (*t == ' ' || *t == '\t')) {
-        t++;
-        n--;
-    }
-    return n >= k && strncasecmp(t, kw, k) == 0 &&
-           (n == k || t[k] == ' ' || t[k] == '=');
-}
-
 /* Keep a greeting line (the client will be greeted with it). */
 static bool keep_greeting(struct stp_prelude *p, const char *line, size_t len)
 {
@@ -126,9 +115,9 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         return true;
     case STP_UP_EHLO:
         /* The first line is the server's name, not an extension. */
-        if (code == 250 && !first && keyword(text, tl, "STARTTLS"))
+        if (code == 250 && !first && stp_ehlo_keyword_is(text, tl, "STARTTLS"))
             p->offers_starttls = true;
-        if (code == 250 && !first && keyword(text, tl, "XCLIENT"))
+        if (code == 250 && !first && stp_ehlo_keyword_is(text, tl, "XCLIENT"))
             p->offers_xclient = true;
         if (!last)
             return true;

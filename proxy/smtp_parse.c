@@ -131,11 +131,13 @@ int stp_reply_line(const char *line, size_t len, int *code, bool *last)
     return 0;
 }
 
-/* Does the extension text start with keyword KW as a whole token? RFC 5321
- * keywords are letters, digits and '-': anything else ends one (so "AUTH=",
- * "AUTH\t" and "AUTH PLAIN" are all AUTH). */
-static bool ehlo_keyword_is(const char *t, size_t n, const char *kw)
+bool stp_ehlo_keyword_is(const char *t, size_t n, const char *kw)
 {
+    /* Clients skip blanks before the keyword, so must we. */
+    while (n && (*t == ' ' || *t == '\t')) {
+        t++;
+        n--;
+    }
     size_t k = strlen(kw);
     if (n < k || strncasecmp(t, kw, k) != 0)
         return false;
@@ -170,24 +172,18 @@ int stp_ehlo_filter(const char *in, size_t inlen, char *out, size_t outcap,
             t = len > 4 ? in + off + 4 : in + off + len;
             tl = len > 4 ? len - 4 : 0;
             off += used;
-            /* Clients skip blanks before the keyword, so must we. */
-            size_t b = 0;
-            while (b < tl && (t[b] == ' ' || t[b] == '\t'))
-                b++;
-            const char *kw = t + b;
-            size_t kwl = tl - b;
             bool was_first = first;
             first = false;
             if (!was_first) {
-                if (ehlo_keyword_is(kw, kwl, "STARTTLS") ||
-                    ehlo_keyword_is(kw, kwl, "XCLIENT") ||
-                    ehlo_keyword_is(kw, kwl, "XFORWARD") ||
+                if (stp_ehlo_keyword_is(t, tl, "STARTTLS") ||
+                    stp_ehlo_keyword_is(t, tl, "XCLIENT") ||
+                    stp_ehlo_keyword_is(t, tl, "XFORWARD") ||
                     ((flags & STP_EHLO_STRIP_AUTH) &&
-                     ehlo_keyword_is(kw, kwl, "AUTH")) ||
+                     stp_ehlo_keyword_is(t, tl, "AUTH")) ||
                     ((flags & STP_EHLO_STRIP_REQUIRETLS) &&
-                     ehlo_keyword_is(kw, kwl, "REQUIRETLS")))
+                     stp_ehlo_keyword_is(t, tl, "REQUIRETLS")))
                     continue;
-                if (ehlo_keyword_is(kw, kwl, "CHUNKING"))
+                if (stp_ehlo_keyword_is(t, tl, "CHUNKING"))
                     *chunking = true;
             }
         } else if (flags & STP_EHLO_OFFER_STARTTLS) {

@@ -346,6 +346,14 @@ static const struct scen scens[] = {
     {"tls: 421 multi-line greeting", CF_TLS,
      {U("421-mx.example\r\n421 busy\r\n")}, "", 0, FAILED, NULL,
      STP_UP_FAIL_TLS, NULL},
+    /* The same keyword matcher as the client's EHLO filter: what the proxy
+     * hides from a client as STARTTLS is what it takes as STARTTLS. */
+    {"tls: STARTTLS<TAB> and a blank before it are STARTTLS", CF_TLS,
+     {U(GREET), U("250-mx\r\n250- STARTTLS\t\r\n250 SIZE\r\n"), U(GO), TLS},
+     EHLO STLS, 1, READY, GREET, 0, NULL},
+    {"tls: STARTTLSX is not STARTTLS", CF_TLS,
+     {U(GREET), U("250-mx\r\n250-STARTTLSX\r\n250 SIZE\r\n")}, EHLO, 0,
+     FAILED, NULL, STP_UP_FAIL_TLS, NULL},
     {"tls: EHLO without STARTTLS", CF_TLS, {U(GREET), U(E_NONE), U(GO)}, EHLO,
      0, FAILED, NULL, STP_UP_FAIL_TLS, NULL},
     {"tls: EHLO refused", CF_TLS, {U(GREET), U("502 5.5.1 no EHLO\r\n")},
