@@ -216,7 +216,7 @@ static void drain_and_close(struct stp_session *s, const char *reason,
 
 static void fail_write(struct stp_session *s, struct stp_conn *c, int r)
 {
-    stp_log(STP_LOG_WARN, SID " event=error side=%s error=%s", s->id,
+    stp_log(STP_LOG_WARN, SID " event=error side=%s error=\"%s\"", s->id,
             c == &s->client ? "client" : "upstream", stp_strerror(r));
     s->reason = "write_error";
     if (c == &s->upstream)
