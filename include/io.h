@@ -120,9 +120,15 @@ bool stp_conn_idle(const struct stp_conn *c); /* nothing queued or in flight */
  * buffered so far is discarded: it was plaintext. */
 int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
                        const char *server_name);
-/* Process buffered ciphertext and plaintext: used after the owner stalled
- * and can take input again (bytes inside wolfSSL never wake the loop). */
-void stp_conn_resume(struct stp_conn *c);
+/* After the owner stalled and can take input again: decrypt what is
+ * buffered (bytes inside wolfSSL never wake the loop) and return the event
+ * that brought (DATA, EOF, ERROR with *ERR), for the owner to dispatch
+ * itself; false: none. Reading restarts if it was paused.
+ *
+ * No function here calls the owner back before it returns: errors are
+ * returned, and events come only from libuv's callbacks (or from this
+ * one's result), so a caller is never re-entered half-way. */
+bool stp_conn_pull(struct stp_conn *c, enum stp_io_event *ev, int *err);
 
 /* Close the handle; close_cb runs when libuv is done with it. */
 void stp_conn_close(struct stp_conn *c, uv_close_cb close_cb);

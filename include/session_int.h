@@ -45,6 +45,7 @@ struct stp_session {
     int open_handles;
     bool upstream_closed;
     bool client_eof;             /* the client half-closed: reads no more */
+    int client_err, upstream_err; /* a write failed inside the engine */
     const char *reason;
     uint64_t start_ms;
     /* Deadlines are computed from these (milliseconds of uv_now). */

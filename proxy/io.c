@@ -209,30 +209,28 @@ static unsigned outq_bufs(const struct stp_conn *c, uv_buf_t *bufs)
 
 /* Write what is queued. The socket usually takes it all at once: then no
  * write request, no callback and no change to the epoll set (uv_write costs
- * an epoll_ctl per call). Only the rest goes to uv_write, which also reports
- * any error later, from write_cb. */
-static void start_write(struct stp_conn *c)
+ * an epoll_ctl per call). Only the rest goes to uv_write, which reports a
+ * later error from write_cb. An error now is returned, never called back:
+ * the owner may be in the middle of something (the SMTP engine). */
+static int start_write(struct stp_conn *c)
 {
     uv_buf_t bufs[STP_OUTQ_SLOTS];
     if (c->out_inflight || !c->out_count || c->closing)
-        return;
+        return 0;
     int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, outq_bufs(c, bufs));
     if (n > 0)
         outq_consume(c, (size_t)n);
     if (!c->out_count)
-        return;
+        return 0;
     /* Most sessions never get here: the request exists only meanwhile. */
-    if (!c->wreq && !(c->wreq = malloc(sizeof(*c->wreq)))) {
-        c->cb(c, STP_IO_ERROR, UV_ENOMEM);
-        return;
-    }
+    if (!c->wreq && !(c->wreq = malloc(sizeof(*c->wreq))))
+        return -ENOMEM;
     c->out_inflight = outq_bufs(c, bufs);
     int r = uv_write(c->wreq, (uv_stream_t *)&c->tcp, bufs, c->out_inflight,
                      write_cb);
-    if (r < 0) {
+    if (r < 0)
         c->out_inflight = 0;
-        c->cb(c, STP_IO_ERROR, r);
-    }
+    return r;
 }
 
 static void write_cb(uv_write_t *req, int status)
@@ -250,11 +248,12 @@ static void write_cb(uv_write_t *req, int status)
     c->out_inflight = 0;
     if (status == UV_ECANCELED || c->closing)
         return;
+    if (status == 0)
+        status = start_write(c);
     if (status < 0) {
         c->cb(c, STP_IO_ERROR, status);
         return;
     }
-    start_write(c);
     /* Only a write that had to wait reports the queue empty: the owner
      * checks the queue itself after its own flushes. */
     if (!c->out_count) {
@@ -301,13 +300,63 @@ static void tell_eof(struct stp_conn *c)
     c->cb(c, STP_IO_EOF, 0);
 }
 
-/* Run the handshake and decrypt into rx while the owner takes input. */
+/* Decrypt buffered records into rx, as many as there is room for. Returns
+ * the event the owner is to get (DATA, EOF or ERROR with *ERR), or -1 for
+ * none; calls nobody. An end or error after data is reported by the next
+ * call (wolfSSL reports it again). */
+static int tls_fill(struct stp_conn *c, int *err)
+{
+    *err = 0;
+    if (c->closing || !c->tls_ready || !c->reading || c->eof_told)
+        return -1;
+    size_t room = make_room(&c->rx, &c->rx_off);
+    if (room == 0)
+        return -1;
+    /* Every record there is room for before telling the owner: what a peer
+     * sent in several records goes on in one write. */
+    int r;
+    bool got = false;
+    while (room > 0 &&
+           (r = stp_tls_read(c->tls, c->rx->data + c->rx->len, room)) > 0) {
+        c->rx->len += (uint32_t)r;
+        room -= (size_t)r;
+        got = true;
+    }
+    if (got)
+        return STP_IO_DATA;
+    if (r == -EAGAIN) {
+        int w = stp_conn_flush(c); /* a read may have produced alerts */
+        if (w < 0) {
+            *err = w;
+            return STP_IO_ERROR;
+        }
+        /* Fetched for a read that brought nothing: an idle session holds
+         * no buffer. */
+        if (c->rx && c->rx->len == 0)
+            stp_conn_discard_input(c);
+        /* The peer's FIN came before its last records: told now that they
+         * are decrypted. */
+        if (!c->eof || (c->crx && c->crx_off < c->crx->len))
+            return -1;
+    } else if (r < 0) {
+        *err = r;
+        return STP_IO_ERROR;
+    }
+    /* close_notify, or the FIN after the last record */
+    c->eof = c->eof_told = true;
+    return STP_IO_EOF;
+}
+
+/* Run the handshake and decrypt into rx while the owner takes input. Only
+ * from a libuv callback: it calls the owner. */
 static void tls_pump(struct stp_conn *c)
 {
     while (!c->closing) {
         if (!c->tls_ready) {
             int r = stp_tls_handshake(c->tls);
-            stp_conn_flush(c);
+            int w = stp_conn_flush(c);
+            if (r == -EAGAIN && w < 0)
+                r = w;
             if (r == -EAGAIN)
                 break;
             if (r < 0) {
@@ -318,51 +367,14 @@ static void tls_pump(struct stp_conn *c)
             c->cb(c, STP_IO_TLS_READY, 0);
             continue;
         }
-        if (!c->reading || c->eof_told)
+        int err, ev = tls_fill(c, &err);
+        if (ev < 0)
             break;
-        size_t room = make_room(&c->rx, &c->rx_off);
-        if (room == 0)
-            break;
-        /* Decrypt every record there is room for before telling the owner:
-         * what a peer sent in several records goes on in one write. */
-        int r;
-        bool got = false;
-        while (room > 0 && (r = stp_tls_read(c->tls, c->rx->data + c->rx->len,
-                                             room)) > 0) {
-            c->rx->len += (uint32_t)r;
-            room -= (size_t)r;
-            got = true;
-        }
-        if (got) {
-            c->cb(c, STP_IO_DATA, 0);
-            /* The end (or an error) after the data waits until the owner
-             * takes input again: wolfSSL reports it again then. */
-            if (room == 0 || r > 0 || c->closing || !c->reading)
-                continue;
-        }
-        if (r == -EAGAIN) {
-            stp_conn_flush(c); /* a read may have produced alerts */
-            /* Fetched for a read that brought nothing: an idle session
-             * holds no buffer. */
-            if (c->rx && c->rx->len == 0)
-                stp_conn_discard_input(c);
-            /* The peer's FIN came before its last records: told now that
-             * they are decrypted. */
-            if (c->eof && !(c->crx && c->crx_off < c->crx->len)) {
-                tell_eof(c);
-                return;
-            }
-            break;
-        }
-        if (r == 0) { /* close_notify */
-            c->eof = true;
-            tell_eof(c);
+        if (ev == STP_IO_EOF)
+            update_reading(c);
+        c->cb(c, (enum stp_io_event)ev, err);
+        if (ev != STP_IO_DATA)
             return;
-        }
-        if (r < 0) {
-            c->cb(c, STP_IO_ERROR, r);
-            return;
-        }
     }
     if (!c->closing)
         update_reading(c);
@@ -534,10 +546,7 @@ int stp_conn_flush(struct stp_conn *c)
     if (c->closing)
         return 0;
     int r = seal(c);
-    if (r < 0)
-        return r;
-    start_write(c);
-    return 0;
+    return r < 0 ? r : start_write(c);
 }
 
 int stp_conn_close_notify(struct stp_conn *c)
@@ -548,8 +557,8 @@ int stp_conn_close_notify(struct stp_conn *c)
     int r = seal(c);
     if (r == 0)
         stp_tls_shutdown(c->tls);
-    start_write(c);
-    return r;
+    int w = start_write(c);
+    return r < 0 ? r : w;
 }
 
 bool stp_conn_busy(const struct stp_conn *c)
@@ -581,19 +590,26 @@ int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
     if (r < 0)
         return r;
     c->tls_ready = false;
-    /* A client speaks first: its ClientHello goes out now. */
-    tls_pump(c);
-    return 0;
+    /* A client speaks first: its ClientHello goes out now. A handshake
+     * needs the peer, so nothing completes here; the next read goes on. */
+    r = stp_tls_handshake(c->tls);
+    int w = stp_conn_flush(c);
+    if (r == -EAGAIN || r == 0)
+        r = w;
+    update_reading(c);
+    return r;
 }
 
-void stp_conn_resume(struct stp_conn *c)
+bool stp_conn_pull(struct stp_conn *c, enum stp_io_event *ev, int *err)
 {
-    if (c->closing)
-        return;
-    if (c->tls && c->reading)
-        tls_pump(c);
-    else
+    *err = 0;
+    int e = c->tls ? tls_fill(c, err) : -1;
+    if (!c->closing)
         update_reading(c);
+    if (e < 0)
+        return false;
+    *ev = (enum stp_io_event)e;
+    return true;
 }
 
 void stp_conn_close(struct stp_conn *c, uv_close_cb close_cb)

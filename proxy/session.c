@@ -229,7 +229,7 @@ static void act_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
                             size_t n)
 {
     struct stp_session *s = ctx;
-    if (s->upstream_closed)
+    if (s->upstream_closed || s->upstream_err)
         return;
     int r;
     if (kind == STP_FWD_RAW) {
@@ -239,16 +239,30 @@ static void act_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
         if (r == 0)
             r = stp_conn_write(&s->upstream, "\r\n", 2);
     }
-    if (r < 0)
-        fail_write(s, &s->upstream, r);
+    if (r < 0 && !s->upstream_err)
+        s->upstream_err = r; /* acted on once the engine has returned */
 }
 
 static void act_to_client(void *ctx, const char *p, size_t n)
 {
     struct stp_session *s = ctx;
+    if (s->client_err)
+        return;
     int r = stp_conn_write(&s->client, p, n);
     if (r < 0)
-        fail_write(s, &s->client, r);
+        s->client_err = r; /* acted on once the engine has returned */
+}
+
+/* A write that failed inside an engine action is acted on here, outside
+ * the engine, which must not be re-entered half-way through a step. */
+static void write_errors(struct stp_session *s)
+{
+    if (s->client_err && s->state != STP_SS_CLOSED)
+        fail_write(s, &s->client, s->client_err);
+    else if (s->upstream_err && !s->upstream_closed &&
+             s->state < STP_SS_DRAINING)
+        fail_write(s, &s->upstream, s->upstream_err);
+    s->client_err = s->upstream_err = 0;
 }
 
 static void act_start_tls(void *ctx)
@@ -391,6 +405,9 @@ void stp_session_settle(struct stp_session *s)
 {
     if (s->state == STP_SS_CLOSED)
         return;
+    write_errors(s);
+    if (s->state == STP_SS_CLOSED)
+        return;
     flush_both(s);
     if (s->state == STP_SS_STARTTLS && stp_conn_idle(&s->client)) {
         /* Nothing of ours is left to send in plaintext. Whatever the client
@@ -428,13 +445,25 @@ static const char *stp_tls_error_or(struct stp_conn *c, int err)
  * is buffered is offered again; then, with reading allowed again, TLS is
  * pumped: bytes held in wolfSSL or in its input buffer would otherwise wait
  * for a socket event that may never come (the client waits for a reply). */
+static void on_client(struct stp_conn *c, enum stp_io_event ev, int err);
+
 static void resume_client(struct stp_session *s)
 {
-    process_client(s);
-    if (s->state != STP_SS_RELAY)
-        return;
-    set_reading(s);
-    stp_conn_resume(&s->client);
+    enum stp_io_event ev;
+    int err;
+    for (;;) {
+        process_client(s);
+        if (s->state != STP_SS_RELAY)
+            return;
+        set_reading(s);
+        /* What was decrypted is dispatched here, after the I/O call
+         * returned, as if it came from the loop. */
+        if (!stp_conn_pull(&s->client, &ev, &err))
+            return;
+        on_client(&s->client, ev, err);
+        if (ev != STP_IO_DATA)
+            return;
+    }
 }
 
 static void log_client_tls(struct stp_session *s, const char *event)

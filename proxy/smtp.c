@@ -43,9 +43,12 @@ const char *stp_close_reason_name(enum stp_close_reason r)
     return r < STP_ARRAY_LEN(names) && names[r] ? names[r] : "?";
 }
 
-/* The single place where the phase changes. */
+/* The single place where the phase changes. CLOSED is final: nothing an
+ * action did on the way out may open the engine again. */
 static void enter(struct stp_smtp *s, enum stp_phase ph)
 {
+    if (s->phase == STP_PH_CLOSED)
+        return;
     if (s->ops->phase && ph != s->phase)
         s->ops->phase(s->ctx, s->phase, ph);
     s->phase = ph;
