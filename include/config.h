@@ -14,6 +14,12 @@ enum stp_tls_mode {
     STP_TLS_IMPLICIT,
 };
 
+/* What a listener speaks, with its clients and with its upstream. */
+enum stp_protocol {
+    STP_PROTO_SMTP = 0,
+    STP_PROTO_LMTP,     /* RFC 2033: LHLO, a reply per recipient */
+};
+
 /* TLS protocol versions, in order. */
 enum stp_tls_version {
     STP_TLS_V1_0 = 0, STP_TLS_V1_1, STP_TLS_V1_2, STP_TLS_V1_3,
@@ -72,6 +78,7 @@ struct stp_listener_cfg {
     char *name;
     char *listen_text;
     struct sockaddr_storage addr;
+    enum stp_protocol protocol;      /* default smtp */
     enum stp_tls_mode tls;           /* default starttls */
     bool require_tls;                /* default yes (no for tls = none) */
     char *cert;                      /* PEM chain file, NULL: self-signed */

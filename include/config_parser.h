@@ -76,6 +76,7 @@ enum key_id {
     K_TIMEOUT_HANDSHAKE,
     K_TIMEOUT_COMMAND,
     K_TIMEOUT_DATA,
+    K_PROTOCOL,
     K_COUNT,
 };
 

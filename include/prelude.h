@@ -43,6 +43,7 @@ struct stp_up_ops {
 struct stp_up_cfg {
     bool starttls;          /* upstream tls = starttls */
     const char *ehlo_name;  /* our EHLO argument */
+    bool lmtp;              /* say LHLO, not EHLO */
     const char *xclient;    /* the XCLIENT line, or NULL; must outlive P */
 };
 

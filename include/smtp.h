@@ -31,7 +31,7 @@ enum stp_cmd {
     STP_CMD_EHLO, STP_CMD_HELO, STP_CMD_MAIL, STP_CMD_RCPT, STP_CMD_DATA,
     STP_CMD_BDAT, STP_CMD_RSET, STP_CMD_NOOP, STP_CMD_QUIT, STP_CMD_VRFY,
     STP_CMD_EXPN, STP_CMD_HELP, STP_CMD_ETRN, STP_CMD_AUTH, STP_CMD_STARTTLS,
-    STP_CMD_XCLIENT, STP_CMD_XFORWARD,
+    STP_CMD_XCLIENT, STP_CMD_XFORWARD, STP_CMD_LHLO,
 };
 
 /* A command line (no terminator) split the way the most lenient upstream
@@ -74,6 +74,7 @@ enum {
     STP_EHLO_OFFER_STARTTLS = 1 << 0,
     STP_EHLO_STRIP_AUTH = 1 << 1,
     STP_EHLO_STRIP_REQUIRETLS = 1 << 2,
+    STP_EHLO_STRIP_CHUNKING = 1 << 3,
 };
 int stp_ehlo_filter(const char *in, size_t inlen, char *out, size_t outcap,
                     unsigned flags, bool *chunking);
@@ -149,6 +150,7 @@ struct stp_smtp_cfg {
     bool require_tls;       /* 530 before TLS */
     bool tls_active;        /* implicit TLS: starts active */
     bool upstream_tls;      /* upstream leg encrypted (REQUIRETLS passes) */
+    bool lmtp;              /* RFC 2033: LHLO, a reply per recipient */
     uint32_t max_line;      /* client command line limit incl. CRLF */
     uint32_t max_errors;    /* consecutive error replies before 421; 0: no cap */
     const char *hostname;   /* in 421 texts */
@@ -175,6 +177,7 @@ enum stp_pend {
     STP_PEND_RSET_INTERNAL, /* ours, at the TLS boundary: not relayed */
     STP_PEND_MAIL,          /* a 2xx opens a transaction */
     STP_PEND_RESET,         /* HELO, RSET, BDAT LAST: the transaction ends */
+    STP_PEND_RCPT,          /* a 2xx adds a recipient (LMTP counts them) */
 };
 
 #define STP_SMTP_MAX_PENDING 64
@@ -191,6 +194,8 @@ struct stp_smtp {
     bool reply_421;      /* the client already got a 421 */
     bool partial;        /* a command line has begun but not ended */
     bool in_tx;          /* the upstream accepted a MAIL, no end yet */
+    uint32_t rcpts;      /* recipients the upstream accepted in it */
+    uint32_t lmtp_due;   /* LMTP: replies still due to the end of data */
     bool need_helo;      /* TLS started, no EHLO/HELO since: the upstream
                             still holds the plaintext one */
     uint32_t errors;     /* consecutive error replies */

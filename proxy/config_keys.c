@@ -105,6 +105,7 @@ static int set_enum(struct parser *p, const struct key_def *k, void *obj,
 }
 
 static const char *const tls_modes[] = {"none", "starttls", "implicit", NULL};
+static const char *const protocols[] = {"smtp", "lmtp", NULL};
 static const char *const versions[] = {"1.0", "1.1", "1.2", "1.3", NULL};
 static const char *const verify_modes[] = {"none", "optional", "require",
                                            NULL};
@@ -257,6 +258,8 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
                        LST(max_connections_per_ip), 0},
     [K_MAX_ERRORS] = {SECT_LISTENER, "max_errors", set_count,
                       LST(max_errors), 0},
+    [K_PROTOCOL] = {SECT_LISTENER, "protocol", set_enum, LST(protocol), 0,
+                    protocols, "smtp or lmtp"},
     [K_TIMEOUT_HANDSHAKE] = {SECT_LISTENER, "timeout_handshake", set_duration,
                              LST(timeout_handshake_ms), 0},
     [K_TIMEOUT_COMMAND] = {SECT_LISTENER, "timeout_command", set_duration,

@@ -53,14 +53,19 @@ static void send_line(struct stp_prelude *p, enum stp_up_step next,
         free(line);
 }
 
+static const char *hello_verb(const struct stp_prelude *p)
+{
+    return p->cfg.lmtp ? "LHLO " : "EHLO ";
+}
+
 /* Next step after the greeting or the handshake. */
 static void advance(struct stp_prelude *p)
 {
     if (p->cfg.starttls && !p->tls_done) {
-        send_line(p, STP_UP_EHLO, "EHLO ", p->cfg.ehlo_name);
+        send_line(p, STP_UP_EHLO, hello_verb(p), p->cfg.ehlo_name);
     } else if (p->cfg.xclient && !p->offers_xclient) {
         /* After TLS the server's capabilities must be learnt again. */
-        send_line(p, STP_UP_EHLO, "EHLO ", p->cfg.ehlo_name);
+        send_line(p, STP_UP_EHLO, hello_verb(p), p->cfg.ehlo_name);
     } else if (p->cfg.xclient) {
         send_line(p, STP_UP_XCLIENT, p->cfg.xclient, "");
     } else {

@@ -713,6 +713,7 @@ int stp_session_accept(struct stp_listener *lst)
         .require_tls = lc->require_tls,
         .tls_active = lc->tls == STP_TLS_IMPLICIT,
         .upstream_tls = s->up->tls != STP_TLS_NONE,
+        .lmtp = lc->protocol == STP_PROTO_LMTP,
         .max_line = lc->max_line,
         .max_errors = lc->max_errors,
         .hostname = s->gen->cfg.hostname,

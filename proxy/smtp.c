@@ -260,6 +260,10 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     }
     struct stp_cmdline cl;
     stp_cmd_parse(line, len, &cl);
+    /* LMTP's LHLO is its EHLO, for the policy too; elsewhere it is no
+     * command of ours (forwarded as it is, as an unknown verb). */
+    if (cl.cmd == STP_CMD_LHLO)
+        cl.cmd = s->cfg.lmtp ? STP_CMD_EHLO : STP_CMD_UNKNOWN;
     enum stp_cmd c = cl.cmd;
     const char *why = NULL;
     const char *text = local_reply(s, &cl, &why);
@@ -328,13 +332,17 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     case STP_CMD_HELO: case STP_CMD_RSET:
         forward_cmd(s, line, len, &cl, STP_PEND_RESET);
         break;
-    case STP_CMD_UNKNOWN: case STP_CMD_RCPT: case STP_CMD_NOOP:
+    case STP_CMD_RCPT:
+        forward_cmd(s, line, len, &cl, STP_PEND_RCPT);
+        break;
+    case STP_CMD_UNKNOWN: case STP_CMD_NOOP:
     case STP_CMD_VRFY: case STP_CMD_EXPN: case STP_CMD_HELP:
     case STP_CMD_ETRN:
         forward_cmd(s, line, len, &cl, STP_PEND_CMD);
         break;
     case STP_CMD_STARTTLS: case STP_CMD_XCLIENT: case STP_CMD_XFORWARD:
-        STP_ASSERT(!"answered locally");
+    case STP_CMD_LHLO:
+        STP_ASSERT(!"answered locally or mapped above");
     }
     return true;
 }
@@ -460,9 +468,15 @@ static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
         break;
     case STP_PEND_MAIL:
         s->in_tx = code >= 200 && code < 300;
+        s->rcpts = 0;
+        break;
+    case STP_PEND_RCPT:
+        if (code >= 200 && code < 300)
+            s->rcpts++;
         break;
     case STP_PEND_EHLO: case STP_PEND_DATA_END: case STP_PEND_RESET:
         s->in_tx = false;
+        s->rcpts = 0;
         break;
     case STP_PEND_CMD: case STP_PEND_BDAT: case STP_PEND_RSET_INTERNAL:
         break;
@@ -489,6 +503,10 @@ static bool ehlo_flush(struct stp_smtp *s)
         flags |= STP_EHLO_OFFER_STARTTLS | STP_EHLO_STRIP_AUTH;
     if (!s->cfg.upstream_tls)
         flags |= STP_EHLO_STRIP_REQUIRETLS;
+    /* LMTP's BDAT LAST would owe a reply per recipient, or one: the proxy
+     * could not tell how many to wait for. Clients use DATA. */
+    if (s->cfg.lmtp)
+        flags |= STP_EHLO_STRIP_CHUNKING;
     int r = stp_ehlo_filter(s->ehlo, s->ehlo_len, out, sizeof(out), flags,
                             &s->chunking);
     free(s->ehlo);
@@ -508,6 +526,17 @@ static void relay_line(struct stp_smtp *s, const char *line, size_t len)
     memcpy(buf, line, len);
     memcpy(buf + len, "\r\n", 2);
     s->ops->to_client(s->ctx, buf, len + 2);
+}
+
+/* LMTP: after the end of data, does another reply follow this one? The
+ * count is taken at the first reply, when every RCPT's reply is in. */
+static bool lmtp_more(struct stp_smtp *s)
+{
+    if (!s->cfg.lmtp)
+        return false;
+    if (s->lmtp_due == 0)
+        s->lmtp_due = s->rcpts ? s->rcpts : 1;
+    return --s->lmtp_due > 0;
 }
 
 static long upstream_error(struct stp_smtp *s, const char *detail)
@@ -570,6 +599,17 @@ long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n)
         }
         if (!last)
             continue;
+        if (kind == STP_PEND_DATA_END && lmtp_more(s)) {
+            /* One reply per recipient the upstream accepted; the session
+             * goes on after the last. */
+            if (code == 421) {
+                s->reply_421 = true;
+                close_session(s, STP_CLOSE_UPSTREAM_421, false);
+                break;
+            }
+            count_reply(s, code);
+            continue;
+        }
         pend_pop(s);
         if (code == 421) {
             s->reply_421 = true;

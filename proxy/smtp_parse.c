@@ -31,7 +31,7 @@ static const struct {
     {"EXPN", STP_CMD_EXPN},         {"HELP", STP_CMD_HELP},
     {"ETRN", STP_CMD_ETRN},         {"AUTH", STP_CMD_AUTH},
     {"STARTTLS", STP_CMD_STARTTLS}, {"XCLIENT", STP_CMD_XCLIENT},
-    {"XFORWARD", STP_CMD_XFORWARD},
+    {"XFORWARD", STP_CMD_XFORWARD}, {"LHLO", STP_CMD_LHLO},
 };
 
 /* Upstreams tokenise with isspace(): Postfix skips leading white space and
@@ -181,7 +181,9 @@ int stp_ehlo_filter(const char *in, size_t inlen, char *out, size_t outcap,
                     ((flags & STP_EHLO_STRIP_AUTH) &&
                      stp_ehlo_keyword_is(t, tl, "AUTH")) ||
                     ((flags & STP_EHLO_STRIP_REQUIRETLS) &&
-                     stp_ehlo_keyword_is(t, tl, "REQUIRETLS")))
+                     stp_ehlo_keyword_is(t, tl, "REQUIRETLS")) ||
+                    ((flags & STP_EHLO_STRIP_CHUNKING) &&
+                     stp_ehlo_keyword_is(t, tl, "CHUNKING")))
                     continue;
                 if (stp_ehlo_keyword_is(t, tl, "CHUNKING"))
                     *chunking = true;

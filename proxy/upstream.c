@@ -98,6 +98,7 @@ static void begin(struct stp_session *s)
     struct stp_up_cfg pc = {
         .starttls = s->up->tls == STP_TLS_STARTTLS,
         .ehlo_name = s->gen->cfg.hostname,
+        .lmtp = s->lcfg->protocol == STP_PROTO_LMTP,
         .xclient = NULL,
     };
     if (s->up->identity == STP_ID_XCLIENT) {

@@ -238,7 +238,7 @@ static const char *const client_lines[] = {
     "XCLIENT\tADDR=6.6.6.6\r\n", " XCLIENT ADDR=6.6.6.6\r\n",
     "\tXFORWARD\vADDR=6.6.6.6\r\n", "XCLIENT\fADDR=6.6.6.6\r\n",
     "DATA\t\r\n", "BDAT\t5\r\n", "AUTH\tPLAIN\r\n", "STARTTLS\t\r\n",
-    "  MAIL\tFROM:<a>\r\n", "RCPT  TO:<b>\r\n",
+    "  MAIL\tFROM:<a>\r\n", "RCPT  TO:<b>\r\n", "LHLO client.test\r\n",
 };
 
 static const char *const upstream_lines[] = {
@@ -269,6 +269,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .tls_active = (c0 >> 2) & 1,
         .upstream_tls = (c0 >> 3) & 1,
         .max_line = max_lines[(c0 >> 4) % N(max_lines)],
+        .lmtp = (c0 >> 7) & 1,
         .hostname = "fuzz.test",
     };
     F.require_tls = cfg.require_tls;

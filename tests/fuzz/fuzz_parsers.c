@@ -85,7 +85,7 @@ static void fuzz_cmd(const uint8_t *d, size_t n)
     static const char *const verbs[] = {
         "", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP",
         "QUIT", "VRFY", "EXPN", "HELP", "ETRN", "AUTH", "STARTTLS", "XCLIENT",
-        "XFORWARD",
+        "XFORWARD", "LHLO",
     }; /* indexed by enum stp_cmd */
     char *b = dup_exact(d, n);
     struct stp_cmdline cl;

@@ -222,6 +222,7 @@ struct scen {
 #define CF_TLS 1
 #define CF_XC 2
 #define CF_BOTH 3
+#define CF_LMTP 4
 
 #define NAME "proxy.example"
 #define XCL "XCLIENT ADDR=192.0.2.7 PORT=41234 NAME=[UNAVAILABLE]"
@@ -324,6 +325,9 @@ static const struct scen scens[] = {
      {U(GREET), STEP(STP_UP_EHLO), U(E_TLS), STEP(STP_UP_STARTTLS), U(GO),
       STEP(STP_UP_TLS), TLS, STEP(STP_UP_READY)},
      EHLO STLS, 1, READY, GREET, 0, NULL},
+    {"lmtp: LHLO where SMTP says EHLO", CF_TLS | CF_LMTP,
+     {U(GREET), U(E_TLS), U(GO), TLS},
+     "LHLO " NAME "\r\n" STLS, 1, READY, GREET, 0, NULL},
     {"tls: multi-line greeting kept across TLS", CF_TLS,
      {U("220-mx.example\r\n220 ESMTP\r\n"), U(E_TLS), U(GO), TLS},
      EHLO STLS, 1, READY, "220-mx.example\r\n220 ESMTP\r\n", 0, NULL},
@@ -513,6 +517,7 @@ static struct stp_up_cfg make_cfg(int bits)
         .starttls = bits & CF_TLS,
         .ehlo_name = NAME,
         .xclient = (bits & CF_XC) ? XCL : NULL,
+        .lmtp = bits & CF_LMTP,
     };
     return c;
 }

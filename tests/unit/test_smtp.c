@@ -1002,6 +1002,8 @@ struct scen {
      .upstream_tls = uptls, .max_line = 512, .hostname = HOST}
 #define DEF CFG(true, false, false, false)
 #define NONE CFG(false, false, false, false) /* tls = none */
+#define LMTP                                                                   \
+    {.offer_starttls = true, .lmtp = true, .max_line = 512, .hostname = HOST}
 
 #define GREET "220 mx.test ESMTP\r\n"
 #define EHLO_UP                                                                \
@@ -1470,6 +1472,44 @@ static const struct scen scens[] = {
      "AUTH LOGIN\r\nXCLIENT ADDR=1.2.3.4\r\nNOOP\r\n", NULL, "",
      GREET "334 VXNlcm5hbWU6\r\n501 5.5.2 Cannot decode\r\n" OK250, NO_CLOSE,
      -1, 0},
+
+    /* --- LMTP --- */
+    {"LMTP: LHLO is its EHLO, one reply per accepted recipient", LMTP,
+     {U(GREET), C("LHLO c\r\n"), U(EHLO_CHUNK_UP),
+      C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nRCPT TO:<d>\r\n"
+        "DATA\r\n"),
+      U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no\r\n250 2.1.5 Ok\r\n"),
+      U(R354), C("hi\r\n.\r\nNOOP\r\n"), U("250 2.0.0 <b> Saved\r\n"),
+      U("452 4.2.2 <d> over quota\r\n"), U(OK250)},
+     "LHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nRCPT TO:<d>\r\n"
+     "DATA\r\nhi\r\n.\r\nNOOP\r\n",
+     NULL, "hi\r\n.\r\n",
+     GREET "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 STARTTLS\r\n"
+     "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no\r\n250 2.1.5 Ok\r\n" R354
+     "250 2.0.0 <b> Saved\r\n452 4.2.2 <d> over quota\r\n" OK250,
+     NO_CLOSE, -1, 0},
+    {"LMTP: recipients counted per transaction", LMTP,
+     {U(GREET), C("LHLO c\r\n"), U(EHLO_UP), C("MAIL FROM:<a>\r\n"),
+      U("250 2.1.0 Ok\r\n"), C("RCPT TO:<b>\r\n"), U("250 2.1.5 Ok\r\n"),
+      C("RSET\r\nMAIL FROM:<a>\r\nRCPT TO:<c>\r\nDATA\r\n"),
+      U(OK250 "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" R354), C(".\r\nQUIT\r\n"),
+      U("250 2.0.0 <c> Saved\r\n221 2.0.0 Bye\r\n")},
+     "LHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nRSET\r\nMAIL FROM:<a>\r\n"
+     "RCPT TO:<c>\r\nDATA\r\n.\r\nQUIT\r\n",
+     NULL, ".\r\n",
+     GREET EHLO_PLAIN "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" OK250
+     "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" R354
+     "250 2.0.0 <c> Saved\r\n221 2.0.0 Bye\r\n",
+     STP_CLOSE_QUIT, 0, 0},
+    {"LMTP: AUTH and XCLIENT rules as for SMTP", LMTP,
+     {U(GREET), C("LHLO c\r\nAUTH PLAIN AGE=\r\nXCLIENT\tADDR=6.6.6.6\r\n"),
+      U(EHLO_UP)},
+     "LHLO c\r\n", NULL, "", GREET EHLO_PLAIN R538 R550X, NO_CLOSE, -1, 0,
+     true},
+    {"SMTP: LHLO is an unknown verb, the upstream's to answer", DEF,
+     {U(GREET), C("LHLO c\r\n"), U("502 5.5.2 Error: command not recognized\r\n")},
+     "LHLO c\r\n", NULL, "",
+     GREET "502 5.5.2 Error: command not recognized\r\n", NO_CLOSE, -1, 0},
 
     /* --- line framing --- */
     {"line too long, then NOOP works", DEF,
