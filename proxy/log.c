@@ -1,5 +1,6 @@
 /* Logging to stderr: one write() per line so lines from several workers never
  * interleave, UTC timestamps, key=value bodies written by the callers. */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -10,11 +11,20 @@
 #include "log.h"
 #include "stp.h"
 
-static enum stp_log_level log_level = STP_LOG_INFO;
+/* Set by the main thread on reload, read by every worker: atomic. */
+static _Atomic int log_level = STP_LOG_INFO;
 static const char *const level_names[] = {"error", "warn", "info", "debug"};
 
-void stp_log_set_level(enum stp_log_level level) { log_level = level; }
-enum stp_log_level stp_log_get_level(void) { return log_level; }
+void stp_log_set_level(enum stp_log_level level)
+{
+    atomic_store_explicit(&log_level, (int)level, memory_order_relaxed);
+}
+
+enum stp_log_level stp_log_get_level(void)
+{
+    return (enum stp_log_level)atomic_load_explicit(&log_level,
+                                                    memory_order_relaxed);
+}
 
 int stp_log_parse_level(const char *text, enum stp_log_level *level)
 {
@@ -29,7 +39,7 @@ int stp_log_parse_level(const char *text, enum stp_log_level *level)
 
 void stp_log(enum stp_log_level level, const char *fmt, ...)
 {
-    if (level > log_level)
+    if (level > stp_log_get_level())
         return;
     char line[2048];
     struct timeval tv;

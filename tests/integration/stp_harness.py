@@ -271,7 +271,7 @@ class Proxy:
                 problems.append("starttls-proxy exited with code %s on SIGTERM (expected 0)" % rc)
         text = self.log_text()
         for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
-                       "assertion failed"):
+                       "WARNING: ThreadSanitizer", "assertion failed"):
             if marker in text:
                 problems.append("daemon log contains %r" % marker)
         if problems:
