@@ -14,7 +14,8 @@
 #define SESSION_MAGIC 0x53545053u /* "STPS" */
 
 enum stp_sstate {
-    STP_SS_TLS_ACCEPT = 0, /* implicit TLS: handshake before anything else */
+    STP_SS_NEW = 0,        /* accepted, nothing started */
+    STP_SS_TLS_ACCEPT,     /* implicit TLS: handshake before anything else */
     STP_SS_CONNECTING,     /* connecting upstream; the client waits */
     STP_SS_UPSTREAM_TLS,   /* TLS handshake with the upstream */
     STP_SS_PRELUDE,        /* our own EHLO/STARTTLS/XCLIENT with the upstream */

@@ -12,8 +12,28 @@
 #define DRAIN_TIMEOUT_MS 5000 /* for a final reply the client won't read */
 
 static const char *const sstate_names[STP_SS_COUNT] = {
-    "tls_accept", "connecting", "upstream_tls", "prelude", "relay",
-    "starttls",   "handshake",  "draining",     "closed",
+    [STP_SS_NEW] = "new",           [STP_SS_TLS_ACCEPT] = "tls_accept",
+    [STP_SS_CONNECTING] = "connecting", [STP_SS_UPSTREAM_TLS] = "upstream_tls",
+    [STP_SS_PRELUDE] = "prelude",   [STP_SS_RELAY] = "relay",
+    [STP_SS_STARTTLS] = "starttls", [STP_SS_HANDSHAKE] = "handshake",
+    [STP_SS_DRAINING] = "draining", [STP_SS_CLOSED] = "closed",
+};
+
+#define TO(st) (1u << (st))
+/* Every session may end (DRAINING, CLOSED) until it has; CLOSED is final. */
+#define ENDS (TO(STP_SS_DRAINING) | TO(STP_SS_CLOSED))
+static const unsigned legal_moves[STP_SS_COUNT] = {
+    [STP_SS_NEW] = TO(STP_SS_TLS_ACCEPT) | TO(STP_SS_CONNECTING) | ENDS,
+    [STP_SS_TLS_ACCEPT] = TO(STP_SS_CONNECTING) | ENDS,
+    [STP_SS_CONNECTING] = TO(STP_SS_UPSTREAM_TLS) | TO(STP_SS_PRELUDE) |
+                          TO(STP_SS_RELAY) | ENDS,
+    [STP_SS_UPSTREAM_TLS] = TO(STP_SS_PRELUDE) | TO(STP_SS_RELAY) | ENDS,
+    [STP_SS_PRELUDE] = TO(STP_SS_UPSTREAM_TLS) | TO(STP_SS_RELAY) | ENDS,
+    [STP_SS_RELAY] = TO(STP_SS_STARTTLS) | ENDS,
+    [STP_SS_STARTTLS] = TO(STP_SS_HANDSHAKE) | ENDS,
+    [STP_SS_HANDSHAKE] = TO(STP_SS_RELAY) | ENDS,
+    [STP_SS_DRAINING] = TO(STP_SS_CLOSED),
+    [STP_SS_CLOSED] = 0,
 };
 
 static struct stp_session *session_of(void *p)
@@ -28,8 +48,19 @@ static uint64_t now_ms(const struct stp_session *s)
     return uv_now(s->srv->loop);
 }
 
+/* The one place the state changes. A move the table does not allow is a
+ * bug: debug builds stop on it, others log it and stay where they are. */
 void stp_session_transition(struct stp_session *s, enum stp_sstate to)
 {
+    if (!(legal_moves[s->state] & TO(to))) {
+        stp_log(STP_LOG_ERROR, SID " event=bug msg=\"illegal state move\" "
+                "from=%s to=%s", s->id, sstate_names[s->state],
+                sstate_names[to]);
+#ifndef NDEBUG
+        STP_ASSERT(!"illegal session state move");
+#endif
+        return;
+    }
     if (stp_log_enabled(STP_LOG_DEBUG))
         stp_log(STP_LOG_DEBUG, SID " event=state from=%s to=%s", s->id,
                 sstate_names[s->state], sstate_names[to]);
@@ -96,6 +127,7 @@ static enum deadline next_deadline(const struct stp_session *s, uint64_t *at)
     case STP_SS_DRAINING:
         CONSIDER(DL_DRAIN, s->state_ms + DRAIN_TIMEOUT_MS);
         break;
+    case STP_SS_NEW: /* only inside stp_session_accept */
     case STP_SS_CLOSED:
     case STP_SS_COUNT:
         break;
@@ -683,7 +715,7 @@ int stp_session_accept(struct stp_listener *lst)
     if ((r = uv_accept((uv_stream_t *)&lst->tcp,
                        (uv_stream_t *)&s->client.tcp)) < 0) {
         s->upstream_closed = true;
-        s->state = STP_SS_CLOSED;
+        stp_session_transition(s, STP_SS_CLOSED);
         stp_conn_close(&s->client, conn_closed);
         stp_log(STP_LOG_WARN, "event=accept_error addr=%s error=\"%s\"",
                 lst->addr, uv_strerror(r));
@@ -736,7 +768,6 @@ int stp_session_accept(struct stp_listener *lst)
             finish(s); /* a handshake just to refuse would cost more */
             return 0;
         }
-        s->state = STP_SS_CONNECTING; /* the engine has no upstream yet */
         stp_smtp_abort(&s->smtp,
                        "421 4.7.0 %s Error: too many connections\r\n",
                        STP_CLOSE_LIMIT);
@@ -744,7 +775,7 @@ int stp_session_accept(struct stp_listener *lst)
         return 0;
     }
     if (lc->tls == STP_TLS_IMPLICIT) {
-        s->state = STP_SS_TLS_ACCEPT;
+        stp_session_transition(s, STP_SS_TLS_ACCEPT);
         if (stp_conn_start_tls(&s->client, s->ltls, NULL) < 0) {
             s->reason = "tls_init_failed";
             finish(s);
@@ -768,6 +799,7 @@ static void session_shutdown(struct stp_session *s, bool force)
     if (!s->reason)
         s->reason = "shutdown";
     switch (s->state) {
+    case STP_SS_NEW:
     case STP_SS_TLS_ACCEPT:
     case STP_SS_HANDSHAKE:
         finish(s); /* no channel for a reply yet */

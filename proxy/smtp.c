@@ -95,9 +95,13 @@ static void reply(struct stp_smtp *s, const char *text)
     count_reply(s, (text[0] - '0') * 100);
 }
 
+/* Asked once: an error cap reached inside a step that then closes for its
+ * own reason (a 554 for smuggling with max_errors = 1) is one close. */
 static void close_session(struct stp_smtp *s, enum stp_close_reason why,
                           bool cut)
 {
+    if (s->phase == STP_PH_CLOSED)
+        return;
     enter(s, STP_PH_CLOSED);
     s->ops->close(s->ctx, why, cut);
 }

@@ -88,7 +88,8 @@ class OpensslClient:
         self.lines = queue.Queue()
         self.stderr = b""
         threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._err_thread = threading.Thread(target=self._pump_err, daemon=True)
+        self._err_thread.start()
 
     def _pump(self):
         for line in self.p.stdout:
@@ -126,6 +127,7 @@ class OpensslClient:
         except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait()
+        self._err_thread.join(10)   # stderr is read to its end before it is looked at
 
 
 def test_openssl_s_client_starttls_handshake_then_ehlo_mail_quit(proxy_aio):
