@@ -98,7 +98,11 @@ struct stp_listener_cfg {
 struct stp_config {
     char *path;
     enum stp_log_level log_level;    /* default info */
-    int workers;                     /* default 1; only 1 supported yet */
+    int workers;                     /* event-loop threads, 1..256, default
+                                        1; 0 is "auto": one per CPU
+                                        (uv_available_parallelism()) at
+                                        start. A reload keeps the running
+                                        number */
     char *hostname;                  /* for 421 texts; default gethostname() */
     uint32_t max_connections;        /* default 10000, all listeners */
     uint64_t drain_timeout_ms;       /* default 30 s */
