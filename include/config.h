@@ -13,11 +13,15 @@ enum stp_tls_mode {
     STP_TLS_STARTTLS,
     STP_TLS_IMPLICIT,
 };
+/* "none", "starttls", "implicit": as the configuration spells them. */
+const char *stp_tls_mode_name(enum stp_tls_mode m);
 
 /* TLS protocol versions, in order. */
 enum stp_tls_version {
     STP_TLS_V1_0 = 0, STP_TLS_V1_1, STP_TLS_V1_2, STP_TLS_V1_3,
 };
+/* "1.0" ... "1.3": as the configuration spells them. */
+const char *stp_tls_version_name(enum stp_tls_version v);
 
 /* How the upstream learns who the client is. */
 enum stp_identity {
