@@ -13,6 +13,8 @@ enum stp_tls_mode {
     STP_TLS_STARTTLS,
     STP_TLS_IMPLICIT,
 };
+/* "none", "starttls", "implicit": as the configuration spells them. */
+const char *stp_tls_mode_name(enum stp_tls_mode m);
 
 /* What a listener speaks, with its clients and with its upstream. */
 enum stp_protocol {
@@ -24,6 +26,8 @@ enum stp_protocol {
 enum stp_tls_version {
     STP_TLS_V1_0 = 0, STP_TLS_V1_1, STP_TLS_V1_2, STP_TLS_V1_3,
 };
+/* "1.0" ... "1.3": as the configuration spells them. */
+const char *stp_tls_version_name(enum stp_tls_version v);
 
 /* How the upstream learns who the client is. */
 enum stp_identity {
@@ -105,7 +109,11 @@ struct stp_listener_cfg {
 struct stp_config {
     char *path;
     enum stp_log_level log_level;    /* default info */
-    int workers;                     /* default 1; only 1 supported yet */
+    int workers;                     /* event-loop threads, 1..256, default
+                                        1; 0 is "auto": one per CPU
+                                        (uv_available_parallelism()) at
+                                        start. A reload keeps the running
+                                        number */
     char *hostname;                  /* for 421 texts; default gethostname() */
     uint32_t max_connections;        /* default 10000, all listeners */
     uint64_t drain_timeout_ms;       /* default 30 s */

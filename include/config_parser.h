@@ -98,7 +98,6 @@ struct parser {
     struct sect_state *lst_state, *up_state; /* parallel to cfg arrays */
     char *err;
     size_t errlen;
-    int err_line;
     int rc;
 };
 

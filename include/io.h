@@ -38,7 +38,12 @@ struct stp_slice {
 
 enum stp_io_event {
     STP_IO_DATA,       /* new plaintext in the input buffer */
-    STP_IO_DRAINED,    /* the output queue is empty */
+    STP_IO_DRAINED,    /* a write that had to wait for the socket
+                          finished and left the output queue empty.
+                          Not reported when a flush wrote everything at
+                          once, nor after a failed or cancelled write:
+                          after its own flushes the owner checks
+                          stp_conn_idle() itself */
     STP_IO_TLS_READY,  /* handshake complete */
     STP_IO_EOF,        /* peer closed (or TLS close_notify), once; what it
                           sent before is in the input buffer, and writing
@@ -101,7 +106,8 @@ void stp_conn_consume(struct stp_conn *c, size_t n);
 /* Drop all buffered plaintext input (the STARTTLS boundary). */
 void stp_conn_discard_input(struct stp_conn *c);
 
-/* Queue bytes (copied; encrypted if TLS). Nothing goes out until flush. */
+/* Queue bytes (copied; encrypted if TLS). Nothing goes out until flush,
+ * except that on TLS a full staging buffer is sealed and flushed at once. */
 int stp_conn_write(struct stp_conn *c, const char *p, size_t n);
 /* Queue a slice of another connection's input buffer without copying
  * (plaintext connections only; TLS ones encrypt it). */
@@ -114,7 +120,8 @@ int stp_conn_close_notify(struct stp_conn *c);
 bool stp_conn_busy(const struct stp_conn *c); /* over the high-water mark */
 /* No slot left for another piece (a line may take two); implies busy. */
 bool stp_conn_full(const struct stp_conn *c);
-bool stp_conn_idle(const struct stp_conn *c); /* nothing queued or in flight */
+/* Nothing queued, in flight or staged for TLS. */
+bool stp_conn_idle(const struct stp_conn *c);
 
 /* Switch to TLS in CTX's role (SERVER_NAME: see stp_tls_new). Input
  * buffered so far is discarded: it was plaintext. */

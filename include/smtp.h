@@ -211,7 +211,6 @@ struct stp_smtp {
     size_t reply_bytes;  /* of the reply being relayed, up to STP_MAX_REPLY */
     char *ehlo;
     size_t ehlo_len;
-    bool ehlo_overflow;
 };
 
 void stp_smtp_init(struct stp_smtp *s, const struct stp_smtp_cfg *cfg,

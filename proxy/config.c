@@ -36,7 +36,6 @@ static int vfail(struct parser *p, int rc, int line, const char *fmt,
     if (p->rc < 0)
         return p->rc; /* keep the first error */
     p->rc = rc;
-    p->err_line = line;
     if (p->err == NULL || p->errlen == 0)
         return rc;
     int n = snprintf(p->err, p->errlen, "%s:%d: ", p->file, line);

@@ -104,9 +104,27 @@ static int set_enum(struct parser *p, const struct key_def *k, void *obj,
     return bad_value(p, k, value, k->expected);
 }
 
+/* Value names in enum order, NULL-terminated for set_enum. The logs name
+ * these values through the accessors below, never with a table of their
+ * own. */
 static const char *const tls_modes[] = {"none", "starttls", "implicit", NULL};
 static const char *const protocols[] = {"smtp", "lmtp", NULL};
 static const char *const versions[] = {"1.0", "1.1", "1.2", "1.3", NULL};
+_Static_assert(STP_ARRAY_LEN(tls_modes) == STP_TLS_IMPLICIT + 2,
+               "a name for every TLS mode");
+_Static_assert(STP_ARRAY_LEN(versions) == STP_TLS_V1_3 + 2,
+               "a name for every TLS version");
+
+const char *stp_tls_mode_name(enum stp_tls_mode m)
+{
+    return (unsigned)m <= STP_TLS_IMPLICIT ? tls_modes[m] : "?";
+}
+
+const char *stp_tls_version_name(enum stp_tls_version v)
+{
+    return (unsigned)v <= STP_TLS_V1_3 ? versions[v] : "?";
+}
+
 static const char *const verify_modes[] = {"none", "optional", "require",
                                            NULL};
 static const char *const identities[] = {"none", "xclient", "proxy-v1",

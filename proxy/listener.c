@@ -481,11 +481,10 @@ static struct stp_listener *listener_open(struct stp_server *srv,
 static void log_listening(const struct stp_listener *l,
                           const struct stp_listener_cfg *lc)
 {
-    static const char *const modes[] = {"none", "starttls", "implicit"};
     stp_log(STP_LOG_INFO,
             "event=listening worker=%d listener=%s addr=%s tls=%s "
             "require_tls=%s upstream=%s",
-            l->srv->worker, lc->name, l->addr, modes[lc->tls],
+            l->srv->worker, lc->name, l->addr, stp_tls_mode_name(lc->tls),
             lc->require_tls ? "yes" : "no", lc->upstream->address_text);
 }
 

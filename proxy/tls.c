@@ -508,23 +508,22 @@ static int apply_params(WOLFSSL_CTX *ctx, const struct stp_tls_params *p,
 {
     static const struct {
         int min, max;
-        const char *name;
     } v[] = {
-        [STP_TLS_V1_0] = {WOLFSSL_TLSV1, 0x0301, "1.0"},
-        [STP_TLS_V1_1] = {WOLFSSL_TLSV1_1, 0x0302, "1.1"},
-        [STP_TLS_V1_2] = {WOLFSSL_TLSV1_2, 0x0303, "1.2"},
-        [STP_TLS_V1_3] = {WOLFSSL_TLSV1_3, 0x0304, "1.3"},
+        [STP_TLS_V1_0] = {WOLFSSL_TLSV1, 0x0301},
+        [STP_TLS_V1_1] = {WOLFSSL_TLSV1_1, 0x0302},
+        [STP_TLS_V1_2] = {WOLFSSL_TLSV1_2, 0x0303},
+        [STP_TLS_V1_3] = {WOLFSSL_TLSV1_3, 0x0304},
     };
     if (wolfSSL_CTX_SetMinVersion(ctx, v[p->min_version].min) !=
         WOLFSSL_SUCCESS)
         return failf(e, STP_TLS_SET_MIN_VERSION,
                      "TLS %s is not available in this wolfSSL build",
-                     v[p->min_version].name);
+                     stp_tls_version_name(p->min_version));
     if (wolfSSL_CTX_set_max_proto_version(ctx, v[p->max_version].max) !=
         WOLFSSL_SUCCESS)
         return failf(e, STP_TLS_SET_MAX_VERSION,
                      "TLS %s is not available in this wolfSSL build",
-                     v[p->max_version].name);
+                     stp_tls_version_name(p->max_version));
     const char *ciphers = p->ciphers                       ? p->ciphers
                           : p->min_version < STP_TLS_V1_2 ? legacy_ciphers
                                                           : default_ciphers;

@@ -2,9 +2,9 @@
  *
  * The input is a script: one config byte, then operations that interleave
  * client bytes, upstream bytes (raw or canned lines) and events (TLS started,
- * timeout, upstream lost/unreachable). The harness behaves like the session:
- * unconsumed bytes stay buffered and are offered again; plaintext buffered
- * when the handshake starts is dropped. Broken invariants abort():
+ * timeout, upstream lost/unreachable, shutdown). The harness behaves like the
+ * session: unconsumed bytes stay buffered and are offered again; plaintext
+ * buffered when the handshake starts is dropped. Broken invariants abort():
  *  - nothing reaches the upstream or the client after close;
  *  - a forwarded line never holds CR, LF or NUL, and is never XCLIENT or
  *    XFORWARD (a SASL response forwarded verbatim is the one exception);
@@ -271,6 +271,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .max_line = max_lines[(c0 >> 4) % N(max_lines)],
         .lmtp = (c0 >> 7) & 1,
         .hostname = "fuzz.test",
+        /* The top nibble also picks max_line: 12..15 cap errors at 2..5.
+         * Not 1: a smuggling 554 that reaches a cap of 1 still asks to
+         * close twice (too many errors, then smuggling). */
+        .max_errors = (c0 >> 4) >= 12 ? (uint32_t)(c0 >> 4) - 10 : 0,
     };
     F.require_tls = cfg.require_tls;
     F.offer = cfg.offer_starttls;
@@ -337,6 +341,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             } else {
                 F.room = (arg >> 2) % 4; /* a slower upstream, or not */
             }
+            client_stream_whole();
+            pump();
+            break;
+        case 8: /* the proxy is stopping */
+            stp_smtp_shutdown(&F.s);
             client_stream_whole();
             pump();
             break;

@@ -953,6 +953,7 @@ enum step_op {
     S_TLS,     /* handshake done: the caller drops buffered plaintext */
     S_LOST,
     S_TIMEOUT,
+    S_SHUTDOWN, /* the proxy is stopping */
     S_UNREACH,
     S_LEFT,    /* expect N client bytes still unconsumed */
     S_CLI,     /* expect N bytes sent to the client so far */
@@ -971,6 +972,7 @@ struct step {
 #define TLS {S_TLS, NULL, 0}
 #define LOST {S_LOST, NULL, 0}
 #define TIMEOUT {S_TIMEOUT, NULL, 0}
+#define SHUTDOWN {S_SHUTDOWN, NULL, 0}
 #define UNREACH {S_UNREACH, NULL, 0}
 #define LEFT(k) {S_LEFT, NULL, k}
 #define CLI(lit) {S_CLI, NULL, sizeof(lit) - 1}
@@ -1004,6 +1006,10 @@ struct scen {
 #define NONE CFG(false, false, false, false) /* tls = none */
 #define LMTP                                                                   \
     {.offer_starttls = true, .lmtp = true, .max_line = 512, .hostname = HOST}
+/* DEF with max_errors = n */
+#define ERRS(n)                                                                \
+    {.offer_starttls = true, .max_line = 512, .hostname = HOST,               \
+     .max_errors = n}
 
 #define GREET "220 mx.test ESMTP\r\n"
 #define EHLO_UP                                                                \
@@ -1040,6 +1046,10 @@ struct scen {
 #define LOST421 "421 4.4.2 Upstream connection lost\r\n"
 #define TMO421 "421 4.4.2 " HOST " Error: timeout exceeded\r\n"
 #define UNR421 "421 4.3.2 Service not available, closing transmission channel\r\n"
+#define ERRS421 "421 4.7.0 " HOST " Error: too many errors\r\n"
+#define SHUT421 "421 4.3.2 Service shutting down, closing transmission channel\r\n"
+#define R550 "550 5.1.1 No such user\r\n"
+#define R450 "450 4.2.1 Try again later\r\n"
 #define OK250 "250 2.0.0 Ok\r\n"
 #define R354 "354 End data with <CR><LF>.<CR><LF>\r\n"
 
@@ -1374,6 +1384,11 @@ static const struct scen scens[] = {
      {U(GREET), C("DATA\r\n"), U(R354), C(content), U(OK250)},                 \
      "DATA\r\n" safe, "DATA\r\n", safe, GREET R354 R554SMUG,                   \
      STP_CLOSE_SMUGGLE, 1}
+    /* The 554 reaches a cap of 1: one close, for the errors. */
+    {"smuggling with max_errors = 1 closes once", ERRS(1),
+     {U(GREET), C("DATA\r\n"), U(R354), C("hello\n.\nMAIL FROM:<evil>\r\n")},
+     "DATA\r\nhello\n.", "DATA\r\n", "hello\n.", GREET R354 R554SMUG ERRS421,
+     STP_CLOSE_ERRORS, 1},
     SMUG("\\n.\\n", "hello\n.\nMAIL FROM:<evil>\r\n", "hello\n."),
     SMUG("\\r\\n.\\n", "hello\r\n.\nMAIL FROM:<evil>\r\n", "hello\r\n."),
     SMUG("\\n.\\r\\n", "hello\n.\r\nMAIL FROM:<evil>\r\n", "hello\n."),
@@ -1614,6 +1629,94 @@ static const struct scen scens[] = {
      {U(GREET), C("NOOP\r\nQUIT\r\n"), U(OK250 "221 2.0.0 Bye\r\n")},
      "NOOP\r\nQUIT\r\n", NULL, "", GREET OK250 "221 2.0.0 Bye\r\n",
      STP_CLOSE_QUIT, -1},
+
+    /* --- max_errors: consecutive 5xx replies, ours and the upstream's --- */
+    {"max_errors: upstream 5xx replies reach the cap", ERRS(3),
+     {U(GREET), C("RCPT TO:<a>\r\n"), U(R550), C("RCPT TO:<b>\r\n"), U(R550),
+      C("RCPT TO:<c>\r\n"), U(R550), C("NOOP\r\n"), U(OK250)},
+     "RCPT TO:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\n", NULL, "",
+     GREET R550 R550 R550 ERRS421, STP_CLOSE_ERRORS, 1},
+    {"max_errors: the proxy's own refusals count", ERRS(3),
+     {U(GREET), C("XCLIENT a\r\nXCLIENT b\r\nXCLIENT c\r\nNOOP\r\n")}, "",
+     NULL, "", GREET R550X R550X R550X ERRS421, STP_CLOSE_ERRORS, 1, 0, true},
+    {"max_errors: refusals and upstream replies count together", ERRS(3),
+     {U(GREET), C("RCPT TO:<a>\r\n"), U(R550), C("AUTH PLAIN AGE=\r\n"),
+      C("VRFY x\r\n"), U("502 5.5.1 VRFY disabled\r\n"), C("NOOP\r\n")},
+     "RCPT TO:<a>\r\nVRFY x\r\n", NULL, "",
+     GREET R550 R538 "502 5.5.1 VRFY disabled\r\n" ERRS421, STP_CLOSE_ERRORS,
+     1, 0, true},
+    {"max_errors: a 2xx resets the count", ERRS(3),
+     {U(GREET),
+      C("RCPT TO:<a>\r\nRCPT TO:<b>\r\nNOOP\r\nRCPT TO:<c>\r\nRCPT TO:<d>\r\n"),
+      U(R550 R550 OK250 R550 R550)},
+     "RCPT TO:<a>\r\nRCPT TO:<b>\r\nNOOP\r\nRCPT TO:<c>\r\nRCPT TO:<d>\r\n",
+     NULL, "", GREET R550 R550 OK250 R550 R550, NO_CLOSE, -1},
+    {"max_errors: a 3xx resets the count", ERRS(2),
+     {U(GREET), C("RCPT TO:<a>\r\nDATA\r\n"), U(R550 R354),
+      C(".\r\nNOOP\r\n"), U(R550 OK250)},
+     "RCPT TO:<a>\r\nDATA\r\n.\r\nNOOP\r\n", NULL, ".\r\n",
+     GREET R550 R354 R550 OK250, NO_CLOSE, -1},
+    {"max_errors: a 4xx neither counts nor resets", ERRS(3),
+     {U(GREET), C("RCPT TO:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\n"),
+      U(R550 R450 R550), CLI(GREET R550 R450 R550), C("RCPT TO:<d>\r\n"),
+      U(R550)},
+     "RCPT TO:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nRCPT TO:<d>\r\n", NULL,
+     "", GREET R550 R450 R550 R550 ERRS421, STP_CLOSE_ERRORS, 1},
+    {"max_errors: pipelined replies past the cap are not relayed", ERRS(2),
+     {U(GREET), C("RCPT TO:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nNOOP\r\n"),
+      U(R550 R550 R550 OK250)},
+     "RCPT TO:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nNOOP\r\n", NULL, "",
+     GREET R550 R550 ERRS421, STP_CLOSE_ERRORS, 1},
+    {"max_errors: a pipelined refusal waits its turn, then counts", ERRS(2),
+     {U(GREET), C("RCPT TO:<a>\r\nXCLIENT x\r\nNOOP\r\n"), U(R550)},
+     "RCPT TO:<a>\r\n", NULL, "", GREET R550 R550X ERRS421, STP_CLOSE_ERRORS,
+     1, 0, true},
+    {"max_errors 1: an over-long line is the one error", ERRS(1),
+     {U(GREET), CD(d_long)}, "", NULL, "", GREET R500LONG ERRS421,
+     STP_CLOSE_ERRORS, 1, 0, true},
+    {"max_errors: a 5xx greeting is not counted", ERRS(1),
+     {U("554 5.3.2 mx.test busy\r\n"), C("NOOP\r\n"), U(OK250)}, "NOOP\r\n",
+     NULL, "", "554 5.3.2 mx.test busy\r\n" OK250, NO_CLOSE, -1},
+    {"max_errors: a 5xx to QUIT is not counted", ERRS(1),
+     {U(GREET), C("QUIT\r\n"), U("554 5.5.1 no\r\n")}, "QUIT\r\n", NULL, "",
+     GREET "554 5.5.1 no\r\n", STP_CLOSE_QUIT, 0},
+    {"max_errors 0: no cap", DEF,
+     {U(GREET), C("RCPT TO:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nNOOP\r\n"),
+      U(R550 R550 R550 OK250)},
+     "RCPT TO:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nNOOP\r\n", NULL, "",
+     GREET R550 R550 R550 OK250, NO_CLOSE, -1},
+
+    /* --- shutdown --- */
+    {"shutdown: 421 and close", DEF,
+     {U(GREET), SHUTDOWN, C("NOOP\r\n")}, "", NULL, "", GREET SHUT421,
+     STP_CLOSE_SHUTDOWN, 1},
+    {"shutdown twice: one 421", DEF, {U(GREET), SHUTDOWN, SHUTDOWN}, "", NULL,
+     "", GREET SHUT421, STP_CLOSE_SHUTDOWN, 1},
+    {"shutdown before the greeting", DEF,
+     {C("EHLO c\r\n"), SHUTDOWN, U(GREET)}, "", NULL, "", SHUT421,
+     STP_CLOSE_SHUTDOWN, 1},
+    {"shutdown mid-DATA cuts the upstream", DEF,
+     {U(GREET), C("DATA\r\n"), U(R354), C("partial\r\n"), SHUTDOWN,
+      C("more\r\n.\r\n")},
+     "DATA\r\npartial\r\n", NULL, "partial\r\n", GREET R354 SHUT421,
+     STP_CLOSE_SHUTDOWN, 1},
+    {"shutdown after the upstream's 421: no second 421", DEF,
+     {U(GREET), C("NOOP\r\n"), U("421-4.3.0 going\r\n421 4.3.0 down\r\n"),
+      SHUTDOWN},
+     "NOOP\r\n", NULL, "", GREET "421-4.3.0 going\r\n421 4.3.0 down\r\n",
+     STP_CLOSE_UPSTREAM_421, 0},
+    {"shutdown after an unsolicited 421: no second 421", DEF,
+     {U(GREET), U("421 4.4.2 idle\r\n"), SHUTDOWN, SHUTDOWN}, "", NULL, "",
+     GREET "421 4.4.2 idle\r\n", STP_CLOSE_UPSTREAM_421, 0},
+    {"shutdown after a timeout: one 421", DEF,
+     {U(GREET), TIMEOUT, SHUTDOWN}, "", NULL, "", GREET TMO421,
+     STP_CLOSE_TIMEOUT, 1},
+    {"shutdown after too many errors: one 421", ERRS(1),
+     {U(GREET), C("XCLIENT\r\n"), SHUTDOWN}, "", NULL, "",
+     GREET R550X ERRS421, STP_CLOSE_ERRORS, 1, 0, true},
+    {"shutdown after QUIT was answered", DEF,
+     {U(GREET), C("QUIT\r\n"), U("221 2.0.0 Bye\r\n"), SHUTDOWN}, "QUIT\r\n",
+     NULL, "", GREET "221 2.0.0 Bye\r\n", STP_CLOSE_QUIT, 0},
 };
 
 /* How a run splits the two byte streams. */
@@ -1689,6 +1792,10 @@ static bool run_scen(const struct scen *sc, enum feed_mode mode, size_t split)
             break;
         case S_TIMEOUT:
             stp_smtp_timeout(&R.s);
+            pump();
+            break;
+        case S_SHUTDOWN:
+            stp_smtp_shutdown(&R.s);
             pump();
             break;
         case S_UNREACH:
@@ -1838,7 +1945,7 @@ static void test_names(void)
     case_begin("phase and close-reason names");
     for (int p = 0; p < STP_PH_COUNT; p++)
         CHECK(stp_phase_name((enum stp_phase)p) != NULL, "phase %d", p);
-    for (int r = STP_CLOSE_QUIT; r <= STP_CLOSE_CLIENT_EOF; r++)
+    for (int r = STP_CLOSE_QUIT; r <= STP_CLOSE_LIMIT; r++)
         CHECK(stp_close_reason_name((enum stp_close_reason)r) != NULL,
               "reason %d", r);
     case_end();
