@@ -145,8 +145,16 @@ int stp_parse_uint(const char **s, uint64_t max, uint64_t *out);
 /* "300", "300s", "5m", "1h", "250ms" -> milliseconds. -EINVAL on bad text. */
 int stp_parse_duration(const char *text, uint64_t *ms);
 
-/* "127.0.0.1:25", "[::1]:25", "0.0.0.0:25" -> sockaddr. Numeric only. */
+/* "127.0.0.1:25", "[::1]:25", "0.0.0.0:25" -> sockaddr. Numeric only. Port 0
+ * is syntax like any other: the keys decide who may use it. */
 int stp_parse_hostport(const char *text, struct sockaddr_storage *ss);
+
+/* The port of an AF_INET or AF_INET6 address, in host order. */
+uint16_t stp_addr_port(const struct sockaddr_storage *ss);
+
+/* The same family, address and port. */
+bool stp_same_addr(const struct sockaddr_storage *a,
+                   const struct sockaddr_storage *b);
 
 /* Format an address as "1.2.3.4:25" or "[::1]:25". */
 void stp_format_addr(const struct sockaddr *sa, char *buf, size_t len);

@@ -55,7 +55,8 @@ struct stp_counts {
  * own duplicate of the descriptor; when several loops wake for one
  * connection, the losers' accept() gets EAGAIN, which libuv ignores. */
 struct stp_socket {
-    struct sockaddr_storage addr;
+    struct sockaddr_storage addr;  /* as configured: HOST:0 stays port 0 */
+    char *name;                    /* the listener it was bound for */
     int fd;
 };
 
@@ -64,7 +65,8 @@ struct stp_sockets {
     int n;
 };
 
-/* Bind and listen on every address of G not yet in S, all or none. ERR gets
+/* Bind and listen on every address of G not yet in S, all or none (a
+ * listener at HOST:0 keeps the socket bound for its name and address). ERR gets
  * "FILE:LINE: listener 'NAME': cannot listen on ADDR: reason". */
 int stp_sockets_bind(struct stp_sockets *s, const struct stp_gen *g, char *err,
                      size_t errlen);
@@ -88,7 +90,9 @@ struct stp_listener {
     bool pending;            /* a connection waits for the spare */
     struct stp_server *srv;
     int idx;                 /* its [listener] in srv->gen->cfg; -1: closed */
-    char addr[64];
+    struct sockaddr_storage bound; /* the socket's own address: the port
+                                    * the kernel picked for HOST:0 */
+    char addr[64];                 /* BOUND, formatted */
     struct stp_listener *next;
 };
 
@@ -116,8 +120,10 @@ void stp_gen_unref(struct stp_gen *g);
 
 int stp_shared_init(struct stp_shared *sh);
 void stp_shared_free(struct stp_shared *sh);
-/* Count a session in (+1) or out (-1) of the limits' tallies. */
-void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
+/* Count a session on the listening socket bound to LST_ADDR, from PEER, in
+ * (+1) or out (-1) of the limits' tallies. */
+void stp_shared_count(struct stp_shared *sh,
+                      const struct sockaddr_storage *lst_addr,
                       const struct sockaddr_storage *peer, int delta,
                       struct stp_counts *out);
 
@@ -127,7 +133,7 @@ int stp_server_start(struct stp_server *srv, uv_loop_t *loop,
                      struct stp_gen *gen, struct stp_shared *shared,
                      int worker, int *fds);
 /* SIGHUP: switch new sessions to GEN (the server takes a reference) and FDS
- * (from stp_sockets_dup, taken over): sockets whose address stays are kept,
+ * (from stp_sockets_dup, taken over): sockets the main thread kept are kept,
  * new ones listened on first; if one cannot be, nothing changes. */
 int stp_server_adopt(struct stp_server *srv, struct stp_gen *gen, int *fds);
 /* Stop accepting; sessions end at their next command boundary, all of them

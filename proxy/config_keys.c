@@ -10,21 +10,6 @@
 #include "config_parser.h"
 #include "stp.h"
 
-static bool same_addr(const struct sockaddr_storage *a,
-                      const struct sockaddr_storage *b)
-{
-    if (a->ss_family != b->ss_family)
-        return false;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port &&
-               x->sin_addr.s_addr == y->sin_addr.s_addr;
-    }
-    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-    return x->sin6_port == y->sin6_port &&
-           memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
-}
-
 /* ---- values ---------------------------------------------------------- */
 
 static int bad_value(struct parser *p, const struct key_def *k,
@@ -82,10 +67,14 @@ static int set_workers(struct parser *p, const struct key_def *k, void *obj,
     return 0;
 }
 
+/* Port 0 only for a listener (the kernel picks one): an upstream needs a real
+ * port. */
 static int set_addr(struct parser *p, const struct key_def *k, void *obj,
                     const char *value)
 {
-    if (stp_parse_hostport(value, FIELD(obj, k->off2, struct sockaddr_storage)))
+    struct sockaddr_storage *ss = FIELD(obj, k->off2, struct sockaddr_storage);
+    if (stp_parse_hostport(value, ss) < 0 ||
+        (stp_addr_port(ss) == 0 && k - stp_cfg_keys != K_LISTEN))
         return bad_value(p, k, value,
                          "a numeric HOST:PORT such as 127.0.0.1:25 or [::1]:25");
     return set_string(p, k, obj, value);
@@ -381,8 +370,9 @@ int stp_cfg_end_listener(struct parser *p, int i)
                         "require_tls = yes needs tls = starttls or implicit");
         l->require_tls = false;
     }
-    for (int j = 0; j < i; j++) {
-        if (same_addr(&l->addr, &p->cfg->listeners[j].addr))
+    /* Listeners at HOST:0 each get a port of their own: not a conflict. */
+    for (int j = 0; j < i && stp_addr_port(&l->addr) != 0; j++) {
+        if (stp_same_addr(&l->addr, &p->cfg->listeners[j].addr))
             return stp_cfg_fail(p, kl[K_LISTEN],
                         "listener '%s' uses the listen address of listener '%s'",
                         l->name, p->cfg->listeners[j].name);

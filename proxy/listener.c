@@ -153,9 +153,10 @@ static size_t ip_key(const struct sockaddr_storage *ss, uint8_t *key)
     return 16;
 }
 
-/* A listening address: the listener's identity across reloads, as it is for
- * its socket, so a renamed listener keeps counting its sessions, and one
- * removed and added again finds those still open. */
+/* A listening socket's own address (two listeners at HOST:0 have two): the
+ * listener's identity across reloads, as it is for its socket, so a renamed
+ * listener keeps counting its sessions, and one removed and added again
+ * finds those still open. */
 static size_t listener_key(const struct sockaddr_storage *ss, uint8_t *key)
 {
     uint16_t port = ss->ss_family == AF_INET
@@ -239,12 +240,13 @@ void stp_shared_free(struct stp_shared *sh)
     pthread_mutex_destroy(&sh->mu);
 }
 
-void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
+void stp_shared_count(struct stp_shared *sh,
+                      const struct sockaddr_storage *lst_addr,
                       const struct sockaddr_storage *peer, int delta,
                       struct stp_counts *out)
 {
     uint8_t lkey[20], ikey[20];
-    size_t llen = listener_key(&g->cfg.listeners[lst].addr, lkey);
+    size_t llen = listener_key(lst_addr, lkey);
     size_t ilen = peer && peer->ss_family ? ip_key(peer, ikey) : 0;
     pthread_mutex_lock(&sh->mu);
     sh->n_sessions += (unsigned)delta;
@@ -261,21 +263,30 @@ void stp_shared_count(struct stp_shared *sh, struct stp_gen *g, int lst,
 
 /* ---- listening sockets: one per address, the main thread's ------------------ */
 
-static bool same_addr(const struct sockaddr_storage *a,
-                      const struct sockaddr_storage *b)
+/* Whether S is LC's socket: the one bound for its configured address, so that
+ * HOST:0 stays on the port the kernel gave it across reloads. Several
+ * listeners may ask for HOST:0, each for a socket of its own: there the
+ * listener's name tells them apart. */
+static bool socket_is(const struct stp_socket *s,
+                      const struct stp_listener_cfg *lc)
 {
-    size_t len = a->ss_family == AF_INET ? sizeof(struct sockaddr_in)
-                                         : sizeof(struct sockaddr_in6);
-    return a->ss_family == b->ss_family && memcmp(a, b, len) == 0;
+    return stp_same_addr(&s->addr, &lc->addr) &&
+           (stp_addr_port(&lc->addr) != 0 || strcmp(s->name, lc->name) == 0);
 }
 
 static int socket_find(const struct stp_sockets *s,
-                       const struct sockaddr_storage *addr)
+                       const struct stp_listener_cfg *lc)
 {
     for (int i = 0; i < s->n; i++)
-        if (same_addr(&s->v[i].addr, addr))
+        if (socket_is(&s->v[i], lc))
             return i;
     return -1;
+}
+
+static void socket_close(struct stp_socket *s)
+{
+    close(s->fd);
+    free(s->name);
 }
 
 /* A listening socket on SS, or -errno. Set up as libuv's bind would: the
@@ -317,19 +328,20 @@ int stp_sockets_bind(struct stp_sockets *s, const struct stp_gen *g, char *err,
     int before = s->n;
     for (int i = 0; i < c->n_listeners; i++) {
         const struct stp_listener_cfg *lc = &c->listeners[i];
-        if (socket_find(s, &lc->addr) >= 0)
+        if (socket_find(s, lc) >= 0)
             continue;
-        int fd = socket_listen(&lc->addr);
+        char *name = strdup(lc->name);
+        int fd = name ? socket_listen(&lc->addr) : -ENOMEM;
         if (fd < 0) {
             snprintf(err, errlen,
                      "%s:%d: listener '%s': cannot listen on %s: %s", c->path,
                      lc->line, lc->name, lc->listen_text, stp_strerror(fd));
+            free(name);
             while (s->n > before)
-                close(s->v[--s->n].fd);
+                socket_close(&s->v[--s->n]);
             return fd;
         }
-        s->v[s->n].addr = lc->addr;
-        s->v[s->n++].fd = fd;
+        s->v[s->n++] = (struct stp_socket){lc->addr, name, fd};
     }
     return 0;
 }
@@ -340,11 +352,11 @@ void stp_sockets_keep_only(struct stp_sockets *s, const struct stp_gen *g)
     for (int i = 0; i < s->n; i++) {
         bool in_g = false;
         for (int j = 0; j < g->cfg.n_listeners && !in_g; j++)
-            in_g = same_addr(&s->v[i].addr, &g->cfg.listeners[j].addr);
+            in_g = socket_is(&s->v[i], &g->cfg.listeners[j]);
         if (in_g)
             s->v[kept++] = s->v[i];
         else
-            close(s->v[i].fd);
+            socket_close(&s->v[i]);
     }
     s->n = kept;
 }
@@ -354,7 +366,7 @@ int *stp_sockets_dup(const struct stp_sockets *s, const struct stp_gen *g)
     int n = g->cfg.n_listeners;
     int *fds = malloc(((size_t)n + 1) * sizeof(*fds));
     for (int i = 0; fds && i < n; i++) {
-        int k = socket_find(s, &g->cfg.listeners[i].addr);
+        int k = socket_find(s, &g->cfg.listeners[i]);
         STP_ASSERT(k >= 0); /* stp_sockets_bind(g) came first */
         if ((fds[i] = fcntl(s->v[k].fd, F_DUPFD_CLOEXEC, 0)) < 0) {
             stp_fds_free(fds, i);
@@ -367,7 +379,7 @@ int *stp_sockets_dup(const struct stp_sockets *s, const struct stp_gen *g)
 void stp_sockets_close(struct stp_sockets *s)
 {
     for (int i = 0; i < s->n; i++)
-        close(s->v[i].fd);
+        socket_close(&s->v[i]);
     free(s->v);
     s->v = NULL;
     s->n = 0;
@@ -444,6 +456,14 @@ static void listener_close(struct stp_listener *l)
     uv_close((uv_handle_t *)&l->tcp, listener_closed);
 }
 
+/* The address FD is bound to: for HOST:0, the port the kernel picked. */
+static int bound_addr(int fd, struct sockaddr_storage *ss)
+{
+    socklen_t len = sizeof(*ss);
+    memset(ss, 0, sizeof(*ss));
+    return getsockname(fd, (struct sockaddr *)ss, &len) < 0 ? -errno : 0;
+}
+
 /* Accept on *FD, a worker's duplicate of the listening socket; the handle
  * takes it over (*FD becomes -1), else the caller still owns it. */
 static struct stp_listener *listener_open(struct stp_server *srv,
@@ -455,7 +475,9 @@ static struct stp_listener *listener_open(struct stp_server *srv,
         return NULL;
     l->srv = srv;
     l->idx = idx;
-    stp_format_addr((const struct sockaddr *)&lc->addr, l->addr,
+    if (bound_addr(*fd, &l->bound) < 0)
+        l->bound = lc->addr;
+    stp_format_addr((const struct sockaddr *)&l->bound, l->addr,
                     sizeof(l->addr));
     int r = uv_tcp_init(srv->loop, &l->tcp);
     if (r == 0) {
@@ -524,13 +546,14 @@ int stp_server_adopt(struct stp_server *srv, struct stp_gen *g, int *fds)
                                        sizeof(*map));
     bool *fresh = calloc((size_t)c->n_listeners + 1, sizeof(*fresh));
     int r = map && fresh ? 0 : -ENOMEM;
-    /* Keep the handles whose address stays; open the new ones first, so a
-     * failure leaves the running configuration untouched. */
+    /* Keep the handles on the sockets the main thread kept (FDS[I] is a
+     * duplicate of the same socket: the same bound address); open the new
+     * ones first, so a failure leaves the running configuration untouched. */
     for (int i = 0; r == 0 && i < c->n_listeners; i++) {
-        for (struct stp_listener *l = srv->listeners; l; l = l->next)
-            if (l->idx >= 0 &&
-                same_addr(&srv->gen->cfg.listeners[l->idx].addr,
-                          &c->listeners[i].addr))
+        struct sockaddr_storage bound;
+        bool known = bound_addr(fds[i], &bound) == 0;
+        for (struct stp_listener *l = srv->listeners; l && known; l = l->next)
+            if (l->idx >= 0 && stp_same_addr(&l->bound, &bound))
                 map[i] = l;
         if (!map[i]) {
             fresh[i] = true;

@@ -179,8 +179,8 @@ static void handle_closed(uv_handle_t *h)
         s->next->prev = s->prev;
     srv->n_sessions--;
     if (s->counted)
-        stp_shared_count(srv->shared, s->gen, s->lcfg - s->gen->cfg.listeners,
-                         &s->peer_addr, -1, NULL);
+        stp_shared_count(srv->shared, &s->lst->bound, &s->peer_addr, -1,
+                         NULL);
     stp_conn_release(&s->client);
     stp_conn_release(&s->upstream);
     stp_smtp_free(&s->smtp);
@@ -732,8 +732,7 @@ int stp_session_accept(struct stp_listener *lst)
         snprintf(s->peer, sizeof(s->peer), "unknown");
     }
     struct stp_counts counts;
-    stp_shared_count(srv->shared, s->gen, lst->idx, &s->peer_addr, 1,
-                     &counts);
+    stp_shared_count(srv->shared, &lst->bound, &s->peer_addr, 1, &counts);
     s->counted = true;
     s->id = counts.id;
     const struct stp_listener_cfg *lc = s->lcfg;

@@ -73,8 +73,7 @@ int stp_parse_hostport(const char *text, struct sockaddr_storage *ss)
 
     const char *port_text = colon + 1;
     uint64_t port;
-    if (stp_parse_uint(&port_text, 65535, &port) < 0 || *port_text != '\0' ||
-        port == 0)
+    if (stp_parse_uint(&port_text, 65535, &port) < 0 || *port_text != '\0')
         return -EINVAL;
 
     memset(ss, 0, sizeof(*ss));
@@ -92,6 +91,30 @@ int stp_parse_hostport(const char *text, struct sockaddr_storage *ss)
         sin->sin_port = htons((uint16_t)port);
     }
     return 0;
+}
+
+uint16_t stp_addr_port(const struct sockaddr_storage *ss)
+{
+    return ntohs(ss->ss_family == AF_INET
+                     ? ((const struct sockaddr_in *)ss)->sin_port
+                     : ((const struct sockaddr_in6 *)ss)->sin6_port);
+}
+
+/* Family, address and port: what bind() is given, whatever else the structs
+ * carry. */
+bool stp_same_addr(const struct sockaddr_storage *a,
+                   const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port &&
+               x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+    return x->sin6_port == y->sin6_port &&
+           memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
 }
 
 void stp_format_addr(const struct sockaddr *sa, char *buf, size_t len)

@@ -57,7 +57,10 @@ def make_proxy(stp_bin, tls_files, tmp_path):
     UPSTREAM is an object with .address or an "IP:PORT" string. Listener
     options override the defaults below (a value of None removes the key).
     extra_listeners=[(name, opts)] adds listeners; proxy_opts overrides the
-    [proxy] section; env adds to the daemon's environment. The Proxy gets .port (listener "main") and .ports.
+    [proxy] section; env adds to the daemon's environment. Listener "main"
+    is at 127.0.0.1:0 (extra ones should be too): the kernel picks a free
+    port and the Proxy reads it from the event=listening lines into .port
+    (listener "main") and .ports[NAME]; nothing guesses a free port.
 
     At teardown the daemon must still be alive, exit 0 on SIGTERM and have no
     sanitizer reports in its log (unless the test stopped it itself)."""
@@ -66,9 +69,8 @@ def make_proxy(stp_bin, tls_files, tmp_path):
     def make(upstream, extra_listeners=(), proxy_opts=None, upstream_opts=None, env=None,
              **listener):
         addr = upstream if isinstance(upstream, str) else upstream.address
-        port = h.free_port()
         opts = {
-            "listen": "127.0.0.1:%d" % port,
+            "listen": "127.0.0.1:0",
             "tls": "starttls",
             "require_tls": "yes",
             "cert": tls_files["cert"],
@@ -86,12 +88,6 @@ def make_proxy(stp_bin, tls_files, tmp_path):
         text = h.render_config(popts, listeners, [("up", uopts)])
         workdir = str(tmp_path / ("proxy%d" % len(made)))
         p = h.Proxy(stp_bin, workdir, text, n_listeners=len(listeners), env=env)
-        ports = {}
-        for name, o in listeners:
-            lp = o.get("listen", "")
-            ports[name] = int(lp.rsplit(":", 1)[1]) if lp else None
-        p.ports = ports
-        p.port = ports["main"]
         made.append(p)
         p.start()
         return p

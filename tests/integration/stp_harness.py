@@ -3,7 +3,9 @@
 Everything here talks to real sockets and real processes:
 
 * Proxy            -- writes a config, starts the daemon, waits for
-                      ``event=listening`` in its log, stops it by PID.
+                      ``event=listening`` in its log and reads the ports
+                      from it (listeners are at 127.0.0.1:0: the kernel
+                      picks), stops it by PID.
 * ScriptedUpstream -- a threaded SMTP server with configurable greeting, EHLO
                       lines and faults that records every line it receives.
 * AioUpstream      -- aiosmtpd in a thread, keeping the raw message bytes.
@@ -180,6 +182,8 @@ class Proxy:
         self.n_listeners = n_listeners
         self.proc = None
         self.exit_code = None
+        self.ports = {}             # listener name -> port, from the log
+        self.port = None            # listener "main" (or the only one)
 
     # -- lifecycle --
 
@@ -192,8 +196,8 @@ class Proxy:
         )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            n = sum(1 for l in self.log_lines() if "event=listening" in l)
-            if n >= self.n_listeners:
+            if len(self.listening_addrs()) >= self.n_listeners:
+                self.learn_ports()
                 return self
             rc = self.proc.poll()
             if rc is not None:
@@ -214,6 +218,23 @@ class Proxy:
                     pytrace=False,
                 )
             time.sleep(0.02)
+
+    def listening_addrs(self):
+        """{listener name: "HOST:PORT"} from the event=listening lines, the
+        last of each listener (every worker logs it, a reload logs it again):
+        the address the daemon really bound, the port the kernel picked for
+        listen = HOST:0."""
+        return {e["listener"]: e["addr"] for e in self.events("listening")
+                if "listener" in e and "addr" in e}
+
+    def learn_ports(self):
+        """Set .ports from the log, and .port: listener "main"'s, or the
+        only listener's."""
+        self.ports = {name: int(addr.rsplit(":", 1)[1])
+                      for name, addr in self.listening_addrs().items()}
+        only = list(self.ports.values()) if len(self.ports) == 1 else [None]
+        self.port = self.ports.get("main", only[0])
+        return self.ports
 
     @property
     def pid(self):

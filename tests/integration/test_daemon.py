@@ -14,7 +14,7 @@ import pytest
 import stp_harness as h
 
 
-def good_config(tls_files, port=None, upstream_port=None):
+def good_config(tls_files, port=0, upstream_port=None):
     # As root, -t checks the account to become, as a start would.
     user = "user = root\n" if os.geteuid() == 0 else ""
     return textwrap.dedent("""\
@@ -35,7 +35,7 @@ def good_config(tls_files, port=None, upstream_port=None):
         [upstream up]
         address = 127.0.0.1:{uport}
         tls = none
-        """).format(port=port or h.free_port(), uport=upstream_port or h.free_port(),
+        """).format(port=port, uport=upstream_port or h.free_port(),
                     cert=tls_files["cert"], key=tls_files["key"], user=user)
 
 
@@ -221,8 +221,8 @@ def require_ipv6_loopback():
 
 def test_ipv6_loopback_listener(make_proxy, aio):
     require_ipv6_loopback()
-    port = h.free_port(socket.AF_INET6, "::1")
-    proxy = make_proxy(aio, listen="[::1]:%d" % port)
+    proxy = make_proxy(aio, listen="[::1]:0")
+    port = proxy.port
     c = h.SmtpConn(port, host="::1")
     with c:
         c.greeting()
@@ -251,10 +251,10 @@ def test_ipv6_upstream(make_proxy, make_scripted):
 
 
 def test_two_listeners_with_different_policies(make_proxy, scripted, tls_files):
-    other = h.free_port()
     proxy = make_proxy(scripted, extra_listeners=[("plain", {
-        "listen": "127.0.0.1:%d" % other, "tls": "none", "require_tls": "no",
+        "listen": "127.0.0.1:0", "tls": "none", "require_tls": "no",
         "upstream": "up"})])
+    other = proxy.ports["plain"]
     with h.SmtpConn(proxy.port) as c:
         c.greeting()
         assert "STARTTLS" in c.expect("EHLO a.test", 250).keywords()

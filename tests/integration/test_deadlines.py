@@ -221,11 +221,11 @@ def test_half_a_client_hello_dripped_after_starttls_is_closed_after_timeout_hand
 def test_half_a_client_hello_on_an_implicit_tls_listener_is_closed_after_timeout_handshake(
         make_scripted, make_proxy, tls_files):
     up = make_scripted()
-    port = h.free_port()
-    hu.start(make_proxy, up, extra_listeners=[("smtps", {
-        "listen": "127.0.0.1:%d" % port, "tls": "implicit", "cert": tls_files["cert"],
+    proxy = hu.start(make_proxy, up, extra_listeners=[("smtps", {
+        "listen": "127.0.0.1:0", "tls": "implicit", "cert": tls_files["cert"],
         "key": tls_files["key"], "upstream": "up", "timeout_handshake": "1s",
         "timeout_idle": "30s"})])
+    port = proxy.ports["smtps"]
     hello = hu.client_hello()
     with h.SmtpConn(port) as c:
         c.send(hello[:len(hello) // 2])

@@ -12,8 +12,8 @@ import stp_harness as h
 import hardening_util as hu
 
 
-def second_listener(tls_files, port, **kw):
-    opts = {"listen": "127.0.0.1:%d" % port, "tls": "starttls", "require_tls": "yes",
+def second_listener(tls_files, **kw):
+    opts = {"listen": "127.0.0.1:0", "tls": "starttls", "require_tls": "yes",
             "cert": tls_files["cert"], "key": tls_files["key"], "upstream": "up",
             "timeout_idle": "30s"}
     opts.update(kw)
@@ -31,9 +31,9 @@ def settle_upstream(up, expected):
 
 def test_global_limit_counts_every_listener(make_scripted, make_proxy, tls_files):
     up = make_scripted()
-    other = h.free_port()
     proxy = hu.start(make_proxy, up, proxy={"max_connections": "3"},
-                     extra_listeners=[second_listener(tls_files, other)])
+                     extra_listeners=[second_listener(tls_files)])
+    other = proxy.ports["second"]
     open_ = [hu.greeted(proxy.port), hu.greeted(proxy.port), hu.greeted(other)]
     try:
         hu.assert_refused(proxy.port)
@@ -62,9 +62,9 @@ def test_slot_freed_by_a_finished_session_is_reused(make_scripted, make_proxy):
 
 def test_listener_limit_leaves_other_listeners_open(make_scripted, make_proxy, tls_files):
     up = make_scripted()
-    other = h.free_port()
     proxy = hu.start(make_proxy, up, max_connections="2",
-                     extra_listeners=[second_listener(tls_files, other)])
+                     extra_listeners=[second_listener(tls_files)])
+    other = proxy.ports["second"]
     conns = [hu.greeted(proxy.port), hu.greeted(proxy.port)]
     try:
         hu.assert_refused(proxy.port)
@@ -97,10 +97,10 @@ def test_implicit_tls_listener_over_its_limit_just_closes(make_scripted, make_pr
     """README: an implicit-TLS listener has no plaintext channel for a 421;
     over the limit it closes without a byte (and without the upstream)."""
     up = make_scripted()
-    port = h.free_port()
-    hu.start(make_proxy, up, extra_listeners=[("smtps", {
-        "listen": "127.0.0.1:%d" % port, "tls": "implicit", "cert": tls_files["cert"],
+    proxy = hu.start(make_proxy, up, extra_listeners=[("smtps", {
+        "listen": "127.0.0.1:0", "tls": "implicit", "cert": tls_files["cert"],
         "key": tls_files["key"], "upstream": "up", "max_connections": "1"})])
+    port = proxy.ports["smtps"]
     first = hu.implicit_session(port)
     with first:
         with h.SmtpConn(port) as c:

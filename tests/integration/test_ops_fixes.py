@@ -54,7 +54,10 @@ def test_listener_limit_counts_sessions_opened_before_a_reload(make_scripted, ma
 
 def test_listener_limit_survives_a_rename(make_scripted, make_proxy):
     up = make_scripted()
-    proxy = hu.start(make_proxy, up, max_connections="2")
+    # A fixed port: renamed, a listener at 127.0.0.1:0 would be a new one on
+    # a new port; at a fixed address it keeps its socket.
+    proxy = hu.start(make_proxy, up, max_connections="2",
+                     listen="127.0.0.1:%d" % h.free_port())
     conns = [hu.greeted(proxy.port), hu.greeted(proxy.port)]
     try:
         reload_ok(proxy, proxy.config_text.replace("[listener main]", "[listener renamed]"))
@@ -94,7 +97,10 @@ def test_listener_removed_and_added_again_counts_its_open_sessions(make_scripted
 def test_a_second_daemon_on_the_same_ports_refuses_to_start(make_scripted, make_proxy,
                                                            workers):
     up = make_scripted()
-    proxy = hu.start(make_proxy, up, proxy={"workers": str(workers)})
+    # A fixed port: a second daemon asking for 127.0.0.1:0 would just get
+    # another one.
+    proxy = hu.start(make_proxy, up, proxy={"workers": str(workers)},
+                     listen="127.0.0.1:%d" % h.free_port())
     rc, err = hu.run_briefly(proxy.binary, proxy.config_path)
     assert rc is not None, "a second daemon started on the same ports:\n" + err
     assert rc != 0, err
@@ -138,7 +144,7 @@ def test_sigusr1_and_sigusr2_are_ignored(make_scripted, make_proxy, workers):
 def one_listener_config(proxy_opts):
     return h.render_config(
         dict({"hostname": "proxy.test"}, **proxy_opts),
-        [("main", {"listen": "127.0.0.1:%d" % h.free_port(), "upstream": "up"})],
+        [("main", {"listen": "127.0.0.1:0", "upstream": "up"})],
         [("up", {"address": "127.0.0.1:%d" % h.free_port()})])
 
 

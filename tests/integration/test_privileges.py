@@ -57,10 +57,9 @@ def test_group_option_sets_the_group(make_scripted, make_proxy):
 def run_briefly(stp_bin, tmp_path, proxy_opts, timeout=5):
     """Start the daemon with a one-listener config; returns (exit code or
     None if still running after TIMEOUT, stderr, config path)."""
-    port = h.free_port()
     text = h.render_config(
         dict({"hostname": "proxy.test"}, **proxy_opts),
-        [("main", {"listen": "127.0.0.1:%d" % port, "upstream": "up"})],
+        [("main", {"listen": "127.0.0.1:0", "upstream": "up"})],
         [("up", {"address": "127.0.0.1:%d" % h.free_port()})])
     path = tmp_path / "stp.conf"
     path.write_text(text)

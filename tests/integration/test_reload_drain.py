@@ -125,10 +125,10 @@ def test_sighup_adds_a_listener(make_scripted, make_proxy, tls_files):
 def test_sighup_removes_a_listener_but_its_open_session_completes(make_scripted, make_proxy,
                                                                   tls_files):
     up = make_scripted()
-    other = h.free_port()
-    extra = ("second", {"listen": "127.0.0.1:%d" % other, "tls": "starttls",
+    extra = ("second", {"listen": "127.0.0.1:0", "tls": "starttls",
                         "cert": tls_files["cert"], "key": tls_files["key"], "upstream": "up"})
     proxy = hu.start(make_proxy, up, extra_listeners=[extra])
+    other = proxy.ports["second"]
     c = hu.tls_session(other)
     with c:
         c.expect("MAIL FROM:<b@example.org>", 250)

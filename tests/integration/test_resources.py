@@ -81,14 +81,13 @@ def run_aborts(ports, n, threads=16):
 def test_2000_aborted_handshakes_leave_rss_and_descriptors_at_baseline(make_scripted,
                                                                        make_proxy, tls_files):
     up = make_scripted()
-    smtps = h.free_port()
     proxy = hu.start(make_proxy, up, proxy={"log_level": "info"},
                      max_connections_per_ip="1000", timeout_handshake="5s",
                      extra_listeners=[("smtps", {
-                         "listen": "127.0.0.1:%d" % smtps, "tls": "implicit",
+                         "listen": "127.0.0.1:0", "tls": "implicit",
                          "cert": tls_files["cert"], "key": tls_files["key"], "upstream": "up",
                          "max_connections_per_ip": "1000", "timeout_handshake": "5s"})])
-    ports = (proxy.port, smtps)
+    ports = (proxy.port, proxy.ports["smtps"])
     # warm up the allocator and the buffer pool, then take the baseline
     assert not run_aborts(ports, 200)
     assert hu.deliver(proxy.port).code == 250
@@ -127,16 +126,15 @@ def fd_limited_binary(tmp_path, limit):
 def test_running_out_of_descriptors_is_survived_and_recovered(make_scripted, tmp_path,
                                                               tls_files):
     up = make_scripted()
-    port = h.free_port()
     text = h.render_config(
         {"log_level": "info", "hostname": "proxy.test"},
-        [("main", {"listen": "127.0.0.1:%d" % port, "cert": tls_files["cert"],
+        [("main", {"listen": "127.0.0.1:0", "cert": tls_files["cert"],
                    "key": tls_files["key"], "upstream": "up", "timeout_idle": "30s",
                    "max_connections_per_ip": "1000"})],
         [("up", {"address": up.address})])
     proxy = h.Proxy(fd_limited_binary(tmp_path, 64), str(tmp_path / "proxy"), text)
-    proxy.port = port
     proxy.start()
+    port = proxy.port
     try:
         with open("/proc/%d/limits" % proxy.pid) as f:
             assert any(l.startswith("Max open files") and l.split()[3] == "64" for l in f), \

@@ -49,14 +49,12 @@ def audited(tmp_path_factory):
                     "-days", "365", "-keyout", key, "-out", cert],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
     up = h.ScriptedUpstream().start()
-    port = h.free_port()
     text = h.render_config(
         {"hostname": "proxy.test"},
-        [("main", {"listen": "127.0.0.1:%d" % port, "cert": cert, "key": key,
+        [("main", {"listen": "127.0.0.1:0", "cert": cert, "key": key,
                    "upstream": "up"})],
         [("up", {"address": up.address})])
     proxy = h.Proxy(h.daemon_binary(), os.path.join(d, "proxy"), text)
-    proxy.port = port
     proxy.start()
     proxy.workdir_audit = d
     try:

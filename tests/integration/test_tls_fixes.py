@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def listener_conf(pki, **extra):
-    opts = {"listen": "127.0.0.1:%d" % h.free_port(), "tls": "implicit",
+    opts = {"listen": "127.0.0.1:0", "tls": "implicit",
             "cert": pki.proxy.cert, "key": pki.proxy.key, "upstream": "up"}
     opts.update(extra)
     return [("main", opts)]

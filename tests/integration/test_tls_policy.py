@@ -125,7 +125,7 @@ def test_old_tls_device_bridges_to_a_tls_1_3_upstream(tls_proxy, make_aio, pki, 
     legacy_ciphers = "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-ECDSA-AES128-GCM-SHA256"
     text = h.render_config(
         {"hostname": "proxy.test"},
-        [("legacy", {"listen": "127.0.0.1:%d" % h.free_port(), "tls": "implicit",
+        [("legacy", {"listen": "127.0.0.1:0", "tls": "implicit",
                      "cert": pki.proxy.cert, "key": pki.proxy.key, "min_version": version,
                      "ciphers": legacy_ciphers, "upstream": "up"})],
         [("up", {"address": "127.0.0.1:25"})])
@@ -345,7 +345,7 @@ def test_verify_client_optional_accepts_and_logs_a_good_certificate(cert_proxy, 
 def test_verify_client_without_client_ca_is_a_config_error(stp_bin, pki, tmp_path, mode):
     text = h.render_config(
         {"hostname": "proxy.test"},
-        [("main", {"listen": "127.0.0.1:%d" % h.free_port(), "tls": "implicit",
+        [("main", {"listen": "127.0.0.1:0", "tls": "implicit",
                    "cert": pki.proxy.cert, "key": pki.proxy.key, "verify_client": mode,
                    "upstream": "up"})],
         [("up", {"address": "127.0.0.1:25"})])
@@ -362,7 +362,7 @@ def test_verify_client_without_client_ca_is_a_config_error(stp_bin, pki, tmp_pat
 def test_bad_listener_tls_values_are_config_errors(stp_bin, pki, tmp_path, key, value):
     text = h.render_config(
         {"hostname": "proxy.test"},
-        [("main", {"listen": "127.0.0.1:%d" % h.free_port(), "tls": "implicit",
+        [("main", {"listen": "127.0.0.1:0", "tls": "implicit",
                    "cert": pki.proxy.cert, "key": pki.proxy.key, key: value,
                    "upstream": "up"})],
         [("up", {"address": "127.0.0.1:25"})])

@@ -87,9 +87,11 @@ static void test_hostport(void)
         {"[::]:465", AF_INET6, "[::]:465"},
         {"[2001:DB8::1]:587", AF_INET6, "[2001:db8::1]:587"},
         {"[::ffff:192.0.2.1]:1", AF_INET6, "[::ffff:192.0.2.1]:1"},
+        {"1.2.3.4:0", AF_INET, "1.2.3.4:0"}, /* the keys decide who may */
+        {"[::1]:0", AF_INET6, "[::1]:0"},
     };
     static const char *const bad[] = {
-        "localhost:25", "1.2.3.4", "::1:25", "1.2.3.4:99999", "1.2.3.4:0",
+        "localhost:25", "1.2.3.4", "::1:25", "1.2.3.4:99999",
         "1.2.3.4:", ":25", "[::1]", "[::1]25", "[::1:25", "[::1]]:25",
         "1.2.3.4:25x", "1.2.3.4:-1", "1.2.3.4:+25", "[1.2.3.4]:25",
         "1.2.3:25", "", "[]:25", "[fe80::1%eth0]:25", "1.2.3.4 :25",
@@ -119,6 +121,67 @@ static void test_hostport(void)
     struct sockaddr unix_sa = {.sa_family = AF_UNIX};
     stp_format_addr(&unix_sa, buf, sizeof(buf));
     CHECK_STR(buf, "?");
+}
+
+/* listen = HOST:0: the kernel picks the port, so two listeners may both ask
+ * for 127.0.0.1:0; two at the same real port are still refused. An upstream
+ * needs a real port (see test_errors). */
+static void test_port_zero(void)
+{
+    struct stp_config c;
+    char err[256] = "";
+    CHECK(stp_config_parse_string("t.ini",
+                                  "[listener a]\nlisten = 127.0.0.1:0\n"
+                                  "upstream = up\n"
+                                  "[listener b]\nlisten = 127.0.0.1:0\n"
+                                  "upstream = up\n"
+                                  "[listener c]\nlisten = [::1]:0\n"
+                                  "upstream = up\n" UP,
+                                  &c, err, sizeof(err)) == 0);
+    CHECK_STR(err, "");
+    CHECK(c.n_listeners == 3);
+    CHECK_STR(c.listeners[0].listen_text, "127.0.0.1:0");
+    CHECK(c.listeners[0].addr.ss_family == AF_INET);
+    CHECK(stp_addr_port(&c.listeners[0].addr) == 0);
+    CHECK(stp_same_addr(&c.listeners[0].addr, &c.listeners[1].addr));
+    CHECK(c.listeners[2].addr.ss_family == AF_INET6);
+    CHECK(stp_addr_port(&c.listeners[2].addr) == 0);
+    stp_config_free(&c);
+
+    CHECK(stp_config_parse_string("t.ini",
+                                  "[listener a]\nlisten = 127.0.0.1:2525\n"
+                                  "upstream = up\n"
+                                  "[listener b]\nlisten = 127.0.0.1:2525\n"
+                                  "upstream = up\n" UP,
+                                  &c, err, sizeof(err)) < 0);
+    CHECK_STR(err, "t.ini:5: listener 'b' uses the listen address of listener 'a'");
+    CHECK(is_zeroed(&c));
+}
+
+static void test_same_addr(void)
+{
+    struct sockaddr_storage a, b;
+    CHECK(stp_parse_hostport("127.0.0.1:25", &a) == 0);
+    CHECK(stp_parse_hostport("127.0.0.1:25", &b) == 0);
+    CHECK(stp_same_addr(&a, &b));
+    b.ss_family = AF_INET; /* padding the kernel may fill is not compared */
+    memset(((struct sockaddr_in *)&b)->sin_zero, 0xff,
+           sizeof(((struct sockaddr_in *)&b)->sin_zero));
+    CHECK(stp_same_addr(&a, &b));
+    CHECK(stp_parse_hostport("127.0.0.1:26", &b) == 0);
+    CHECK(!stp_same_addr(&a, &b));
+    CHECK(stp_parse_hostport("127.0.0.2:25", &b) == 0);
+    CHECK(!stp_same_addr(&a, &b));
+    CHECK(stp_parse_hostport("[::1]:25", &a) == 0);
+    CHECK(stp_parse_hostport("[::1]:25", &b) == 0);
+    CHECK(stp_same_addr(&a, &b));
+    ((struct sockaddr_in6 *)&b)->sin6_flowinfo = 7;
+    CHECK(stp_same_addr(&a, &b));
+    CHECK(stp_parse_hostport("[::2]:25", &b) == 0);
+    CHECK(!stp_same_addr(&a, &b));
+    CHECK(stp_parse_hostport("0.0.0.0:25", &b) == 0);
+    CHECK(!stp_same_addr(&a, &b)); /* another family */
+    CHECK(stp_addr_port(&a) == 25);
 }
 
 /* Each text is parsed as "t.ini" and must fail with exactly this message. */
@@ -632,6 +695,8 @@ int main(void)
 
     test_durations();
     test_hostport();
+    test_port_zero();
+    test_same_addr();
     test_errors();
     test_line_too_long();
     test_long_lines();
