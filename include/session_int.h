@@ -47,7 +47,7 @@ struct stp_session {
     bool upstream_closed;
     bool client_eof;             /* the client half-closed: reads no more */
     int client_err, upstream_err; /* a write failed inside the engine */
-    const char *reason;
+    enum stp_close_reason reason; /* first cause wins: stp_session_reason */
     uint64_t start_ms;
     /* Deadlines are computed from these (milliseconds of uv_now). */
     uint64_t state_ms;         /* entering the current state */
@@ -66,6 +66,7 @@ struct stp_session {
 #define SID "id=%016" PRIx64
 
 void stp_session_transition(struct stp_session *s, enum stp_sstate to);
+void stp_session_reason(struct stp_session *s, enum stp_close_reason r);
 void stp_session_settle(struct stp_session *s);
 void stp_session_close_upstream(struct stp_session *s);
 

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "close.h"
 #include "stp.h"
 
 /* ---- small parsers -------------------------------------------------------- */
@@ -106,21 +107,6 @@ enum stp_fwd {
     STP_FWD_RAW,   /* message content, verbatim, a slice of the input */
 };
 
-/* Why the engine wants the connection closed (for the log). */
-enum stp_close_reason {
-    STP_CLOSE_QUIT = 0,        /* client said QUIT and got the reply */
-    STP_CLOSE_UPSTREAM_421,    /* upstream said 421 */
-    STP_CLOSE_UPSTREAM_LOST,   /* upstream EOF/error: we sent 421 4.4.2 */
-    STP_CLOSE_UPSTREAM_PROTO,  /* upstream broke the protocol: 421 4.4.2 */
-    STP_CLOSE_TIMEOUT,         /* idle: we sent 421 4.4.2 */
-    STP_CLOSE_SMUGGLE,         /* ambiguous end of data: 554, upstream cut */
-    STP_CLOSE_CLIENT_EOF,
-    STP_CLOSE_NEXT_HOP,        /* upstream TLS or identity setup failed */
-    STP_CLOSE_ERRORS,          /* max_errors consecutive errors: 421 */
-    STP_CLOSE_SHUTDOWN,        /* the proxy is stopping: 421 */
-    STP_CLOSE_LIMIT,           /* over a connection limit: 421 */
-};
-const char *stp_close_reason_name(enum stp_close_reason r);
 
 struct stp_smtp_ops {
     /* Bytes for the upstream. For STP_FWD_RAW, P points into the buffer given
@@ -209,6 +195,7 @@ struct stp_smtp {
     bool in_reply;
     int reply_code;
     size_t reply_bytes;  /* of the reply being relayed, up to STP_MAX_REPLY */
+    bool mid_reply;      /* the client got a "250-" line, not the last yet */
     char *ehlo;
     size_t ehlo_len;
 };

@@ -62,7 +62,10 @@ static void reload(void)
         stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
         return;
     }
-    if (g->cfg.workers != workers.n)
+    /* workers = auto is one per CPU, as at the start. */
+    int want = g->cfg.workers > 0 ? g->cfg.workers
+                                  : (int)uv_available_parallelism();
+    if (want != workers.n)
         stp_log(STP_LOG_WARN, "event=reload msg=\"workers changes only on "
                               "restart\" workers=%d", workers.n);
     stp_log_set_level(g->cfg.log_level);

@@ -43,6 +43,14 @@ static struct stp_session *session_of(void *p)
     return s;
 }
 
+/* Why the session ends: the first cause said wins (a timeout that makes the
+ * engine close reads "idle_timeout", not the engine's "timeout"). */
+void stp_session_reason(struct stp_session *s, enum stp_close_reason r)
+{
+    if (s->reason == STP_CLOSE_NONE)
+        s->reason = r;
+}
+
 static uint64_t now_ms(const struct stp_session *s)
 {
     return uv_now(s->srv->loop);
@@ -216,7 +224,7 @@ static void finish(struct stp_session *s)
             SID " event=disconnect reason=%s client_in=%" PRIu64
                 " client_out=%" PRIu64 " upstream_in=%" PRIu64
                 " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
-            s->id, s->reason ? s->reason : "unknown", s->client.bytes_in,
+            s->id, stp_close_reason_name(s->reason), s->client.bytes_in,
             s->client.bytes_out, s->upstream.bytes_in, s->upstream.bytes_out,
             now_ms(s) - s->start_ms);
     uv_timer_stop(&s->timer);
@@ -226,13 +234,13 @@ static void finish(struct stp_session *s)
 }
 
 /* Close once the client has its last reply (bounded by a timer). */
-static void drain_and_close(struct stp_session *s, const char *reason,
+static void drain_and_close(struct stp_session *s,
+                            enum stp_close_reason reason,
                             bool cut_upstream)
 {
     if (s->state >= STP_SS_DRAINING)
         return;
-    if (!s->reason)
-        s->reason = reason;
+    stp_session_reason(s, reason);
     if (cut_upstream)
         stp_session_close_upstream(s);
     stp_session_transition(s, STP_SS_DRAINING);
@@ -250,7 +258,7 @@ static void fail_write(struct stp_session *s, struct stp_conn *c, int r)
 {
     stp_log(STP_LOG_WARN, SID " event=error side=%s error=\"%s\"", s->id,
             c == &s->client ? "client" : "upstream", stp_strerror(r));
-    s->reason = "write_error";
+    stp_session_reason(s, STP_CLOSE_WRITE_ERROR);
     if (c == &s->upstream)
         stp_smtp_upstream_lost(&s->smtp);
     else
@@ -310,7 +318,7 @@ static void act_start_tls(void *ctx)
 static void act_close(void *ctx, enum stp_close_reason why, bool cut)
 {
     struct stp_session *s = ctx;
-    drain_and_close(s, stp_close_reason_name(why), cut);
+    drain_and_close(s, why, cut);
 }
 
 static void act_event(void *ctx, const char *event, const char *detail)
@@ -423,13 +431,13 @@ static void check_client_eof(struct stp_session *s)
                   act_upstream_full(s)))
         return; /* buffered commands or content still to be taken */
     if (stp_smtp_in_content(&s->smtp)) {
-        s->reason = "client_eof";
+        stp_session_reason(s, STP_CLOSE_CLIENT_EOF);
         finish(s);
         return;
     }
     /* Waiting for the greeting only: nothing the client asked for. */
     if (!stp_smtp_replies_due(&s->smtp) || s->smtp.phase == STP_PH_GREETING)
-        drain_and_close(s, "client_eof", false);
+        drain_and_close(s, STP_CLOSE_CLIENT_EOF, false);
 }
 
 /* After anything happened: push output, pick who may read. */
@@ -445,7 +453,7 @@ void stp_session_settle(struct stp_session *s)
         /* Nothing of ours is left to send in plaintext. Whatever the client
          * pipelined after STARTTLS is dropped with the buffer. */
         if (stp_conn_start_tls(&s->client, s->ltls, NULL) < 0) {
-            s->reason = "tls_init_failed";
+            stp_session_reason(s, STP_CLOSE_TLS_INIT);
             finish(s);
             return;
         }
@@ -558,12 +566,11 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
             stp_log(STP_LOG_INFO, SID " event=tls_error error=\"%s\"", s->id,
                     stp_log_esc(e, sizeof(e), stp_tls_error_or(c, err)));
         }
-        if (!s->reason)
-            s->reason =
-                ev == STP_IO_EOF ? "client_eof"
-                : (s->state == STP_SS_HANDSHAKE ||
-                   s->state == STP_SS_TLS_ACCEPT) ? "tls_handshake_failed"
-                                                  : "client_error";
+        stp_session_reason(s, ev == STP_IO_EOF ? STP_CLOSE_CLIENT_EOF
+                              : (s->state == STP_SS_HANDSHAKE ||
+                                 s->state == STP_SS_TLS_ACCEPT)
+                                  ? STP_CLOSE_TLS_HANDSHAKE
+                                  : STP_CLOSE_CLIENT_ERROR);
         /* An unfinished message must not complete upstream. */
         finish(s);
         return;
@@ -640,7 +647,7 @@ static void on_timer(uv_timer_t *t)
     switch (d) {
     case DL_HANDSHAKE:
         /* Mid-handshake there is no channel for an SMTP reply. */
-        s->reason = "handshake_timeout";
+        stp_session_reason(s, STP_CLOSE_HANDSHAKE_TIMEOUT);
         finish(s);
         return;
     case DL_SETUP:
@@ -650,15 +657,15 @@ static void on_timer(uv_timer_t *t)
         stp_log(STP_LOG_WARN,
                 SID " event=upstream_error upstream=%s error=\"reply timeout\"",
                 s->id, s->up->name);
-        s->reason = "upstream_timeout";
+        stp_session_reason(s, STP_CLOSE_UPSTREAM_TIMEOUT);
         stp_smtp_upstream_lost(&s->smtp);
         break;
     case DL_IDLE:
     case DL_COMMAND:
     case DL_DATA:
-        s->reason = d == DL_IDLE      ? "idle_timeout"
-                    : d == DL_COMMAND ? "command_timeout"
-                                      : "data_timeout";
+        stp_session_reason(s, d == DL_IDLE      ? STP_CLOSE_IDLE_TIMEOUT
+                              : d == DL_COMMAND ? STP_CLOSE_COMMAND_TIMEOUT
+                                                : STP_CLOSE_DATA_TIMEOUT);
         stp_smtp_timeout(&s->smtp);
         break;
     case DL_DRAIN:
@@ -671,16 +678,16 @@ static void on_timer(uv_timer_t *t)
 }
 
 /* Over a connection limit? Checked after the session is counted. */
-static const char *over_limit(const struct stp_session *s,
-                              const struct stp_counts *n)
+static enum stp_close_reason over_limit(const struct stp_session *s,
+                                       const struct stp_counts *n)
 {
     if (n->total > s->gen->cfg.max_connections)
-        return "max_connections";
+        return STP_CLOSE_MAX_CONNECTIONS;
     if (n->listener > s->lcfg->max_connections)
-        return "listener_max_connections";
+        return STP_CLOSE_LISTENER_MAX_CONNECTIONS;
     if (n->per_ip > s->lcfg->max_connections_per_ip)
-        return "max_connections_per_ip";
-    return NULL;
+        return STP_CLOSE_MAX_CONNECTIONS_PER_IP;
+    return STP_CLOSE_NONE;
 }
 
 int stp_session_accept(struct stp_listener *lst)
@@ -758,11 +765,11 @@ int stp_session_accept(struct stp_listener *lst)
     s->open_handles++;
     s->client_seen_ms = s->upstream_seen_ms = s->state_ms = s->start_ms;
 
-    const char *limit = over_limit(s, &counts);
+    enum stp_close_reason limit = over_limit(s, &counts);
     if (limit) {
         stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
-                limit, s->peer);
-        s->reason = limit;
+                stp_close_reason_name(limit), s->peer);
+        stp_session_reason(s, limit);
         if (lc->tls == STP_TLS_IMPLICIT) {
             finish(s); /* a handshake just to refuse would cost more */
             return 0;
@@ -776,7 +783,7 @@ int stp_session_accept(struct stp_listener *lst)
     if (lc->tls == STP_TLS_IMPLICIT) {
         stp_session_transition(s, STP_SS_TLS_ACCEPT);
         if (stp_conn_start_tls(&s->client, s->ltls, NULL) < 0) {
-            s->reason = "tls_init_failed";
+            stp_session_reason(s, STP_CLOSE_TLS_INIT);
             finish(s);
             return 0;
         }
@@ -795,8 +802,7 @@ static void session_shutdown(struct stp_session *s, bool force)
     if (s->state >= STP_SS_DRAINING)
         return;
     s->shutting_down = true;
-    if (!s->reason)
-        s->reason = "shutdown";
+    stp_session_reason(s, STP_CLOSE_SHUTDOWN);
     switch (s->state) {
     case STP_SS_NEW:
     case STP_SS_TLS_ACCEPT:

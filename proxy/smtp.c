@@ -27,7 +27,8 @@ const char *stp_phase_name(enum stp_phase ph)
 
 const char *stp_close_reason_name(enum stp_close_reason r)
 {
-    static const char *const names[] = {
+    static const char *const names[STP_CLOSE_COUNT] = {
+        [STP_CLOSE_NONE] = "unknown",
         [STP_CLOSE_QUIT] = "quit",
         [STP_CLOSE_UPSTREAM_421] = "upstream_421",
         [STP_CLOSE_UPSTREAM_LOST] = "upstream_lost",
@@ -39,8 +40,23 @@ const char *stp_close_reason_name(enum stp_close_reason r)
         [STP_CLOSE_ERRORS] = "too_many_errors",
         [STP_CLOSE_SHUTDOWN] = "shutdown",
         [STP_CLOSE_LIMIT] = "connection_limit",
+        [STP_CLOSE_CLIENT_ERROR] = "client_error",
+        [STP_CLOSE_WRITE_ERROR] = "write_error",
+        [STP_CLOSE_TLS_INIT] = "tls_init_failed",
+        [STP_CLOSE_TLS_HANDSHAKE] = "tls_handshake_failed",
+        [STP_CLOSE_HANDSHAKE_TIMEOUT] = "handshake_timeout",
+        [STP_CLOSE_IDLE_TIMEOUT] = "idle_timeout",
+        [STP_CLOSE_COMMAND_TIMEOUT] = "command_timeout",
+        [STP_CLOSE_DATA_TIMEOUT] = "data_timeout",
+        [STP_CLOSE_UPSTREAM_TIMEOUT] = "upstream_timeout",
+        [STP_CLOSE_UPSTREAM_UNREACHABLE] = "upstream_unreachable",
+        [STP_CLOSE_UPSTREAM_CONNECT_TIMEOUT] = "upstream_connect_timeout",
+        [STP_CLOSE_UPSTREAM_GREETING_TIMEOUT] = "upstream_greeting_timeout",
+        [STP_CLOSE_MAX_CONNECTIONS] = "max_connections",
+        [STP_CLOSE_LISTENER_MAX_CONNECTIONS] = "listener_max_connections",
+        [STP_CLOSE_MAX_CONNECTIONS_PER_IP] = "max_connections_per_ip",
     };
-    return r < STP_ARRAY_LEN(names) && names[r] ? names[r] : "?";
+    return r < STP_CLOSE_COUNT && names[r] ? names[r] : "?";
 }
 
 /* The single place where the phase changes. CLOSED is final: nothing an
@@ -111,7 +127,9 @@ static void reply_421_close(struct stp_smtp *s, const char *fmt,
 {
     if (s->phase == STP_PH_CLOSED)
         return;
-    if (!s->reply_421) {
+    /* In the middle of a multi-line reply relayed to the client, a 421
+     * would be read as its next line: the connection just closes. */
+    if (!s->reply_421 && !s->mid_reply) {
         char buf[256];
         snprintf(buf, sizeof(buf), fmt, s->cfg.hostname ? s->cfg.hostname
                                                         : "localhost");
@@ -530,6 +548,7 @@ static void relay_line(struct stp_smtp *s, const char *line, size_t len)
     memcpy(buf, line, len);
     memcpy(buf + len, "\r\n", 2);
     s->ops->to_client(s->ctx, buf, len + 2);
+    s->mid_reply = len > 3 && line[3] == '-';
 }
 
 /* LMTP: after the end of data, does another reply follow this one? The

@@ -22,7 +22,7 @@ void stp_upstream_fail(struct stp_session *s, enum stp_up_failure f,
     char e[256]; /* may quote what the next hop said or presented */
     stp_log(STP_LOG_WARN, SID " event=upstream_error upstream=%s error=\"%s\"",
             s->id, s->up->name, stp_log_esc(e, sizeof(e), reason));
-    s->reason = "next_hop_setup_failed";
+    stp_session_reason(s, STP_CLOSE_NEXT_HOP);
     stp_smtp_abort(&s->smtp, failure_replies[f], STP_CLOSE_NEXT_HOP);
 }
 
@@ -200,7 +200,7 @@ void stp_upstream_event(struct stp_conn *c, enum stp_io_event ev, int err)
                         "error=\"%s\"",
                     s->id, s->up->name, s->up->address_text,
                     stp_strerror(err));
-            s->reason = "upstream_unreachable";
+            stp_session_reason(s, STP_CLOSE_UPSTREAM_UNREACHABLE);
             stp_smtp_upstream_unreachable(&s->smtp);
             break;
         }
@@ -267,8 +267,8 @@ void stp_upstream_timeout(struct stp_session *s)
                     "error=\"%s\"",
                 s->id, s->up->name, s->up->address_text,
                 greeting ? "no greeting" : "connect timeout");
-        s->reason = greeting ? "upstream_greeting_timeout"
-                             : "upstream_connect_timeout";
+        stp_session_reason(s, greeting ? STP_CLOSE_UPSTREAM_GREETING_TIMEOUT
+                                       : STP_CLOSE_UPSTREAM_CONNECT_TIMEOUT);
         stp_smtp_upstream_unreachable(&s->smtp);
         return;
     }
