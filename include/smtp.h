@@ -195,7 +195,6 @@ struct stp_smtp {
     bool in_reply;
     int reply_code;
     size_t reply_bytes;  /* of the reply being relayed, up to STP_MAX_REPLY */
-    bool mid_reply;      /* the client got a "250-" line, not the last yet */
     char *ehlo;
     size_t ehlo_len;
 };

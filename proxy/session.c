@@ -431,8 +431,15 @@ static void check_client_eof(struct stp_session *s)
                   act_upstream_full(s)))
         return; /* buffered commands or content still to be taken */
     if (stp_smtp_in_content(&s->smtp)) {
-        stp_session_reason(s, STP_CLOSE_CLIENT_EOF);
-        finish(s);
+        /* This message can never complete, but what came before it is
+         * still answered (a BDAT LAST that delivered the previous one): all
+         * replies but the unfinished chunk's own, then the upstream is cut
+         * and the client gets what it is owed. */
+        unsigned owed = s->smtp.pend_count;
+        if (s->smtp.phase == STP_PH_CHUNK && owed > 0)
+            owed--;
+        if (owed == 0)
+            drain_and_close(s, STP_CLOSE_CLIENT_EOF, true);
         return;
     }
     /* Waiting for the greeting only: nothing the client asked for. */

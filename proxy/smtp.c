@@ -127,9 +127,7 @@ static void reply_421_close(struct stp_smtp *s, const char *fmt,
 {
     if (s->phase == STP_PH_CLOSED)
         return;
-    /* In the middle of a multi-line reply relayed to the client, a 421
-     * would be read as its next line: the connection just closes. */
-    if (!s->reply_421 && !s->mid_reply) {
+    if (!s->reply_421) {
         char buf[256];
         snprintf(buf, sizeof(buf), fmt, s->cfg.hostname ? s->cfg.hostname
                                                         : "localhost");
@@ -548,7 +546,6 @@ static void relay_line(struct stp_smtp *s, const char *line, size_t len)
     memcpy(buf, line, len);
     memcpy(buf + len, "\r\n", 2);
     s->ops->to_client(s->ctx, buf, len + 2);
-    s->mid_reply = len > 3 && line[3] == '-';
 }
 
 /* LMTP: after the end of data, does another reply follow this one? The

@@ -3,6 +3,7 @@ pipelining its last commands still gets every reply the upstream owes it, as
 it would from a server: otherwise a delivered message looks failed and is
 sent again. A message it did not finish never completes upstream."""
 
+import re
 import socket
 import ssl
 import time
@@ -120,3 +121,26 @@ def test_tls_half_close_gets_every_reply(make_proxy, aio, close_notify):
     assert reply_codes(got) == [250, 250, 250, 354, 250, 221], got
     assert [m["original_content"] for m in aio.wait_messages(1)] == [MSG]
     proxy.wait_event("disconnect", reason="quit")
+
+
+def test_half_close_inside_a_bdat_chunk_still_answers_the_message_before(make_proxy, postfix):
+    """A complete message by BDAT LAST, then a second one cut inside its
+    chunk, then FIN, all in one write: Postfix queues the first, and the
+    client must get its 250 (or it sends the message again); the second is
+    never delivered."""
+    proxy = make_proxy(postfix.address("plain"), tls="none", require_tls=None)
+    first = b"Subject: first\r\n\r\nfirst message\r\n"
+    env = b"MAIL FROM:<b@example.org>\r\nRCPT TO:<a@example.net>\r\n"
+    with h.SmtpConn(proxy.port) as c:
+        c.greeting()
+        assert "CHUNKING" in c.expect("EHLO client.test", 250).keywords()
+        c.send(env + b"BDAT %d LAST\r\n" % len(first) + first +
+               env + b"BDAT 100 LAST\r\nSubject: second\r\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        got = c.read_until_closed()
+    assert reply_codes(got)[:3] == [250, 250, 250], got
+    m = re.search(rb"queued as ([0-9A-F]+)", got)
+    assert m, got
+    postfix.wait_log(r"%s: removed" % m.group(1).decode())
+    proxy.wait_event("disconnect", reason="client_eof")
+    assert "Subject: second" not in postfix.log_text()
