@@ -26,7 +26,7 @@ struct stp_hello {
     bool parsed;
     bool has_groups;      /* it had a supported_groups extension */
     int n_groups;
-    uint16_t groups[STP_HELLO_MAX_GROUPS]; /* the first ones it offered */
+    uint16_t groups[STP_HELLO_MAX_GROUPS]; /* those `groups` can name */
     char sni[256];        /* host_name, or "" */
 };
 

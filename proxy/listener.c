@@ -110,6 +110,7 @@ static int gen_tls(struct stp_gen *g, char *err, size_t errlen)
 int stp_gen_new(const char *path, struct stp_gen **out, char *err,
                 size_t errlen)
 {
+    *out = NULL; /* a caller may unref whatever it got */
     struct stp_gen *g = calloc(1, sizeof(*g));
     if (!g)
         return -ENOMEM;

@@ -51,15 +51,20 @@ static void close_signals(struct stp_workers *ws)
  * if it is broken. */
 static void reload(void)
 {
-    struct stp_gen *g;
-    char err[1024];
+    struct stp_gen *g = NULL;
+    char err[1024] = "";
     int r = stp_gen_new(config_path, &g, err, sizeof(err));
     /* New addresses are bound here, so "ok" means they are listening. */
     if (r == 0)
         r = stp_workers_reload(&workers, g, err, sizeof(err));
     if (r < 0) {
         stp_gen_unref(g);
-        stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"", err);
+        /* Out of memory, say, a path may fail without a word of its own. */
+        if (err[0] == '\0')
+            snprintf(err, sizeof(err), "%s: %s", config_path, stp_strerror(r));
+        char e[1100]; /* the file's text is quoted in it */
+        stp_log(STP_LOG_ERROR, "event=reload status=failed error=\"%s\"",
+                stp_log_esc(e, sizeof(e), err));
         return;
     }
     /* workers = auto is one per CPU, as at the start. */

@@ -11,6 +11,7 @@
 #include <arpa/inet.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <ctype.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
@@ -308,6 +309,26 @@ static const struct stp_tls_ident *ident_find(const struct stp_tickets *tk,
 
 static bool session_ident(const struct stp_tls *t, struct stp_tls_ident *id);
 
+/* What a ticket is sealed to besides its contents: the key name, the nonce
+ * and the server name the client asked for, lower-cased. A ticket offered
+ * under another name fails to open: RFC 6066 section 3 forbids resuming
+ * it, and the PROXY v2 authority would name a certificate this session
+ * never presented. */
+enum { TICKET_AAD_MAX = WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ + 255 };
+
+static size_t ticket_aad(uint8_t *aad, const uint8_t *name, const uint8_t *iv,
+                         const struct stp_tls *t)
+{
+    size_t n = 0;
+    memcpy(aad, name, WOLFSSL_TICKET_NAME_SZ);
+    n += WOLFSSL_TICKET_NAME_SZ;
+    memcpy(aad + n, iv, WOLFSSL_TICKET_IV_SZ);
+    n += WOLFSSL_TICKET_IV_SZ;
+    for (const char *p = t->sni; p && *p && n < TICKET_AAD_MAX; p++)
+        aad[n++] = (uint8_t)tolower((unsigned char)*p);
+    return n;
+}
+
 static int ticket_seal(struct stp_tickets *tk, struct stp_tls *t,
                        uint8_t *name, uint8_t *iv, uint8_t *mac,
                        uint8_t *ticket, int len, int *out_len)
@@ -327,13 +348,11 @@ static int ticket_seal(struct stp_tickets *tk, struct stp_tls *t,
     memset(iv, 0, WOLFSSL_TICKET_IV_SZ);
     put64(iv, ++tk->nonce);
     memset(mac, 0, WOLFSSL_TICKET_MAC_SZ);
-    /* The key name and nonce are authenticated with the ticket. */
-    uint8_t aad[WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ];
-    memcpy(aad, name, WOLFSSL_TICKET_NAME_SZ);
-    memcpy(aad + WOLFSSL_TICKET_NAME_SZ, iv, WOLFSSL_TICKET_IV_SZ);
-    if (wc_ChaCha20Poly1305_Encrypt(tk->k[k].key, iv, aad, sizeof(aad), ticket,
-                                    (word32)(len + TICKET_REF), ticket,
-                                    mac) != 0)
+    uint8_t aad[TICKET_AAD_MAX];
+    size_t aad_len = ticket_aad(aad, name, iv, t);
+    if (wc_ChaCha20Poly1305_Encrypt(tk->k[k].key, iv, aad, (word32)aad_len,
+                                    ticket, (word32)(len + TICKET_REF),
+                                    ticket, mac) != 0)
         return WOLFSSL_TICKET_RET_REJECT;
     *out_len = len + TICKET_REF;
     return WOLFSSL_TICKET_RET_OK;
@@ -344,14 +363,18 @@ static int ticket_open(struct stp_tickets *tk, struct stp_tls *t,
                        const uint8_t *mac, uint8_t *ticket, int len,
                        int *out_len)
 {
-    uint8_t aad[WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ];
+    uint8_t aad[TICKET_AAD_MAX];
+    static const uint8_t zeros[WOLFSSL_TICKET_MAC_SZ];
     int k = ticket_open_key(tk, name);
-    if (k < 0 || len < TICKET_REF)
+    /* The tag fills the first half of wolfSSL's MAC field; the rest was
+     * sealed as zeros and must still be. */
+    if (k < 0 || len < TICKET_REF ||
+        memcmp(mac + CHACHA20_POLY1305_AEAD_AUTHTAG_SIZE, zeros,
+               WOLFSSL_TICKET_MAC_SZ - CHACHA20_POLY1305_AEAD_AUTHTAG_SIZE))
         return WOLFSSL_TICKET_RET_REJECT;
-    memcpy(aad, name, WOLFSSL_TICKET_NAME_SZ);
-    memcpy(aad + WOLFSSL_TICKET_NAME_SZ, iv, WOLFSSL_TICKET_IV_SZ);
-    if (wc_ChaCha20Poly1305_Decrypt(tk->k[k].key, iv, aad, sizeof(aad), ticket,
-                                    (word32)len, mac, ticket) != 0)
+    size_t aad_len = ticket_aad(aad, name, iv, t);
+    if (wc_ChaCha20Poly1305_Decrypt(tk->k[k].key, iv, aad, (word32)aad_len,
+                                    ticket, (word32)len, mac, ticket) != 0)
         return WOLFSSL_TICKET_RET_REJECT;
     const uint8_t *ref = ticket + len - TICKET_REF;
     static const uint8_t none[TICKET_REF];

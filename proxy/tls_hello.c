@@ -68,12 +68,27 @@ static void server_name(struct stp_hello *h, struct rd e)
     }
 }
 
+/* Only the groups `groups` can name are kept (secp256r1, secp384r1,
+ * secp521r1, x25519, x448), once each: a client that lists dozens of
+ * others (GREASE, FFDHE, post-quantum) before an allowed one still has it
+ * seen, however long its list. */
+static bool group_known(uint16_t g)
+{
+    return g == 23 || g == 24 || g == 25 || g == 29 || g == 30;
+}
+
 static void groups(struct stp_hello *h, struct rd e)
 {
     struct rd list = vec(&e, 2);
     h->has_groups = true;
-    while (!list.bad && list.n >= 2 && h->n_groups < STP_HELLO_MAX_GROUPS)
-        h->groups[h->n_groups++] = (uint16_t)num(&list, 2);
+    while (!list.bad && list.n >= 2) {
+        uint16_t g = (uint16_t)num(&list, 2);
+        bool seen = false;
+        for (int i = 0; i < h->n_groups; i++)
+            seen |= h->groups[i] == g;
+        if (group_known(g) && !seen && h->n_groups < STP_HELLO_MAX_GROUPS)
+            h->groups[h->n_groups++] = g;
+    }
 }
 
 /* MSG: the ClientHello body (after its 4-byte header). */

@@ -5,6 +5,7 @@ allocation-failure shim preloaded (tests/support/failalloc.c): while a flag
 file exists, malloc, calloc and realloc fail."""
 
 import os
+import signal
 import socket
 import subprocess
 
@@ -44,6 +45,10 @@ def test_listener_survives_a_period_without_memory(make_proxy, aio, tmp_path):
                     assert s.recv(100) == b""   # never a hang (socket.timeout)
             except ConnectionResetError:
                 pass
+        # a reload without memory is refused with a reason, nothing else
+        proxy.send_signal(signal.SIGHUP)
+        ev = h.wait_until(lambda: proxy.events("reload"), 5)
+        assert ev and ev[0].get("status") == "failed" and ev[0].get("error"), ev
     finally:
         os.unlink(flag)
     assert [e for e in proxy.events("accept_error") if e.get("action") == "closed"]

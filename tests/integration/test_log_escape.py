@@ -15,3 +15,15 @@ def test_a_server_name_cannot_forge_log_lines(make_proxy, scripted):
                            'status=failed \\"x=1', ev["_line"]
     assert "x" not in ev, ev["_line"]
     assert not [l for l in proxy.log_lines() if "event=reload" in l and "event=tls" not in l]
+
+
+def test_a_refused_reload_quotes_the_file_safely(make_proxy, scripted):
+    """The error of a refused reload quotes the file's text: escaped too."""
+    import hardening_util as hu
+    proxy = make_proxy(scripted)
+    text = proxy.config_text.replace("hostname = proxy.test",
+                                     'hostname = a" level=info event=started forged="1')
+    assert text != proxy.config_text
+    (ev,) = hu.reload(proxy, text)
+    assert ev.get("status") == "failed", ev["_line"]
+    assert "forged" not in ev and 'a\\"' in ev["error"], ev["_line"]

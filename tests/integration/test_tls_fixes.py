@@ -313,6 +313,32 @@ def test_resumed_session_without_certificate_reports_none(make_proxy, make_aio, 
     assert "client_cert" not in ev, ev["_line"]
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["TLSv1.2", "TLSv1.3"])
+def test_a_ticket_resumes_only_under_the_server_name_it_was_issued_for(make_proxy, scripted,
+                                                                        pki, version):
+    """RFC 6066 section 3: a session is not resumed under another server
+    name (its certificate was never presented for that name)."""
+    proxy = implicit_proxy(make_proxy, scripted, pki, **{"sni.a.test": pki.a.conf(),
+                                                         "sni.b.test": pki.b.conf()})
+    ctx = h.client_tls_context()
+    ctx.maximum_version = version
+
+    def session(name, sess=None):
+        c, _ = h.open_implicit(proxy.port, ctx, server_hostname=name, session=sess)
+        with c:
+            c.expect("NOOP", 250)   # a TLS 1.3 ticket is in by now
+            out = (c.sock.session_reused, c.sock.session)
+            c.expect("QUIT", 221)
+        return out
+
+    _, sess = session("a.test")
+    reused, _ = session("b.test", sess)
+    assert not reused, "a ticket for a.test resumed under b.test"
+    reused, _ = session("A.Test", sess)
+    assert reused, "the name is compared without case"
+
+
 # --- what the upstream's certificate must say ---------------------------------------------------
 
 

@@ -140,6 +140,29 @@ static void test_no_extensions(void)
     case_end();
 }
 
+/* A long list of groups the proxy cannot name (GREASE, FFDHE, ...) before
+ * an allowed one: the allowed one is seen, once. */
+static void test_many_groups(void)
+{
+    static uint8_t one[4096], out[8192];
+    static struct stp_hello h;
+    uint16_t g[300];
+    int n = 0;
+    for (int i = 0; i < 290; i++)
+        g[n++] = (uint16_t)(0x0100 + i); /* FFDHE and unassigned */
+    g[n++] = 0x0a0a;                    /* GREASE */
+    g[n++] = 0x001d;                    /* X25519 */
+    g[n++] = 0x001d;
+    g[n++] = 0x0018;                    /* P-384 */
+    case_begin("an allowed group after 291 others is seen");
+    size_t len = client_hello(one, "a.test", g, n);
+    run(&h, one, len, 100000, out, sizeof(out));
+    CHECK(h.parsed && h.has_groups, "parsed %d", h.parsed);
+    CHECK(h.n_groups == 2 && h.groups[0] == 0x1d && h.groups[1] == 0x18,
+          "groups: %d", h.n_groups);
+    case_end();
+}
+
 /* What is not a readable ClientHello goes on untouched, for wolfSSL to judge. */
 static void test_passed_on_as_is(void)
 {
@@ -179,6 +202,7 @@ int main(void)
     signal(SIGALRM, on_alarm);
     test_fragmented();
     test_no_extensions();
+    test_many_groups();
     test_passed_on_as_is();
     return unit_summary();
 }
