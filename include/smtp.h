@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "close.h"
+#include "prelude.h"
 #include "stp.h"
 
 /* ---- small parsers -------------------------------------------------------- */
@@ -246,11 +247,11 @@ static inline bool stp_smtp_replies_due(const struct stp_smtp *s)
 void stp_smtp_upstream_lost(struct stp_smtp *s);
 /* The upstream could not be reached at all. */
 void stp_smtp_upstream_unreachable(struct stp_smtp *s);
-/* The session cannot go on (setup with the upstream failed): a 421 reply,
- * then close. FMT is a constant reply line with CRLF and at most one %s,
- * which becomes the configured host name. */
-void stp_smtp_abort(struct stp_smtp *s, const char *fmt,
-                    enum stp_close_reason why);
+/* Setting up the upstream leg failed at F (its TLS, the client identity,
+ * its protocol): the engine's 421 for that, then close. */
+void stp_smtp_next_hop_failed(struct stp_smtp *s, enum stp_up_failure f);
+/* Over a connection limit: 421 too many connections, then close. */
+void stp_smtp_too_many(struct stp_smtp *s);
 /* A client deadline passed (idle, command, data). */
 void stp_smtp_timeout(struct stp_smtp *s);
 /* The proxy is shutting down: 421 and close. */

@@ -781,9 +781,7 @@ int stp_session_accept(struct stp_listener *lst)
             finish(s); /* a handshake just to refuse would cost more */
             return 0;
         }
-        stp_smtp_abort(&s->smtp,
-                       "421 4.7.0 %s Error: too many connections\r\n",
-                       STP_CLOSE_LIMIT);
+        stp_smtp_too_many(&s->smtp);
         stp_session_settle(s);
         return 0;
     }

@@ -681,10 +681,23 @@ void stp_smtp_timeout(struct stp_smtp *s)
                     STP_CLOSE_TIMEOUT);
 }
 
-void stp_smtp_abort(struct stp_smtp *s, const char *fmt,
-                    enum stp_close_reason why)
+void stp_smtp_next_hop_failed(struct stp_smtp *s, enum stp_up_failure f)
 {
-    reply_421_close(s, fmt, why);
+    static const char *const texts[] = {
+        [STP_UP_FAIL_TLS] = "421 4.7.0 TLS to next hop unavailable\r\n",
+        [STP_UP_FAIL_IDENTITY] =
+            "421 4.7.0 Client identity not accepted by next hop\r\n",
+        [STP_UP_FAIL_PROTOCOL] =
+            "421 4.4.2 %s Error: upstream protocol error\r\n",
+    };
+    STP_ASSERT((size_t)f < STP_ARRAY_LEN(texts));
+    reply_421_close(s, texts[f], STP_CLOSE_NEXT_HOP);
+}
+
+void stp_smtp_too_many(struct stp_smtp *s)
+{
+    reply_421_close(s, "421 4.7.0 %s Error: too many connections\r\n",
+                    STP_CLOSE_LIMIT);
 }
 
 void stp_smtp_shutdown(struct stp_smtp *s)

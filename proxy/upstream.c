@@ -9,13 +9,6 @@
 #include "listener.h"
 #include "session_int.h"
 
-static const char *const failure_replies[] = {
-    [STP_UP_FAIL_TLS] = "421 4.7.0 TLS to next hop unavailable\r\n",
-    [STP_UP_FAIL_IDENTITY] =
-        "421 4.7.0 Client identity not accepted by next hop\r\n",
-    [STP_UP_FAIL_PROTOCOL] = "421 4.4.2 %s Error: upstream protocol error\r\n",
-};
-
 void stp_upstream_fail(struct stp_session *s, enum stp_up_failure f,
                        const char *reason)
 {
@@ -23,7 +16,7 @@ void stp_upstream_fail(struct stp_session *s, enum stp_up_failure f,
     stp_log(STP_LOG_WARN, SID " event=upstream_error upstream=%s error=\"%s\"",
             s->id, s->up->name, stp_log_esc(e, sizeof(e), reason));
     stp_session_reason(s, STP_CLOSE_NEXT_HOP);
-    stp_smtp_abort(&s->smtp, failure_replies[f], STP_CLOSE_NEXT_HOP);
+    stp_smtp_next_hop_failed(&s->smtp, f);
 }
 
 static bool needs_prelude(const struct stp_upstream_cfg *u)
