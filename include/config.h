@@ -153,6 +153,10 @@ int stp_parse_hostport(const char *text, struct sockaddr_storage *ss);
 uint16_t stp_addr_port(const struct sockaddr_storage *ss);
 
 /* The same family, address and port. */
+/* Would binding both fail: the same port, and one address covers the other
+ * (equal, 0.0.0.0 for IPv4, [::] for both families)? Port 0 never does. */
+bool stp_addr_overlaps(const struct sockaddr_storage *a,
+                       const struct sockaddr_storage *b);
 bool stp_same_addr(const struct sockaddr_storage *a,
                    const struct sockaddr_storage *b);
 

@@ -372,10 +372,16 @@ int stp_cfg_end_listener(struct parser *p, int i)
     }
     /* Listeners at HOST:0 each get a port of their own: not a conflict. */
     for (int j = 0; j < i && stp_addr_port(&l->addr) != 0; j++) {
-        if (stp_same_addr(&l->addr, &p->cfg->listeners[j].addr))
+        const struct stp_listener_cfg *o = &p->cfg->listeners[j];
+        if (stp_same_addr(&l->addr, &o->addr))
             return stp_cfg_fail(p, kl[K_LISTEN],
                         "listener '%s' uses the listen address of listener '%s'",
-                        l->name, p->cfg->listeners[j].name);
+                        l->name, o->name);
+        if (stp_addr_overlaps(&l->addr, &o->addr))
+            return stp_cfg_fail(p, kl[K_LISTEN],
+                        "listener '%s' (%s) and listener '%s' (%s) overlap: "
+                        "a wildcard address takes its port on every address",
+                        l->name, l->listen_text, o->name, o->listen_text);
     }
     return 0;
 }

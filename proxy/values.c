@@ -117,6 +117,28 @@ bool stp_same_addr(const struct sockaddr_storage *a,
            memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
 }
 
+static bool addr_any(const struct sockaddr_storage *a)
+{
+    if (a->ss_family == AF_INET)
+        return ((const struct sockaddr_in *)a)->sin_addr.s_addr == INADDR_ANY;
+    return IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)a)->sin6_addr);
+}
+
+bool stp_addr_overlaps(const struct sockaddr_storage *a,
+                       const struct sockaddr_storage *b)
+{
+    if (stp_addr_port(a) == 0 || stp_addr_port(a) != stp_addr_port(b))
+        return false;
+    if (stp_same_addr(a, b))
+        return true;
+    /* [::] takes IPv4 too (the proxy clears IPV6_V6ONLY); 0.0.0.0 every
+     * IPv4 address. */
+    if ((a->ss_family == AF_INET6 && addr_any(a)) ||
+        (b->ss_family == AF_INET6 && addr_any(b)))
+        return true;
+    return a->ss_family == b->ss_family && (addr_any(a) || addr_any(b));
+}
+
 void stp_format_addr(const struct sockaddr *sa, char *buf, size_t len)
 {
     char host[INET6_ADDRSTRLEN];

@@ -156,6 +156,26 @@ static void test_port_zero(void)
                                   &c, err, sizeof(err)) < 0);
     CHECK_STR(err, "t.ini:5: listener 'b' uses the listen address of listener 'a'");
     CHECK(is_zeroed(&c));
+
+    /* A wildcard takes the port on every address: -t says so, not the
+     * start's bind. */
+    CHECK(stp_config_parse_string("t.ini",
+                                  "[listener a]\nlisten = 0.0.0.0:2525\n"
+                                  "upstream = up\n"
+                                  "[listener b]\nlisten = [::]:2525\n"
+                                  "upstream = up\n" UP,
+                                  &c, err, sizeof(err)) < 0);
+    CHECK_STR(err, "t.ini:5: listener 'b' ([::]:2525) and listener 'a' "
+                   "(0.0.0.0:2525) overlap: a wildcard address takes its "
+                   "port on every address");
+    CHECK(is_zeroed(&c));
+    CHECK(stp_config_parse_string("t.ini",
+                                  "[listener a]\nlisten = 127.0.0.1:2525\n"
+                                  "upstream = up\n"
+                                  "[listener b]\nlisten = 127.0.0.2:2525\n"
+                                  "upstream = up\n" UP,
+                                  &c, err, sizeof(err)) == 0);
+    stp_config_free(&c);
 }
 
 static void test_same_addr(void)
@@ -182,6 +202,24 @@ static void test_same_addr(void)
     CHECK(stp_parse_hostport("0.0.0.0:25", &b) == 0);
     CHECK(!stp_same_addr(&a, &b)); /* another family */
     CHECK(stp_addr_port(&a) == 25);
+
+    static const struct { const char *a, *b; bool overlap; } ov[] = {
+        {"127.0.0.1:25", "127.0.0.1:25", true},
+        {"0.0.0.0:25", "127.0.0.1:25", true},
+        {"127.0.0.1:25", "0.0.0.0:25", true},
+        {"[::]:25", "127.0.0.1:25", true},   /* IPV6_V6ONLY is off */
+        {"0.0.0.0:25", "[::]:25", true},
+        {"[::]:25", "[::1]:25", true},
+        {"127.0.0.1:25", "127.0.0.2:25", false},
+        {"0.0.0.0:25", "[::1]:25", false},
+        {"0.0.0.0:25", "0.0.0.0:26", false},
+        {"0.0.0.0:0", "0.0.0.0:0", false},  /* each gets a port */
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(ov); i++) {
+        CHECK(stp_parse_hostport(ov[i].a, &a) == 0);
+        CHECK(stp_parse_hostport(ov[i].b, &b) == 0);
+        CHECK(stp_addr_overlaps(&a, &b) == ov[i].overlap);
+    }
 }
 
 /* Each text is parsed as "t.ini" and must fail with exactly this message. */
