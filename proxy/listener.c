@@ -369,7 +369,10 @@ int *stp_sockets_dup(const struct stp_sockets *s, const struct stp_gen *g)
     for (int i = 0; fds && i < n; i++) {
         int k = socket_find(s, &g->cfg.listeners[i]);
         STP_ASSERT(k >= 0); /* stp_sockets_bind(g) came first */
-        if ((fds[i] = fcntl(s->v[k].fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+        /* dup(), which ThreadSanitizer follows (not fcntl's F_DUPFD): a
+         * descriptor number reused by another worker is then not taken for
+         * that worker's socket. The proxy never execs: no CLOEXEC needed. */
+        if ((fds[i] = dup(s->v[k].fd)) < 0) {
             stp_fds_free(fds, i);
             return NULL;
         }
