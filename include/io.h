@@ -52,56 +52,41 @@ enum stp_io_event {
     STP_IO_CONNECTED,  /* outgoing connect done (err < 0: failed) */
 };
 
+/* One connection: opaque, heap-allocated, freed by its own close callback. */
 struct stp_conn;
 typedef void (*stp_conn_cb)(struct stp_conn *c, enum stp_io_event ev, int err);
 
-#define STP_CONN_MAGIC 0x53545043u /* "STPC" */
-
-struct stp_conn {
-    uint32_t magic;
-    uv_tcp_t tcp;
-    uv_write_t *wreq;   /* only while a write waits for the socket */
-    stp_conn_cb cb;
-    void *owner;
-    struct stp_tls *tls;
-    bool tls_ready;
-    bool reading;       /* the owner wants input */
-    bool read_active;   /* uv_read_start is in effect */
-    bool closing;
-    bool eof;           /* the peer's FIN (or close_notify) came */
-    bool eof_told;      /* STP_IO_EOF was reported: it is, once */
-    /* Plaintext input: bytes [rx_off, rx->len) are not consumed yet. */
-    struct stp_buf *rx;
-    uint32_t rx_off;
-    /* Ciphertext input, consumed by the TLS recv callback. */
-    struct stp_buf *crx;
-    uint32_t crx_off;
-    /* Plaintext staged for one TLS record per flush. */
-    struct stp_buf *ptx;
-    /* Output queue of ciphertext or plaintext slices. */
-    struct stp_slice outq[STP_OUTQ_SLOTS];
-    unsigned out_head, out_count, out_inflight;
-    size_t out_bytes;
-    uint64_t bytes_in, bytes_out; /* on the wire */
-};
-
-int stp_conn_init(uv_loop_t *loop, struct stp_conn *c, stp_conn_cb cb,
-                  void *owner);
+/* A connection reporting to CB, with OWNER for the owner to find itself.
+ * FAMILY AF_UNSPEC: no socket yet, for stp_conn_accept (uv_accept refuses a
+ * handle that has one). AF_INET/AF_INET6: the socket is created now, so it
+ * can be configured (stp_conn_fd) before stp_conn_connect. On error *OUT is
+ * NULL and nothing needs closing. */
+int stp_conn_new(uv_loop_t *loop, int family, stp_conn_cb cb, void *owner,
+                 struct stp_conn **out);
+/* Take the connection SERVER has pending (an AF_UNSPEC conn). */
+int stp_conn_accept(struct stp_conn *c, uv_stream_t *server);
 int stp_conn_connect(struct stp_conn *c, const struct sockaddr *addr);
+/* The OS socket, or a negative error when there is none yet. */
+int stp_conn_fd(const struct stp_conn *c);
+
+void *stp_conn_owner(const struct stp_conn *c);
+/* The TLS session once its handshake completed; NULL before and without. */
+struct stp_tls *stp_conn_tls(const struct stp_conn *c);
+/* Text for an STP_IO_ERROR's ERR: the TLS layer's own reason for -EPROTO
+ * (also during the handshake), else stp_strerror(ERR). */
+const char *stp_conn_error_text(const struct stp_conn *c, int err);
+/* Bytes on the wire (ciphertext with TLS); frozen once closing. */
+uint64_t stp_conn_bytes_in(const struct stp_conn *c);
+uint64_t stp_conn_bytes_out(const struct stp_conn *c);
+/* The peer's and our own address; 0 or a negative error. */
+int stp_conn_peer(const struct stp_conn *c, struct sockaddr_storage *out);
+int stp_conn_local(const struct stp_conn *c, struct sockaddr_storage *out);
 
 /* Start or stop delivering input (and TLS progress). Idempotent. */
 void stp_conn_want_read(struct stp_conn *c, bool on);
 
-/* Input view and consumption. */
-static inline const char *stp_conn_in(const struct stp_conn *c, size_t *n)
-{
-    if (!c->rx) {
-        *n = 0;
-        return NULL;
-    }
-    *n = c->rx->len - c->rx_off;
-    return c->rx->data + c->rx_off;
-}
+/* Input view (NULL and *N = 0 when empty) and consumption. */
+const char *stp_conn_in(const struct stp_conn *c, size_t *n);
 void stp_conn_consume(struct stp_conn *c, size_t n);
 /* Drop all buffered plaintext input (the STARTTLS boundary). */
 void stp_conn_discard_input(struct stp_conn *c);
@@ -124,7 +109,8 @@ bool stp_conn_full(const struct stp_conn *c);
 bool stp_conn_idle(const struct stp_conn *c);
 
 /* Switch to TLS in CTX's role (SERVER_NAME: see stp_tls_new). Input
- * buffered so far is discarded: it was plaintext. */
+ * buffered so far is discarded: it was plaintext, and a peer must not get
+ * bytes it sent before STARTTLS treated as sent under TLS (injection). */
 int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
                        const char *server_name);
 /* After the owner stalled and can take input again: decrypt what is
@@ -137,9 +123,10 @@ int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
  * one's result), so a caller is never re-entered half-way. */
 bool stp_conn_pull(struct stp_conn *c, enum stp_io_event *ev, int *err);
 
-/* Close the handle; close_cb runs when libuv is done with it. */
-void stp_conn_close(struct stp_conn *c, uv_close_cb close_cb);
-/* Release buffers and TLS state (from the close callback only). */
-void stp_conn_release(struct stp_conn *c);
+/* Close: no more events. When libuv is done with the handle, the conn
+ * releases its buffers and TLS and frees itself, then calls CLOSED(owner)
+ * (CLOSED may be NULL), never before this returns. A second call before
+ * then does nothing; after CLOSED the pointer is gone. */
+void stp_conn_close(struct stp_conn *c, void (*closed)(void *owner));
 
 #endif

@@ -38,13 +38,15 @@ struct stp_session {
     struct stp_tls_ctx *ltls;             /* NULL for tls = none */
     const struct stp_upstream_cfg *up;
     struct stp_tls_ctx *up_tls;           /* NULL for tls = none */
-    struct stp_conn client, upstream;
+    struct stp_conn *client;   /* from accept until finish */
+    struct stp_conn *upstream; /* from connecting until closed; else NULL */
     uv_timer_t timer;
     struct stp_smtp smtp;
     struct stp_prelude *prelude; /* only while the prelude runs */
     bool up_tls_pending;         /* the prelude asked for TLS */
     int open_handles;
     bool upstream_closed;
+    uint64_t upstream_in, upstream_out; /* its byte counts, kept at close */
     bool client_eof;             /* the client half-closed: reads no more */
     int client_err, upstream_err; /* a write failed inside the engine */
     enum stp_close_reason reason; /* first cause wins: stp_session_reason */
@@ -69,6 +71,8 @@ void stp_session_transition(struct stp_session *s, enum stp_sstate to);
 void stp_session_reason(struct stp_session *s, enum stp_close_reason r);
 void stp_session_settle(struct stp_session *s);
 void stp_session_close_upstream(struct stp_session *s);
+/* The upstream conn for FAMILY, counted among the session's handles. */
+int stp_session_new_upstream(struct stp_session *s, int family);
 
 /* upstream.c */
 void stp_upstream_start(struct stp_session *s);

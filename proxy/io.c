@@ -10,6 +10,37 @@
 
 #include "io.h"
 
+#define STP_CONN_MAGIC 0x53545043u /* "STPC" */
+
+struct stp_conn {
+    uint32_t magic;
+    uv_tcp_t tcp;
+    uv_write_t *wreq;   /* only while a write waits for the socket */
+    stp_conn_cb cb;
+    void *owner;
+    void (*closed)(void *owner); /* told once the conn is freed */
+    struct stp_tls *tls;
+    bool tls_ready;
+    bool reading;       /* the owner wants input */
+    bool read_active;   /* uv_read_start is in effect */
+    bool closing;
+    bool eof;           /* the peer's FIN (or close_notify) came */
+    bool eof_told;      /* STP_IO_EOF was reported: it is, once */
+    /* Plaintext input: bytes [rx_off, rx->len) are not consumed yet. */
+    struct stp_buf *rx;
+    uint32_t rx_off;
+    /* Ciphertext input, consumed by the TLS recv callback. */
+    struct stp_buf *crx;
+    uint32_t crx_off;
+    /* Plaintext staged for one TLS record per flush. */
+    struct stp_buf *ptx;
+    /* Output queue of ciphertext or plaintext slices. */
+    struct stp_slice outq[STP_OUTQ_SLOTS];
+    unsigned out_head, out_count, out_inflight;
+    size_t out_bytes;
+    uint64_t bytes_in, bytes_out; /* on the wire */
+};
+
 /* ---- buffer pool (one event loop per thread: no locks) -------------------- */
 
 #define POOL_REST 16
@@ -432,16 +463,78 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 
 /* ---- public ----------------------------------------------------------------- */
 
-int stp_conn_init(uv_loop_t *loop, struct stp_conn *c, stp_conn_cb cb,
-                  void *owner)
+int stp_conn_new(uv_loop_t *loop, int family, stp_conn_cb cb, void *owner,
+                 struct stp_conn **out)
 {
-    memset(c, 0, sizeof(*c));
+    *out = NULL;
+    struct stp_conn *c = calloc(1, sizeof(*c));
+    if (!c)
+        return UV_ENOMEM;
+    /* uv_accept wants a handle without a socket; a connecting one gets its
+     * socket now so that it can be set up (source address) before connect. */
+    int r = family == AF_UNSPEC
+                ? uv_tcp_init(loop, &c->tcp)
+                : uv_tcp_init_ex(loop, &c->tcp, (unsigned)family);
+    if (r < 0) {
+        free(c); /* libuv keeps no trace of a handle it failed to init */
+        return r;
+    }
     c->magic = STP_CONN_MAGIC;
     c->cb = cb;
     c->owner = owner;
-    int r = uv_tcp_init(loop, &c->tcp);
     c->tcp.data = c;
-    return r;
+    *out = c;
+    return 0;
+}
+
+int stp_conn_accept(struct stp_conn *c, uv_stream_t *server)
+{
+    return uv_accept(server, (uv_stream_t *)&c->tcp);
+}
+
+int stp_conn_fd(const struct stp_conn *c)
+{
+    uv_os_fd_t fd;
+    int r = uv_fileno((const uv_handle_t *)&c->tcp, &fd);
+    return r < 0 ? r : (int)fd;
+}
+
+void *stp_conn_owner(const struct stp_conn *c)
+{
+    return c->owner;
+}
+
+struct stp_tls *stp_conn_tls(const struct stp_conn *c)
+{
+    return c->tls_ready ? c->tls : NULL;
+}
+
+const char *stp_conn_error_text(const struct stp_conn *c, int err)
+{
+    return err == -EPROTO && c->tls ? stp_tls_error(c->tls)
+                                    : stp_strerror(err);
+}
+
+uint64_t stp_conn_bytes_in(const struct stp_conn *c)
+{
+    return c->bytes_in;
+}
+
+uint64_t stp_conn_bytes_out(const struct stp_conn *c)
+{
+    return c->bytes_out;
+}
+
+int stp_conn_peer(const struct stp_conn *c, struct sockaddr_storage *out)
+{
+    int len = sizeof(*out);
+    return uv_tcp_getpeername(&c->tcp, (struct sockaddr *)out, &len);
+}
+
+int stp_conn_local(const struct stp_conn *c, struct sockaddr_storage *out)
+{
+    int len = sizeof(*out);
+    return uv_tcp_getsockname(&c->tcp, (struct sockaddr *)out, &len);
 }
 
 static void connect_cb(uv_connect_t *req, int status)
@@ -470,6 +563,16 @@ void stp_conn_want_read(struct stp_conn *c, bool on)
 {
     c->reading = on;
     update_reading(c);
+}
+
+const char *stp_conn_in(const struct stp_conn *c, size_t *n)
+{
+    if (!c->rx) {
+        *n = 0;
+        return NULL;
+    }
+    *n = c->rx->len - c->rx_off;
+    return c->rx->data + c->rx_off;
 }
 
 void stp_conn_consume(struct stp_conn *c, size_t n)
@@ -581,11 +684,9 @@ bool stp_conn_idle(const struct stp_conn *c)
     return c->out_count == 0 && (!c->ptx || c->ptx->len == 0);
 }
 
-int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
-                       const char *server_name)
+static int start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
+                     const char *server_name)
 {
-    STP_ASSERT(!c->tls);
-    stp_conn_discard_input(c);
     int r = stp_tls_new(ctx, &tls_io, c, server_name, &c->tls);
     if (r < 0)
         return r;
@@ -600,6 +701,14 @@ int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
     return r;
 }
 
+int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
+                       const char *server_name)
+{
+    STP_ASSERT(!c->tls);
+    stp_conn_discard_input(c);
+    return start_tls(c, ctx, server_name);
+}
+
 bool stp_conn_pull(struct stp_conn *c, enum stp_io_event *ev, int *err)
 {
     *err = 0;
@@ -612,18 +721,13 @@ bool stp_conn_pull(struct stp_conn *c, enum stp_io_event *ev, int *err)
     return true;
 }
 
-void stp_conn_close(struct stp_conn *c, uv_close_cb close_cb)
+/* Everything the conn holds, then the conn; the owner learns last, so it
+ * may free itself. */
+static void close_cb(uv_handle_t *h)
 {
-    if (c->closing)
-        return;
-    c->closing = true;
-    c->read_active = false;
-    uv_read_stop((uv_stream_t *)&c->tcp);
-    uv_close((uv_handle_t *)&c->tcp, close_cb);
-}
-
-void stp_conn_release(struct stp_conn *c)
-{
+    struct stp_conn *c = conn_of(h->data);
+    void (*closed)(void *) = c->closed;
+    void *owner = c->owner;
     while (c->out_count) {
         stp_buf_unref(c->outq[c->out_head].buf);
         c->out_head = (c->out_head + 1) % STP_OUTQ_SLOTS;
@@ -632,10 +736,21 @@ void stp_conn_release(struct stp_conn *c)
     stp_conn_discard_input(c);
     stp_buf_unref(c->crx);
     stp_buf_unref(c->ptx);
-    c->crx = c->ptx = NULL;
     stp_tls_free(c->tls);
-    c->tls = NULL;
     free(c->wreq);
-    c->wreq = NULL;
     c->magic = 0;
+    free(c);
+    if (closed)
+        closed(owner);
+}
+
+void stp_conn_close(struct stp_conn *c, void (*closed)(void *owner))
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    c->closed = closed;
+    c->read_active = false;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    uv_close((uv_handle_t *)&c->tcp, close_cb);
 }

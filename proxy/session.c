@@ -173,9 +173,9 @@ static void track_client(struct stp_session *s)
 
 /* ---- closing ---------------------------------------------------------------- */
 
-static void handle_closed(uv_handle_t *h)
+/* Each of the session's handles, once closed; the last frees the session. */
+static void session_unref(struct stp_session *s)
 {
-    struct stp_session *s = session_of(h->data);
     if (--s->open_handles > 0)
         return;
     struct stp_server *srv = s->srv;
@@ -189,8 +189,6 @@ static void handle_closed(uv_handle_t *h)
     if (s->counted)
         stp_shared_count(srv->shared, &s->lst->bound, &s->peer_addr, -1,
                          NULL);
-    stp_conn_release(&s->client);
-    stp_conn_release(&s->upstream);
     stp_smtp_free(&s->smtp);
     stp_upstream_free(s);
     stp_gen_unref(s->gen);
@@ -199,12 +197,15 @@ static void handle_closed(uv_handle_t *h)
     stp_server_check_empty(srv);
 }
 
-/* The conn handles carry the conn in .data; their close callback maps back. */
-static void conn_closed(uv_handle_t *h)
+static void handle_closed(uv_handle_t *h)
 {
-    struct stp_conn *c = h->data;
-    h->data = c->owner;
-    handle_closed(h);
+    session_unref(session_of(h->data));
+}
+
+/* A conn frees itself before this: the session only counts it. */
+static void conn_closed(void *owner)
+{
+    session_unref(session_of(owner));
 }
 
 void stp_session_close_upstream(struct stp_session *s)
@@ -212,7 +213,26 @@ void stp_session_close_upstream(struct stp_session *s)
     if (s->upstream_closed)
         return;
     s->upstream_closed = true;
-    stp_conn_close(&s->upstream, conn_closed);
+    if (!s->upstream)
+        return; /* never connected */
+    /* The counts stop at close; the disconnect line may come later. */
+    s->upstream_in = stp_conn_bytes_in(s->upstream);
+    s->upstream_out = stp_conn_bytes_out(s->upstream);
+    stp_conn_close(s->upstream, conn_closed);
+    s->upstream = NULL; /* freed in its close callback */
+}
+
+static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err);
+
+int stp_session_new_upstream(struct stp_session *s, int family)
+{
+    STP_ASSERT(!s->upstream);
+    if (s->upstream_closed)
+        return UV_ECANCELED; /* the session is ending */
+    int r = stp_conn_new(s->srv->loop, family, on_upstream, s, &s->upstream);
+    if (r == 0)
+        s->open_handles++;
+    return r;
 }
 
 static void finish(struct stp_session *s)
@@ -220,16 +240,21 @@ static void finish(struct stp_session *s)
     if (s->state == STP_SS_CLOSED)
         return;
     stp_session_transition(s, STP_SS_CLOSED);
+    if (s->upstream) {
+        s->upstream_in = stp_conn_bytes_in(s->upstream);
+        s->upstream_out = stp_conn_bytes_out(s->upstream);
+    }
     stp_log(STP_LOG_INFO,
             SID " event=disconnect reason=%s client_in=%" PRIu64
                 " client_out=%" PRIu64 " upstream_in=%" PRIu64
                 " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
-            s->id, stp_close_reason_name(s->reason), s->client.bytes_in,
-            s->client.bytes_out, s->upstream.bytes_in, s->upstream.bytes_out,
+            s->id, stp_close_reason_name(s->reason),
+            stp_conn_bytes_in(s->client), stp_conn_bytes_out(s->client),
+            s->upstream_in, s->upstream_out,
             now_ms(s) - s->start_ms);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, handle_closed);
-    stp_conn_close(&s->client, conn_closed);
+    stp_conn_close(s->client, conn_closed);
     stp_session_close_upstream(s);
 }
 
@@ -244,9 +269,9 @@ static void drain_and_close(struct stp_session *s,
     if (cut_upstream)
         stp_session_close_upstream(s);
     stp_session_transition(s, STP_SS_DRAINING);
-    stp_conn_want_read(&s->client, false);
-    stp_conn_close_notify(&s->client);
-    if (stp_conn_idle(&s->client))
+    stp_conn_want_read(s->client, false);
+    stp_conn_close_notify(s->client);
+    if (stp_conn_idle(s->client))
         finish(s);
     else
         rearm(s);
@@ -257,9 +282,9 @@ static void drain_and_close(struct stp_session *s,
 static void fail_write(struct stp_session *s, struct stp_conn *c, int r)
 {
     stp_log(STP_LOG_WARN, SID " event=error side=%s error=\"%s\"", s->id,
-            c == &s->client ? "client" : "upstream", stp_strerror(r));
+            c == s->client ? "client" : "upstream", stp_strerror(r));
     stp_session_reason(s, STP_CLOSE_WRITE_ERROR);
-    if (c == &s->upstream)
+    if (c == s->upstream)
         stp_smtp_upstream_lost(&s->smtp);
     else
         finish(s);
@@ -269,15 +294,15 @@ static void act_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
                             size_t n)
 {
     struct stp_session *s = ctx;
-    if (s->upstream_closed || s->upstream_err)
+    if (s->upstream_closed || !s->upstream || s->upstream_err)
         return;
     int r;
     if (kind == STP_FWD_RAW) {
-        r = stp_conn_write_ref(&s->upstream, &s->client, p, n);
+        r = stp_conn_write_ref(s->upstream, s->client, p, n);
     } else {
-        r = stp_conn_write(&s->upstream, p, n);
+        r = stp_conn_write(s->upstream, p, n);
         if (r == 0)
-            r = stp_conn_write(&s->upstream, "\r\n", 2);
+            r = stp_conn_write(s->upstream, "\r\n", 2);
     }
     if (r < 0 && !s->upstream_err)
         s->upstream_err = r; /* acted on once the engine has returned */
@@ -288,7 +313,7 @@ static void act_to_client(void *ctx, const char *p, size_t n)
     struct stp_session *s = ctx;
     if (s->client_err)
         return;
-    int r = stp_conn_write(&s->client, p, n);
+    int r = stp_conn_write(s->client, p, n);
     if (r < 0)
         s->client_err = r; /* acted on once the engine has returned */
 }
@@ -298,10 +323,9 @@ static void act_to_client(void *ctx, const char *p, size_t n)
 static void write_errors(struct stp_session *s)
 {
     if (s->client_err && s->state != STP_SS_CLOSED)
-        fail_write(s, &s->client, s->client_err);
-    else if (s->upstream_err && !s->upstream_closed &&
-             s->state < STP_SS_DRAINING)
-        fail_write(s, &s->upstream, s->upstream_err);
+        fail_write(s, s->client, s->client_err);
+    else if (s->upstream_err && s->upstream && s->state < STP_SS_DRAINING)
+        fail_write(s, s->upstream, s->upstream_err);
     s->client_err = s->upstream_err = 0;
 }
 
@@ -339,7 +363,7 @@ static void act_phase(void *ctx, int from, int to)
 static bool act_upstream_full(void *ctx)
 {
     struct stp_session *s = ctx;
-    return !s->upstream_closed && stp_conn_full(&s->upstream);
+    return s->upstream && stp_conn_full(s->upstream);
 }
 
 static const struct stp_smtp_ops engine_ops = {
@@ -364,43 +388,44 @@ static void set_reading(struct stp_session *s)
 {
     bool client = (s->state == STP_SS_RELAY || s->state == STP_SS_HANDSHAKE ||
                    s->state == STP_SS_TLS_ACCEPT) &&
-                  !stp_conn_busy(&s->upstream);
+                  !(s->upstream && stp_conn_busy(s->upstream));
     bool upstream = (s->state == STP_SS_RELAY || s->state == STP_SS_PRELUDE ||
                      s->state == STP_SS_UPSTREAM_TLS) &&
-                    !s->upstream_closed && !stp_conn_busy(&s->client);
-    stp_conn_want_read(&s->client, client);
-    if (!s->upstream_closed)
-        stp_conn_want_read(&s->upstream, upstream);
+                    !stp_conn_busy(s->client);
+    stp_conn_want_read(s->client, client);
+    if (s->upstream)
+        stp_conn_want_read(s->upstream, upstream);
 }
 
 static void flush_both(struct stp_session *s)
 {
     int r;
-    if (!s->upstream_closed && (r = stp_conn_flush(&s->upstream)) < 0)
-        fail_write(s, &s->upstream, r);
-    if (s->state != STP_SS_CLOSED && (r = stp_conn_flush(&s->client)) < 0)
-        fail_write(s, &s->client, r);
+    if (s->upstream && (r = stp_conn_flush(s->upstream)) < 0)
+        fail_write(s, s->upstream, r);
+    if (s->state != STP_SS_CLOSED && (r = stp_conn_flush(s->client)) < 0)
+        fail_write(s, s->client, r);
 }
 
 /* Offer buffered client plaintext to the engine. */
 static void process_client(struct stp_session *s)
 {
-    while (s->state == STP_SS_RELAY && !stp_conn_busy(&s->upstream)) {
+    while (s->state == STP_SS_RELAY &&
+           !(s->upstream && stp_conn_busy(s->upstream))) {
         size_t n;
-        const char *p = stp_conn_in(&s->client, &n);
+        const char *p = stp_conn_in(s->client, &n);
         if (n == 0)
             return;
         size_t k = stp_smtp_client_input(&s->smtp, p, n);
         if (k && s->state != STP_SS_CLOSED)
-            stp_conn_consume(&s->client, k);
+            stp_conn_consume(s->client, k);
         if (s->state != STP_SS_RELAY || !act_upstream_full(s))
             return;
         /* The engine stopped for want of room upstream (many small pieces,
          * such as pipelined tiny BDAT chunks): write them, usually at once,
          * and go on; with a write still pending, DRAINED resumes. */
-        int r = stp_conn_flush(&s->upstream);
+        int r = stp_conn_flush(s->upstream);
         if (r < 0) {
-            fail_write(s, &s->upstream, r);
+            fail_write(s, s->upstream, r);
             return;
         }
     }
@@ -408,13 +433,15 @@ static void process_client(struct stp_session *s)
 
 static void process_upstream(struct stp_session *s)
 {
+    if (!s->upstream)
+        return;
     size_t n;
-    const char *p = stp_conn_in(&s->upstream, &n);
+    const char *p = stp_conn_in(s->upstream, &n);
     if (n == 0)
         return;
     long k = stp_smtp_upstream_input(&s->smtp, p, n);
-    if (k > 0 && !s->upstream_closed)
-        stp_conn_consume(&s->upstream, (size_t)k);
+    if (k > 0 && s->upstream)
+        stp_conn_consume(s->upstream, (size_t)k);
 }
 
 /* The client sent its last byte (shutdown(SHUT_WR), or close_notify): what
@@ -426,7 +453,7 @@ static void check_client_eof(struct stp_session *s)
     if (!s->client_eof || s->state != STP_SS_RELAY)
         return;
     size_t n;
-    stp_conn_in(&s->client, &n);
+    stp_conn_in(s->client, &n);
     if (n > 0 && (s->smtp.waiting || stp_smtp_replies_due(&s->smtp) ||
                   act_upstream_full(s)))
         return; /* buffered commands or content still to be taken */
@@ -456,10 +483,10 @@ void stp_session_settle(struct stp_session *s)
     if (s->state == STP_SS_CLOSED)
         return;
     flush_both(s);
-    if (s->state == STP_SS_STARTTLS && stp_conn_idle(&s->client)) {
+    if (s->state == STP_SS_STARTTLS && stp_conn_idle(s->client)) {
         /* Nothing of ours is left to send in plaintext. Whatever the client
          * pipelined after STARTTLS is dropped with the buffer. */
-        if (stp_conn_start_tls(&s->client, s->ltls, NULL) < 0) {
+        if (stp_conn_start_tls(s->client, s->ltls, NULL) < 0) {
             stp_session_reason(s, STP_CLOSE_TLS_INIT);
             finish(s);
             return;
@@ -483,11 +510,6 @@ void stp_session_settle(struct stp_session *s)
         rearm(s);
 }
 
-static const char *stp_tls_error_or(struct stp_conn *c, int err)
-{
-    return err == -EPROTO && c->tls ? stp_tls_error(c->tls) : stp_strerror(err);
-}
-
 /* Replies, or room in the upstream's queue, may let the client go on. What
  * is buffered is offered again; then, with reading allowed again, TLS is
  * pumped: bytes held in wolfSSL or in its input buffer would otherwise wait
@@ -505,9 +527,9 @@ static void resume_client(struct stp_session *s)
         set_reading(s);
         /* What was decrypted is dispatched here, after the I/O call
          * returned, as if it came from the loop. */
-        if (!stp_conn_pull(&s->client, &ev, &err))
+        if (!stp_conn_pull(s->client, &ev, &err))
             return;
-        on_client(&s->client, ev, err);
+        on_client(s->client, ev, err);
         if (ev != STP_IO_DATA)
             return;
     }
@@ -515,7 +537,7 @@ static void resume_client(struct stp_session *s)
 
 static void log_client_tls(struct stp_session *s, const char *event)
 {
-    struct stp_tls *t = s->client.tls;
+    struct stp_tls *t = stp_conn_tls(s->client);
     const char *sni = stp_tls_sni(t);
     char subject[256], esni[300], esubject[300];
     bool cert = stp_tls_peer_subject(t, subject, sizeof(subject));
@@ -531,7 +553,7 @@ static void log_client_tls(struct stp_session *s, const char *event)
 
 static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
 {
-    struct stp_session *s = session_of(c->owner);
+    struct stp_session *s = session_of(stp_conn_owner(c));
     switch (ev) {
     case STP_IO_DATA:
         s->client_seen_ms = now_ms(s);
@@ -571,7 +593,7 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
         if (s->state == STP_SS_HANDSHAKE || s->state == STP_SS_TLS_ACCEPT) {
             char e[256];
             stp_log(STP_LOG_INFO, SID " event=tls_error error=\"%s\"", s->id,
-                    stp_log_esc(e, sizeof(e), stp_tls_error_or(c, err)));
+                    stp_log_esc(e, sizeof(e), stp_conn_error_text(c, err)));
         }
         stp_session_reason(s, ev == STP_IO_EOF ? STP_CLOSE_CLIENT_EOF
                               : (s->state == STP_SS_HANDSHAKE ||
@@ -589,7 +611,7 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
 
 static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
 {
-    struct stp_session *s = session_of(c->owner);
+    struct stp_session *s = session_of(stp_conn_owner(c));
     if (setting_up(s)) {
         stp_upstream_event(c, ev, err);
         stp_session_settle(s);
@@ -615,9 +637,8 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
              * side of the handshake is done: still a TLS failure. */
             char why[160];
             snprintf(why, sizeof(why), "TLS refused after handshake: %s",
-                     err == -EPROTO && c->tls ? stp_tls_error(c->tls)
-                     : ev == STP_IO_EOF        ? "connection closed"
-                                               : stp_strerror(err));
+                     ev == STP_IO_EOF ? "connection closed"
+                                      : stp_conn_error_text(c, err));
             stp_upstream_fail(s, STP_UP_FAIL_TLS, why);
             break;
         }
@@ -627,7 +648,7 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
         else
             stp_log(STP_LOG_INFO, SID " event=upstream_closed error=\"%s\"",
                     s->id,
-                    stp_log_esc(e, sizeof(e), stp_tls_error_or(c, err)));
+                    stp_log_esc(e, sizeof(e), stp_conn_error_text(c, err)));
         /* Relay whatever complete replies arrived before the end. */
         process_upstream(s);
         stp_smtp_upstream_lost(&s->smtp);
@@ -714,7 +735,7 @@ int stp_session_accept(struct stp_listener *lst)
     s->up_tls = s->gen->up_tls[s->up - s->gen->cfg.upstreams];
     s->start_ms = uv_now(srv->loop);
 
-    int r = stp_conn_init(srv->loop, &s->client, on_client, s);
+    int r = stp_conn_new(srv->loop, AF_UNSPEC, on_client, s, &s->client);
     if (r < 0) {
         stp_gen_unref(s->gen);
         free(s);
@@ -726,19 +747,16 @@ int stp_session_accept(struct stp_listener *lst)
         s->next->prev = s;
     srv->sessions = s;
     srv->n_sessions++;
-    if ((r = uv_accept((uv_stream_t *)&lst->tcp,
-                       (uv_stream_t *)&s->client.tcp)) < 0) {
+    if ((r = stp_conn_accept(s->client, (uv_stream_t *)&lst->tcp)) < 0) {
         s->upstream_closed = true;
         stp_session_transition(s, STP_SS_CLOSED);
-        stp_conn_close(&s->client, conn_closed);
+        stp_conn_close(s->client, conn_closed);
         stp_log(STP_LOG_WARN, "event=accept_error addr=%s error=\"%s\"",
                 lst->addr, uv_strerror(r));
         return STP_ACCEPT_FAILED;
     }
     /* TCP_NODELAY comes from the listening socket (Linux copies it). */
-    int len = sizeof(s->peer_addr);
-    if (uv_tcp_getpeername(&s->client.tcp, (struct sockaddr *)&s->peer_addr,
-                           &len) == 0) {
+    if (stp_conn_peer(s->client, &s->peer_addr) == 0) {
         stp_format_addr((struct sockaddr *)&s->peer_addr, s->peer,
                         sizeof(s->peer));
     } else {
@@ -768,8 +786,6 @@ int stp_session_accept(struct stp_listener *lst)
     uv_timer_init(srv->loop, &s->timer);
     s->timer.data = s;
     s->open_handles++;
-    stp_conn_init(srv->loop, &s->upstream, on_upstream, s);
-    s->open_handles++;
     s->client_seen_ms = s->upstream_seen_ms = s->state_ms = s->start_ms;
 
     enum stp_close_reason limit = over_limit(s, &counts);
@@ -787,7 +803,7 @@ int stp_session_accept(struct stp_listener *lst)
     }
     if (lc->tls == STP_TLS_IMPLICIT) {
         stp_session_transition(s, STP_SS_TLS_ACCEPT);
-        if (stp_conn_start_tls(&s->client, s->ltls, NULL) < 0) {
+        if (stp_conn_start_tls(s->client, s->ltls, NULL) < 0) {
             stp_session_reason(s, STP_CLOSE_TLS_INIT);
             finish(s);
             return 0;

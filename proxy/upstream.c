@@ -29,8 +29,8 @@ static bool needs_prelude(const struct stp_upstream_cfg *u)
 static void act_send(void *ctx, const char *line, size_t n)
 {
     struct stp_session *s = ctx;
-    if (stp_conn_write(&s->upstream, line, n) < 0 ||
-        stp_conn_write(&s->upstream, "\r\n", 2) < 0)
+    if (stp_conn_write(s->upstream, line, n) < 0 ||
+        stp_conn_write(s->upstream, "\r\n", 2) < 0)
         stp_upstream_fail(s, STP_UP_FAIL_PROTOCOL, "write failed");
 }
 
@@ -70,7 +70,7 @@ void stp_upstream_free(struct stp_session *s)
 
 static int start_tls(struct stp_session *s)
 {
-    int r = stp_conn_start_tls(&s->upstream, s->up_tls, s->up->server_name);
+    int r = stp_conn_start_tls(s->upstream, s->up_tls, s->up->server_name);
     if (r < 0) {
         stp_upstream_fail(s, STP_UP_FAIL_TLS, "TLS setup failed");
         return r;
@@ -124,9 +124,7 @@ static void send_proxy_header(struct stp_session *s)
     /* The address the client reached: asked only here, as few sessions
      * need it. */
     struct sockaddr_storage local;
-    int len = sizeof(local);
-    if (uv_tcp_getsockname(&s->client.tcp, (struct sockaddr *)&local,
-                           &len) < 0)
+    if (stp_conn_local(s->client, &local) < 0)
         memset(&local, 0, sizeof(local));
     const struct sockaddr *src = (struct sockaddr *)&s->peer_addr;
     const struct sockaddr *dst = (struct sockaddr *)&local;
@@ -136,43 +134,57 @@ static void send_proxy_header(struct stp_session *s)
         /* The client's TLS is known here only on an implicit listener. */
         struct stp_tls_info ti = {0}, *tip = NULL;
         char cn[256];
-        if (s->client.tls && s->client.tls_ready) {
-            ti.version = stp_tls_version(s->client.tls);
-            ti.cipher = stp_tls_cipher(s->client.tls);
-            ti.sni = stp_tls_sni(s->client.tls);
-            if (stp_tls_peer_cn(s->client.tls, cn, sizeof(cn))) {
+        struct stp_tls *ct = stp_conn_tls(s->client);
+        if (ct) {
+            ti.version = stp_tls_version(ct);
+            ti.cipher = stp_tls_cipher(ct);
+            ti.sni = stp_tls_sni(ct);
+            if (stp_tls_peer_cn(ct, cn, sizeof(cn))) {
                 ti.cn = cn;
                 ti.cert_verified = true; /* the handshake verified it */
-                ti.cert_resumed = stp_tls_cert_resumed(s->client.tls);
+                ti.cert_resumed = stp_tls_cert_resumed(ct);
             }
             tip = &ti;
         }
         n = stp_proxy_v2(buf, sizeof(buf), src, dst, tip);
     }
-    if (n < 0 || stp_conn_write(&s->upstream, buf, (size_t)n) < 0)
+    if (n < 0 || stp_conn_write(s->upstream, buf, (size_t)n) < 0)
         stp_upstream_fail(s, STP_UP_FAIL_IDENTITY, "cannot build PROXY header");
+}
+
+static void connect_failed(struct stp_session *s, int err)
+{
+    stp_log(STP_LOG_WARN,
+            SID " event=upstream_error upstream=%s address=%s "
+                "error=\"%s\"",
+            s->id, s->up->name, s->up->address_text, stp_strerror(err));
+    stp_session_reason(s, STP_CLOSE_UPSTREAM_UNREACHABLE);
+    stp_smtp_upstream_unreachable(&s->smtp);
 }
 
 void stp_upstream_start(struct stp_session *s)
 {
     stp_session_transition(s, STP_SS_CONNECTING);
-    int r = stp_conn_connect(&s->upstream,
+    /* The socket exists before connect, for its family. */
+    int r = stp_session_new_upstream(s, s->up->addr.ss_family);
+    if (r == 0)
+        r = stp_conn_connect(s->upstream,
                              (const struct sockaddr *)&s->up->addr);
     if (r < 0)
-        stp_upstream_event(&s->upstream, STP_IO_CONNECTED, r);
+        connect_failed(s, r);
 }
 
 static void prelude_input(struct stp_session *s)
 {
     size_t n;
-    const char *p = stp_conn_in(&s->upstream, &n);
+    const char *p = stp_conn_in(s->upstream, &n);
     if (n == 0)
         return;
     size_t k = stp_up_input(s->prelude, p, n);
     if (s->state == STP_SS_DRAINING || s->state == STP_SS_CLOSED)
         return;
     if (k)
-        stp_conn_consume(&s->upstream, k);
+        stp_conn_consume(s->upstream, k);
     if (s->up_tls_pending) {
         s->up_tls_pending = false;
         start_tls(s);
@@ -184,17 +196,11 @@ static void prelude_input(struct stp_session *s)
 /* Events of the upstream connection while it is being set up. */
 void stp_upstream_event(struct stp_conn *c, enum stp_io_event ev, int err)
 {
-    struct stp_session *s = c->owner;
+    struct stp_session *s = stp_conn_owner(c);
     switch (ev) {
     case STP_IO_CONNECTED:
         if (err < 0) {
-            stp_log(STP_LOG_WARN,
-                    SID " event=upstream_error upstream=%s address=%s "
-                        "error=\"%s\"",
-                    s->id, s->up->name, s->up->address_text,
-                    stp_strerror(err));
-            stp_session_reason(s, STP_CLOSE_UPSTREAM_UNREACHABLE);
-            stp_smtp_upstream_unreachable(&s->smtp);
+            connect_failed(s, err);
             break;
         }
         if (s->up->identity == STP_ID_PROXY_V1 ||
@@ -211,8 +217,8 @@ void stp_upstream_event(struct stp_conn *c, enum stp_io_event ev, int err)
         stp_log(STP_LOG_INFO,
                 SID " event=upstream_tls upstream=%s tls=%s cipher=%s "
                     "server_name=%s verified=%s",
-                s->id, s->up->name, stp_tls_version(c->tls),
-                stp_tls_cipher(c->tls), s->up->server_name,
+                s->id, s->up->name, stp_tls_version(stp_conn_tls(c)),
+                stp_tls_cipher(stp_conn_tls(c)), s->up->server_name,
                 s->up->verify ? "yes" : "no");
         if (s->prelude) {
             stp_session_transition(s, STP_SS_PRELUDE);
@@ -232,9 +238,8 @@ void stp_upstream_event(struct stp_conn *c, enum stp_io_event ev, int err)
         char why[160];
         if (s->state == STP_SS_UPSTREAM_TLS) {
             snprintf(why, sizeof(why), "TLS handshake failed: %s",
-                     err == -EPROTO && c->tls ? stp_tls_error(c->tls)
-                     : ev == STP_IO_EOF        ? "connection closed"
-                                               : stp_strerror(err));
+                     ev == STP_IO_EOF ? "connection closed"
+                                      : stp_conn_error_text(c, err));
             stp_upstream_fail(s, STP_UP_FAIL_TLS, why);
         } else {
             snprintf(why, sizeof(why), "connection %s during setup",

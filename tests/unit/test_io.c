@@ -1,8 +1,9 @@
-/* In-process tests of the I/O layer (proxy/io.c): a loopback TCP pair in one
- * libuv loop. What they pin down: no io function calls its owner back before
- * it returns (errors are returned; events come from the loop, or from
- * stp_conn_pull's result), and the half-close reports EOF once, after the
- * data before it. */
+/* In-process tests of the I/O layer (proxy/io.c): loopback TCP connections
+ * in one libuv loop. What they pin down: no io function calls its owner back
+ * before it returns (errors are returned; events come from the loop, or from
+ * stp_conn_pull's result), the half-close reports EOF once, after the data
+ * before it; a conn frees itself on close and only then tells its owner;
+ * input before TLS is dropped unless kept on purpose. */
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -10,40 +11,47 @@
 #include "io.h"
 #include "unit.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define FREED(p) __asan_address_is_poisoned(p)
+#else
+#define FREED(p) true /* only ASan can tell */
+#endif
+
 static uv_loop_t loop;
 static bool in_call;   /* inside a call into io.c made by the test */
-static int n_data, n_eof, n_error, n_drained, last_err;
+
+/* What one conn was told; its owner. */
+struct seen {
+    int data, eof, error, drained, tls_ready, connected, last_err;
+};
+static struct seen ev0; /* for the tests with one conn */
 
 static void on_event(struct stp_conn *c, enum stp_io_event ev, int err)
 {
     CHECK(!in_call, "event %d called back inside an io call", (int)ev);
+    struct seen *n = stp_conn_owner(c);
     switch (ev) {
-    case STP_IO_DATA: n_data++; break;
-    case STP_IO_EOF: n_eof++; break;
-    case STP_IO_ERROR: n_error++; last_err = err; break;
-    case STP_IO_DRAINED: n_drained++; break;
-    case STP_IO_TLS_READY: case STP_IO_CONNECTED: break;
+    case STP_IO_DATA: n->data++; break;
+    case STP_IO_EOF: n->eof++; break;
+    case STP_IO_ERROR: n->error++; n->last_err = err; break;
+    case STP_IO_DRAINED: n->drained++; break;
+    case STP_IO_TLS_READY: n->tls_ready++; break;
+    case STP_IO_CONNECTED: n->connected++; n->last_err = err; break;
     }
 }
 
-/* A connected pair: *CONN wraps one end, *PEER is the other's descriptor. */
-static void pair(struct stp_conn *conn, int *peer)
+static int listening_socket(struct sockaddr_in *a)
 {
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t al = sizeof(a);
+    *a = (struct sockaddr_in){.sin_family = AF_INET,
+                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof(*a);
     int l = socket(AF_INET, SOCK_STREAM, 0);
-    CHECK(l >= 0 && bind(l, (struct sockaddr *)&a, sizeof(a)) == 0 &&
-              listen(l, 1) == 0 &&
-              getsockname(l, (struct sockaddr *)&a, &al) == 0,
+    CHECK(l >= 0 && bind(l, (struct sockaddr *)a, sizeof(*a)) == 0 &&
+              listen(l, 4) == 0 &&
+              getsockname(l, (struct sockaddr *)a, &al) == 0,
           "listen");
-    int c = socket(AF_INET, SOCK_STREAM, 0);
-    CHECK(connect(c, (struct sockaddr *)&a, sizeof(a)) == 0, "connect");
-    *peer = accept(l, NULL, NULL);
-    close(l);
-    CHECK(stp_conn_init(&loop, conn, on_event, NULL) == 0, "conn init");
-    CHECK(uv_tcp_open(&conn->tcp, c) == 0, "uv_tcp_open");
-    n_data = n_eof = n_error = n_drained = last_err = 0;
+    return l;
 }
 
 static void run_until(int *counter, int want)
@@ -52,13 +60,29 @@ static void run_until(int *counter, int want)
         uv_run(&loop, UV_RUN_ONCE);
 }
 
-static void closed(uv_handle_t *h) { (void)h; }
+/* A connected pair: *CONN connected out through io.c, *PEER is the
+ * accepted descriptor. */
+static void pair(struct stp_conn **conn, int *peer)
+{
+    struct sockaddr_in a;
+    int l = listening_socket(&a);
+    ev0 = (struct seen){0};
+    CHECK(stp_conn_new(&loop, AF_INET, on_event, &ev0, conn) == 0,
+          "conn new");
+    CHECK(stp_conn_connect(*conn, (struct sockaddr *)&a) == 0, "connect");
+    run_until(&ev0.connected, 1);
+    CHECK(ev0.connected == 1 && ev0.last_err == 0, "connect: %d",
+          ev0.last_err);
+    *peer = accept(l, NULL, NULL);
+    CHECK(*peer >= 0, "accept");
+    close(l);
+    ev0 = (struct seen){0};
+}
 
 static void done(struct stp_conn *conn, int peer)
 {
-    stp_conn_close(conn, closed);
+    stp_conn_close(conn, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
-    stp_conn_release(conn);
     if (peer >= 0)
         close(peer);
 }
@@ -66,7 +90,7 @@ static void done(struct stp_conn *conn, int peer)
 static void test_write_error_is_returned(void)
 {
     case_begin("a write error is returned, not called back");
-    struct stp_conn conn;
+    struct stp_conn *conn;
     int peer;
     pair(&conn, &peer);
     /* The peer goes away with a reset: writes fail with EPIPE/ECONNRESET. */
@@ -77,69 +101,70 @@ static void test_write_error_is_returned(void)
     int r = 0;
     in_call = true;
     for (int i = 0; i < 1000 && r == 0; i++) {
-        r = stp_conn_write(&conn, chunk, sizeof(chunk));
+        r = stp_conn_write(conn, chunk, sizeof(chunk));
         if (r == 0)
-            r = stp_conn_flush(&conn);
+            r = stp_conn_flush(conn);
     }
     in_call = false;
     CHECK(r < 0, "writing to a reset peer never failed");
-    CHECK(n_error == 0, "the error was also called back");
-    done(&conn, -1);
+    CHECK(ev0.error == 0, "the error was also called back");
+    done(conn, -1);
     case_end();
 }
 
 static void test_pull_calls_nobody(void)
 {
     case_begin("stp_conn_pull makes no callback");
-    struct stp_conn conn;
+    struct stp_conn *conn;
     int peer;
     pair(&conn, &peer);
-    stp_conn_want_read(&conn, true);
+    stp_conn_want_read(conn, true);
     CHECK(write(peer, "NOOP\r\n", 6) == 6, "write");
-    run_until(&n_data, 1);
-    CHECK(n_data == 1, "data never came");
+    run_until(&ev0.data, 1);
+    CHECK(ev0.data == 1, "data never came");
     enum stp_io_event ev;
     int err;
     in_call = true;
-    bool got = stp_conn_pull(&conn, &ev, &err);
+    bool got = stp_conn_pull(conn, &ev, &err);
     in_call = false;
     CHECK(!got, "a plaintext pull reported an event");
     size_t n;
-    stp_conn_in(&conn, &n);
+    stp_conn_in(conn, &n);
     CHECK(n == 6, "%zu bytes buffered, want 6", n);
-    done(&conn, peer);
+    done(conn, peer);
     case_end();
 }
 
 static void test_half_close_keeps_data_and_writes(void)
 {
     case_begin("a half-close: data first, EOF once, writing goes on");
-    struct stp_conn conn;
+    struct stp_conn *conn;
     int peer;
     pair(&conn, &peer);
-    stp_conn_want_read(&conn, true);
+    stp_conn_want_read(conn, true);
     CHECK(write(peer, "QUIT\r\n", 6) == 6, "write");
     shutdown(peer, SHUT_WR);
-    run_until(&n_eof, 1);
-    CHECK(n_data == 1 && n_eof == 1, "data %d eof %d", n_data, n_eof);
+    run_until(&ev0.eof, 1);
+    CHECK(ev0.data == 1 && ev0.eof == 1, "data %d eof %d", ev0.data,
+          ev0.eof);
     size_t n;
-    stp_conn_in(&conn, &n);
+    stp_conn_in(conn, &n);
     CHECK(n == 6, "%zu bytes buffered at EOF, want 6", n);
-    stp_conn_want_read(&conn, true); /* asking again reads nothing more */
+    stp_conn_want_read(conn, true); /* asking again reads nothing more */
     for (int i = 0; i < 5; i++)
         uv_run(&loop, UV_RUN_NOWAIT);
-    CHECK(n_eof == 1, "EOF reported %d times", n_eof);
+    CHECK(ev0.eof == 1, "EOF reported %d times", ev0.eof);
     in_call = true;
-    int r = stp_conn_write(&conn, "221 Bye\r\n", 9);
+    int r = stp_conn_write(conn, "221 Bye\r\n", 9);
     if (r == 0)
-        r = stp_conn_flush(&conn);
+        r = stp_conn_flush(conn);
     in_call = false;
     CHECK(r == 0, "write after the peer's EOF: %d", r);
     char buf[16];
     ssize_t got = read(peer, buf, sizeof(buf));
     CHECK(got == 9 && memcmp(buf, "221 Bye\r\n", 9) == 0,
           "the reply did not arrive: \"%s\"", got > 0 ? esc(buf, (size_t)got) : "");
-    done(&conn, peer);
+    done(conn, peer);
     case_end();
 }
 
