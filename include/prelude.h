@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "proto.h"
 #include "stp.h"
 
 enum stp_up_step {
@@ -20,25 +21,6 @@ enum stp_up_step {
     STP_UP_COUNT
 };
 const char *stp_up_step_name(enum stp_up_step s);
-
-/* What failed, for the client's reply. */
-enum stp_up_failure {
-    STP_UP_FAIL_TLS,      /* 421 4.7.0 TLS to next hop unavailable */
-    STP_UP_FAIL_IDENTITY, /* 421 4.7.0 next hop refused the client identity */
-    STP_UP_FAIL_PROTOCOL, /* 421 4.4.2 upstream protocol error */
-};
-
-struct stp_up_ops {
-    /* A command line for the upstream, without CRLF. */
-    void (*send)(void *ctx, const char *line, size_t n);
-    /* Our STARTTLS got its 220 and nothing followed: start the handshake and
-     * call stp_up_tls_done() when it completes. */
-    void (*start_tls)(void *ctx);
-    /* The client's session may start; GREETING (CRLF lines) is what the
-     * client should be greeted with. */
-    void (*ready)(void *ctx, const char *greeting, size_t n);
-    void (*fail)(void *ctx, enum stp_up_failure f, const char *reason);
-};
 
 struct stp_up_cfg {
     bool starttls;          /* upstream tls = starttls */

@@ -11,6 +11,7 @@
 
 #include "close.h"
 #include "prelude.h"
+#include "proto.h"
 #include "stp.h"
 
 /* ---- small parsers -------------------------------------------------------- */
@@ -103,35 +104,6 @@ enum stp_dot_result stp_dot_scan(enum stp_dot_state *st, const char *p,
 
 /* ---- the session's protocol engine ------------------------------------------ */
 
-enum stp_fwd {
-    STP_FWD_LINE,  /* a command line without terminator: send it + CRLF */
-    STP_FWD_RAW,   /* message content, verbatim, a slice of the input */
-};
-
-
-struct stp_smtp_ops {
-    /* Bytes for the upstream. For STP_FWD_RAW, P points into the buffer given
-     * to stp_smtp_client_input, so the caller can send it without copying. */
-    void (*to_upstream)(void *ctx, enum stp_fwd kind, const char *p, size_t n);
-    /* Reply bytes for the client (complete lines with CRLF). */
-    void (*to_client)(void *ctx, const char *p, size_t n);
-    /* A 220 to STARTTLS was queued: once it is flushed, discard any buffered
-     * client plaintext and start the TLS handshake, then call
-     * stp_smtp_tls_started(). */
-    void (*start_tls)(void *ctx);
-    /* Close both sides once the client's output is flushed. If CUT_UPSTREAM,
-     * close the upstream at once (unfinished message must not complete). */
-    void (*close)(void *ctx, enum stp_close_reason why, bool cut_upstream);
-    /* Policy decisions worth a log line: "reject" with a short reason. */
-    void (*event)(void *ctx, const char *event, const char *detail);
-    /* Optional: every phase change, for debug logs. */
-    void (*phase)(void *ctx, int from, int to);
-    /* Optional back-pressure: true when the upstream's queue cannot take
-     * another piece; client input then stops where it is, to be offered
-     * again. */
-    bool (*upstream_full)(void *ctx);
-};
-
 struct stp_smtp_cfg {
     bool offer_starttls;    /* listener tls = starttls */
     bool require_tls;       /* 530 before TLS */
@@ -171,7 +143,7 @@ enum stp_pend {
 
 struct stp_smtp {
     struct stp_smtp_cfg cfg;
-    const struct stp_smtp_ops *ops;
+    const struct stp_proto_actions *ops;
     void *ctx;
     enum stp_phase phase;
     bool tls;            /* client leg encrypted */
@@ -201,7 +173,7 @@ struct stp_smtp {
 };
 
 void stp_smtp_init(struct stp_smtp *s, const struct stp_smtp_cfg *cfg,
-                   const struct stp_smtp_ops *ops, void *ctx);
+                   const struct stp_proto_actions *ops, void *ctx);
 
 void stp_smtp_free(struct stp_smtp *s);
 
@@ -243,18 +215,11 @@ static inline bool stp_smtp_replies_due(const struct stp_smtp *s)
     return s->pend_count > 0;
 }
 
-/* The upstream connection ended or failed. */
-void stp_smtp_upstream_lost(struct stp_smtp *s);
-/* The upstream could not be reached at all. */
-void stp_smtp_upstream_unreachable(struct stp_smtp *s);
-/* Setting up the upstream leg failed at F (its TLS, the client identity,
- * its protocol): the engine's 421 for that, then close. */
-void stp_smtp_next_hop_failed(struct stp_smtp *s, enum stp_up_failure f);
-/* Over a connection limit: 421 too many connections, then close. */
-void stp_smtp_too_many(struct stp_smtp *s);
-/* A client deadline passed (idle, command, data). */
-void stp_smtp_timeout(struct stp_smtp *s);
-/* The proxy is shutting down: 421 and close. */
-void stp_smtp_shutdown(struct stp_smtp *s);
+/* The relay gives up for WHY: the 421 that says so, then close. */
+void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why);
+
+/* The engine behind the relay's seam (proto.h): SMTP, and LMTP, the same
+ * engine with cfg.lmtp set. */
+extern const struct stp_proto stp_proto_smtp, stp_proto_lmtp;
 
 #endif

@@ -10,7 +10,7 @@
 
 #include "listener.h"
 #include "log.h"
-#include "session.h"
+#include "relay.h"
 #include "stp.h"
 
 /* ---- generations ------------------------------------------------------------ */

@@ -28,7 +28,7 @@ void stp_up_init(struct stp_prelude *p, const struct stp_up_cfg *cfg,
     p->step = STP_UP_GREETING;
 }
 
-static void fail(struct stp_prelude *p, enum stp_up_failure f,
+static void fail(struct stp_prelude *p, enum stp_fail f,
                  const char *reason)
 {
     p->step = STP_UP_FAILED;
@@ -42,7 +42,7 @@ static void send_line(struct stp_prelude *p, enum stp_up_step next,
     size_t a = strlen(verb), b = strlen(arg);
     char small[512], *line = a + b <= sizeof(small) ? small : malloc(a + b);
     if (!line) {
-        fail(p, STP_UP_FAIL_PROTOCOL, "out of memory");
+        fail(p, STP_FAIL_HOP_PROTOCOL, "out of memory");
         return;
     }
     memcpy(line, verb, a);
@@ -78,7 +78,7 @@ static void advance(struct stp_prelude *p)
 static bool keep_greeting(struct stp_prelude *p, const char *line, size_t len)
 {
     if (p->greeting_len + len + 2 > sizeof(p->greeting)) {
-        fail(p, STP_UP_FAIL_PROTOCOL, "greeting too long");
+        fail(p, STP_FAIL_HOP_PROTOCOL, "greeting too long");
         return false;
     }
     memcpy(p->greeting + p->greeting_len, line, len);
@@ -96,7 +96,7 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
     if (stp_reply_line(line, len, &code, &last) < 0 ||
         memchr(line, '\r', len) || memchr(line, '\0', len) ||
         (p->code && code != p->code)) {
-        fail(p, STP_UP_FAIL_PROTOCOL, "bad reply line");
+        fail(p, STP_FAIL_HOP_PROTOCOL, "bad reply line");
         return false;
     }
     bool first = p->code == 0;
@@ -112,7 +112,7 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             return true;
         if (code != 220) {
             /* The upstream refuses service: nothing can be set up. */
-            fail(p, p->cfg.starttls ? STP_UP_FAIL_TLS : STP_UP_FAIL_IDENTITY,
+            fail(p, p->cfg.starttls ? STP_FAIL_HOP_TLS : STP_FAIL_HOP_IDENTITY,
                  "greeting was not 220");
             return false;
         }
@@ -128,14 +128,14 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             return true;
         if (code != 250) {
             fail(p,
-                 p->cfg.starttls && !p->tls_done ? STP_UP_FAIL_TLS
-                                                 : STP_UP_FAIL_IDENTITY,
+                 p->cfg.starttls && !p->tls_done ? STP_FAIL_HOP_TLS
+                                                 : STP_FAIL_HOP_IDENTITY,
                  "EHLO refused");
             return false;
         }
         if (p->cfg.starttls && !p->tls_done) {
             if (!p->offers_starttls) {
-                fail(p, STP_UP_FAIL_TLS, "STARTTLS not offered");
+                fail(p, STP_FAIL_HOP_TLS, "STARTTLS not offered");
                 return false;
             }
             p->offers_xclient = false; /* forgotten at the TLS boundary */
@@ -143,7 +143,7 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             return true;
         }
         if (!p->offers_xclient) {
-            fail(p, STP_UP_FAIL_IDENTITY, "XCLIENT not offered");
+            fail(p, STP_FAIL_HOP_IDENTITY, "XCLIENT not offered");
             return false;
         }
         advance(p);
@@ -152,13 +152,13 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         if (!last)
             return true;
         if (code != 220) {
-            fail(p, STP_UP_FAIL_TLS, "STARTTLS refused");
+            fail(p, STP_FAIL_HOP_TLS, "STARTTLS refused");
             return false;
         }
         if (more_buffered) {
             /* Bytes after the 220 in the same flight would be read as
              * replies inside TLS (response injection): refuse. */
-            fail(p, STP_UP_FAIL_TLS, "data after 220 to STARTTLS");
+            fail(p, STP_FAIL_HOP_TLS, "data after 220 to STARTTLS");
             return false;
         }
         p->step = STP_UP_TLS;
@@ -173,7 +173,7 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         if (!last)
             return true;
         if (code != 220) {
-            fail(p, STP_UP_FAIL_IDENTITY, "XCLIENT refused");
+            fail(p, STP_FAIL_HOP_IDENTITY, "XCLIENT refused");
             return false;
         }
         p->step = STP_UP_READY;
@@ -185,7 +185,7 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
     case STP_UP_COUNT:
         break;
     }
-    fail(p, STP_UP_FAIL_PROTOCOL, "unexpected reply");
+    fail(p, STP_FAIL_HOP_PROTOCOL, "unexpected reply");
     return false;
 }
 
@@ -200,7 +200,7 @@ size_t stp_up_input(struct stp_prelude *p, const char *buf, size_t n)
         if (st == STP_LINE_MORE)
             break;
         if (st == STP_LINE_TOO_LONG) {
-            fail(p, STP_UP_FAIL_PROTOCOL, "reply line too long");
+            fail(p, STP_FAIL_HOP_PROTOCOL, "reply line too long");
             return n;
         }
         off += used;

@@ -1,6 +1,6 @@
 /* The SMTP engine of one proxied session: client command policy, upstream
  * reply tracking, EHLO editing, message-content framing. No I/O here: bytes
- * in, actions out (struct stp_smtp_ops). The parsers are in smtp_parse.c. */
+ * in, actions out (struct stp_proto_actions). The parsers are in smtp_parse.c. */
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -66,12 +66,12 @@ static void enter(struct stp_smtp *s, enum stp_phase ph)
     if (s->phase == STP_PH_CLOSED)
         return;
     if (s->ops->phase && ph != s->phase)
-        s->ops->phase(s->ctx, s->phase, ph);
+        s->ops->phase(s->ctx, stp_phase_name(s->phase), stp_phase_name(ph));
     s->phase = ph;
 }
 
 void stp_smtp_init(struct stp_smtp *s, const struct stp_smtp_cfg *cfg,
-                   const struct stp_smtp_ops *ops, void *ctx)
+                   const struct stp_proto_actions *ops, void *ctx)
 {
     memset(s, 0, sizeof(*s));
     s->cfg = *cfg;
@@ -661,49 +661,33 @@ void stp_smtp_tls_started(struct stp_smtp *s)
         forward_line(s, "RSET", 4, STP_PEND_RSET_INTERNAL);
 }
 
-void stp_smtp_upstream_lost(struct stp_smtp *s)
+void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why)
 {
-    reply_421_close(s, "421 4.4.2 Upstream connection lost\r\n",
-                    STP_CLOSE_UPSTREAM_LOST);
-}
-
-void stp_smtp_upstream_unreachable(struct stp_smtp *s)
-{
-    reply_421_close(s,
-                    "421 4.3.2 Service not available, closing transmission "
-                    "channel\r\n",
-                    STP_CLOSE_UPSTREAM_LOST);
-}
-
-void stp_smtp_timeout(struct stp_smtp *s)
-{
-    reply_421_close(s, "421 4.4.2 %s Error: timeout exceeded\r\n",
-                    STP_CLOSE_TIMEOUT);
-}
-
-void stp_smtp_next_hop_failed(struct stp_smtp *s, enum stp_up_failure f)
-{
-    static const char *const texts[] = {
-        [STP_UP_FAIL_TLS] = "421 4.7.0 TLS to next hop unavailable\r\n",
-        [STP_UP_FAIL_IDENTITY] =
-            "421 4.7.0 Client identity not accepted by next hop\r\n",
-        [STP_UP_FAIL_PROTOCOL] =
-            "421 4.4.2 %s Error: upstream protocol error\r\n",
+    static const struct {
+        const char *text;
+        enum stp_close_reason reason;
+    } replies[] = {
+        [STP_FAIL_UNREACHABLE] = {"421 4.3.2 Service not available, closing "
+                                  "transmission channel\r\n",
+                                  STP_CLOSE_UPSTREAM_LOST},
+        [STP_FAIL_LOST] = {"421 4.4.2 Upstream connection lost\r\n",
+                           STP_CLOSE_UPSTREAM_LOST},
+        [STP_FAIL_HOP_TLS] = {"421 4.7.0 TLS to next hop unavailable\r\n",
+                              STP_CLOSE_NEXT_HOP},
+        [STP_FAIL_HOP_IDENTITY] = {"421 4.7.0 Client identity not accepted "
+                                   "by next hop\r\n",
+                                   STP_CLOSE_NEXT_HOP},
+        [STP_FAIL_HOP_PROTOCOL] = {"421 4.4.2 %s Error: upstream protocol "
+                                   "error\r\n",
+                                   STP_CLOSE_NEXT_HOP},
+        [STP_FAIL_LIMIT] = {"421 4.7.0 %s Error: too many connections\r\n",
+                            STP_CLOSE_LIMIT},
+        [STP_FAIL_TIMEOUT] = {"421 4.4.2 %s Error: timeout exceeded\r\n",
+                              STP_CLOSE_TIMEOUT},
+        [STP_FAIL_SHUTDOWN] = {"421 4.3.2 Service shutting down, closing "
+                               "transmission channel\r\n",
+                               STP_CLOSE_SHUTDOWN},
     };
-    STP_ASSERT((size_t)f < STP_ARRAY_LEN(texts));
-    reply_421_close(s, texts[f], STP_CLOSE_NEXT_HOP);
-}
-
-void stp_smtp_too_many(struct stp_smtp *s)
-{
-    reply_421_close(s, "421 4.7.0 %s Error: too many connections\r\n",
-                    STP_CLOSE_LIMIT);
-}
-
-void stp_smtp_shutdown(struct stp_smtp *s)
-{
-    reply_421_close(s,
-                    "421 4.3.2 Service shutting down, closing transmission "
-                    "channel\r\n",
-                    STP_CLOSE_SHUTDOWN);
+    STP_ASSERT((size_t)why < STP_ARRAY_LEN(replies));
+    reply_421_close(s, replies[why].text, replies[why].reason);
 }

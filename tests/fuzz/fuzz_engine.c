@@ -41,6 +41,7 @@ struct fz {
     const char *in_base; /* buffer of the client_input call under way */
     size_t in_len;
     bool auth_call;    /* that call started in the AUTH phase */
+    bool fed_pending;  /* TLS was pending when that call began */
     int lines_in_call;
     int cli_pos;       /* position in the current client line */
     char cli_prev;
@@ -140,10 +141,9 @@ static void op_event(void *ctx, const char *event, const char *detail)
     CHECK(event && detail, "event with NULL text");
 }
 
-static void op_phase(void *ctx, int from, int to)
+static void op_phase(void *ctx, const char *from, const char *to)
 {
-    CHECK(from >= 0 && from < STP_PH_COUNT && to >= 0 && to < STP_PH_COUNT,
-          "bad phase");
+    CHECK(strcmp(from, "?") != 0 && strcmp(to, "?") != 0, "bad phase");
 }
 
 static bool op_upstream_full(void *ctx)
@@ -151,7 +151,7 @@ static bool op_upstream_full(void *ctx)
     return F.room && F.pieces >= F.room;
 }
 
-static const struct stp_smtp_ops ops = {
+static const struct stp_proto_actions ops = {
     .upstream_full = op_upstream_full,
     .to_upstream = op_to_upstream,
     .to_client = op_to_client,
@@ -166,45 +166,58 @@ static void client_stream_whole(void)
     CHECK(F.cli_pos == 0, "engine call left a partial line for the client");
 }
 
+/* The daemon's feed loop over the fuzzer's buffers. */
+static const char *feed_input(void *ctx, enum stp_side side, size_t *n)
+{
+    if (side == STP_SIDE_UPSTREAM) {
+        F.in_base = NULL;
+        *n = F.up_gone ? 0 : F.ulen;
+        return F.ubuf;
+    }
+    F.in_base = F.cbuf;
+    F.in_len = F.clen;
+    F.auth_call = F.s.phase == STP_PH_AUTH;
+    F.lines_in_call = 0;
+    F.fed_pending = F.tls_pending;
+    *n = F.clen;
+    return F.cbuf;
+}
+
+static void feed_consume(void *ctx, enum stp_side side, size_t k)
+{
+    char *buf = side == STP_SIDE_CLIENT ? F.cbuf : F.ubuf;
+    size_t *len = side == STP_SIDE_CLIENT ? &F.clen : &F.ulen;
+    client_stream_whole();
+    CHECK(k <= *len, "input consumed too much");
+    if (side == STP_SIDE_CLIENT) {
+        CHECK(!F.fed_pending, "client bytes consumed before tls_started");
+        F.in_base = NULL;
+        F.pieces = 0; /* written: room again */
+    }
+    memmove(buf, buf + k, *len - k);
+    *len -= k;
+}
+
+static bool feed_make_room(void *ctx)
+{
+    bool full = F.room && F.pieces >= F.room;
+    F.in_base = NULL;
+    F.pieces = 0;
+    return full;
+}
+
+static const struct stp_feed_io fz_feed = {feed_input, feed_consume,
+                                           feed_make_room};
+
 static void pump(void)
 {
-    for (int guard = 0; guard < 100000; guard++) {
-        bool moved = false;
-        if (F.ulen && !F.up_gone) {
-            long k = stp_smtp_upstream_input(&F.s, F.ubuf, F.ulen);
-            client_stream_whole();
-            CHECK(k <= (long)F.ulen, "upstream_input consumed too much");
-            if (k < 0) {
-                CHECK(F.closed, "upstream_input error without close");
-                F.up_gone = true;
-                F.ulen = 0;
-            } else if (k > 0) {
-                memmove(F.ubuf, F.ubuf + k, F.ulen - (size_t)k);
-                F.ulen -= (size_t)k;
-                moved = true;
-            }
-        }
-        if (F.clen) {
-            bool pending = F.tls_pending;
-            F.in_base = F.cbuf;
-            F.in_len = F.clen;
-            F.auth_call = F.s.phase == STP_PH_AUTH;
-            F.lines_in_call = 0;
-            size_t k = stp_smtp_client_input(&F.s, F.cbuf, F.clen);
-            F.in_base = NULL;
-            F.pieces = 0; /* written: room again */
-            client_stream_whole();
-            CHECK(k <= F.clen, "client_input consumed too much");
-            CHECK(!(pending && k), "client bytes consumed before tls_started");
-            if (k) {
-                memmove(F.cbuf, F.cbuf + k, F.clen - k);
-                F.clen -= k;
-                moved = true;
-            }
-        }
-        if (!moved)
-            break;
+    while (stp_proto_feed(&stp_proto_smtp, &F.s, &fz_feed, NULL) < 0) {
+        CHECK(F.closed, "upstream_input error without close");
+        F.up_gone = true;
+        F.ulen = 0;
     }
+    F.in_base = NULL;
+    client_stream_whole();
     /* Liveness: with nothing pending, a full line's worth must move. */
     if (!F.closed && F.s.phase == STP_PH_COMMAND && F.s.pend_count == 0 &&
         !F.s.waiting && F.clen >= F.s.cfg.max_line)
@@ -329,12 +342,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 7: /* timer and upstream events, room upstream */
             i++;
             if (arg % 4 == 0)
-                stp_smtp_timeout(&F.s);
+                stp_smtp_fail(&F.s, STP_FAIL_TIMEOUT);
             else if (arg % 4 == 1) {
-                stp_smtp_upstream_lost(&F.s);
+                stp_smtp_fail(&F.s, STP_FAIL_LOST);
                 F.up_gone = true;
             } else if (arg % 4 == 2) {
-                stp_smtp_upstream_unreachable(&F.s);
+                stp_smtp_fail(&F.s, STP_FAIL_UNREACHABLE);
                 F.up_gone = true;
             } else {
                 F.room = (arg >> 2) % 4; /* a slower upstream, or not */
@@ -343,7 +356,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             pump();
             break;
         case 8: /* the proxy is stopping */
-            stp_smtp_shutdown(&F.s);
+            stp_smtp_fail(&F.s, STP_FAIL_SHUTDOWN);
             client_stream_whole();
             pump();
             break;

@@ -162,17 +162,17 @@ static void op_ready(void *ctx, const char *g, size_t n)
     F.readies++;
 }
 
-static void op_fail(void *ctx, enum stp_up_failure f, const char *reason)
+static void op_fail(void *ctx, enum stp_fail f, const char *reason)
 {
     (void)ctx;
     CHECK(!F.ended, "fail after fail/ready");
     CHECK(!F.tls_pending, "fail during the handshake");
-    CHECK(f == STP_UP_FAIL_TLS || f == STP_UP_FAIL_IDENTITY ||
-              f == STP_UP_FAIL_PROTOCOL,
+    CHECK(f == STP_FAIL_HOP_TLS || f == STP_FAIL_HOP_IDENTITY ||
+              f == STP_FAIL_HOP_PROTOCOL,
           "bad failure category");
     CHECK(reason && *reason, "fail without a reason");
 #if STRICT_FAIL_CATEGORY
-    CHECK(f != STP_UP_FAIL_TLS || F.cfg.starttls,
+    CHECK(f != STP_FAIL_HOP_TLS || F.cfg.starttls,
           "FAIL_TLS without STARTTLS configured");
 #endif
     F.ended = true;

@@ -28,11 +28,11 @@
 static const char *fail_name(int f)
 {
     switch (f) {
-    case STP_UP_FAIL_TLS:
+    case STP_FAIL_HOP_TLS:
         return "FAIL_TLS";
-    case STP_UP_FAIL_IDENTITY:
+    case STP_FAIL_HOP_IDENTITY:
         return "FAIL_IDENTITY";
-    case STP_UP_FAIL_PROTOCOL:
+    case STP_FAIL_HOP_PROTOCOL:
         return "FAIL_PROTOCOL";
     }
     return "?";
@@ -52,7 +52,7 @@ struct rec {
     char greeting[REC_CAP];
     size_t greeting_len;
     int fails;
-    enum stp_up_failure fcat;
+    enum stp_fail fcat;
     char reason[200];
     bool in_call;      /* inside stp_up_input */
     char ubuf[REC_CAP]; /* upstream bytes not consumed yet */
@@ -120,7 +120,7 @@ static void op_ready(void *ctx, const char *g, size_t n)
     R.greeting_len = n;
 }
 
-static void op_fail(void *ctx, enum stp_up_failure f, const char *reason)
+static void op_fail(void *ctx, enum stp_fail f, const char *reason)
 {
     (void)ctx;
     no_callback_after_end("fail");
@@ -294,7 +294,7 @@ static const struct scen scens[] = {
     {"none: greeting of exactly 1024 bytes", CF_NONE, {U(greet_1024)}, "", 0,
      READY, greet_1024, 0, NULL},
     {"none: greeting over 1024 bytes", CF_NONE, {U(greet_1025)}, "", 0, FAILED,
-     NULL, STP_UP_FAIL_PROTOCOL, NULL},
+     NULL, STP_FAIL_HOP_PROTOCOL, NULL},
     {"none: 554 greeting fails", CF_NONE, {U("554 go away\r\n")}, "", 0,
      FAILED, NULL, ANY_CAT, NULL},
     {"none: no greeting yet", CF_NONE, {U("220 partial"),
@@ -302,23 +302,23 @@ static const struct scen scens[] = {
 
     /* --- bad reply lines (greeting) --- */
     {"bad: no code", CF_TLS, {U("hello there\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, NULL},
+     STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: empty line", CF_TLS, {U("\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, NULL},
+     STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: two-digit code", CF_TLS, {U("22 x\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, NULL},
+     STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: four digits", CF_TLS, {U("2200 x\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, NULL},
+     STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: code 620", CF_TLS, {U("620 x\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, NULL},
+     STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: code changes mid-reply", CF_TLS, {U("220-a\r\n250 b\r\n")}, "", 0,
-     FAILED, NULL, STP_UP_FAIL_PROTOCOL, NULL},
+     FAILED, NULL, STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: CR inside the line", CF_TLS, {U("220 a\rb\r\n")}, "", 0, FAILED,
-     NULL, STP_UP_FAIL_PROTOCOL, NULL},
+     NULL, STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: CR before CRLF", CF_NONE, {U("220 a\r\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, NULL},
+     STP_FAIL_HOP_PROTOCOL, NULL},
     {"bad: over-long line", CF_TLS, {U(line_2049)}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, "too long"},
+     STP_FAIL_HOP_PROTOCOL, "too long"},
 
     /* --- STARTTLS --- */
     {"tls: the whole dialogue, original greeting kept", CF_TLS,
@@ -346,10 +346,10 @@ static const struct scen scens[] = {
      {U(GREET), U(E_TLS), U("220 2.0.0 Rea"), STEP(STP_UP_STARTTLS)},
      EHLO STLS, 0, PENDING, NULL, 0, NULL},
     {"tls: 554 greeting", CF_TLS, {U("554 5.3.2 go away\r\n")}, "", 0, FAILED,
-     NULL, STP_UP_FAIL_TLS, NULL},
+     NULL, STP_FAIL_HOP_TLS, NULL},
     {"tls: 421 multi-line greeting", CF_TLS,
      {U("421-mx.example\r\n421 busy\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_TLS, NULL},
+     STP_FAIL_HOP_TLS, NULL},
     /* The same keyword matcher as the client's EHLO filter: what the proxy
      * hides from a client as STARTTLS is what it takes as STARTTLS. */
     {"tls: STARTTLS<TAB> and a blank before it are STARTTLS", CF_TLS,
@@ -357,39 +357,39 @@ static const struct scen scens[] = {
      EHLO STLS, 1, READY, GREET, 0, NULL},
     {"tls: STARTTLSX is not STARTTLS", CF_TLS,
      {U(GREET), U("250-mx\r\n250-STARTTLSX\r\n250 SIZE\r\n")}, EHLO, 0,
-     FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"tls: EHLO without STARTTLS", CF_TLS, {U(GREET), U(E_NONE), U(GO)}, EHLO,
-     0, FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     0, FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"tls: EHLO refused", CF_TLS, {U(GREET), U("502 5.5.1 no EHLO\r\n")},
-     EHLO, 0, FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     EHLO, 0, FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"tls: STARTTLS in a refused EHLO reply does not count", CF_TLS,
      {U(GREET), U("550-x\r\n550 STARTTLS\r\n")}, EHLO, 0, FAILED, NULL,
-     STP_UP_FAIL_TLS, NULL},
+     STP_FAIL_HOP_TLS, NULL},
     {"tls: 454 to STARTTLS", CF_TLS,
      {U(GREET), U(E_TLS), U("454 4.7.0 TLS not available\r\n"), U(GO)},
-     EHLO STLS, 0, FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     EHLO STLS, 0, FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"tls: 501 to STARTTLS", CF_TLS,
      {U(GREET), U(E_TLS), U("501 5.5.4 Syntax\r\n")}, EHLO STLS, 0, FAILED,
-     NULL, STP_UP_FAIL_TLS, NULL},
+     NULL, STP_FAIL_HOP_TLS, NULL},
     {"tls: 250 to STARTTLS", CF_TLS, {U(GREET), U(E_TLS), U("250 ok\r\n")},
-     EHLO STLS, 0, FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     EHLO STLS, 0, FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"tls: code change in STARTTLS's reply", CF_TLS,
      {U(GREET), U(E_TLS), U("220-go\r\n250 x\r\n")}, EHLO STLS, 0, FAILED,
-     NULL, STP_UP_FAIL_PROTOCOL, NULL},
+     NULL, STP_FAIL_HOP_PROTOCOL, NULL},
     {"tls: code change in the EHLO reply", CF_TLS,
      {U(GREET), U("250-mx\r\n251-STARTTLS\r\n251 x\r\n")}, EHLO, 0, FAILED,
-     NULL, STP_UP_FAIL_PROTOCOL, NULL},
+     NULL, STP_FAIL_HOP_PROTOCOL, NULL},
     {"tls: CR inside an EHLO line (STARTTLS<CR>)", CF_TLS,
      {U(GREET), U("250-mx\r\n250-STARTTLS\r\r\n250 SIZE\r\n")}, EHLO, 0,
-     FAILED, NULL, STP_UP_FAIL_PROTOCOL, NULL},
+     FAILED, NULL, STP_FAIL_HOP_PROTOCOL, NULL},
     {"tls: EHLO line without a code", CF_TLS,
      {U(GREET), U("250-mx\r\nSTARTTLS\r\n250 SIZE\r\n")}, EHLO, 0, FAILED,
-     NULL, STP_UP_FAIL_PROTOCOL, NULL},
+     NULL, STP_FAIL_HOP_PROTOCOL, NULL},
     {"tls: EHLO line of 2048 bytes is accepted", CF_TLS,
      {U(GREET), U(ehlo_2048), U(GO), TLS}, EHLO STLS, 1, READY, GREET, 0,
      NULL},
     {"tls: EHLO line of 2049 bytes is refused", CF_TLS,
-     {U(GREET), U(ehlo_2049)}, EHLO, 0, FAILED, NULL, STP_UP_FAIL_PROTOCOL,
+     {U(GREET), U(ehlo_2049)}, EHLO, 0, FAILED, NULL, STP_FAIL_HOP_PROTOCOL,
      "too long"},
 
     /* --- keyword matching --- */
@@ -410,16 +410,16 @@ static const struct scen scens[] = {
      READY, GREET, 0, NULL},
     {"kw: STARTTLSX is not STARTTLS", CF_TLS,
      {U(GREET), U("250-mx\r\n250-STARTTLSX\r\n250 SIZE\r\n")}, EHLO, 0,
-     FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"kw: X-STARTTLS is not STARTTLS", CF_TLS,
      {U(GREET), U("250-mx\r\n250-X-STARTTLS\r\n250 SIZE\r\n")}, EHLO, 0,
-     FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"kw: STARTTLS as a parameter is not STARTTLS", CF_TLS,
      {U(GREET), U("250-mx\r\n250-AUTH STARTTLS\r\n250 SIZE\r\n")}, EHLO, 0,
-     FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"kw: STARTTL is not STARTTLS", CF_TLS,
      {U(GREET), U("250-mx\r\n250 STARTTL\r\n")}, EHLO, 0, FAILED, NULL,
-     STP_UP_FAIL_TLS, NULL},
+     STP_FAIL_HOP_TLS, NULL},
     {"kw: 250-XCLIENT NAME ADDR", CF_XC,
      {U(GREET), U("250-mx\r\n250-XCLIENT NAME ADDR\r\n250 SIZE\r\n"), U(NEWG)},
      EHLO XCLS, 0, READY, NEWG, 0, NULL},
@@ -434,10 +434,10 @@ static const struct scen scens[] = {
      NEWG, 0, NULL},
     {"kw: XCLIENTS is not XCLIENT", CF_XC,
      {U(GREET), U("250-mx\r\n250 XCLIENTS ADDR\r\n")}, EHLO, 0, FAILED, NULL,
-     STP_UP_FAIL_IDENTITY, NULL},
+     STP_FAIL_HOP_IDENTITY, NULL},
     {"kw: XFORWARD is not XCLIENT", CF_XC,
      {U(GREET), U("250-mx\r\n250 XFORWARD NAME ADDR\r\n")}, EHLO, 0, FAILED,
-     NULL, STP_UP_FAIL_IDENTITY, NULL},
+     NULL, STP_FAIL_HOP_IDENTITY, NULL},
 
     /* --- XCLIENT only --- */
     {"xc: the whole dialogue, the new greeting replaces the old", CF_XC,
@@ -458,23 +458,23 @@ static const struct scen scens[] = {
      NULL},
     {"xc: new greeting over 1024 bytes", CF_XC,
      {U(GREET), U(E_XC), U(greet_1025)}, EHLO XCLS, 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, "too long"},
+     STP_FAIL_HOP_PROTOCOL, "too long"},
     {"xc: XCLIENT not offered", CF_XC, {U(GREET), U(E_NONE), U(NEWG)}, EHLO, 0,
-     FAILED, NULL, STP_UP_FAIL_IDENTITY, NULL},
+     FAILED, NULL, STP_FAIL_HOP_IDENTITY, NULL},
     {"xc: XCLIENT answered 550", CF_XC,
      {U(GREET), U(E_XC), U("550 5.7.0 insufficient authorization\r\n")},
-     EHLO XCLS, 0, FAILED, NULL, STP_UP_FAIL_IDENTITY, NULL},
+     EHLO XCLS, 0, FAILED, NULL, STP_FAIL_HOP_IDENTITY, NULL},
     {"xc: XCLIENT answered 421 multi-line", CF_XC,
      {U(GREET), U(E_XC), U("421-a\r\n421 b\r\n")}, EHLO XCLS, 0, FAILED, NULL,
-     STP_UP_FAIL_IDENTITY, NULL},
+     STP_FAIL_HOP_IDENTITY, NULL},
     {"xc: XCLIENT answered 250", CF_XC,
      {U(GREET), U(E_XC), U("250 ok\r\n")}, EHLO XCLS, 0, FAILED, NULL,
-     STP_UP_FAIL_IDENTITY, NULL},
+     STP_FAIL_HOP_IDENTITY, NULL},
     {"xc: code change in XCLIENT's reply", CF_XC,
      {U(GREET), U(E_XC), U("220-a\r\n250 b\r\n")}, EHLO XCLS, 0, FAILED, NULL,
-     STP_UP_FAIL_PROTOCOL, NULL},
+     STP_FAIL_HOP_PROTOCOL, NULL},
     {"xc: EHLO refused", CF_XC, {U(GREET), U("502 5.5.1 no\r\n")}, EHLO, 0,
-     FAILED, NULL, STP_UP_FAIL_IDENTITY, NULL},
+     FAILED, NULL, STP_FAIL_HOP_IDENTITY, NULL},
     {"xc: 554 greeting", CF_XC, {U("554 no\r\n")}, "", 0, FAILED, NULL,
      ANY_CAT, NULL},
     {"xc: STARTTLS offered but not configured: not used", CF_XC,
@@ -488,20 +488,20 @@ static const struct scen scens[] = {
      EHLO STLS EHLO XCLS, 1, READY, NEWG, 0, NULL},
     {"both: XCLIENT seen before TLS does not count after it", CF_BOTH,
      {U(GREET), U(E_BOTH), U(GO), TLS, U(E_NONE), U(NEWG)},
-     EHLO STLS EHLO, 1, FAILED, NULL, STP_UP_FAIL_IDENTITY, NULL},
+     EHLO STLS EHLO, 1, FAILED, NULL, STP_FAIL_HOP_IDENTITY, NULL},
     {"both: XCLIENT offered only after TLS", CF_BOTH,
      {U(GREET), U(E_TLS), U(GO), TLS, U(E_XC), U(NEWG)},
      EHLO STLS EHLO XCLS, 1, READY, NEWG, 0, NULL},
     {"both: STARTTLS missing, XCLIENT offered", CF_BOTH,
-     {U(GREET), U(E_XC), U(GO)}, EHLO, 0, FAILED, NULL, STP_UP_FAIL_TLS, NULL},
+     {U(GREET), U(E_XC), U(GO)}, EHLO, 0, FAILED, NULL, STP_FAIL_HOP_TLS, NULL},
     {"both: second EHLO refused", CF_BOTH,
      {U(GREET), U(E_BOTH), U(GO), TLS, U("554 no\r\n")}, EHLO STLS EHLO, 1,
-     FAILED, NULL, STP_UP_FAIL_IDENTITY, NULL},
+     FAILED, NULL, STP_FAIL_HOP_IDENTITY, NULL},
     {"both: XCLIENT refused after TLS", CF_BOTH,
      {U(GREET), U(E_BOTH), U(GO), TLS, U(E_XC), U("550 no\r\n")},
-     EHLO STLS EHLO XCLS, 1, FAILED, NULL, STP_UP_FAIL_IDENTITY, NULL},
+     EHLO STLS EHLO XCLS, 1, FAILED, NULL, STP_FAIL_HOP_IDENTITY, NULL},
     {"both: 421 greeting", CF_BOTH, {U("421 busy\r\n")}, "", 0, FAILED, NULL,
-     STP_UP_FAIL_TLS, NULL},
+     STP_FAIL_HOP_TLS, NULL},
 };
 
 enum feed_mode { F_WHOLE, F_SPLIT, F_BYTES };
@@ -743,7 +743,7 @@ static void test_injection(void)
         /* in one read: refused */
         size_t none[] = {0};
         run_tail(CF_TLS, c->tail, none);
-        CHECK(R.fails == 1 && R.fcat == STP_UP_FAIL_TLS && !R.start_tls &&
+        CHECK(R.fails == 1 && R.fcat == STP_FAIL_HOP_TLS && !R.start_tls &&
                   !R.readies,
               "one read: fails %d (%s \"%s\") start_tls %d ready %d, want "
               "FAIL_TLS only", R.fails, fail_name((int)R.fcat), R.reason,
@@ -755,7 +755,7 @@ static void test_injection(void)
         CHECK(!R.viol[0], "one read: %s", R.viol);
         /* with the same XCLIENT configured too, the same */
         run_tail(CF_BOTH, c->tail, none);
-        CHECK(R.fails == 1 && R.fcat == STP_UP_FAIL_TLS && !R.start_tls,
+        CHECK(R.fails == 1 && R.fcat == STP_FAIL_HOP_TLS && !R.start_tls,
               "starttls+xclient, one read: not refused");
         CHECK(R.sent_len == strlen(EHLO STLS),
               "starttls+xclient: sent \"%s\" after the refusal",
@@ -774,7 +774,7 @@ static void test_injection(void)
                       R.start_tls, R.fails, stp_up_step_name(R.p.step), R.ulen,
                       n - k);
             } else {
-                CHECK(R.fails == 1 && R.fcat == STP_UP_FAIL_TLS &&
+                CHECK(R.fails == 1 && R.fcat == STP_FAIL_HOP_TLS &&
                           !R.start_tls,
                       "split at %zu: fails %d (%s) start_tls %d, want FAIL_TLS",
                       k, R.fails, fail_name((int)R.fcat), R.start_tls);

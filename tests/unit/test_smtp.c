@@ -761,6 +761,7 @@ struct rec {
     int up_err;
     bool up_gone;       /* upstream cut: the caller feeds it no more */
     const char *in_base; /* the buffer of the client_input call under way */
+    bool fed_pending;    /* TLS was pending when that call began */
     size_t in_len;
     char cbuf[REC_CAP]; /* client bytes not consumed yet */
     size_t clen;
@@ -891,7 +892,7 @@ static bool op_upstream_full(void *ctx)
     return R.room && R.pieces >= R.room;
 }
 
-static const struct stp_smtp_ops rec_ops = {
+static const struct stp_proto_actions rec_ops = {
     .to_upstream = op_to_upstream,
     .to_client = op_to_client,
     .start_tls = op_start_tls,
@@ -900,50 +901,50 @@ static const struct stp_smtp_ops rec_ops = {
     .upstream_full = op_upstream_full,
 };
 
+/* The relay's view of the recorder's buffers, for the feed loop the daemon
+ * runs too. */
+static const char *feed_input(void *ctx, enum stp_side side, size_t *n)
+{
+    if (side == STP_SIDE_UPSTREAM) {
+        *n = R.up_gone ? 0 : R.ulen;
+        return R.ubuf;
+    }
+    *n = R.clen;
+    R.in_base = R.cbuf; /* to check that RAW pieces are slices of it */
+    R.in_len = R.clen;
+    R.fed_pending = R.tls_pending;
+    return R.cbuf;
+}
+
+static void feed_consume(void *ctx, enum stp_side side, size_t k)
+{
+    char *buf = side == STP_SIDE_CLIENT ? R.cbuf : R.ubuf;
+    size_t *len = side == STP_SIDE_CLIENT ? &R.clen : &R.ulen;
+    if (k > *len) {
+        violation("%s input consumed %zu of %zu",
+                  side == STP_SIDE_CLIENT ? "client" : "upstream", k, *len);
+        k = *len;
+    }
+    if (side == STP_SIDE_CLIENT && k && R.fed_pending)
+        violation("client bytes consumed while waiting for TLS: \"%s\"",
+                  esc(R.cbuf, k));
+    memmove(buf, buf + k, *len - k);
+    *len -= k;
+    check_client_stream();
+}
+
+static const struct stp_feed_io rec_feed = {feed_input, feed_consume, NULL};
+
 /* Offer the buffered bytes to the engine until neither side moves. */
 static void pump(void)
 {
-    for (int guard = 0; guard < 1000000; guard++) {
-        bool moved = false;
-        if (R.ulen && !R.up_gone) {
-            long k = stp_smtp_upstream_input(&R.s, R.ubuf, R.ulen);
-            if (k < 0) {
-                R.up_err++;
-                R.up_gone = true;
-                R.ulen = 0;
-            } else if ((size_t)k > R.ulen) {
-                violation("upstream_input consumed %ld of %zu", k, R.ulen);
-                R.ulen = 0;
-            } else if (k > 0) {
-                memmove(R.ubuf, R.ubuf + k, R.ulen - (size_t)k);
-                R.ulen -= (size_t)k;
-                moved = true;
-            }
-        }
-        if (R.clen) {
-            bool pending = R.tls_pending;
-            R.in_base = R.cbuf;
-            R.in_len = R.clen;
-            size_t k = stp_smtp_client_input(&R.s, R.cbuf, R.clen);
-            R.in_base = NULL;
-            if (k > R.clen) {
-                violation("client_input consumed %zu of %zu", k, R.clen);
-                k = R.clen;
-            }
-            if (k && pending)
-                violation("client bytes consumed while waiting for TLS: \"%s\"",
-                          esc(R.cbuf, k));
-            if (k) {
-                memmove(R.cbuf, R.cbuf + k, R.clen - k);
-                R.clen -= k;
-                moved = true;
-            }
-        }
-        check_client_stream();
-        if (!moved)
-            return;
+    while (stp_proto_feed(&stp_proto_smtp, &R.s, &rec_feed, NULL) < 0) {
+        R.up_err++; /* the engine asked to close */
+        R.up_gone = true;
+        R.ulen = 0;
     }
-    violation("pump does not settle");
+    R.in_base = NULL;
+    check_client_stream();
 }
 
 enum step_op {
@@ -1792,20 +1793,20 @@ static bool run_scen(const struct scen *sc, enum feed_mode mode, size_t split)
             pump();
             break;
         case S_LOST:
-            stp_smtp_upstream_lost(&R.s);
+            stp_smtp_fail(&R.s, STP_FAIL_LOST);
             R.up_gone = true;
             pump();
             break;
         case S_TIMEOUT:
-            stp_smtp_timeout(&R.s);
+            stp_smtp_fail(&R.s, STP_FAIL_TIMEOUT);
             pump();
             break;
         case S_SHUTDOWN:
-            stp_smtp_shutdown(&R.s);
+            stp_smtp_fail(&R.s, STP_FAIL_SHUTDOWN);
             pump();
             break;
         case S_UNREACH:
-            stp_smtp_upstream_unreachable(&R.s);
+            stp_smtp_fail(&R.s, STP_FAIL_UNREACHABLE);
             R.up_gone = true;
             pump();
             break;

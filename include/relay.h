@@ -1,6 +1,7 @@
-/* One client <-> upstream session: I/O events in, SMTP engine in the middle. */
-#ifndef STP_SESSION_H
-#define STP_SESSION_H
+/* The relay: one client <-> upstream session, I/O events in, a protocol
+ * engine (proto.h) in the middle. */
+#ifndef STP_RELAY_H
+#define STP_RELAY_H
 
 #include <stdbool.h>
 
@@ -12,8 +13,9 @@
  * it and it is still pending. */
 #define STP_ACCEPT_FAILED (-0x10000)
 int stp_session_accept(struct stp_listener *lst);
-/* Server shutdown: sessions between commands get a 421 and close now, the
- * others when their command or message is done; FORCE: all of them now. */
+/* Server shutdown: sessions between commands get the protocol's goodbye and
+ * close now, the others when their command or message is done; FORCE: all
+ * of them now. */
 void stp_sessions_shutdown(struct stp_server *srv, bool force);
 
 #endif

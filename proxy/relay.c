@@ -1,15 +1,74 @@
-/* A proxied session: the client connection, the upstream connection, one
- * timer, and the SMTP engine between them. The I/O layer reports events; the
- * engine decides; this file carries out its actions and owns the lifetime.
- * Setting up the upstream leg is upstream.c's. Memory is freed only in the
- * last close callback. */
+/* A relayed session: the client connection, the upstream connection, one
+ * timer, and a protocol engine between them (proto.h). The I/O layer reports
+ * events; the engine decides and words every reply; this file carries out
+ * its actions, keeps the deadlines and owns the lifetime. Setting up the
+ * upstream leg is nexthop.c's. Memory is freed only in the last close
+ * callback. No protocol text here. */
+#include <inttypes.h>
+#include <stddef.h>
 #include <string.h>
-#include <sys/random.h>
 
 #include "listener.h"
-#include "session_int.h"
+#include "log.h"
+#include "nexthop.h"
+#include "relay.h"
 
+#define SESSION_MAGIC 0x53545053u /* "STPS" */
+#define SID "id=%016" PRIx64
 #define DRAIN_TIMEOUT_MS 5000 /* for a final reply the client won't read */
+
+enum stp_sstate {
+    STP_SS_NEW = 0,        /* accepted, nothing started */
+    STP_SS_TLS_ACCEPT,     /* implicit TLS: handshake before anything else */
+    STP_SS_CONNECTING,     /* connecting upstream; the client waits */
+    STP_SS_UPSTREAM_TLS,   /* TLS handshake with the upstream */
+    STP_SS_PRELUDE,        /* the engine's own dialogue with the upstream */
+    STP_SS_RELAY,          /* both sides open, the engine runs */
+    STP_SS_STARTTLS,       /* the reply to STARTTLS queued; the handshake
+                              starts once it is flushed */
+    STP_SS_HANDSHAKE,      /* STARTTLS handshake with the client */
+    STP_SS_DRAINING,       /* final reply being flushed, then close */
+    STP_SS_CLOSED,         /* handles closing; freed in the last callback */
+    STP_SS_COUNT
+};
+
+struct stp_session {
+    uint32_t magic;
+    enum stp_sstate state;
+    uint64_t id;
+    struct stp_server *srv;
+    struct stp_listener *lst;             /* the socket it came in on */
+    struct stp_gen *gen;                  /* its configuration, referenced */
+    const struct stp_listener_cfg *lcfg;
+    struct stp_tls_ctx *ltls;             /* NULL for tls = none */
+    const struct stp_upstream_cfg *up;
+    struct stp_conn *client;
+    struct stp_conn *upstream;            /* from connecting until closed */
+    struct stp_hop hop;
+    uv_timer_t timer;
+    int open_handles;
+    bool upstream_closed;
+    bool upstream_eof;           /* it ended: no client byte is taken now */
+    bool client_eof;             /* the client half-closed: reads no more */
+    bool shutting_down;          /* the goodbye at the next boundary */
+    bool counted;                /* in the shared tallies */
+    int client_err, upstream_err; /* a write failed inside the engine */
+    enum stp_close_reason reason; /* first cause wins: session_reason */
+    uint64_t upstream_in, upstream_out; /* its counts, kept at its close */
+    uint64_t start_ms;
+    /* Deadlines are computed from these (milliseconds of uv_now). */
+    uint64_t state_ms;         /* entering the current state */
+    uint64_t setup_ms;         /* starting to connect upstream */
+    uint64_t client_seen_ms;   /* last byte from the client */
+    uint64_t upstream_seen_ms; /* last upstream reply, or when one became due */
+    uint64_t line_ms;          /* first byte of a partial command line; 0 */
+    uint64_t content_ms;       /* start of the message being received; 0 */
+    struct sockaddr_storage peer_addr;
+    char peer[64];
+    struct stp_session *prev, *next;
+    const struct stp_proto *proto;
+    _Alignas(max_align_t) unsigned char engine[]; /* proto->size bytes */
+};
 
 static const char *const sstate_names[STP_SS_COUNT] = {
     [STP_SS_NEW] = "new",           [STP_SS_TLS_ACCEPT] = "tls_accept",
@@ -45,7 +104,7 @@ static struct stp_session *session_of(void *p)
 
 /* Why the session ends: the first cause said wins (a timeout that makes the
  * engine close reads "idle_timeout", not the engine's "timeout"). */
-void stp_session_reason(struct stp_session *s, enum stp_close_reason r)
+static void session_reason(struct stp_session *s, enum stp_close_reason r)
 {
     if (s->reason == STP_CLOSE_NONE)
         s->reason = r;
@@ -58,7 +117,7 @@ static uint64_t now_ms(const struct stp_session *s)
 
 /* The one place the state changes. A move the table does not allow is a
  * bug: debug builds stop on it, others log it and stay where they are. */
-void stp_session_transition(struct stp_session *s, enum stp_sstate to)
+static void transition(struct stp_session *s, enum stp_sstate to)
 {
     if (!(legal_moves[s->state] & TO(to))) {
         stp_log(STP_LOG_ERROR, SID " event=bug msg=\"illegal state move\" "
@@ -95,6 +154,7 @@ static enum deadline next_deadline(const struct stp_session *s, uint64_t *at)
 {
     const struct stp_listener_cfg *lc = s->lcfg;
     enum deadline which = DL_NONE;
+    struct stp_proto_status st;
     *at = UINT64_MAX;
 #define CONSIDER(d, t)                                                         \
     do {                                                                       \
@@ -116,14 +176,15 @@ static enum deadline next_deadline(const struct stp_session *s, uint64_t *at)
         break;
     case STP_SS_RELAY:
     case STP_SS_STARTTLS:
+        s->proto->status(s->engine, &st);
         /* The greeting is part of reaching the upstream. */
-        if (s->smtp.phase == STP_PH_GREETING) {
+        if (st.greeting) {
             CONSIDER(DL_SETUP, s->setup_ms + s->up->timeout_connect_ms);
             break;
         }
         /* While replies are due, the wait is the upstream's, not the
          * client's idleness. */
-        if (stp_smtp_replies_due(&s->smtp))
+        if (st.replies_due)
             CONSIDER(DL_REPLY, s->upstream_seen_ms + s->up->timeout_reply_ms);
         else
             CONSIDER(DL_IDLE, s->client_seen_ms + lc->timeout_idle_ms);
@@ -160,12 +221,14 @@ static void rearm(struct stp_session *s)
 /* Note when a command line or a message began (after the engine ran). */
 static void track_client(struct stp_session *s)
 {
+    struct stp_proto_status st;
+    s->proto->status(s->engine, &st);
     uint64_t now = now_ms(s);
-    if (!stp_smtp_partial_line(&s->smtp))
+    if (!st.partial)
         s->line_ms = 0;
     else if (!s->line_ms)
         s->line_ms = now;
-    if (!stp_smtp_in_content(&s->smtp))
+    if (!st.content)
         s->content_ms = 0;
     else if (!s->content_ms)
         s->content_ms = now;
@@ -189,8 +252,8 @@ static void session_unref(struct stp_session *s)
     if (s->counted)
         stp_shared_count(srv->shared, &s->lst->bound, &s->peer_addr, -1,
                          NULL);
-    stp_smtp_free(&s->smtp);
-    stp_upstream_free(s);
+    s->proto->free(s->engine);
+    stp_hop_free(&s->hop);
     stp_gen_unref(s->gen);
     s->magic = 0;
     free(s);
@@ -208,7 +271,7 @@ static void conn_closed(void *owner)
     session_unref(session_of(owner));
 }
 
-void stp_session_close_upstream(struct stp_session *s)
+static void close_upstream(struct stp_session *s)
 {
     if (s->upstream_closed)
         return;
@@ -219,43 +282,25 @@ void stp_session_close_upstream(struct stp_session *s)
     s->upstream_in = stp_conn_bytes_in(s->upstream);
     s->upstream_out = stp_conn_bytes_out(s->upstream);
     stp_conn_close(s->upstream, conn_closed);
-    s->upstream = NULL; /* freed in its close callback */
-}
-
-static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err);
-
-int stp_session_new_upstream(struct stp_session *s, int family)
-{
-    STP_ASSERT(!s->upstream);
-    if (s->upstream_closed)
-        return UV_ECANCELED; /* the session is ending */
-    int r = stp_conn_new(s->srv->loop, family, on_upstream, s, &s->upstream);
-    if (r == 0)
-        s->open_handles++;
-    return r;
+    s->upstream = s->hop.conn = NULL; /* freed in its close callback */
 }
 
 static void finish(struct stp_session *s)
 {
     if (s->state == STP_SS_CLOSED)
         return;
-    stp_session_transition(s, STP_SS_CLOSED);
-    if (s->upstream) {
-        s->upstream_in = stp_conn_bytes_in(s->upstream);
-        s->upstream_out = stp_conn_bytes_out(s->upstream);
-    }
+    transition(s, STP_SS_CLOSED);
+    close_upstream(s);
     stp_log(STP_LOG_INFO,
             SID " event=disconnect reason=%s client_in=%" PRIu64
                 " client_out=%" PRIu64 " upstream_in=%" PRIu64
                 " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
             s->id, stp_close_reason_name(s->reason),
             stp_conn_bytes_in(s->client), stp_conn_bytes_out(s->client),
-            s->upstream_in, s->upstream_out,
-            now_ms(s) - s->start_ms);
+            s->upstream_in, s->upstream_out, now_ms(s) - s->start_ms);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, handle_closed);
     stp_conn_close(s->client, conn_closed);
-    stp_session_close_upstream(s);
 }
 
 /* Close once the client has its last reply (bounded by a timer). */
@@ -265,10 +310,10 @@ static void drain_and_close(struct stp_session *s,
 {
     if (s->state >= STP_SS_DRAINING)
         return;
-    stp_session_reason(s, reason);
+    session_reason(s, reason);
     if (cut_upstream)
-        stp_session_close_upstream(s);
-    stp_session_transition(s, STP_SS_DRAINING);
+        close_upstream(s);
+    transition(s, STP_SS_DRAINING);
     stp_conn_want_read(s->client, false);
     stp_conn_close_notify(s->client);
     if (stp_conn_idle(s->client))
@@ -277,24 +322,33 @@ static void drain_and_close(struct stp_session *s,
         rearm(s);
 }
 
+/* The engine words the failure (its 421, BYE or -ERR) and asks to close. */
+static void engine_fail(struct stp_session *s, enum stp_fail why,
+                        enum stp_close_reason reason)
+{
+    session_reason(s, reason);
+    s->proto->fail(s->engine, why);
+}
+
 /* ---- engine actions --------------------------------------------------------- */
 
-static void fail_write(struct stp_session *s, struct stp_conn *c, int r)
+static void fail_write(struct stp_session *s, bool upstream, int r)
 {
     stp_log(STP_LOG_WARN, SID " event=error side=%s error=\"%s\"", s->id,
-            c == s->client ? "client" : "upstream", stp_strerror(r));
-    stp_session_reason(s, STP_CLOSE_WRITE_ERROR);
-    if (c == s->upstream)
-        stp_smtp_upstream_lost(&s->smtp);
-    else
+            upstream ? "upstream" : "client", stp_strerror(r));
+    if (upstream)
+        engine_fail(s, STP_FAIL_LOST, STP_CLOSE_WRITE_ERROR);
+    else {
+        session_reason(s, STP_CLOSE_WRITE_ERROR);
         finish(s);
+    }
 }
 
 static void act_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
                             size_t n)
 {
     struct stp_session *s = ctx;
-    if (s->upstream_closed || !s->upstream || s->upstream_err)
+    if (!s->upstream || s->upstream_err)
         return;
     int r;
     if (kind == STP_FWD_RAW) {
@@ -304,7 +358,7 @@ static void act_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
         if (r == 0)
             r = stp_conn_write(s->upstream, "\r\n", 2);
     }
-    if (r < 0 && !s->upstream_err)
+    if (r < 0)
         s->upstream_err = r; /* acted on once the engine has returned */
 }
 
@@ -323,26 +377,25 @@ static void act_to_client(void *ctx, const char *p, size_t n)
 static void write_errors(struct stp_session *s)
 {
     if (s->client_err && s->state != STP_SS_CLOSED)
-        fail_write(s, s->client, s->client_err);
+        fail_write(s, false, s->client_err);
     else if (s->upstream_err && s->upstream && s->state < STP_SS_DRAINING)
-        fail_write(s, s->upstream, s->upstream_err);
+        fail_write(s, true, s->upstream_err);
     s->client_err = s->upstream_err = 0;
 }
 
 static void act_start_tls(void *ctx)
 {
     struct stp_session *s = ctx;
-    /* Reading stops in settle if the 220 cannot leave at once; usually it
-     * does, TLS starts there and reading never pauses. Either way nothing
-     * is read before settle: this runs inside the client's read callback
-     * and the engine consumes nothing after STARTTLS. */
-    stp_session_transition(s, STP_SS_STARTTLS);
+    /* Reading stops in settle if the reply cannot leave at once; usually
+     * it does, TLS starts there and reading never pauses. Either way
+     * nothing is read before settle: this runs inside the client's read
+     * callback and the engine takes nothing after STARTTLS. */
+    transition(s, STP_SS_STARTTLS);
 }
 
 static void act_close(void *ctx, enum stp_close_reason why, bool cut)
 {
-    struct stp_session *s = ctx;
-    drain_and_close(s, why, cut);
+    drain_and_close(ctx, why, cut);
 }
 
 static void act_event(void *ctx, const char *event, const char *detail)
@@ -351,13 +404,12 @@ static void act_event(void *ctx, const char *event, const char *detail)
     stp_log(STP_LOG_INFO, SID " event=%s %s", s->id, event, detail);
 }
 
-static void act_phase(void *ctx, int from, int to)
+static void act_phase(void *ctx, const char *from, const char *to)
 {
     struct stp_session *s = ctx;
     if (stp_log_enabled(STP_LOG_DEBUG))
-        stp_log(STP_LOG_DEBUG, SID " event=smtp from=%s to=%s", s->id,
-                stp_phase_name((enum stp_phase)from),
-                stp_phase_name((enum stp_phase)to));
+        stp_log(STP_LOG_DEBUG, SID " event=%s from=%s to=%s", s->id,
+                s->proto->name, from, to);
 }
 
 static bool act_upstream_full(void *ctx)
@@ -366,7 +418,7 @@ static bool act_upstream_full(void *ctx)
     return s->upstream && stp_conn_full(s->upstream);
 }
 
-static const struct stp_smtp_ops engine_ops = {
+static const struct stp_proto_actions engine_actions = {
     .to_upstream = act_to_upstream,
     .to_client = act_to_client,
     .start_tls = act_start_tls,
@@ -386,96 +438,91 @@ static bool setting_up(const struct stp_session *s)
 
 static void set_reading(struct stp_session *s)
 {
+    bool up_busy = s->upstream && stp_conn_busy(s->upstream);
     bool client = (s->state == STP_SS_RELAY || s->state == STP_SS_HANDSHAKE ||
-                   s->state == STP_SS_TLS_ACCEPT) &&
-                  !(s->upstream && stp_conn_busy(s->upstream));
-    bool upstream = (s->state == STP_SS_RELAY || s->state == STP_SS_PRELUDE ||
-                     s->state == STP_SS_UPSTREAM_TLS) &&
-                    !stp_conn_busy(s->client);
+                   s->state == STP_SS_TLS_ACCEPT) && !up_busy;
+    bool upstream = s->state == STP_SS_RELAY || s->state == STP_SS_PRELUDE ||
+                    s->state == STP_SS_UPSTREAM_TLS;
     stp_conn_want_read(s->client, client);
     if (s->upstream)
-        stp_conn_want_read(s->upstream, upstream);
+        stp_conn_want_read(s->upstream,
+                           upstream && !stp_conn_busy(s->client));
 }
 
 static void flush_both(struct stp_session *s)
 {
     int r;
     if (s->upstream && (r = stp_conn_flush(s->upstream)) < 0)
-        fail_write(s, s->upstream, r);
+        fail_write(s, true, r);
     if (s->state != STP_SS_CLOSED && (r = stp_conn_flush(s->client)) < 0)
-        fail_write(s, s->client, r);
+        fail_write(s, false, r);
 }
 
-/* Offer buffered client plaintext to the engine. */
-static void process_client(struct stp_session *s)
+/* ---- the feed loop's view of the session ------------------------------------ */
+
+static const char *feed_input(void *ctx, enum stp_side side, size_t *n)
 {
-    while (s->state == STP_SS_RELAY &&
-           !(s->upstream && stp_conn_busy(s->upstream))) {
-        size_t n;
-        const char *p = stp_conn_in(s->client, &n);
-        if (n == 0)
-            return;
-        size_t k = stp_smtp_client_input(&s->smtp, p, n);
-        if (k && s->state != STP_SS_CLOSED)
-            stp_conn_consume(s->client, k);
-        if (s->state != STP_SS_RELAY || !act_upstream_full(s))
-            return;
-        /* The engine stopped for want of room upstream (many small pieces,
-         * such as pipelined tiny BDAT chunks): write them, usually at once,
-         * and go on; with a write still pending, DRAINED resumes. */
-        int r = stp_conn_flush(s->upstream);
-        if (r < 0) {
-            fail_write(s, s->upstream, r);
-            return;
-        }
+    struct stp_session *s = ctx;
+    *n = 0;
+    if (s->state != STP_SS_RELAY)
+        return NULL;
+    if (side == STP_SIDE_UPSTREAM)
+        return s->upstream ? stp_conn_in(s->upstream, n) : NULL;
+    /* Back-pressure: client input waits while the upstream's queue is
+     * over its mark. */
+    if (!s->upstream || s->upstream_eof || stp_conn_busy(s->upstream))
+        return NULL;
+    return stp_conn_in(s->client, n);
+}
+
+static void feed_consume(void *ctx, enum stp_side side, size_t n)
+{
+    struct stp_session *s = ctx;
+    struct stp_conn *c = side == STP_SIDE_CLIENT ? s->client : s->upstream;
+    if (c && s->state != STP_SS_CLOSED)
+        stp_conn_consume(c, n);
+}
+
+/* The engine stopped for want of room upstream (many small pieces, such as
+ * pipelined tiny BDAT chunks): write them, usually at once, and go on; with
+ * a write still pending, DRAINED resumes. */
+static bool feed_make_room(void *ctx)
+{
+    struct stp_session *s = ctx;
+    if (s->state != STP_SS_RELAY || !act_upstream_full(s))
+        return false;
+    int r = stp_conn_flush(s->upstream);
+    if (r < 0) {
+        fail_write(s, true, r);
+        return false;
     }
+    return !stp_conn_full(s->upstream);
 }
 
-static void process_upstream(struct stp_session *s)
+static const struct stp_feed_io feed_io = {feed_input, feed_consume,
+                                           feed_make_room};
+
+static void feed(struct stp_session *s)
 {
-    if (!s->upstream)
-        return;
-    size_t n;
-    const char *p = stp_conn_in(s->upstream, &n);
-    if (n == 0)
-        return;
-    long k = stp_smtp_upstream_input(&s->smtp, p, n);
-    if (k > 0 && s->upstream)
-        stp_conn_consume(s->upstream, (size_t)k);
+    stp_proto_feed(s->proto, s->engine, &feed_io, s);
 }
 
 /* The client sent its last byte (shutdown(SHUT_WR), or close_notify): what
- * it sent before is still handled and answered, as a server would; once
- * nothing more can come of it, the session ends. A message it did not finish
- * must not complete upstream. */
+ * it sent before is still handled and answered; the engine says when
+ * nothing more can come of it. */
 static void check_client_eof(struct stp_session *s)
 {
     if (!s->client_eof || s->state != STP_SS_RELAY)
         return;
     size_t n;
     stp_conn_in(s->client, &n);
-    if (n > 0 && (s->smtp.waiting || stp_smtp_replies_due(&s->smtp) ||
-                  act_upstream_full(s)))
-        return; /* buffered commands or content still to be taken */
-    if (stp_smtp_in_content(&s->smtp)) {
-        /* This message can never complete, but what came before it is
-         * still answered (a BDAT LAST that delivered the previous one): all
-         * replies but the unfinished chunk's own, then the upstream is cut
-         * and the client gets what it is owed. */
-        unsigned owed = s->smtp.pend_count;
-        if (s->smtp.phase == STP_PH_CHUNK && owed > 0)
-            owed--;
-        if (owed == 0)
-            drain_and_close(s, STP_CLOSE_CLIENT_EOF, true);
-        return;
-    }
-    /* Waiting for the greeting only: nothing the client asked for. */
-    if (!stp_smtp_replies_due(&s->smtp) || s->smtp.phase == STP_PH_GREETING)
-        drain_and_close(s, STP_CLOSE_CLIENT_EOF, false);
+    enum stp_eof_verdict v = s->proto->client_eof(s->engine, n);
+    if (v != STP_EOF_WAIT)
+        drain_and_close(s, STP_CLOSE_CLIENT_EOF, v == STP_EOF_CUT);
 }
 
 /* After anything happened: push output, pick who may read. */
-void stp_session_settle(struct stp_session *s)
+static void settle(struct stp_session *s)
 {
     if (s->state == STP_SS_CLOSED)
         return;
@@ -487,18 +534,20 @@ void stp_session_settle(struct stp_session *s)
         /* Nothing of ours is left to send in plaintext. Whatever the client
          * pipelined after STARTTLS is dropped with the buffer. */
         if (stp_conn_start_tls(s->client, s->ltls, NULL) < 0) {
-            stp_session_reason(s, STP_CLOSE_TLS_INIT);
+            session_reason(s, STP_CLOSE_TLS_INIT);
             finish(s);
             return;
         }
-        stp_session_transition(s, STP_SS_HANDSHAKE);
+        transition(s, STP_SS_HANDSHAKE);
     }
     check_client_eof(s);
     if (s->state == STP_SS_RELAY) {
         track_client(s);
-        /* Shutting down: 421 as soon as nothing is in flight. */
-        if (s->shutting_down && stp_smtp_idle(&s->smtp)) {
-            stp_smtp_shutdown(&s->smtp);
+        /* Shutting down: the goodbye as soon as nothing is in flight. */
+        struct stp_proto_status st;
+        s->proto->status(s->engine, &st);
+        if (s->shutting_down && st.idle) {
+            s->proto->fail(s->engine, STP_FAIL_SHUTDOWN);
             if (s->state == STP_SS_CLOSED)
                 return;
             flush_both(s);
@@ -516,12 +565,12 @@ void stp_session_settle(struct stp_session *s)
  * for a socket event that may never come (the client waits for a reply). */
 static void on_client(struct stp_conn *c, enum stp_io_event ev, int err);
 
-static void resume_client(struct stp_session *s)
+static void resume(struct stp_session *s)
 {
     enum stp_io_event ev;
     int err;
     for (;;) {
-        process_client(s);
+        feed(s);
         if (s->state != STP_SS_RELAY)
             return;
         set_reading(s);
@@ -551,15 +600,19 @@ static void log_client_tls(struct stp_session *s, const char *event)
             cert ? "\"" : "");
 }
 
+static void start_upstream(struct stp_session *s);
+
 static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
 {
     struct stp_session *s = session_of(stp_conn_owner(c));
+    struct stp_proto_status st;
     switch (ev) {
     case STP_IO_DATA:
         s->client_seen_ms = now_ms(s);
-        if (!stp_smtp_replies_due(&s->smtp))
+        s->proto->status(s->engine, &st);
+        if (!st.replies_due)
             s->upstream_seen_ms = s->client_seen_ms; /* a reply may be due */
-        process_client(s);
+        feed(s);
         break;
     case STP_IO_DRAINED:
         if (s->state == STP_SS_DRAINING) {
@@ -567,19 +620,18 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
             return;
         }
         /* The upstream may have been held back by our queue. */
-        if (!s->upstream_closed && s->state == STP_SS_RELAY)
-            process_upstream(s);
+        feed(s);
         break;
     case STP_IO_TLS_READY:
         if (s->state == STP_SS_TLS_ACCEPT) {
             /* Implicit TLS: only now is there someone to connect for. */
             log_client_tls(s, "tls");
-            stp_upstream_start(s);
+            start_upstream(s);
             break;
         }
         log_client_tls(s, "starttls");
-        stp_session_transition(s, STP_SS_RELAY);
-        stp_smtp_tls_started(&s->smtp);
+        transition(s, STP_SS_RELAY);
+        s->proto->tls_started(s->engine);
         break;
     case STP_IO_EOF:
         if (s->state == STP_SS_RELAY) {
@@ -589,57 +641,59 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
             break;
         }
         /* fall through */
-    case STP_IO_ERROR:
-        if (s->state == STP_SS_HANDSHAKE || s->state == STP_SS_TLS_ACCEPT) {
+    case STP_IO_ERROR: {
+        bool handshake = s->state == STP_SS_HANDSHAKE ||
+                         s->state == STP_SS_TLS_ACCEPT;
+        if (handshake) {
             char e[256];
             stp_log(STP_LOG_INFO, SID " event=tls_error error=\"%s\"", s->id,
                     stp_log_esc(e, sizeof(e), stp_conn_error_text(c, err)));
         }
-        stp_session_reason(s, ev == STP_IO_EOF ? STP_CLOSE_CLIENT_EOF
-                              : (s->state == STP_SS_HANDSHAKE ||
-                                 s->state == STP_SS_TLS_ACCEPT)
-                                  ? STP_CLOSE_TLS_HANDSHAKE
-                                  : STP_CLOSE_CLIENT_ERROR);
+        session_reason(s, ev == STP_IO_EOF ? STP_CLOSE_CLIENT_EOF
+                          : handshake      ? STP_CLOSE_TLS_HANDSHAKE
+                                           : STP_CLOSE_CLIENT_ERROR);
         /* An unfinished message must not complete upstream. */
         finish(s);
         return;
+    }
     case STP_IO_CONNECTED:
         STP_ASSERT(!"client connects nowhere");
     }
-    stp_session_settle(s);
+    settle(s);
 }
 
 static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
 {
     struct stp_session *s = session_of(stp_conn_owner(c));
     if (setting_up(s)) {
-        stp_upstream_event(c, ev, err);
-        stp_session_settle(s);
+        stp_hop_event(&s->hop, ev, err);
+        settle(s);
         return;
     }
+    struct stp_proto_status st;
     switch (ev) {
     case STP_IO_DATA:
         s->upstream_seen_ms = now_ms(s);
         /* Replies count as activity: the client was waiting, not idle. */
         s->client_seen_ms = s->upstream_seen_ms;
-        process_upstream(s);
-        resume_client(s);
+        resume(s);
         break;
     case STP_IO_DRAINED:
-        resume_client(s);
+        resume(s);
         break;
     case STP_IO_EOF:
     case STP_IO_ERROR:
         if (s->state >= STP_SS_DRAINING)
             return;
-        if (s->up->tls != STP_TLS_NONE && s->smtp.phase == STP_PH_GREETING) {
+        s->proto->status(s->engine, &st);
+        if (s->up->tls != STP_TLS_NONE && st.greeting) {
             /* With TLS 1.3 a server refuses our certificate only after our
              * side of the handshake is done: still a TLS failure. */
             char why[160];
             snprintf(why, sizeof(why), "TLS refused after handshake: %s",
                      ev == STP_IO_EOF ? "connection closed"
                                       : stp_conn_error_text(c, err));
-            stp_upstream_fail(s, STP_UP_FAIL_TLS, why);
+            stp_hop_fail(&s->hop, STP_FAIL_HOP_TLS, why);
             break;
         }
         char e[256];
@@ -650,14 +704,62 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
                     s->id,
                     stp_log_esc(e, sizeof(e), stp_conn_error_text(c, err)));
         /* Relay whatever complete replies arrived before the end. */
-        process_upstream(s);
-        stp_smtp_upstream_lost(&s->smtp);
+        s->upstream_eof = true;
+        feed(s);
+        if (s->state < STP_SS_DRAINING)
+            engine_fail(s, STP_FAIL_LOST, STP_CLOSE_UPSTREAM_LOST);
         break;
     case STP_IO_TLS_READY:
     case STP_IO_CONNECTED:
         STP_ASSERT(!"only during setup");
     }
-    stp_session_settle(s);
+    settle(s);
+}
+
+/* ---- the hop's reports ------------------------------------------------------ */
+
+static void hop_stage(void *ctx, enum stp_hop_stage stage)
+{
+    static const enum stp_sstate to[] = {
+        [STP_HOP_CONNECTING] = STP_SS_CONNECTING,
+        [STP_HOP_TLS] = STP_SS_UPSTREAM_TLS,
+        [STP_HOP_PRELUDE] = STP_SS_PRELUDE,
+    };
+    transition(ctx, to[stage]);
+}
+
+static void hop_ready(void *ctx, const char *greeting, size_t n)
+{
+    struct stp_session *s = ctx;
+    transition(s, STP_SS_RELAY);
+    /* The engine greets the client as if the upstream had just said it. */
+    if (greeting)
+        s->proto->upstream_input(s->engine, greeting, n);
+}
+
+static void hop_fail(void *ctx, enum stp_fail why, enum stp_close_reason r)
+{
+    engine_fail(ctx, why, r);
+}
+
+static const struct stp_hop_ops hop_ops = {hop_stage, hop_ready, hop_fail};
+
+static void start_upstream(struct stp_session *s)
+{
+    int r = stp_conn_new(s->srv->loop, s->up->addr.ss_family, on_upstream, s,
+                         &s->upstream);
+    if (r < 0) {
+        stp_log(STP_LOG_WARN,
+                SID " event=upstream_error upstream=%s address=%s "
+                    "error=\"%s\"",
+                s->id, s->up->name, s->up->address_text, stp_strerror(r));
+        transition(s, STP_SS_CONNECTING);
+        engine_fail(s, STP_FAIL_UNREACHABLE, STP_CLOSE_UPSTREAM_UNREACHABLE);
+        return;
+    }
+    s->open_handles++;
+    s->hop.conn = s->upstream;
+    stp_hop_start(&s->hop);
 }
 
 static void on_timer(uv_timer_t *t)
@@ -674,27 +776,26 @@ static void on_timer(uv_timer_t *t)
                 deadline_names[d]);
     switch (d) {
     case DL_HANDSHAKE:
-        /* Mid-handshake there is no channel for an SMTP reply. */
-        stp_session_reason(s, STP_CLOSE_HANDSHAKE_TIMEOUT);
+        /* Mid-handshake there is no channel for a reply. */
+        session_reason(s, STP_CLOSE_HANDSHAKE_TIMEOUT);
         finish(s);
         return;
     case DL_SETUP:
-        stp_upstream_timeout(s);
+        stp_hop_timeout(&s->hop, s->state == STP_SS_RELAY);
         break;
     case DL_REPLY:
         stp_log(STP_LOG_WARN,
                 SID " event=upstream_error upstream=%s error=\"reply timeout\"",
                 s->id, s->up->name);
-        stp_session_reason(s, STP_CLOSE_UPSTREAM_TIMEOUT);
-        stp_smtp_upstream_lost(&s->smtp);
+        engine_fail(s, STP_FAIL_LOST, STP_CLOSE_UPSTREAM_TIMEOUT);
         break;
     case DL_IDLE:
     case DL_COMMAND:
     case DL_DATA:
-        stp_session_reason(s, d == DL_IDLE      ? STP_CLOSE_IDLE_TIMEOUT
-                              : d == DL_COMMAND ? STP_CLOSE_COMMAND_TIMEOUT
-                                                : STP_CLOSE_DATA_TIMEOUT);
-        stp_smtp_timeout(&s->smtp);
+        engine_fail(s, STP_FAIL_TIMEOUT,
+                    d == DL_IDLE      ? STP_CLOSE_IDLE_TIMEOUT
+                    : d == DL_COMMAND ? STP_CLOSE_COMMAND_TIMEOUT
+                                      : STP_CLOSE_DATA_TIMEOUT);
         break;
     case DL_DRAIN:
         finish(s);
@@ -702,12 +803,14 @@ static void on_timer(uv_timer_t *t)
     case DL_NONE:
         return;
     }
-    stp_session_settle(s);
+    settle(s);
 }
+
+/* ---- accepting -------------------------------------------------------------- */
 
 /* Over a connection limit? Checked after the session is counted. */
 static enum stp_close_reason over_limit(const struct stp_session *s,
-                                       const struct stp_counts *n)
+                                        const struct stp_counts *n)
 {
     if (n->total > s->gen->cfg.max_connections)
         return STP_CLOSE_MAX_CONNECTIONS;
@@ -718,38 +821,74 @@ static enum stp_close_reason over_limit(const struct stp_session *s,
     return STP_CLOSE_NONE;
 }
 
+/* The session's configuration, its engine and its hop, once it is known
+ * who connected. */
+static void session_setup(struct stp_session *s, uint64_t id)
+{
+    const struct stp_listener_cfg *lc = s->lcfg;
+    struct stp_proto_cfg pc = {
+        .offer_starttls = lc->tls == STP_TLS_STARTTLS,
+        .require_tls = lc->require_tls,
+        .tls_active = lc->tls == STP_TLS_IMPLICIT,
+        .upstream_tls = s->up->tls != STP_TLS_NONE,
+        .max_line = lc->max_line,
+        .max_errors = lc->max_errors,
+        .hostname = s->gen->cfg.hostname,
+    };
+    s->id = id;
+    s->proto->init(s->engine, &pc, &engine_actions, s);
+    s->hop = (struct stp_hop){
+        .id = id,
+        .up = s->up,
+        .tls = s->gen->up_tls[s->up - s->gen->cfg.upstreams],
+        .proto = s->proto,
+        .hostname = s->gen->cfg.hostname,
+        .client = s->client,
+        .client_addr = (const struct sockaddr *)&s->peer_addr,
+        .ops = &hop_ops,
+        .ctx = s,
+    };
+}
+
 int stp_session_accept(struct stp_listener *lst)
 {
     struct stp_server *srv = lst->srv;
-    struct stp_session *s = calloc(1, sizeof(*s));
+    const struct stp_listener_cfg *lc = &srv->gen->cfg.listeners[lst->idx];
+    const struct stp_proto *proto = stp_proto_of(lc->protocol);
+    struct stp_session *s = calloc(1, sizeof(*s) + proto->size);
     if (!s)
         return -ENOMEM;
     s->magic = SESSION_MAGIC;
     s->srv = srv;
     s->lst = lst;
     s->gen = srv->gen;
-    stp_gen_ref(s->gen);
-    s->lcfg = &s->gen->cfg.listeners[lst->idx];
+    s->lcfg = lc;
     s->ltls = s->gen->lst_tls[lst->idx];
-    s->up = s->lcfg->upstream;
-    s->up_tls = s->gen->up_tls[s->up - s->gen->cfg.upstreams];
+    s->up = lc->upstream;
+    s->proto = proto;
     s->start_ms = uv_now(srv->loop);
-
     int r = stp_conn_new(srv->loop, AF_UNSPEC, on_client, s, &s->client);
     if (r < 0) {
-        stp_gen_unref(s->gen);
         free(s);
         return r;
     }
+    stp_gen_ref(s->gen);
     s->open_handles = 1;
     s->next = srv->sessions;
     if (s->next)
         s->next->prev = s;
     srv->sessions = s;
     srv->n_sessions++;
+    /* The engine is set up before anything can close the session (its
+     * free runs in the last close callback). */
+    session_setup(s, 0);
+    uv_timer_init(srv->loop, &s->timer);
+    s->timer.data = s;
+    s->open_handles++;
     if ((r = stp_conn_accept(s->client, (uv_stream_t *)&lst->tcp)) < 0) {
         s->upstream_closed = true;
-        stp_session_transition(s, STP_SS_CLOSED);
+        transition(s, STP_SS_CLOSED);
+        uv_close((uv_handle_t *)&s->timer, handle_closed);
         stp_conn_close(s->client, conn_closed);
         stp_log(STP_LOG_WARN, "event=accept_error addr=%s error=\"%s\"",
                 lst->addr, uv_strerror(r));
@@ -766,64 +905,48 @@ int stp_session_accept(struct stp_listener *lst)
     struct stp_counts counts;
     stp_shared_count(srv->shared, &lst->bound, &s->peer_addr, 1, &counts);
     s->counted = true;
-    s->id = counts.id;
-    const struct stp_listener_cfg *lc = s->lcfg;
+    s->id = s->hop.id = counts.id;
     stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s", s->id,
             s->peer, lc->name);
-
-    struct stp_smtp_cfg ec = {
-        .offer_starttls = lc->tls == STP_TLS_STARTTLS,
-        .require_tls = lc->require_tls,
-        .tls_active = lc->tls == STP_TLS_IMPLICIT,
-        .upstream_tls = s->up->tls != STP_TLS_NONE,
-        .lmtp = lc->protocol == STP_PROTO_LMTP,
-        .max_line = lc->max_line,
-        .max_errors = lc->max_errors,
-        .hostname = s->gen->cfg.hostname,
-    };
-    stp_smtp_init(&s->smtp, &ec, &engine_ops, s);
-
-    uv_timer_init(srv->loop, &s->timer);
-    s->timer.data = s;
-    s->open_handles++;
     s->client_seen_ms = s->upstream_seen_ms = s->state_ms = s->start_ms;
 
     enum stp_close_reason limit = over_limit(s, &counts);
     if (limit) {
         stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
                 stp_close_reason_name(limit), s->peer);
-        stp_session_reason(s, limit);
+        session_reason(s, limit);
         if (lc->tls == STP_TLS_IMPLICIT) {
             finish(s); /* a handshake just to refuse would cost more */
             return 0;
         }
-        stp_smtp_too_many(&s->smtp);
-        stp_session_settle(s);
+        s->proto->fail(s->engine, STP_FAIL_LIMIT);
+        settle(s);
         return 0;
     }
     if (lc->tls == STP_TLS_IMPLICIT) {
-        stp_session_transition(s, STP_SS_TLS_ACCEPT);
+        transition(s, STP_SS_TLS_ACCEPT);
         if (stp_conn_start_tls(s->client, s->ltls, NULL) < 0) {
-            stp_session_reason(s, STP_CLOSE_TLS_INIT);
+            session_reason(s, STP_CLOSE_TLS_INIT);
             finish(s);
             return 0;
         }
     } else {
-        stp_upstream_start(s);
+        start_upstream(s);
     }
-    stp_session_settle(s);
+    settle(s);
     return 0;
 }
 
-/* Shutting down: a session between commands gets its 421 now; one in the
- * middle of a command or message may finish it first (settle() sends the 421
- * at the next boundary); FORCE ends it regardless. */
+/* Shutting down: a session between commands gets its goodbye now; one in
+ * the middle of a command or message may finish it first (settle() says
+ * goodbye at the next boundary); FORCE ends it regardless. */
 static void session_shutdown(struct stp_session *s, bool force)
 {
     if (s->state >= STP_SS_DRAINING)
         return;
     s->shutting_down = true;
-    stp_session_reason(s, STP_CLOSE_SHUTDOWN);
+    session_reason(s, STP_CLOSE_SHUTDOWN);
+    struct stp_proto_status st;
     switch (s->state) {
     case STP_SS_NEW:
     case STP_SS_TLS_ACCEPT:
@@ -831,7 +954,8 @@ static void session_shutdown(struct stp_session *s, bool force)
         finish(s); /* no channel for a reply yet */
         return;
     case STP_SS_RELAY:
-        if (!force && !stp_smtp_idle(&s->smtp))
+        s->proto->status(s->engine, &st);
+        if (!force && !st.idle)
             return;
         break;
     case STP_SS_CONNECTING:
@@ -844,8 +968,8 @@ static void session_shutdown(struct stp_session *s, bool force)
     case STP_SS_COUNT:
         return;
     }
-    stp_smtp_shutdown(&s->smtp);
-    stp_session_settle(s);
+    s->proto->fail(s->engine, STP_FAIL_SHUTDOWN);
+    settle(s);
 }
 
 void stp_sessions_shutdown(struct stp_server *srv, bool force)

@@ -1,0 +1,64 @@
+/* The upstream leg of a session up to the moment the client can be relayed:
+ * connect, say who the client is (PROXY header first, or in-band through the
+ * protocol's prelude), TLS (implicit, or STARTTLS spoken by the proxy). The
+ * relay owns the connection and routes its events here while the leg is set
+ * up; the hop reports back through stp_hop_ops. It knows no protocol: the
+ * prelude is the engine's (proto.h). */
+#ifndef STP_NEXTHOP_H
+#define STP_NEXTHOP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "io.h"
+#include "proto.h"
+
+enum stp_hop_stage {
+    STP_HOP_CONNECTING,
+    STP_HOP_TLS,      /* TLS handshake with the upstream */
+    STP_HOP_PRELUDE,  /* the proxy's own dialogue */
+};
+
+struct stp_hop_ops {
+    /* The leg entered STAGE (the relay's state follows). */
+    void (*stage)(void *ctx, enum stp_hop_stage stage);
+    /* Set up: relaying starts. GREETING (N bytes) is the greeting the
+     * prelude read, for the engine; NULL: it is still to come on the
+     * connection. */
+    void (*ready)(void *ctx, const char *greeting, size_t n);
+    /* Setup failed (logged already): WHY for the engine's reply, REASON
+     * for the disconnect line. */
+    void (*fail)(void *ctx, enum stp_fail why, enum stp_close_reason reason);
+};
+
+struct stp_hop {
+    uint64_t id;                        /* the session's, for log lines */
+    const struct stp_upstream_cfg *up;
+    struct stp_tls_ctx *tls;            /* NULL for tls = none */
+    const struct stp_proto *proto;
+    const char *hostname;
+    struct stp_conn *conn;              /* the relay's */
+    struct stp_conn *client;            /* its address and TLS, for PROXY */
+    const struct sockaddr *client_addr;
+    const struct stp_hop_ops *ops;
+    void *ctx;
+    void *prelude;                      /* only while the prelude runs */
+    bool tls_pending;                   /* the prelude asked for TLS */
+    bool tls_done;
+    bool prelude_ready;
+    bool failed;                        /* reported: nothing more to do */
+    enum stp_hop_stage stage;
+};
+
+/* Connect H->conn (created by the relay for the upstream's family). */
+void stp_hop_start(struct stp_hop *h);
+/* An event of H->conn while the leg is set up. */
+void stp_hop_event(struct stp_hop *h, enum stp_io_event ev, int err);
+/* Setup failed for WHY (one of the STP_FAIL_HOP_*): log it, report it. */
+void stp_hop_fail(struct stp_hop *h, enum stp_fail why, const char *detail);
+/* The setup deadline passed; GREETING: only the greeting was missing. */
+void stp_hop_timeout(struct stp_hop *h, bool greeting);
+void stp_hop_free(struct stp_hop *h);
+
+#endif

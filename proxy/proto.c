@@ -1,0 +1,48 @@
+/* The relay's side of the protocol seam: which engine a listener runs, and
+ * the loop that offers buffered input to it. */
+#include "config.h"
+#include "proto.h"
+#include "smtp.h"
+
+const struct stp_proto *stp_proto_of(enum stp_protocol p)
+{
+    return p == STP_PROTO_LMTP ? &stp_proto_lmtp : &stp_proto_smtp;
+}
+
+/* An engine takes what it can and leaves the rest: a partial line, input
+ * behind a reply it waits for, content the upstream has no room for. So the
+ * loop offers both sides again until neither moves; replies first, as they
+ * are what lets a stalled client go on. */
+long stp_proto_feed(const struct stp_proto *p, void *e,
+                    const struct stp_feed_io *io, void *ctx)
+{
+    long total = 0;
+    for (;;) {
+        bool moved = false;
+        size_t n;
+        const char *in = io->input(ctx, STP_SIDE_UPSTREAM, &n);
+        if (in && n) {
+            long k = p->upstream_input(e, in, n);
+            if (k < 0)
+                return k;
+            if (k > 0) {
+                io->consume(ctx, STP_SIDE_UPSTREAM, (size_t)k);
+                total += k;
+                moved = true;
+            }
+        }
+        in = io->input(ctx, STP_SIDE_CLIENT, &n);
+        if (in && n) {
+            size_t k = p->client_input(e, in, n);
+            if (k > 0) {
+                io->consume(ctx, STP_SIDE_CLIENT, k);
+                total += (long)k;
+                moved = true;
+            }
+            if (k < n && io->make_room && io->make_room(ctx))
+                moved = true;
+        }
+        if (!moved)
+            return total;
+    }
+}
