@@ -12,25 +12,11 @@
 #include "log.h"
 #include "nexthop.h"
 #include "relay.h"
+#include "relay_state.h"
 
 #define SESSION_MAGIC 0x53545053u /* "STPS" */
 #define SID "id=%016" PRIx64
 #define DRAIN_TIMEOUT_MS 5000 /* for a final reply the client won't read */
-
-enum stp_sstate {
-    STP_SS_NEW = 0,        /* accepted, nothing started */
-    STP_SS_TLS_ACCEPT,     /* implicit TLS: handshake before anything else */
-    STP_SS_CONNECTING,     /* connecting upstream; the client waits */
-    STP_SS_UPSTREAM_TLS,   /* TLS handshake with the upstream */
-    STP_SS_PRELUDE,        /* the engine's own dialogue with the upstream */
-    STP_SS_RELAY,          /* both sides open, the engine runs */
-    STP_SS_STARTTLS,       /* the reply to STARTTLS queued; the handshake
-                              starts once it is flushed */
-    STP_SS_HANDSHAKE,      /* STARTTLS handshake with the client */
-    STP_SS_DRAINING,       /* final reply being flushed, then close */
-    STP_SS_CLOSED,         /* handles closing; freed in the last callback */
-    STP_SS_COUNT
-};
 
 struct stp_session {
     uint32_t magic;
@@ -56,43 +42,12 @@ struct stp_session {
     enum stp_close_reason reason; /* first cause wins: session_reason */
     uint64_t upstream_in, upstream_out; /* its counts, kept at its close */
     uint64_t start_ms;
-    /* Deadlines are computed from these (milliseconds of uv_now). */
-    uint64_t state_ms;         /* entering the current state */
-    uint64_t setup_ms;         /* starting to connect upstream */
-    uint64_t client_seen_ms;   /* last byte from the client */
-    uint64_t upstream_seen_ms; /* last upstream reply, or when one became due */
-    uint64_t line_ms;          /* first byte of a partial command line; 0 */
-    uint64_t content_ms;       /* start of the message being received; 0 */
+    struct stp_clock clock;    /* the deadlines are computed from it */
     struct sockaddr_storage peer_addr;
     char peer[64];
     struct stp_session *prev, *next;
     const struct stp_proto *proto;
     _Alignas(max_align_t) unsigned char engine[]; /* proto->size bytes */
-};
-
-static const char *const sstate_names[STP_SS_COUNT] = {
-    [STP_SS_NEW] = "new",           [STP_SS_TLS_ACCEPT] = "tls_accept",
-    [STP_SS_CONNECTING] = "connecting", [STP_SS_UPSTREAM_TLS] = "upstream_tls",
-    [STP_SS_PRELUDE] = "prelude",   [STP_SS_RELAY] = "relay",
-    [STP_SS_STARTTLS] = "starttls", [STP_SS_HANDSHAKE] = "handshake",
-    [STP_SS_DRAINING] = "draining", [STP_SS_CLOSED] = "closed",
-};
-
-#define TO(st) (1u << (st))
-/* Every session may end (DRAINING, CLOSED) until it has; CLOSED is final. */
-#define ENDS (TO(STP_SS_DRAINING) | TO(STP_SS_CLOSED))
-static const unsigned legal_moves[STP_SS_COUNT] = {
-    [STP_SS_NEW] = TO(STP_SS_TLS_ACCEPT) | TO(STP_SS_CONNECTING) | ENDS,
-    [STP_SS_TLS_ACCEPT] = TO(STP_SS_CONNECTING) | ENDS,
-    [STP_SS_CONNECTING] = TO(STP_SS_UPSTREAM_TLS) | TO(STP_SS_PRELUDE) |
-                          TO(STP_SS_RELAY) | ENDS,
-    [STP_SS_UPSTREAM_TLS] = TO(STP_SS_PRELUDE) | TO(STP_SS_RELAY) | ENDS,
-    [STP_SS_PRELUDE] = TO(STP_SS_UPSTREAM_TLS) | TO(STP_SS_RELAY) | ENDS,
-    [STP_SS_RELAY] = TO(STP_SS_STARTTLS) | ENDS,
-    [STP_SS_STARTTLS] = TO(STP_SS_HANDSHAKE) | ENDS,
-    [STP_SS_HANDSHAKE] = TO(STP_SS_RELAY) | ENDS,
-    [STP_SS_DRAINING] = TO(STP_SS_CLOSED),
-    [STP_SS_CLOSED] = 0,
 };
 
 static struct stp_session *session_of(void *p)
@@ -119,10 +74,10 @@ static uint64_t now_ms(const struct stp_session *s)
  * bug: debug builds stop on it, others log it and stay where they are. */
 static void transition(struct stp_session *s, enum stp_sstate to)
 {
-    if (!(legal_moves[s->state] & TO(to))) {
+    if (!stp_sstate_may(s->state, to)) {
         stp_log(STP_LOG_ERROR, SID " event=bug msg=\"illegal state move\" "
-                "from=%s to=%s", s->id, sstate_names[s->state],
-                sstate_names[to]);
+                "from=%s to=%s", s->id, stp_sstate_name(s->state),
+                stp_sstate_name(to));
 #ifndef NDEBUG
         STP_ASSERT(!"illegal session state move");
 #endif
@@ -130,79 +85,34 @@ static void transition(struct stp_session *s, enum stp_sstate to)
     }
     if (stp_log_enabled(STP_LOG_DEBUG))
         stp_log(STP_LOG_DEBUG, SID " event=state from=%s to=%s", s->id,
-                sstate_names[s->state], sstate_names[to]);
-    s->state_ms = now_ms(s);
+                stp_sstate_name(s->state), stp_sstate_name(to));
+    s->clock.state_ms = now_ms(s);
     /* Setup is one deadline from connect to the greeting, whatever its
      * steps. */
     if (to == STP_SS_CONNECTING)
-        s->setup_ms = s->state_ms;
+        s->clock.setup_ms = s->clock.state_ms;
     s->state = to;
 }
 
 /* ---- deadlines -------------------------------------------------------------- */
 
-enum deadline { DL_NONE, DL_HANDSHAKE, DL_SETUP, DL_REPLY, DL_IDLE,
-                DL_COMMAND, DL_DATA, DL_DRAIN };
-
-static const char *const deadline_names[] = {
-    "none", "handshake", "setup", "reply", "idle", "command", "data", "drain",
-};
-
-/* The deadline that comes first in the current state (RFC 5321 4.5.3.2
- * values by default: every wait is bounded). */
-static enum deadline next_deadline(const struct stp_session *s, uint64_t *at)
+static enum stp_deadline next_deadline(const struct stp_session *s,
+                                       uint64_t *at)
 {
     const struct stp_listener_cfg *lc = s->lcfg;
-    enum deadline which = DL_NONE;
-    struct stp_proto_status st;
-    *at = UINT64_MAX;
-#define CONSIDER(d, t)                                                         \
-    do {                                                                       \
-        uint64_t t_ = (t);                                                     \
-        if (t_ < *at) {                                                        \
-            *at = t_;                                                          \
-            which = (d);                                                       \
-        }                                                                      \
-    } while (0)
-    switch (s->state) {
-    case STP_SS_TLS_ACCEPT:
-    case STP_SS_HANDSHAKE:
-        CONSIDER(DL_HANDSHAKE, s->state_ms + lc->timeout_handshake_ms);
-        break;
-    case STP_SS_CONNECTING:
-    case STP_SS_UPSTREAM_TLS:
-    case STP_SS_PRELUDE:
-        CONSIDER(DL_SETUP, s->setup_ms + s->up->timeout_connect_ms);
-        break;
-    case STP_SS_RELAY:
-    case STP_SS_STARTTLS:
+    const struct stp_timeouts t = {
+        .handshake = lc->timeout_handshake_ms,
+        .setup = s->up->timeout_connect_ms,
+        .reply = s->up->timeout_reply_ms,
+        .idle = lc->timeout_idle_ms,
+        .command = lc->timeout_command_ms,
+        .data = lc->timeout_data_ms,
+        .drain = DRAIN_TIMEOUT_MS,
+    };
+    struct stp_proto_status st = {0};
+    if (s->state == STP_SS_RELAY || s->state == STP_SS_STARTTLS)
         s->proto->status(s->engine, &st);
-        /* The greeting is part of reaching the upstream. */
-        if (st.greeting) {
-            CONSIDER(DL_SETUP, s->setup_ms + s->up->timeout_connect_ms);
-            break;
-        }
-        /* While replies are due, the wait is the upstream's, not the
-         * client's idleness. */
-        if (st.replies_due)
-            CONSIDER(DL_REPLY, s->upstream_seen_ms + s->up->timeout_reply_ms);
-        else
-            CONSIDER(DL_IDLE, s->client_seen_ms + lc->timeout_idle_ms);
-        if (s->line_ms)
-            CONSIDER(DL_COMMAND, s->line_ms + lc->timeout_command_ms);
-        if (s->content_ms)
-            CONSIDER(DL_DATA, s->content_ms + lc->timeout_data_ms);
-        break;
-    case STP_SS_DRAINING:
-        CONSIDER(DL_DRAIN, s->state_ms + DRAIN_TIMEOUT_MS);
-        break;
-    case STP_SS_NEW: /* only inside stp_session_accept */
-    case STP_SS_CLOSED:
-    case STP_SS_COUNT:
-        break;
-    }
-#undef CONSIDER
-    return which;
+    return stp_deadline_next(s->state, &st, &s->clock, &t, at);
 }
 
 static void on_timer(uv_timer_t *t);
@@ -210,28 +120,12 @@ static void on_timer(uv_timer_t *t);
 static void rearm(struct stp_session *s)
 {
     uint64_t at;
-    if (next_deadline(s, &at) == DL_NONE) {
+    if (next_deadline(s, &at) == STP_DL_NONE) {
         uv_timer_stop(&s->timer);
         return;
     }
     uint64_t now = now_ms(s);
     uv_timer_start(&s->timer, on_timer, at > now ? at - now : 0, 0);
-}
-
-/* Note when a command line or a message began (after the engine ran). */
-static void track_client(struct stp_session *s)
-{
-    struct stp_proto_status st;
-    s->proto->status(s->engine, &st);
-    uint64_t now = now_ms(s);
-    if (!st.partial)
-        s->line_ms = 0;
-    else if (!s->line_ms)
-        s->line_ms = now;
-    if (!st.content)
-        s->content_ms = 0;
-    else if (!s->content_ms)
-        s->content_ms = now;
 }
 
 /* ---- closing ---------------------------------------------------------------- */
@@ -542,10 +436,10 @@ static void settle(struct stp_session *s)
     }
     check_client_eof(s);
     if (s->state == STP_SS_RELAY) {
-        track_client(s);
-        /* Shutting down: the goodbye as soon as nothing is in flight. */
         struct stp_proto_status st;
         s->proto->status(s->engine, &st);
+        stp_clock_track(&s->clock, &st, now_ms(s));
+        /* Shutting down: the goodbye as soon as nothing is in flight. */
         if (s->shutting_down && st.idle) {
             s->proto->fail(s->engine, STP_FAIL_SHUTDOWN);
             if (s->state == STP_SS_CLOSED)
@@ -608,10 +502,10 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
     struct stp_proto_status st;
     switch (ev) {
     case STP_IO_DATA:
-        s->client_seen_ms = now_ms(s);
+        s->clock.client_seen_ms = now_ms(s);
         s->proto->status(s->engine, &st);
-        if (!st.replies_due)
-            s->upstream_seen_ms = s->client_seen_ms; /* a reply may be due */
+        if (!st.replies_due) /* a reply may be due from now */
+            s->clock.upstream_seen_ms = s->clock.client_seen_ms;
         feed(s);
         break;
     case STP_IO_DRAINED:
@@ -673,9 +567,9 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
     struct stp_proto_status st;
     switch (ev) {
     case STP_IO_DATA:
-        s->upstream_seen_ms = now_ms(s);
+        s->clock.upstream_seen_ms = now_ms(s);
         /* Replies count as activity: the client was waiting, not idle. */
-        s->client_seen_ms = s->upstream_seen_ms;
+        s->clock.client_seen_ms = s->clock.upstream_seen_ms;
         resume(s);
         break;
     case STP_IO_DRAINED:
@@ -766,41 +660,41 @@ static void on_timer(uv_timer_t *t)
 {
     struct stp_session *s = session_of(t->data);
     uint64_t at;
-    enum deadline d = next_deadline(s, &at);
-    if (d == DL_NONE || at > now_ms(s)) {
+    enum stp_deadline d = next_deadline(s, &at);
+    if (d == STP_DL_NONE || at > now_ms(s)) {
         rearm(s); /* moved since the timer was set */
         return;
     }
-    if (d != DL_DRAIN)
+    if (d != STP_DL_DRAIN)
         stp_log(STP_LOG_INFO, SID " event=timeout deadline=%s", s->id,
-                deadline_names[d]);
+                stp_deadline_name(d));
     switch (d) {
-    case DL_HANDSHAKE:
+    case STP_DL_HANDSHAKE:
         /* Mid-handshake there is no channel for a reply. */
         session_reason(s, STP_CLOSE_HANDSHAKE_TIMEOUT);
         finish(s);
         return;
-    case DL_SETUP:
+    case STP_DL_SETUP:
         stp_hop_timeout(&s->hop, s->state == STP_SS_RELAY);
         break;
-    case DL_REPLY:
+    case STP_DL_REPLY:
         stp_log(STP_LOG_WARN,
                 SID " event=upstream_error upstream=%s error=\"reply timeout\"",
                 s->id, s->up->name);
         engine_fail(s, STP_FAIL_LOST, STP_CLOSE_UPSTREAM_TIMEOUT);
         break;
-    case DL_IDLE:
-    case DL_COMMAND:
-    case DL_DATA:
+    case STP_DL_IDLE:
+    case STP_DL_COMMAND:
+    case STP_DL_DATA:
         engine_fail(s, STP_FAIL_TIMEOUT,
-                    d == DL_IDLE      ? STP_CLOSE_IDLE_TIMEOUT
-                    : d == DL_COMMAND ? STP_CLOSE_COMMAND_TIMEOUT
+                    d == STP_DL_IDLE      ? STP_CLOSE_IDLE_TIMEOUT
+                    : d == STP_DL_COMMAND ? STP_CLOSE_COMMAND_TIMEOUT
                                       : STP_CLOSE_DATA_TIMEOUT);
         break;
-    case DL_DRAIN:
+    case STP_DL_DRAIN:
         finish(s);
         return;
-    case DL_NONE:
+    case STP_DL_NONE:
         return;
     }
     settle(s);
@@ -908,7 +802,8 @@ int stp_session_accept(struct stp_listener *lst)
     s->id = s->hop.id = counts.id;
     stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s", s->id,
             s->peer, lc->name);
-    s->client_seen_ms = s->upstream_seen_ms = s->state_ms = s->start_ms;
+    s->clock.client_seen_ms = s->clock.upstream_seen_ms = s->start_ms;
+    s->clock.state_ms = s->start_ms;
 
     enum stp_close_reason limit = over_limit(s, &counts);
     if (limit) {

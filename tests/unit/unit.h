@@ -65,7 +65,7 @@ static void failf(const char *fmt, ...)
     } while (0)
 
 /* Printable form of a byte string (rotating static buffers). */
-static const char *esc(const char *p, size_t n)
+__attribute__((unused)) static const char *esc(const char *p, size_t n)
 {
     static char bufs[6][3000];
     static int k;

@@ -1,0 +1,64 @@
+/* A relayed session's states, the moves between them, and the deadline that
+ * bounds each: pure, so the relay and the unit tests share them. */
+#ifndef STP_RELAY_STATE_H
+#define STP_RELAY_STATE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "proto.h"
+
+enum stp_sstate {
+    STP_SS_NEW = 0,        /* accepted, nothing started */
+    STP_SS_TLS_ACCEPT,     /* implicit TLS: handshake before anything else */
+    STP_SS_CONNECTING,     /* connecting upstream; the client waits */
+    STP_SS_UPSTREAM_TLS,   /* TLS handshake with the upstream */
+    STP_SS_PRELUDE,        /* the engine's own dialogue with the upstream */
+    STP_SS_RELAY,          /* both sides open, the engine runs */
+    STP_SS_STARTTLS,       /* the reply to STARTTLS queued; the handshake
+                              starts once it is flushed */
+    STP_SS_HANDSHAKE,      /* STARTTLS handshake with the client */
+    STP_SS_DRAINING,       /* final reply being flushed, then close */
+    STP_SS_CLOSED,         /* handles closing; freed in the last callback */
+    STP_SS_COUNT
+};
+
+const char *stp_sstate_name(enum stp_sstate s);
+/* Does the table allow FROM -> TO? Every state may end until it has;
+ * CLOSED is final. */
+bool stp_sstate_may(enum stp_sstate from, enum stp_sstate to);
+
+enum stp_deadline {
+    STP_DL_NONE, STP_DL_HANDSHAKE, STP_DL_SETUP, STP_DL_REPLY, STP_DL_IDLE,
+    STP_DL_COMMAND, STP_DL_DATA, STP_DL_DRAIN,
+};
+const char *stp_deadline_name(enum stp_deadline d);
+
+/* When things happened, in milliseconds of the loop's clock. */
+struct stp_clock {
+    uint64_t state_ms;         /* entering the current state */
+    uint64_t setup_ms;         /* starting to connect upstream */
+    uint64_t client_seen_ms;   /* last byte from the client */
+    uint64_t upstream_seen_ms; /* last upstream reply, or when one was due */
+    uint64_t line_ms;          /* first byte of a partial command; 0 */
+    uint64_t content_ms;       /* start of the message being received; 0 */
+};
+
+struct stp_timeouts {
+    uint64_t handshake, setup, reply, idle, command, data, drain;
+};
+
+/* The deadline that comes first in state ST (ENGINE: the engine's status,
+ * read only in RELAY and STARTTLS), and when (*AT). */
+enum stp_deadline stp_deadline_next(enum stp_sstate st,
+                                    const struct stp_proto_status *engine,
+                                    const struct stp_clock *c,
+                                    const struct stp_timeouts *t,
+                                    uint64_t *at);
+
+/* After the engine ran at NOW: note when a command line or a message
+ * began, or that none is under way. */
+void stp_clock_track(struct stp_clock *c, const struct stp_proto_status *st,
+                     uint64_t now);
+
+#endif
