@@ -21,6 +21,8 @@ enum stp_up_step {
     STP_UP_COUNT
 };
 const char *stp_up_step_name(enum stp_up_step s);
+/* Does the prelude's table allow FROM -> TO? */
+bool stp_up_step_may(enum stp_up_step from, enum stp_up_step to);
 
 struct stp_up_cfg {
     bool starttls;          /* upstream tls = starttls */

@@ -128,6 +128,8 @@ enum stp_phase {
     STP_PH_COUNT
 };
 const char *stp_phase_name(enum stp_phase ph);
+/* Does the engine's table allow FROM -> TO? */
+bool stp_phase_may(enum stp_phase from, enum stp_phase to);
 
 /* What each queued upstream reply answers. */
 enum stp_pend {

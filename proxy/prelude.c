@@ -28,11 +28,45 @@ void stp_up_init(struct stp_prelude *p, const struct stp_up_cfg *cfg,
     p->step = STP_UP_GREETING;
 }
 
+#define TO(st) (1u << (st))
+/* Every step but the last two may fail; READY and FAILED are final. */
+static const unsigned step_moves[STP_UP_COUNT] = {
+    [STP_UP_GREETING] = TO(STP_UP_EHLO) | TO(STP_UP_XCLIENT) | TO(STP_UP_READY),
+    [STP_UP_EHLO] = TO(STP_UP_STARTTLS) | TO(STP_UP_XCLIENT) | TO(STP_UP_READY),
+    [STP_UP_STARTTLS] = TO(STP_UP_TLS),
+    [STP_UP_TLS] = TO(STP_UP_EHLO) | TO(STP_UP_XCLIENT) | TO(STP_UP_READY),
+    [STP_UP_XCLIENT] = TO(STP_UP_READY),
+};
+
+bool stp_up_step_may(enum stp_up_step from, enum stp_up_step to)
+{
+    return from < STP_UP_READY && to < STP_UP_COUNT &&
+           (to == STP_UP_FAILED || (step_moves[from] & TO(to)));
+}
+
 static void fail(struct stp_prelude *p, enum stp_fail f,
                  const char *reason)
 {
+    if (p->step == STP_UP_FAILED)
+        return; /* reported once */
     p->step = STP_UP_FAILED;
     p->ops->fail(p->ctx, f, reason);
+}
+
+/* The one place the step changes (but failing), checked against the table:
+ * a move it does not allow is a bug, which fails the prelude (and stops a
+ * debug build). Returns false then. */
+static bool step_to(struct stp_prelude *p, enum stp_up_step next)
+{
+    if (stp_up_step_may(p->step, next)) {
+        p->step = next;
+        return true;
+    }
+#ifndef NDEBUG
+    STP_ASSERT(!"illegal prelude step");
+#endif
+    fail(p, STP_FAIL_HOP_PROTOCOL, "internal error: illegal prelude step");
+    return false;
 }
 
 /* Send VERB followed by ARG (either may be empty), never truncated. */
@@ -47,8 +81,8 @@ static void send_line(struct stp_prelude *p, enum stp_up_step next,
     }
     memcpy(line, verb, a);
     memcpy(line + a, arg, b);
-    p->step = next;
-    p->ops->send(p->ctx, line, a + b);
+    if (step_to(p, next))
+        p->ops->send(p->ctx, line, a + b);
     if (line != small)
         free(line);
 }
@@ -69,8 +103,8 @@ static void advance(struct stp_prelude *p)
     } else if (p->cfg.xclient) {
         send_line(p, STP_UP_XCLIENT, p->cfg.xclient, "");
     } else {
-        p->step = STP_UP_READY;
-        p->ops->ready(p->ctx, p->greeting, p->greeting_len);
+        if (step_to(p, STP_UP_READY))
+            p->ops->ready(p->ctx, p->greeting, p->greeting_len);
     }
 }
 
@@ -161,8 +195,8 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             fail(p, STP_FAIL_HOP_TLS, "data after 220 to STARTTLS");
             return false;
         }
-        p->step = STP_UP_TLS;
-        p->ops->start_tls(p->ctx);
+        if (step_to(p, STP_UP_TLS))
+            p->ops->start_tls(p->ctx);
         return false; /* the rest of the input belongs to TLS */
     case STP_UP_XCLIENT:
         /* Postfix answers XCLIENT with a new greeting, for the client. */
@@ -176,8 +210,8 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             fail(p, STP_FAIL_HOP_IDENTITY, "XCLIENT refused");
             return false;
         }
-        p->step = STP_UP_READY;
-        p->ops->ready(p->ctx, p->greeting, p->greeting_len);
+        if (step_to(p, STP_UP_READY))
+            p->ops->ready(p->ctx, p->greeting, p->greeting_len);
         return false;
     case STP_UP_TLS:
     case STP_UP_READY:

@@ -59,13 +59,47 @@ const char *stp_close_reason_name(enum stp_close_reason r)
     return r < STP_CLOSE_COUNT && names[r] ? names[r] : "?";
 }
 
-/* The single place where the phase changes. CLOSED is final: nothing an
- * action did on the way out may open the engine again. */
+#define TO(ph) (1u << (ph))
+/* Every phase may close; CLOSED is final. */
+static const unsigned phase_moves[STP_PH_COUNT] = {
+    [STP_PH_GREETING] = TO(STP_PH_COMMAND),
+    [STP_PH_COMMAND] = TO(STP_PH_CONTENT) | TO(STP_PH_CHUNK) |
+                       TO(STP_PH_CHUNK_DISCARD) | TO(STP_PH_AUTH) |
+                       TO(STP_PH_STARTTLS) | TO(STP_PH_QUIT),
+    [STP_PH_CONTENT] = TO(STP_PH_COMMAND),
+    [STP_PH_CHUNK] = TO(STP_PH_COMMAND),
+    [STP_PH_CHUNK_DISCARD] = TO(STP_PH_COMMAND),
+    [STP_PH_AUTH] = TO(STP_PH_COMMAND),
+    [STP_PH_STARTTLS] = TO(STP_PH_COMMAND),
+    [STP_PH_QUIT] = 0,
+};
+
+bool stp_phase_may(enum stp_phase from, enum stp_phase to)
+{
+    return from < STP_PH_CLOSED && to < STP_PH_COUNT &&
+           (to == STP_PH_CLOSED || (phase_moves[from] & TO(to)));
+}
+
+/* The single place where the phase changes, checked against the table: a
+ * move it does not allow is a bug (debug builds stop, others report it and
+ * stay). CLOSED is final: nothing an action did on the way out may open the
+ * engine again. */
 static void enter(struct stp_smtp *s, enum stp_phase ph)
 {
-    if (s->phase == STP_PH_CLOSED)
+    if (s->phase == STP_PH_CLOSED || ph == s->phase)
         return;
-    if (s->ops->phase && ph != s->phase)
+    if (!stp_phase_may(s->phase, ph)) {
+        char d[64];
+        snprintf(d, sizeof(d), "msg=\"illegal phase move\" from=%s to=%s",
+                 stp_phase_name(s->phase), stp_phase_name(ph));
+        if (s->ops->event)
+            s->ops->event(s->ctx, "bug", d);
+#ifndef NDEBUG
+        STP_ASSERT(!"illegal phase move");
+#endif
+        return;
+    }
+    if (s->ops->phase)
         s->ops->phase(s->ctx, stp_phase_name(s->phase), stp_phase_name(ph));
     s->phase = ph;
 }

@@ -139,6 +139,7 @@ static void op_close(void *ctx, enum stp_close_reason why, bool cut)
 static void op_event(void *ctx, const char *event, const char *detail)
 {
     CHECK(event && detail, "event with NULL text");
+    CHECK(strcmp(event, "bug") != 0, detail);
 }
 
 static void op_phase(void *ctx, const char *from, const char *to)

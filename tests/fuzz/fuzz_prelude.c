@@ -171,6 +171,7 @@ static void op_fail(void *ctx, enum stp_fail f, const char *reason)
               f == STP_FAIL_HOP_PROTOCOL,
           "bad failure category");
     CHECK(reason && *reason, "fail without a reason");
+    CHECK(!strstr(reason, "illegal"), reason);
 #if STRICT_FAIL_CATEGORY
     CHECK(f != STP_FAIL_HOP_TLS || F.cfg.starttls,
           "FAIL_TLS without STARTTLS configured");

@@ -129,6 +129,8 @@ static void op_fail(void *ctx, enum stp_fail f, const char *reason)
     snprintf(R.reason, sizeof(R.reason), "%s", reason ? reason : "(null)");
     if (!reason)
         violation("fail with a NULL reason");
+    else if (strstr(reason, "illegal"))
+        violation("prelude reports a bug: %s", reason);
 }
 
 static const struct stp_up_ops rec_ops = {
@@ -917,10 +919,32 @@ static void test_long_config(void)
     }
 }
 
+/* The step table: READY and FAILED are final, every other step may fail,
+ * and TLS is reached only through a STARTTLS the upstream accepted. */
+static void test_step_table(void)
+{
+    case_begin("step table");
+    for (int to = 0; to < STP_UP_COUNT; to++) {
+        CHECK(!stp_up_step_may(STP_UP_READY, to) &&
+                  !stp_up_step_may(STP_UP_FAILED, to),
+              "a final step -> %s", stp_up_step_name(to));
+        if (to != STP_UP_STARTTLS)
+            CHECK(!stp_up_step_may(to, STP_UP_TLS), "%s -> tls",
+                  stp_up_step_name(to));
+    }
+    for (int from = 0; from < STP_UP_READY; from++)
+        CHECK(stp_up_step_may(from, STP_UP_FAILED), "%s cannot fail",
+              stp_up_step_name(from));
+    CHECK(!stp_up_step_may(STP_UP_STARTTLS, STP_UP_READY),
+          "ready without the handshake");
+    case_end();
+}
+
 int main(void)
 {
     signal(SIGALRM, on_alarm);
     init_dynamic();
+    test_step_table();
     test_names_and_init();
     test_scenarios();
     test_injection();

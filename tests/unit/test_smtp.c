@@ -883,6 +883,8 @@ static void op_event(void *ctx, const char *event, const char *detail)
 {
     if (!event || !detail)
         violation("event with NULL text");
+    else if (strcmp(event, "bug") == 0)
+        violation("engine reports a bug: %s", detail);
     else if (strcmp(event, "reject") == 0)
         R.rejects++;
 }
@@ -2019,10 +2021,35 @@ static void test_backpressure(void)
     }
 }
 
+/* The phase table: CLOSED is final, everything may close, QUIT only
+ * closes, and message content is entered only from a command. */
+static void test_phase_table(void)
+{
+    case_begin("phase table");
+    for (int to = 0; to < STP_PH_COUNT; to++) {
+        CHECK(!stp_phase_may(STP_PH_CLOSED, to), "closed -> %s",
+              stp_phase_name(to));
+        CHECK(stp_phase_may(STP_PH_QUIT, to) == (to == STP_PH_CLOSED),
+              "quit -> %s", stp_phase_name(to));
+    }
+    for (int from = 0; from < STP_PH_CLOSED; from++) {
+        CHECK(stp_phase_may(from, STP_PH_CLOSED), "%s cannot close",
+              stp_phase_name(from));
+        if (from != STP_PH_COMMAND)
+            CHECK(!stp_phase_may(from, STP_PH_CONTENT) &&
+                      !stp_phase_may(from, STP_PH_CHUNK) &&
+                      !stp_phase_may(from, STP_PH_STARTTLS),
+                  "%s enters content or STARTTLS", stp_phase_name(from));
+    }
+    CHECK(!stp_phase_may(STP_PH_COMMAND, STP_PH_GREETING), "back to greeting");
+    case_end();
+}
+
 int main(void)
 {
     signal(SIGALRM, on_alarm);
     init_dynamic();
+    test_phase_table();
     test_line_find();
     test_cmd_parse();
     test_bdat_parse();
