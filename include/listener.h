@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <uv.h>
 
+#include "close.h"
 #include "config.h"
 #include "tls.h"
 
@@ -126,6 +127,12 @@ void stp_shared_count(struct stp_shared *sh,
                       const struct sockaddr_storage *lst_addr,
                       const struct sockaddr_storage *peer, int delta,
                       struct stp_counts *out);
+
+/* Is a session just counted (N) over one of GEN's limits for listener LC?
+ * The reason that names the limit, or STP_CLOSE_NONE. */
+enum stp_close_reason stp_over_limit(const struct stp_gen *gen,
+                                     const struct stp_listener_cfg *lc,
+                                     const struct stp_counts *n);
 
 /* Listen with the generation's sockets on LOOP (not yet running): FDS from
  * stp_sockets_dup, taken over. Errors are logged. */

@@ -93,6 +93,9 @@ bool stp_tls_peer_cn(const struct stp_tls *t, char *buf, size_t len);
 /* Subject of the peer's certificate into BUF (as for the common name);
  * false when there is none. */
 bool stp_tls_peer_subject(const struct stp_tls *t, char *buf, size_t len);
+/* "tls=VERSION cipher=NAME" and, when the client chose them, sni="..." and
+ * client_cert="SUBJECT", escaped for a log line. */
+void stp_tls_describe(const struct stp_tls *t, char *buf, size_t len);
 /* True when the client certificate came with a resumed session rather than
  * in this handshake. */
 bool stp_tls_cert_resumed(const struct stp_tls *t);

@@ -241,6 +241,19 @@ void stp_shared_free(struct stp_shared *sh)
     pthread_mutex_destroy(&sh->mu);
 }
 
+enum stp_close_reason stp_over_limit(const struct stp_gen *gen,
+                                     const struct stp_listener_cfg *lc,
+                                     const struct stp_counts *n)
+{
+    if (n->total > gen->cfg.max_connections)
+        return STP_CLOSE_MAX_CONNECTIONS;
+    if (n->listener > lc->max_connections)
+        return STP_CLOSE_LISTENER_MAX_CONNECTIONS;
+    if (n->per_ip > lc->max_connections_per_ip)
+        return STP_CLOSE_MAX_CONNECTIONS_PER_IP;
+    return STP_CLOSE_NONE;
+}
+
 void stp_shared_count(struct stp_shared *sh,
                       const struct sockaddr_storage *lst_addr,
                       const struct sockaddr_storage *peer, int delta,

@@ -480,18 +480,9 @@ static void resume(struct stp_session *s)
 
 static void log_client_tls(struct stp_session *s, const char *event)
 {
-    struct stp_tls *t = stp_conn_tls(s->client);
-    const char *sni = stp_tls_sni(t);
-    char subject[256], esni[300], esubject[300];
-    bool cert = stp_tls_peer_subject(t, subject, sizeof(subject));
-    /* Both are the client's choice: escaped, so they cannot forge a line
-     * or a key. */
-    stp_log(STP_LOG_INFO, SID " event=%s tls=%s cipher=%s%s%s%s%s%s%s", s->id,
-            event, stp_tls_version(t), stp_tls_cipher(t), sni ? " sni=\"" : "",
-            sni ? stp_log_esc(esni, sizeof(esni), sni) : "", sni ? "\"" : "",
-            cert ? " client_cert=\"" : "",
-            cert ? stp_log_esc(esubject, sizeof(esubject), subject) : "",
-            cert ? "\"" : "");
+    char d[900];
+    stp_tls_describe(stp_conn_tls(s->client), d, sizeof(d));
+    stp_log(STP_LOG_INFO, SID " event=%s %s", s->id, event, d);
 }
 
 static void start_upstream(struct stp_session *s);
@@ -702,19 +693,6 @@ static void on_timer(uv_timer_t *t)
 
 /* ---- accepting -------------------------------------------------------------- */
 
-/* Over a connection limit? Checked after the session is counted. */
-static enum stp_close_reason over_limit(const struct stp_session *s,
-                                        const struct stp_counts *n)
-{
-    if (n->total > s->gen->cfg.max_connections)
-        return STP_CLOSE_MAX_CONNECTIONS;
-    if (n->listener > s->lcfg->max_connections)
-        return STP_CLOSE_LISTENER_MAX_CONNECTIONS;
-    if (n->per_ip > s->lcfg->max_connections_per_ip)
-        return STP_CLOSE_MAX_CONNECTIONS_PER_IP;
-    return STP_CLOSE_NONE;
-}
-
 /* The session's configuration, its engine and its hop, once it is known
  * who connected. */
 static void session_setup(struct stp_session *s, uint64_t id)
@@ -805,7 +783,7 @@ int stp_session_accept(struct stp_listener *lst)
     s->clock.client_seen_ms = s->clock.upstream_seen_ms = s->start_ms;
     s->clock.state_ms = s->start_ms;
 
-    enum stp_close_reason limit = over_limit(s, &counts);
+    enum stp_close_reason limit = stp_over_limit(s->gen, lc, &counts);
     if (limit) {
         stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
                 stp_close_reason_name(limit), s->peer);

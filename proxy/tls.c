@@ -732,3 +732,18 @@ const char *stp_tls_error(const struct stp_tls *t)
     wolfSSL_ERR_error_string_n((unsigned long)t->last_err, buf, sizeof(buf));
     return buf;
 }
+
+void stp_tls_describe(const struct stp_tls *t, char *buf, size_t len)
+{
+    const char *sni = stp_tls_sni(t);
+    char subject[256], esni[300], esubject[300];
+    bool cert = stp_tls_peer_subject(t, subject, sizeof(subject));
+    /* Both are the client's choice: escaped, so they cannot forge a line
+     * or a key. */
+    snprintf(buf, len, "tls=%s cipher=%s%s%s%s%s%s%s", stp_tls_version(t),
+             stp_tls_cipher(t), sni ? " sni=\"" : "",
+             sni ? stp_log_esc(esni, sizeof(esni), sni) : "", sni ? "\"" : "",
+             cert ? " client_cert=\"" : "",
+             cert ? stp_log_esc(esubject, sizeof(esubject), subject) : "",
+             cert ? "\"" : "");
+}
