@@ -47,16 +47,19 @@ ref=${1:-}                          # "" too: the default
 build=${2:-/tmp/stp-baseline-build}
 if [ $# -ge 2 ]; then shift 2; else set --; fi   # the rest: CMAKE_ARGS
 
+what="ref $ref"
 if [ -z "$ref" ]; then
   main=origin/main
   git -C "$repo" rev-parse -q --verify "$main^{commit}" >/dev/null || main=main
   ref=$(git -C "$repo" merge-base HEAD "$main") || die "no merge-base of HEAD and $main: give REF"
+  what="merge-base of HEAD and $main"
   if [ "$ref" = "$(git -C "$repo" rev-parse HEAD)" ]; then
     ref=HEAD~1
+    what="HEAD~1: HEAD is on $main"
   fi
 fi
 commit=$(git -C "$repo" rev-parse -q --verify "$ref^{commit}") || die "unknown ref '$ref'"
-say "building $(git -C "$repo" log -1 --format='%h %s' "$commit") (ref $ref)"
+say "building $(git -C "$repo" log -1 --format='%h %s' "$commit") ($what)"
 
 # The build directory: ours from an earlier run (marker file) or new.
 case "$build" in /*) ;; *) build=$(pwd)/$build ;; esac
