@@ -21,6 +21,14 @@ server that died). Standard library only, Debian's /usr/bin/python3.
 
   tests/bench/run.py --quick        # about a minute
   tests/bench/run.py                # the full run, under ~10 minutes
+
+Two builds of the proxy in the same run (a regression check): --baseline PATH
+runs a second starttls-proxy binary (an older build, see tests/bench/baseline.sh)
+as one more server in the same rounds, with the same generated config, and
+prints a second table, starttls-proxy / baseline, with the ratios taken round
+by round; --no-stunnel leaves stunnel out.
+
+  tests/bench/run.py --quick --baseline /tmp/stp-baseline-build/starttls-proxy --no-stunnel
 """
 
 import argparse
@@ -244,8 +252,10 @@ class StarttlsProxy(Daemon):
     ]
     _accepted = {}
 
-    def __init__(self, workdir, binary, cert, key, upstream_port, workers="1"):
+    def __init__(self, workdir, binary, cert, key, upstream_port, workers="1",
+                 name="starttls-proxy"):
         super().__init__(workdir)
+        self.name = name    # "baseline" for --baseline: its log files and errors
         self.binary, self.cert, self.key = binary, cert, key
         self.upstream_port = upstream_port
         self.workers = workers
@@ -276,6 +286,7 @@ tls = none
        "\n".join(sect["listener"]), self.upstream_port)
 
     def accepted(self):
+        # Per binary: a baseline build may know fewer keys than the proxy.
         if self.binary not in self._accepted:
             ok = []
             path = os.path.join(self.workdir, "key-check.ini")
@@ -294,7 +305,7 @@ tls = none
         return self._accepted[self.binary]
 
     def argv(self):
-        conf = os.path.join(self.workdir, "starttls-proxy.%d.ini" % self.port)
+        conf = os.path.join(self.workdir, "%s.%d.ini" % (self.name, self.port))
         with open(conf, "w") as f:
             f.write(self.config(self.port, self.accepted()))
         return [self.binary, "-c", conf]
@@ -425,10 +436,20 @@ class Bench:
         self.p = dict(PROFILES["quick" if args.quick else "full"])
         if args.rounds:
             self.p["rounds"] = args.rounds
+        if args.rss_rounds:
+            self.p["rss_rounds"] = args.rss_rounds
+        if args.bulk_mib:
+            self.p["bulk_bytes"] = args.bulk_mib << 20
         self.workdir = tempfile.mkdtemp(prefix="stp-bench-", dir=args.workdir)
         self.loadgen = Loadgen(args.loadgen, self.workdir)
         self.daemons = []
-        self.results = {}   # metric -> {"starttls-proxy": [..], "stunnel": [..]}
+        self.results = {}   # metric -> {"starttls-proxy": [..], "stunnel": [..], "baseline": [..]}
+        # The servers of this run, in the order of round 1 (later rounds rotate).
+        self.names = ["starttls-proxy"]
+        if args.baseline:
+            self.names.append("baseline")
+        if not args.no_stunnel:
+            self.names.append("stunnel")
         self.info = {}
         self.errors = []
         self.make_cert()
@@ -463,65 +484,86 @@ class Bench:
         if name == "starttls-proxy":
             return StarttlsProxy(self.workdir, self.args.proxy, self.cert, self.key,
                                  self.sink.port, self.args.workers)
+        if name == "baseline":
+            return StarttlsProxy(self.workdir, self.args.baseline, self.cert, self.key,
+                                 self.sink.port, self.args.workers, name="baseline")
         return Stunnel(self.workdir, self.args.stunnel, self.cert, self.key, self.sink.port)
 
     def add(self, metric, name, value):
         self.results.setdefault(metric, {}).setdefault(name, []).append(value)
 
     def order(self, rnd):
-        names = ["starttls-proxy", "stunnel"]
-        return names if rnd % 2 == 0 else names[::-1]
+        # Rotate by one each round, so no server always goes first: with two
+        # servers that alternates them (proxy first in odd rounds), with three
+        # (proxy, baseline, stunnel) each goes first every third round.
+        k = rnd % len(self.names)
+        return self.names[k:] + self.names[:k]
 
     # -- 1, 2, 3: on one long-running process each ------------------------
     def run_rounds(self):
         p = self.p
-        servers = {n: self.start(self.server(n)) for n in ("starttls-proxy", "stunnel")}
-        # Warm up both (first-use allocations, page faults), not measured.
+        servers = {n: self.start(self.server(n)) for n in self.names}
+        # Warm up each server (first-use allocations, page faults), not measured.
         for n, d in servers.items():
             self.loadgen.run(d.port, ["-c", 4, "-n", 40], 60)
+        # Within a round each measurement runs on every server back to back
+        # (full sessions on all, then latency on all, then bulk on all), so
+        # the servers' figures of one round are as close in time as they can
+        # be: the per-round ratios compare like with like.
         for rnd in range(p["rounds"]):
-            for name in self.order(rnd):
-                d = servers[name]
-                # 1: sessions per CPU-second under load.
-                c0 = cpu_seconds(d.pid)
-                r = self.loadgen.run(d.port, ["-c", p["full_conc"], "-d", p["full_secs"]],
-                                     p["full_secs"] + 120)
-                c1 = cpu_seconds(d.pid)
-                d.check()
-                cpu = c1 - c0
-                self.add("sessions_per_cpu_s", name, r["ok"] / cpu if cpu > 0 else float("inf"))
-                self.add("cpu_per_session", name, cpu * 1000.0 / r["ok"])
-                self.add("sessions_per_s", name, r["sessions_per_s"])
-                self.info["tls"] = "%s %s %s" % (r["tls"], r["cipher"], r["group"])
-                log("  round %d %-14s full:  %5d sessions, %.2f CPU-s, %.3f ms CPU/session, %.0f sessions/s"
-                    % (rnd + 1, name, r["ok"], cpu, cpu * 1000.0 / r["ok"], r["sessions_per_s"]))
-                # 2: latency at 8 concurrent.
-                r = self.loadgen.run(d.port, ["-c", 8, "-d", p["lat_secs"]], p["lat_secs"] + 120)
-                d.check()
-                self.add("p50", name, r["lat_ms"]["p50"])
-                self.add("p99", name, r["lat_ms"]["p99"])
-                log("  round %d %-14s c=8:   %5d sessions, p50 %.2f ms, p99 %.2f ms"
-                    % (rnd + 1, name, r["ok"], r["lat_ms"]["p50"], r["lat_ms"]["p99"]))
-                self.info.setdefault("phase_ms_c8", {}).setdefault(name, []).append(r["phase_ms"])
-                # The same one at a time: the latency without queueing.
-                r = self.loadgen.run(d.port, ["-c", 1, "-d", p["lat_secs"] / 2], p["lat_secs"] + 120)
-                d.check()
-                self.add("p50_c1", name, r["lat_ms"]["p50"])
-                self.info.setdefault("phase_ms_c1", {}).setdefault(name, []).append(r["phase_ms"])
-                # 3: CPU per GB after TLS.
-                n = p["bulk_sessions"]
-                size = p["bulk_bytes"] // n
-                c0 = cpu_seconds(d.pid)
-                r = self.loadgen.run(d.port, ["-m", "bulk", "-c", n, "-n", n, "-s", size], 600)
-                c1 = cpu_seconds(d.pid)
-                d.check()
-                gb = r["msg_bytes"] / 1e9
-                self.add("cpu_per_gb", name, (c1 - c0) / gb)
-                self.add("mbytes_per_s", name, r["mbytes_per_s"])
-                log("  round %d %-14s bulk:  %.2f GB, %.2f CPU-s, %.2f s/GB, %.0f MB/s"
-                    % (rnd + 1, name, gb, c1 - c0, (c1 - c0) / gb, r["mbytes_per_s"]))
+            for step in (self.step_full, self.step_latency, self.step_bulk):
+                for name in self.order(rnd):
+                    servers[name].check()
+                    step(rnd, name, servers[name])
         for d in servers.values():
             self.stop(d)
+
+    def step_full(self, rnd, name, d):
+        p = self.p
+        # 1: sessions per CPU-second under load.
+        c0 = cpu_seconds(d.pid)
+        r = self.loadgen.run(d.port, ["-c", p["full_conc"], "-d", p["full_secs"]],
+                             p["full_secs"] + 120)
+        c1 = cpu_seconds(d.pid)
+        d.check()
+        cpu = c1 - c0
+        self.add("sessions_per_cpu_s", name, r["ok"] / cpu if cpu > 0 else float("inf"))
+        self.add("cpu_per_session", name, cpu * 1000.0 / r["ok"])
+        self.add("sessions_per_s", name, r["sessions_per_s"])
+        self.info["tls"] = "%s %s %s" % (r["tls"], r["cipher"], r["group"])
+        log("  round %d %-14s full:  %5d sessions, %.2f CPU-s, %.3f ms CPU/session, %.0f sessions/s"
+            % (rnd + 1, name, r["ok"], cpu, cpu * 1000.0 / r["ok"], r["sessions_per_s"]))
+
+    def step_latency(self, rnd, name, d):
+        p = self.p
+        # 2: latency at 8 concurrent.
+        r = self.loadgen.run(d.port, ["-c", 8, "-d", p["lat_secs"]], p["lat_secs"] + 120)
+        d.check()
+        self.add("p50", name, r["lat_ms"]["p50"])
+        self.add("p99", name, r["lat_ms"]["p99"])
+        log("  round %d %-14s c=8:   %5d sessions, p50 %.2f ms, p99 %.2f ms"
+            % (rnd + 1, name, r["ok"], r["lat_ms"]["p50"], r["lat_ms"]["p99"]))
+        self.info.setdefault("phase_ms_c8", {}).setdefault(name, []).append(r["phase_ms"])
+        # The same one at a time: the latency without queueing.
+        r = self.loadgen.run(d.port, ["-c", 1, "-d", p["lat_secs"] / 2], p["lat_secs"] + 120)
+        d.check()
+        self.add("p50_c1", name, r["lat_ms"]["p50"])
+        self.info.setdefault("phase_ms_c1", {}).setdefault(name, []).append(r["phase_ms"])
+
+    def step_bulk(self, rnd, name, d):
+        p = self.p
+        # 3: CPU per GB after TLS.
+        n = p["bulk_sessions"]
+        size = p["bulk_bytes"] // n
+        c0 = cpu_seconds(d.pid)
+        r = self.loadgen.run(d.port, ["-m", "bulk", "-c", n, "-n", n, "-s", size], 600)
+        c1 = cpu_seconds(d.pid)
+        d.check()
+        gb = r["msg_bytes"] / 1e9
+        self.add("cpu_per_gb", name, (c1 - c0) / gb)
+        self.add("mbytes_per_s", name, r["mbytes_per_s"])
+        log("  round %d %-14s bulk:  %.2f GB, %.2f CPU-s, %.2f s/GB, %.0f MB/s"
+            % (rnd + 1, name, gb, c1 - c0, (c1 - c0) / gb, r["mbytes_per_s"]))
 
     # -- 4: RSS per idle session, fresh process each time -------------------
     def run_rss(self):
@@ -564,7 +606,7 @@ class Bench:
         steps = [s for s in self.p["steps"] if s <= cap] or [cap]
         if self.args.max_steps:
             steps = [int(x) for x in self.args.max_steps.split(",")]
-        for name in ("starttls-proxy", "stunnel"):
+        for name in self.names:
             best, note = 0, "all steps held"
             for k in steps:
                 d = self.start(self.server(name))
@@ -608,8 +650,8 @@ class Bench:
         v = self.results.get(metric, {}).get(name)
         return statistics.median(v) if v else None
 
-    def table(self):
-        rows = [
+    def rows(self):
+        return [
             ("sessions_per_cpu_s", "full STARTTLS sessions per CPU-second", "%.0f", None),
             ("cpu_per_session", "CPU per session, ms", "%.3f", "cpu_per_session"),
             ("sessions_per_s", "  sessions/s at %d concurrent (info)" % self.p["full_conc"], "%.0f", None),
@@ -622,6 +664,21 @@ class Bench:
              "rss_per_session"),
             ("max_sessions", "max concurrent TLS sessions", "%d", "max_sessions"),
         ]
+
+    @staticmethod
+    def layout(out):
+        widths = [max(len(r[i]) for r in out) for i in range(len(out[0]))]
+        lines = []
+        for i, r in enumerate(out):
+            lines.append("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j])
+                                   for j, c in enumerate(r)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return lines
+
+    def table(self):
+        """starttls-proxy against stunnel, with the issue's targets."""
+        rows = self.rows()
         out = []
         hdr = ("metric", "starttls-proxy", "stunnel", "ratio", "target", "met")
         out.append(hdr)
@@ -645,13 +702,7 @@ class Bench:
                     elif kind == "min":
                         met = "yes" if a >= val else "NO"
             out.append((label, fa, fb, ratio, target, met))
-        widths = [max(len(r[i]) for r in out) for i in range(len(hdr))]
-        lines = []
-        for i, r in enumerate(out):
-            lines.append("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j])
-                                   for j, c in enumerate(r)).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines = self.layout(out)
         paired = []
         for metric, label in (("cpu_per_session", "CPU per session"),
                               ("cpu_per_gb", "CPU per GB")):
@@ -666,9 +717,37 @@ class Bench:
             lines.append("ratio per round (median, range): " + "; ".join(paired))
         return "\n".join(lines)
 
-    def paired_ratios(self, metric):
+    # Round by round for the baseline table: the CPU metrics (the regression
+    # check's criteria, with idle memory) and their inverse.
+    PAIRED_BASELINE = ("sessions_per_cpu_s", "cpu_per_session", "cpu_per_gb", "rss_per_session")
+
+    def baseline_table(self):
+        """starttls-proxy against an older build of itself (--baseline)."""
+        out = [("metric", "starttls-proxy", "baseline", "ratio", "per round: median (range)", "n")]
+        for metric, label, fmt, _ in self.rows():
+            if metric not in self.results:
+                continue
+            a = self.median(metric, "starttls-proxy")
+            b = self.median(metric, "baseline")
+            fa = fmt % a if a is not None else "-"
+            fb = fmt % b if b is not None else "-"
+            ratio = "%.3f" % (a / b) if a is not None and b else "-"
+            per, n = "", ""
+            r = self.paired_ratios(metric, "baseline") if metric in self.PAIRED_BASELINE else []
+            if r:
+                per = "%.3f (%.3f-%.3f)" % (statistics.median(r), min(r), max(r))
+                n = str(len(r))
+            out.append((label, fa, fb, ratio, per, n))
+        lines = self.layout(out)
+        lines.append("")
+        lines.append("ratio = starttls-proxy / baseline (1.000: the same); per round: the ratio of the "
+                     "two within each round (they run back to back), its median and range over n rounds")
+        return "\n".join(lines)
+
+    def paired_ratios(self, metric, other="stunnel"):
+        """starttls-proxy / OTHER, round by round."""
         a = self.results.get(metric, {}).get("starttls-proxy", [])
-        b = self.results.get(metric, {}).get("stunnel", [])
+        b = self.results.get(metric, {}).get(other, [])
         return [x / y for x, y in zip(a, b) if y]
 
     def run(self):
@@ -716,7 +795,16 @@ def main():
     ap.add_argument("--smtp-sink", default=shutil.which("smtp-sink", path="/usr/sbin:/usr/bin") or "/usr/sbin/smtp-sink")
     ap.add_argument("--workers", default="1",
                     help="starttls-proxy's workers = (default 1: one event loop)")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="a second starttls-proxy binary (an older build, tests/bench/baseline.sh) "
+                         "run in the same rounds; adds a table starttls-proxy / baseline")
+    ap.add_argument("--no-stunnel", action="store_true",
+                    help="leave stunnel out (with --baseline: proxy against baseline only)")
     ap.add_argument("--rounds", type=int, help="rounds for metrics 1-3 (quick 2, full 5)")
+    ap.add_argument("--rss-rounds", type=int, help="rounds for metric 4 (quick 1, full 3)")
+    ap.add_argument("--bulk-mib", type=int,
+                    help="MiB relayed per server and round for metric 3 (quick 128, full 512); "
+                         "CPU time comes in 10 ms ticks, so more gives a finer CPU per GB")
     ap.add_argument("--only", help="comma list of parts: rounds, rss, max")
     ap.add_argument("--max-steps", help="comma list of session counts for metric 5")
     ap.add_argument("--json", help="also write the results here")
@@ -725,12 +813,22 @@ def main():
     ap.add_argument("--no-wait", action="store_true",
                     help="start at once even with many sockets of an earlier run in TIME_WAIT")
     args = ap.parse_args()
+    if args.no_stunnel and not args.baseline:
+        ap.error("--no-stunnel leaves nothing to compare against: give --baseline PATH")
+    if args.baseline:
+        # The -t key checks are remembered per path: keep the two apart.
+        args.baseline = os.path.abspath(args.baseline)
+        args.proxy = os.path.abspath(args.proxy)
 
-    missing = [(what, path) for what, path, pkg in (
-        ("starttls-proxy", args.proxy, None), ("stp-loadgen", args.loadgen, None),
-        ("stunnel", args.stunnel, "stunnel4"), ("smtp-sink", args.smtp_sink, "postfix"),
-        ("openssl", shutil.which("openssl") or "openssl", "openssl"))
-        if not (os.path.isfile(path) and os.access(path, os.X_OK))]
+    need = [("starttls-proxy", args.proxy, None), ("stp-loadgen", args.loadgen, None),
+            ("smtp-sink", args.smtp_sink, "postfix"),
+            ("openssl", shutil.which("openssl") or "openssl", "openssl")]
+    if args.baseline:
+        need.append(("baseline starttls-proxy", args.baseline, None))
+    if not args.no_stunnel:
+        need.append(("stunnel", args.stunnel, "stunnel4"))
+    missing = [(what, path) for what, path, pkg in need
+               if not (os.path.isfile(path) and os.access(path, os.X_OK))]
     if missing:
         for what, path in missing:
             log("run.py: %s not found at %s" % (what, path))
@@ -768,20 +866,36 @@ def main():
     elapsed = time.monotonic() - t0
 
     print()
-    print("starttls-proxy vs stunnel, %s run, %.0f s, %d CPUs, median of rounds; "
-          "ratio = starttls-proxy / stunnel" % ("quick" if args.quick else "full", elapsed,
-                                                os.cpu_count()))
-    print("TLS: %s; starttls-proxy wolfSSL: %s; stunnel: %s" % (
-        bench.info.get("tls", "?"), wolfssl_of(args.proxy), stunnel_version(args.stunnel)))
+    print("%s, %s run, %.0f s, %d CPUs, median of rounds; "
+          "ratio = starttls-proxy / %s" % (" vs ".join(bench.names),
+                                           "quick" if args.quick else "full", elapsed,
+                                           os.cpu_count(), " or ".join(bench.names[1:])))
+    tls = "TLS: %s; starttls-proxy wolfSSL: %s" % (bench.info.get("tls", "?"), wolfssl_of(args.proxy))
+    if args.baseline:
+        tls += "; baseline wolfSSL: %s" % wolfssl_of(args.baseline)
+    if not args.no_stunnel:
+        tls += "; stunnel: %s" % stunnel_version(args.stunnel)
+    print(tls)
     print("load average at start: %.2f, TIME_WAIT sockets %d (other work on the machine "
           "disturbs latency most)" % (load0, tw0))
-    extra = StarttlsProxy._accepted.get(args.proxy)
-    if extra:
-        print("starttls-proxy config adds: %s" % ", ".join(
-            "[%s] %s = %s" % (w, k, v) for w, k, v in extra))
-    print()
-    print(bench.table())
-    for name in ("starttls-proxy", "stunnel"):
+    if args.baseline:
+        for name, path in (("starttls-proxy", args.proxy), ("baseline", args.baseline)):
+            print("%s: %s (%s, built %s)" % (name, path, proxy_version(path), time.strftime(
+                "%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))))
+    for name, path in (("starttls-proxy", args.proxy), ("baseline", args.baseline)):
+        extra = StarttlsProxy._accepted.get(path) if path else None
+        if extra:
+            print("%s config adds: %s" % (name, ", ".join(
+                "[%s] %s = %s" % (w, k, v) for w, k, v in extra)))
+    if not args.no_stunnel:
+        print()
+        print(bench.table())
+    if args.baseline:
+        print()
+        print("starttls-proxy against the baseline build, same rounds:")
+        print()
+        print(bench.baseline_table())
+    for name in bench.names:
         note = bench.info.get("max_note_" + name)
         if note:
             print("max sessions, %s: %s" % (name, note))
@@ -793,8 +907,19 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"profile": "quick" if args.quick else "full", "elapsed_s": elapsed,
                        "results": bench.results, "info": bench.info, "errors": bench.errors,
-                       "params": bench.p}, f, indent=2)
+                       "params": bench.p, "servers": bench.names,
+                       "binaries": {"starttls-proxy": args.proxy, "baseline": args.baseline}},
+                      f, indent=2)
     return 1 if bench.errors else 0
+
+
+def proxy_version(binary):
+    try:
+        p = subprocess.run([binary, "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    out = (p.stdout.strip() or p.stderr.strip()).splitlines()
+    return out[0] if p.returncode == 0 and out else "no -V"
 
 
 def stunnel_version(binary):
