@@ -2,8 +2,7 @@
  * in one libuv loop. What they pin down: no io function calls its owner back
  * before it returns (errors are returned; events come from the loop, or from
  * stp_conn_pull's result), the half-close reports EOF once, after the data
- * before it; a conn frees itself on close and only then tells its owner;
- * input before TLS is dropped unless kept on purpose. */
+ * before it; a conn frees itself on close and only then tells its owner. */
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -168,6 +167,100 @@ static void test_half_close_keeps_data_and_writes(void)
     case_end();
 }
 
+/* ---- creating and closing ------------------------------------------------ */
+
+static void *closed_owner;
+static int n_closed, n_closed_other;
+static struct stp_conn *closing_conn;
+
+static void on_closed(void *owner)
+{
+    CHECK(!in_call, "closed called back inside stp_conn_close");
+    CHECK(FREED(closing_conn), "the owner was told before the conn was freed");
+    closed_owner = owner;
+    n_closed++;
+}
+
+static void on_closed_other(void *owner)
+{
+    (void)owner;
+    n_closed_other++;
+}
+
+static void test_inet_socket_before_connect(void)
+{
+    case_begin("AF_INET: the socket exists (and can be bound) before connect");
+    struct sockaddr_in a;
+    int l = listening_socket(&a);
+    struct stp_conn *conn;
+    ev0 = (struct seen){0};
+    CHECK(stp_conn_new(&loop, AF_INET, on_event, &ev0, &conn) == 0, "new");
+    int fd = stp_conn_fd(conn);
+    CHECK(fd >= 0, "no socket before connect: %d", fd);
+    /* What later work does to it: a source address of our choosing. */
+    struct sockaddr_in src = {.sin_family = AF_INET,
+                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(src);
+    CHECK(bind(fd, (struct sockaddr *)&src, sizeof(src)) == 0 &&
+              getsockname(fd, (struct sockaddr *)&src, &sl) == 0,
+          "bind before connect");
+    CHECK(stp_conn_connect(conn, (struct sockaddr *)&a) == 0, "connect");
+    run_until(&ev0.connected, 1);
+    CHECK(ev0.connected == 1 && ev0.last_err == 0, "connect: %d",
+          ev0.last_err);
+    CHECK(stp_conn_fd(conn) == fd, "the socket changed on connect");
+    struct sockaddr_in from;
+    socklen_t fl = sizeof(from);
+    int peer = accept(l, (struct sockaddr *)&from, &fl);
+    CHECK(peer >= 0 && from.sin_port == src.sin_port,
+          "the connection did not come from the bound port");
+    struct sockaddr_storage local, remote;
+    CHECK(stp_conn_local(conn, &local) == 0 &&
+              ((struct sockaddr_in *)&local)->sin_port == src.sin_port,
+          "stp_conn_local");
+    CHECK(stp_conn_peer(conn, &remote) == 0 &&
+              ((struct sockaddr_in *)&remote)->sin_port == a.sin_port,
+          "stp_conn_peer");
+    CHECK(stp_conn_tls(conn) == NULL, "a plaintext conn has TLS");
+    close(l);
+    done(conn, peer);
+
+    /* One to accept into has no socket: uv_accept would refuse it. */
+    CHECK(stp_conn_new(&loop, AF_UNSPEC, on_event, &ev0, &conn) == 0,
+          "new unspec");
+    CHECK(stp_conn_fd(conn) < 0, "AF_UNSPEC conn has a socket");
+    done(conn, -1);
+    case_end();
+}
+
+static void test_close_frees_then_tells_owner_once(void)
+{
+    case_begin("close: the conn is freed, then the owner told, once");
+    struct stp_conn *conn;
+    int peer;
+    pair(&conn, &peer);
+    /* Something to release: queued output and buffered input. */
+    stp_conn_want_read(conn, true);
+    CHECK(write(peer, "NOOP\r\n", 6) == 6, "write");
+    run_until(&ev0.data, 1);
+    CHECK(stp_conn_write(conn, "250 OK\r\n", 8) == 0, "queue");
+    n_closed = n_closed_other = 0;
+    closed_owner = NULL;
+    closing_conn = conn;
+    in_call = true;
+    stp_conn_close(conn, on_closed);
+    stp_conn_close(conn, on_closed_other); /* a second close: nothing */
+    in_call = false;
+    CHECK(n_closed == 0, "closed called back inside stp_conn_close");
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(n_closed == 1, "owner told %d times", n_closed);
+    CHECK(n_closed_other == 0, "the second close's callback ran");
+    CHECK(closed_owner == &ev0, "the owner was not passed");
+    CHECK(ev0.error == 0 && ev0.drained == 0, "events after close");
+    close(peer);
+    case_end();
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -176,6 +269,11 @@ int main(void)
     test_write_error_is_returned();
     test_pull_calls_nobody();
     test_half_close_keeps_data_and_writes();
-    uv_loop_close(&loop);
+    test_inet_socket_before_connect();
+    test_close_frees_then_tells_owner_once();
+    if (uv_loop_close(&loop) != 0) {
+        fprintf(stderr, "FAIL handles left open in the loop\n");
+        return 1;
+    }
     return unit_summary();
 }
