@@ -113,6 +113,11 @@ bool stp_conn_idle(const struct stp_conn *c);
  * bytes it sent before STARTTLS treated as sent under TLS (injection). */
 int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
                        const char *server_name);
+/* The same, but the input not consumed yet is kept as the first ciphertext:
+ * for TLS that follows a plaintext prefix in the same read (a PROXY header
+ * before an implicit-TLS ClientHello). Never at a STARTTLS boundary. */
+int stp_conn_start_tls_keep(struct stp_conn *c, struct stp_tls_ctx *ctx,
+                            const char *server_name);
 /* After the owner stalled and can take input again: decrypt what is
  * buffered (bytes inside wolfSSL never wake the loop) and return the event
  * that brought (DATA, EOF, ERROR with *ERR), for the owner to dispatch

@@ -692,7 +692,8 @@ static int start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
         return r;
     c->tls_ready = false;
     /* A client speaks first: its ClientHello goes out now. A handshake
-     * needs the peer, so nothing completes here; the next read goes on. */
+     * needs the peer, so nothing completes here; the next read goes on.
+     * (A server given kept input answers it here.) */
     r = stp_tls_handshake(c->tls);
     int w = stp_conn_flush(c);
     if (r == -EAGAIN || r == 0)
@@ -705,6 +706,22 @@ int stp_conn_start_tls(struct stp_conn *c, struct stp_tls_ctx *ctx,
                        const char *server_name)
 {
     STP_ASSERT(!c->tls);
+    stp_conn_discard_input(c);
+    return start_tls(c, ctx, server_name);
+}
+
+int stp_conn_start_tls_keep(struct stp_conn *c, struct stp_tls_ctx *ctx,
+                            const char *server_name)
+{
+    STP_ASSERT(!c->tls && !c->crx);
+    /* The unconsumed rest of rx becomes crx as is: no copy, and slices of
+     * its consumed part may still be queued elsewhere (refs). */
+    if (c->rx && c->rx_off < c->rx->len) {
+        c->crx = c->rx;
+        c->crx_off = c->rx_off;
+        c->rx = NULL;
+        c->rx_off = 0;
+    }
     stp_conn_discard_input(c);
     return start_tls(c, ctx, server_name);
 }
