@@ -351,28 +351,41 @@ static void tls_done(struct stp_conn *cli)
     uv_run(&loop, UV_RUN_DEFAULT);
 }
 
+/* Header and hello in one read, the header consumed, TLS started keeping
+ * (KEEP) or dropping the rest; T is armed to end the wait after MS. False:
+ * the setup failed (reported). */
+static bool start_after_prefix(struct stp_conn **cli, bool keep,
+                               uv_timer_t *t, uint64_t ms)
+{
+    prefix_then_hello(cli);
+    if (!accepted)
+        return false;
+    in_call = true;
+    int r = keep ? stp_conn_start_tls_keep(accepted, sctx, NULL)
+                 : stp_conn_start_tls(accepted, sctx, NULL);
+    in_call = false;
+    CHECK(r == 0, "start_tls (keep %d): %d", keep, r);
+    size_t n;
+    stp_conn_in(accepted, &n);
+    CHECK(n == 0, "%zu bytes left as plaintext", n);
+    n_timer = 0;
+    uv_timer_init(&loop, t);
+    uv_timer_start(t, on_timer, ms, 0);
+    return true;
+}
+
 static void test_start_tls_keep_hands_prefix_rest_to_tls(void)
 {
     case_begin("start_tls_keep: the hello read with the header does the handshake");
     struct stp_conn *cli;
-    prefix_then_hello(&cli);
-    if (!accepted) {
+    uv_timer_t t;
+    /* Bounded: with the hello lost, nothing would ever happen. */
+    if (!start_after_prefix(&cli, true, &t, 5000)) {
         case_end();
         return;
     }
-    in_call = true;
-    int r = stp_conn_start_tls_keep(accepted, sctx, NULL);
-    in_call = false;
-    CHECK(r == 0, "start_tls_keep: %d", r);
-    size_t n;
-    stp_conn_in(accepted, &n);
-    CHECK(n == 0, "%zu bytes left as plaintext", n);
     CHECK(stp_conn_tls(accepted) == NULL, "TLS before the handshake is done");
-    /* Bounded: with the hello lost, nothing would ever happen. */
-    uv_timer_t t;
-    n_timer = 0;
-    uv_timer_init(&loop, &t);
-    uv_timer_start(&t, on_timer, 5000, 0);
+    size_t n;
     while ((evs.tls_ready < 1 || evc.tls_ready < 1) && !evs.error &&
            !evc.error && !n_timer)
         uv_run(&loop, UV_RUN_ONCE);
@@ -400,23 +413,12 @@ static void test_start_tls_discards_prefix_rest(void)
 {
     case_begin("start_tls: what was read with the prefix is dropped");
     struct stp_conn *cli;
-    prefix_then_hello(&cli);
-    if (!accepted) {
+    uv_timer_t t;
+    /* The hello is gone: neither side gets anywhere. */
+    if (!start_after_prefix(&cli, false, &t, 300)) {
         case_end();
         return;
     }
-    in_call = true;
-    int r = stp_conn_start_tls(accepted, sctx, NULL);
-    in_call = false;
-    CHECK(r == 0, "start_tls: %d", r);
-    size_t n;
-    stp_conn_in(accepted, &n);
-    CHECK(n == 0, "%zu bytes left as plaintext", n);
-    /* The hello is gone: neither side gets anywhere. */
-    uv_timer_t t;
-    n_timer = 0;
-    uv_timer_init(&loop, &t);
-    uv_timer_start(&t, on_timer, 300, 0);
     run_until(&n_timer, 1);
     uv_close((uv_handle_t *)&t, NULL);
     CHECK(evs.tls_ready == 0 && evc.tls_ready == 0,
