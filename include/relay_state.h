@@ -28,6 +28,23 @@ const char *stp_sstate_name(enum stp_sstate s);
  * CLOSED is final. */
 bool stp_sstate_may(enum stp_sstate from, enum stp_sstate to);
 
+/* Which side a session in ST may read (before back-pressure): the client
+ * only while it is relayed or in a handshake, so no client byte arrives
+ * before the upstream is set up; the upstream while it is set up or
+ * relayed. */
+bool stp_sstate_reads_client(enum stp_sstate st);
+bool stp_sstate_reads_upstream(enum stp_sstate st);
+/* Is the upstream leg being set up (its events go to the hop)? */
+bool stp_sstate_setting_up(enum stp_sstate st);
+
+/* What a shutdown does to a session in ST: nothing (it is ending), close
+ * at once (no channel for a reply: before or inside a TLS handshake), or
+ * the engine's goodbye, now or (not IDLE, not FORCE) at its next
+ * boundary. */
+enum stp_stop { STP_STOP_NONE, STP_STOP_CLOSE, STP_STOP_GOODBYE,
+                STP_STOP_LATER };
+enum stp_stop stp_sstate_stop(enum stp_sstate st, bool idle, bool force);
+
 enum stp_deadline {
     STP_DL_NONE, STP_DL_HANDSHAKE, STP_DL_SETUP, STP_DL_REPLY, STP_DL_IDLE,
     STP_DL_COMMAND, STP_DL_DATA, STP_DL_DRAIN,

@@ -324,23 +324,15 @@ static const struct stp_proto_actions engine_actions = {
 
 /* ---- flow ------------------------------------------------------------------- */
 
-static bool setting_up(const struct stp_session *s)
-{
-    return s->state == STP_SS_CONNECTING || s->state == STP_SS_UPSTREAM_TLS ||
-           s->state == STP_SS_PRELUDE;
-}
-
 static void set_reading(struct stp_session *s)
 {
     bool up_busy = s->upstream && stp_conn_busy(s->upstream);
-    bool client = (s->state == STP_SS_RELAY || s->state == STP_SS_HANDSHAKE ||
-                   s->state == STP_SS_TLS_ACCEPT) && !up_busy;
-    bool upstream = s->state == STP_SS_RELAY || s->state == STP_SS_PRELUDE ||
-                    s->state == STP_SS_UPSTREAM_TLS;
-    stp_conn_want_read(s->client, client);
+    stp_conn_want_read(s->client,
+                       stp_sstate_reads_client(s->state) && !up_busy);
     if (s->upstream)
         stp_conn_want_read(s->upstream,
-                           upstream && !stp_conn_busy(s->client));
+                           stp_sstate_reads_upstream(s->state) &&
+                               !stp_conn_busy(s->client));
 }
 
 static void flush_both(struct stp_session *s)
@@ -550,7 +542,7 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
 static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
 {
     struct stp_session *s = session_of(stp_conn_owner(c));
-    if (setting_up(s)) {
+    if (stp_sstate_setting_up(s->state)) {
         stp_hop_event(&s->hop, ev, err);
         settle(s);
         return;
@@ -815,32 +807,18 @@ int stp_session_accept(struct stp_listener *lst)
  * goodbye at the next boundary); FORCE ends it regardless. */
 static void session_shutdown(struct stp_session *s, bool force)
 {
-    if (s->state >= STP_SS_DRAINING)
+    struct stp_proto_status st = {0};
+    if (s->state == STP_SS_RELAY)
+        s->proto->status(s->engine, &st);
+    enum stp_stop what = stp_sstate_stop(s->state, st.idle, force);
+    if (what == STP_STOP_NONE)
         return;
     s->shutting_down = true;
     session_reason(s, STP_CLOSE_SHUTDOWN);
-    struct stp_proto_status st;
-    switch (s->state) {
-    case STP_SS_NEW:
-    case STP_SS_TLS_ACCEPT:
-    case STP_SS_HANDSHAKE:
-        finish(s); /* no channel for a reply yet */
+    if (what == STP_STOP_CLOSE)
+        finish(s);
+    if (what != STP_STOP_GOODBYE)
         return;
-    case STP_SS_RELAY:
-        s->proto->status(s->engine, &st);
-        if (!force && !st.idle)
-            return;
-        break;
-    case STP_SS_CONNECTING:
-    case STP_SS_UPSTREAM_TLS:
-    case STP_SS_PRELUDE:
-    case STP_SS_STARTTLS:
-        break;
-    case STP_SS_DRAINING:
-    case STP_SS_CLOSED:
-    case STP_SS_COUNT:
-        return;
-    }
     s->proto->fail(s->engine, STP_FAIL_SHUTDOWN);
     settle(s);
 }

@@ -36,6 +36,45 @@ bool stp_sstate_may(enum stp_sstate from, enum stp_sstate to)
            (legal_moves[from] & TO(to));
 }
 
+bool stp_sstate_reads_client(enum stp_sstate st)
+{
+    return st == STP_SS_RELAY || st == STP_SS_HANDSHAKE ||
+           st == STP_SS_TLS_ACCEPT;
+}
+
+bool stp_sstate_reads_upstream(enum stp_sstate st)
+{
+    return st == STP_SS_RELAY || stp_sstate_setting_up(st);
+}
+
+bool stp_sstate_setting_up(enum stp_sstate st)
+{
+    return st == STP_SS_CONNECTING || st == STP_SS_UPSTREAM_TLS ||
+           st == STP_SS_PRELUDE;
+}
+
+enum stp_stop stp_sstate_stop(enum stp_sstate st, bool idle, bool force)
+{
+    switch (st) {
+    case STP_SS_NEW:
+    case STP_SS_TLS_ACCEPT:
+    case STP_SS_HANDSHAKE:
+        return STP_STOP_CLOSE;
+    case STP_SS_RELAY:
+        return idle || force ? STP_STOP_GOODBYE : STP_STOP_LATER;
+    case STP_SS_CONNECTING:
+    case STP_SS_UPSTREAM_TLS:
+    case STP_SS_PRELUDE:
+    case STP_SS_STARTTLS:
+        return STP_STOP_GOODBYE;
+    case STP_SS_DRAINING:
+    case STP_SS_CLOSED:
+    case STP_SS_COUNT:
+        break;
+    }
+    return STP_STOP_NONE;
+}
+
 const char *stp_deadline_name(enum stp_deadline d)
 {
     static const char *const names[] = {

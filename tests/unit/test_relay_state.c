@@ -43,6 +43,40 @@ static void test_moves(void)
     case_end();
 }
 
+static void test_reading_and_stop(void)
+{
+    case_begin("no client byte is read while the upstream is set up");
+    for (int st = 0; st < STP_SS_COUNT; st++) {
+        if (stp_sstate_setting_up(st) || st == STP_SS_NEW ||
+            st == STP_SS_STARTTLS || st >= STP_SS_DRAINING)
+            CHECK(!stp_sstate_reads_client(st), "client read in %s",
+                  stp_sstate_name(st));
+        CHECK(stp_sstate_reads_upstream(st) ==
+                  (st == STP_SS_RELAY || stp_sstate_setting_up(st)),
+              "upstream read in %s", stp_sstate_name(st));
+    }
+    CHECK(stp_sstate_reads_client(STP_SS_RELAY) &&
+              stp_sstate_reads_client(STP_SS_HANDSHAKE),
+          "relaying without reading the client");
+    case_end();
+
+    case_begin("shutdown: close, goodbye now or at the boundary");
+    CHECK(stp_sstate_stop(STP_SS_HANDSHAKE, true, false) == STP_STOP_CLOSE,
+          "mid-handshake there is no channel for a reply");
+    CHECK(stp_sstate_stop(STP_SS_RELAY, false, false) == STP_STOP_LATER,
+          "a message in flight is cut");
+    CHECK(stp_sstate_stop(STP_SS_RELAY, false, true) == STP_STOP_GOODBYE,
+          "force waits");
+    CHECK(stp_sstate_stop(STP_SS_RELAY, true, false) == STP_STOP_GOODBYE,
+          "an idle session waits");
+    CHECK(stp_sstate_stop(STP_SS_PRELUDE, false, false) == STP_STOP_GOODBYE,
+          "setup waits");
+    CHECK(stp_sstate_stop(STP_SS_DRAINING, true, true) == STP_STOP_NONE &&
+              stp_sstate_stop(STP_SS_CLOSED, true, true) == STP_STOP_NONE,
+          "an ending session is stopped again");
+    case_end();
+}
+
 static const struct stp_timeouts T = {
     .handshake = 60000, .setup = 30000, .reply = 300000, .idle = 300000,
     .command = 300000, .data = 600000, .drain = 5000,
@@ -117,6 +151,7 @@ int main(void)
 {
     signal(SIGALRM, on_alarm);
     test_moves();
+    test_reading_and_stop();
     test_deadlines();
     test_clock();
     return unit_summary();
