@@ -1,0 +1,1157 @@
+/* In-process tests of the relay (relay.c, nexthop.c, listener.c): in one
+ * libuv loop, the proxy's own stp_server listening on 127.0.0.1:0 from a
+ * configuration file, a scripted upstream SMTP server that records every
+ * byte it gets, and a client. The test drives the loop between its steps;
+ * a timer per case turns a hang into a failure. What they pin down: bytes
+ * pass unchanged both ways, a lost upstream gives the client a 421 and
+ * nothing the upstream did not say, a slow upstream stalls the client
+ * instead of growing the proxy, a half-closed client still gets its
+ * replies, pipelined plaintext after STARTTLS never reaches the upstream,
+ * a stop says goodbye to an idle session; and every session is freed. */
+#define _GNU_SOURCE /* memmem */
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <strings.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "io.h"
+#include "listener.h"
+#include "log.h"
+#include "tls.h"
+#include "unit.h"
+
+static uv_loop_t loop;
+static char tmpdir[] = "/tmp/stp-test-relay-XXXXXX";
+
+/* ---- growable byte strings ------------------------------------------------ */
+
+struct bytes {
+    char *p;
+    size_t n, cap;
+};
+
+static void bytes_add(struct bytes *b, const char *p, size_t n)
+{
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->n + n)
+            cap *= 2;
+        char *np = realloc(b->p, cap);
+        if (!np) {
+            fprintf(stderr, "out of memory\n");
+            abort();
+        }
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, p, n);
+    b->n += n;
+}
+
+/* The bytes from OFF on, printable even before any came. */
+static const char *tail(const struct bytes *b, size_t off)
+{
+    return b->p ? b->p + off : "";
+}
+
+static void bytes_free(struct bytes *b)
+{
+    free(b->p);
+    *b = (struct bytes){0};
+}
+
+/* Is A, all of it, the N bytes at P? Says where they differ if not. */
+static bool same_bytes(const char *what, const struct bytes *a, const char *p,
+                       size_t n)
+{
+    if (a->n == n && (n == 0 || memcmp(a->p, p, n) == 0))
+        return true;
+    size_t i = 0;
+    while (a->p && i < a->n && i < n && a->p[i] == p[i])
+        i++;
+    size_t from = i > 40 ? i - 40 : 0;
+    failf("%s: %zu bytes, want %zu; differ at %zu: got \"%s\" want \"%s\"",
+          what, a->n, n, i, esc(tail(a, from), STP_MIN(a->n - from, 120)),
+          esc(p + from, STP_MIN(n - from, 120)));
+    return false;
+}
+
+/* ---- the case's clock ------------------------------------------------------ */
+
+/* Each case has a few seconds; a wait that outlives them fails the case,
+ * and every later wait in it returns at once. */
+static uv_timer_t watchdog;
+static bool expired;
+
+static void on_watchdog(uv_timer_t *t)
+{
+    (void)t;
+    expired = true;
+}
+
+#define PUMP_UNTIL(cond, ...)                                                  \
+    do {                                                                       \
+        while (!(cond) && !expired)                                            \
+            uv_run(&loop, UV_RUN_ONCE);                                        \
+        if (!(cond))                                                           \
+            failf("timed out: " __VA_ARGS__);                                  \
+    } while (0)
+
+static uv_timer_t nap_timer;
+static bool nap_over;
+
+static void on_nap(uv_timer_t *t)
+{
+    (void)t;
+    nap_over = true;
+}
+
+/* Run the loop for MS: long enough for anything already on its way to
+ * arrive (loopback), to assert that something did not. */
+static void pump_for(uint64_t ms)
+{
+    nap_over = false;
+    uv_timer_start(&nap_timer, on_nap, ms, 0);
+    while (!nap_over)
+        uv_run(&loop, UV_RUN_ONCE);
+}
+
+/* ---- the scripted upstream ------------------------------------------------- */
+
+#define UP_GREETING "220 up.test ESMTP scripted\r\n"
+#define UP_EHLO                                                                \
+    "250-up.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n"
+#define UP_OK "250 2.0.0 Ok\r\n"
+#define UP_MAIL "250 2.1.0 Ok\r\n"
+#define UP_RCPT "250 2.1.5 Ok\r\n"
+#define UP_354 "354 End data with <CR><LF>.<CR><LF>\r\n"
+#define UP_QUEUED "250 2.0.0 Ok: queued as 4711\r\n"
+#define UP_BYE "221 2.0.0 Bye\r\n"
+#define UP_WHAT "502 5.5.2 Error: command not recognized\r\n"
+
+struct upstream;
+
+/* One connection the upstream accepted. */
+struct up_conn {
+    uv_tcp_t tcp;
+    struct upstream *up;
+    size_t line_off;       /* commands are parsed up to here */
+    bool in_data;          /* after our 354, until CRLF.CRLF */
+    size_t scan;           /* where to look for the end of data */
+    bool paused;           /* not reading (the back-pressure case) */
+    bool closing, eof;
+    uv_shutdown_t sreq;
+};
+
+struct upstream {
+    uv_tcp_t listener;
+    struct sockaddr_in addr;
+    struct up_conn *conn;  /* the latest one */
+    int accepted;
+    struct bytes rx;       /* every byte received, all connections */
+    struct bytes tx;       /* every byte sent */
+    size_t data_start, data_end; /* the first message's content in rx */
+    bool messages;         /* a message ended */
+    /* the script's faults */
+    bool close_on_mail;    /* MAIL arrives: close, no reply */
+    bool pause_in_data;    /* stop reading once the 354 is sent */
+    int rcvbuf;            /* > 0: SO_RCVBUF of accepted connections */
+};
+
+struct up_write {
+    uv_write_t req;
+    char data[];
+};
+
+static void up_written(uv_write_t *req, int status)
+{
+    (void)status; /* the proxy may be gone: not the upstream's concern */
+    free(req);
+}
+
+static void up_send(struct up_conn *c, const char *text)
+{
+    size_t n = strlen(text);
+    struct up_write *w = malloc(sizeof(*w) + n);
+    memcpy(w->data, text, n);
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)n);
+    bytes_add(&c->up->tx, text, n);
+    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, up_written) < 0)
+        free(w);
+}
+
+static void up_closed(uv_handle_t *h)
+{
+    struct up_conn *c = h->data;
+    if (c->up->conn == c)
+        c->up->conn = NULL;
+    free(c);
+}
+
+static void up_close(struct up_conn *c)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    uv_close((uv_handle_t *)&c->tcp, up_closed);
+}
+
+/* After QUIT: the reply leaves first, then the FIN. */
+static void up_shut(uv_shutdown_t *req, int status)
+{
+    (void)status;
+    up_close(req->data);
+}
+
+static bool verb_is(const char *line, size_t n, const char *verb)
+{
+    size_t k = strlen(verb);
+    return n >= k && strncasecmp(line, verb, k) == 0 &&
+           (n == k || line[k] == ' ' || line[k] == '\r');
+}
+
+static void up_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    static char chunk[64 * 1024];
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(chunk, sizeof(chunk));
+}
+
+/* Answer what has arrived: one reply per command line, the end of a message
+ * found by CRLF.CRLF (the DATA line's CRLF counts as the first). */
+static void up_process(struct up_conn *c)
+{
+    struct upstream *up = c->up;
+    struct bytes *rx = &up->rx;
+    while (!c->closing && !c->paused) {
+        if (c->in_data) {
+            const char *end = memmem(rx->p + c->scan, rx->n - c->scan,
+                                     "\r\n.\r\n", 5);
+            if (!end) {
+                c->scan = rx->n >= 4 ? rx->n - 4 : 0;
+                return;
+            }
+            size_t at = (size_t)(end - rx->p);
+            if (!up->messages) {
+                up->data_end = at + 2; /* the content ends with its CRLF */
+                up->messages = true;
+            }
+            c->in_data = false;
+            c->line_off = at + 5;
+            up_send(c, UP_QUEUED);
+            continue;
+        }
+        const char *nl = memchr(rx->p + c->line_off, '\n',
+                                rx->n - c->line_off);
+        if (!nl)
+            return;
+        const char *line = rx->p + c->line_off;
+        size_t n = (size_t)(nl - line) + 1;
+        c->line_off += n;
+        if (verb_is(line, n, "EHLO")) {
+            up_send(c, UP_EHLO);
+        } else if (verb_is(line, n, "MAIL")) {
+            if (up->close_on_mail) {
+                up_close(c);
+                return;
+            }
+            up_send(c, UP_MAIL);
+        } else if (verb_is(line, n, "RCPT")) {
+            up_send(c, UP_RCPT);
+        } else if (verb_is(line, n, "DATA")) {
+            up_send(c, UP_354);
+            c->in_data = true;
+            c->scan = c->line_off - 2;
+            if (!up->messages)
+                up->data_start = c->line_off;
+            if (up->pause_in_data) {
+                c->paused = true;
+                uv_read_stop((uv_stream_t *)&c->tcp);
+            }
+        } else if (verb_is(line, n, "NOOP") || verb_is(line, n, "RSET")) {
+            up_send(c, UP_OK);
+        } else if (verb_is(line, n, "QUIT")) {
+            up_send(c, UP_BYE);
+            c->sreq.data = c;
+            if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, up_shut) < 0)
+                up_close(c);
+            return;
+        } else {
+            up_send(c, UP_WHAT);
+        }
+    }
+}
+
+static void up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct up_conn *c = s->data;
+    if (nread < 0) {
+        c->eof = true;
+        up_close(c);
+        return;
+    }
+    bytes_add(&c->up->rx, buf->base, (size_t)nread);
+    up_process(c);
+}
+
+static void up_resume(struct upstream *up)
+{
+    struct up_conn *c = up->conn;
+    if (!c || !c->paused)
+        return;
+    c->paused = false;
+    up->pause_in_data = false;
+    uv_read_start((uv_stream_t *)&c->tcp, up_alloc, up_read);
+}
+
+static void up_accept(uv_stream_t *server, int status)
+{
+    struct upstream *up = server->data;
+    if (status < 0)
+        return;
+    struct up_conn *c = calloc(1, sizeof(*c));
+    c->up = up;
+    c->tcp.data = c;
+    uv_tcp_init(&loop, &c->tcp);
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
+        uv_close((uv_handle_t *)&c->tcp, up_closed);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1); /* replies leave at once, as a server's */
+    /* One conversation at a time: the cases open one session each. */
+    c->line_off = c->scan = up->rx.n;
+    up->conn = c;
+    up->accepted++;
+    up_send(c, UP_GREETING);
+    uv_read_start((uv_stream_t *)&c->tcp, up_alloc, up_read);
+}
+
+/* UP is zeroed but for its script's faults. */
+static void upstream_start(struct upstream *up)
+{
+    up->listener.data = up;
+    struct sockaddr_in a;
+    uv_ip4_addr("127.0.0.1", 0, &a);
+    int len = sizeof(up->addr), fd;
+    CHECK(uv_tcp_init(&loop, &up->listener) == 0 &&
+              uv_tcp_bind(&up->listener, (struct sockaddr *)&a, 0) == 0 &&
+              uv_tcp_getsockname(&up->listener, (struct sockaddr *)&up->addr,
+                                 &len) == 0 &&
+              uv_fileno((uv_handle_t *)&up->listener, &fd) == 0,
+          "upstream: bind");
+    /* Accepted sockets inherit it (before listen: it sets the window). */
+    if (up->rcvbuf > 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &up->rcvbuf,
+                   sizeof(up->rcvbuf));
+    CHECK(uv_listen((uv_stream_t *)&up->listener, 8, up_accept) == 0,
+          "upstream: listen");
+}
+
+static void upstream_stop(struct upstream *up)
+{
+    if (up->conn)
+        up_close(up->conn);
+    uv_close((uv_handle_t *)&up->listener, NULL);
+}
+
+static void upstream_free(struct upstream *up)
+{
+    bytes_free(&up->rx);
+    bytes_free(&up->tx);
+}
+
+/* ---- the proxy ------------------------------------------------------------- */
+
+struct proxy {
+    struct stp_gen *gen;
+    struct stp_shared shared;
+    struct stp_server srv;
+    struct sockaddr_in addr; /* where it listens: the port the kernel gave */
+    bool started, empty;
+};
+
+static void on_empty(struct stp_server *srv)
+{
+    struct proxy *p = (struct proxy *)((char *)srv - offsetof(struct proxy,
+                                                              srv));
+    p->empty = true;
+}
+
+/* The daemon's start, in this loop: a configuration file with one listener
+ * at 127.0.0.1:0 in front of UP; LISTENER_KEYS are more lines for it. */
+static bool proxy_start(struct proxy *p, const struct upstream *up,
+                        const char *listener_keys)
+{
+    *p = (struct proxy){0};
+    char path[128], err[1024] = "";
+    snprintf(path, sizeof(path), "%s/stp.conf", tmpdir);
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        failf("cannot write %s", path);
+        return false;
+    }
+    fprintf(f,
+            "[proxy]\n"
+            "hostname = proxy.test\n"
+            "drain_timeout = 5s\n"
+            "\n"
+            "[listener main]\n"
+            "listen = 127.0.0.1:0\n"
+            "upstream = up\n"
+            "%s"
+            "\n"
+            "[upstream up]\n"
+            "address = 127.0.0.1:%d\n",
+            listener_keys, ntohs(up->addr.sin_port));
+    fclose(f);
+    int r = stp_gen_new(path, &p->gen, err, sizeof(err));
+    if (r < 0) {
+        failf("configuration: %s", err);
+        return false;
+    }
+    CHECK(stp_shared_init(&p->shared) == 0, "shared init");
+    struct stp_sockets socks = {0};
+    r = stp_sockets_bind(&socks, p->gen, err, sizeof(err));
+    int *fds = r == 0 ? stp_sockets_dup(&socks, p->gen) : NULL;
+    if (!fds) {
+        failf("bind: %s", err);
+        stp_sockets_close(&socks);
+        stp_shared_free(&p->shared);
+        stp_gen_unref(p->gen);
+        return false;
+    }
+    r = stp_server_start(&p->srv, &loop, p->gen, &p->shared, 0, fds);
+    /* The server has its duplicates: once it stops, the port is closed. */
+    stp_sockets_close(&socks);
+    p->started = true;
+    p->srv.on_empty = on_empty;
+    CHECK(r == 0 && p->srv.listeners, "server start: %d", r);
+    if (r < 0 || !p->srv.listeners)
+        return false;
+    const struct sockaddr_storage *b = &p->srv.listeners->bound;
+    CHECK(b->ss_family == AF_INET && ((struct sockaddr_in *)b)->sin_port,
+          "the listener's bound address has no port");
+    memcpy(&p->addr, b, sizeof(p->addr));
+    return true;
+}
+
+/* The listening socket of the proxy: for the back-pressure case, which
+ * bounds what the kernel holds so that what is left to see is the proxy. */
+static int proxy_listen_fd(struct proxy *p)
+{
+    int fd = -1;
+    uv_fileno((uv_handle_t *)&p->srv.listeners->tcp, &fd);
+    return fd;
+}
+
+static void proxy_stop(struct proxy *p)
+{
+    if (p->started)
+        stp_server_stop(&p->srv, true);
+}
+
+/* After the loop ran dry: no session may be left. */
+static void proxy_free(struct proxy *p)
+{
+    if (!p->started)
+        return;
+    CHECK(p->srv.n_sessions == 0 && p->srv.sessions == NULL,
+          "%u sessions left at the end", p->srv.n_sessions);
+    CHECK(p->shared.n_sessions == 0, "%u sessions still counted",
+          p->shared.n_sessions);
+    stp_server_free(&p->srv);
+    stp_shared_free(&p->shared);
+    stp_gen_unref(p->gen);
+    p->started = false;
+}
+
+/* ---- a plaintext client ----------------------------------------------------- */
+
+struct client {
+    uv_tcp_t tcp;
+    uv_connect_t creq;
+    uv_shutdown_t sreq;
+    int connected;         /* 1, or a negative error */
+    bool open, eof, closing;
+    int read_err;
+    struct bytes rx;       /* every byte received */
+    size_t seen;           /* the expected part of it */
+    struct bytes sent;     /* every byte handed to a write */
+    size_t written;        /* bytes whose writes completed */
+    /* one long write (the back-pressure case): the kernel takes it as fast
+     * as it can, a few chunks in flight at once */
+    const char *bulk;
+    size_t bulk_len, bulk_queued;
+    int bulk_inflight;
+    int sndbuf;            /* > 0: SO_SNDBUF, set before connecting */
+};
+
+struct cl_write {
+    uv_write_t req;
+    size_t n;
+    bool bulk;
+    char data[];
+};
+
+static void client_pump_bulk(struct client *c);
+
+static void cl_written(uv_write_t *req, int status)
+{
+    struct cl_write *w = (struct cl_write *)req;
+    struct client *c = req->handle->data;
+    if (status == 0)
+        c->written += w->n;
+    if (w->bulk) {
+        c->bulk_inflight--;
+        if (status == 0)
+            client_pump_bulk(c);
+    }
+    free(w);
+}
+
+static void cl_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    static char chunk[64 * 1024];
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(chunk, sizeof(chunk));
+}
+
+static void cl_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct client *c = s->data;
+    if (nread == UV_EOF) {
+        c->eof = true;
+        uv_read_stop(s);
+    } else if (nread < 0) {
+        c->read_err = (int)nread;
+        c->eof = true;
+        uv_read_stop(s);
+    } else {
+        bytes_add(&c->rx, buf->base, (size_t)nread);
+    }
+}
+
+static void cl_connected(uv_connect_t *req, int status)
+{
+    struct client *c = req->handle->data;
+    c->connected = status == 0 ? 1 : status;
+    if (status == 0)
+        uv_tcp_nodelay(&c->tcp, 1);
+    if (status == 0)
+        uv_read_start((uv_stream_t *)&c->tcp, cl_alloc, cl_read);
+}
+
+static bool client_connect(struct client *c, const struct sockaddr_in *to)
+{
+    int sndbuf = c->sndbuf;
+    *c = (struct client){.sndbuf = sndbuf};
+    c->tcp.data = c;
+    uv_tcp_init(&loop, &c->tcp);
+    c->open = true;
+    if (sndbuf > 0) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+        uv_tcp_open(&c->tcp, fd);
+    }
+    int r = uv_tcp_connect(&c->creq, &c->tcp, (const struct sockaddr *)to,
+                           cl_connected);
+    CHECK(r == 0, "connect: %s", uv_strerror(r));
+    if (r < 0)
+        return false;
+    PUMP_UNTIL(c->connected != 0, "connecting to the proxy");
+    CHECK(c->connected == 1, "connect: %s",
+          c->connected < 0 ? uv_strerror(c->connected) : "pending");
+    return c->connected == 1;
+}
+
+static void client_write(struct client *c, const char *p, size_t n)
+{
+    struct cl_write *w = malloc(sizeof(*w) + n);
+    w->n = n;
+    w->bulk = false;
+    memcpy(w->data, p, n);
+    bytes_add(&c->sent, p, n);
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)n);
+    int r = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, cl_written);
+    CHECK(r == 0, "client write: %s", uv_strerror(r));
+    if (r < 0)
+        free(w);
+}
+
+#define client_say(c, lit) client_write(c, S(lit))
+
+#define BULK_CHUNK (64 * 1024)
+#define BULK_INFLIGHT 4
+
+/* At most BULK_INFLIGHT chunks queued in libuv: what the kernel would not
+ * take stays here, unwritten, where the test can see it. */
+static void client_pump_bulk(struct client *c)
+{
+    while (!c->closing && c->bulk_queued < c->bulk_len &&
+           c->bulk_inflight < BULK_INFLIGHT) {
+        size_t n = STP_MIN((size_t)BULK_CHUNK, c->bulk_len - c->bulk_queued);
+        struct cl_write *w = malloc(sizeof(*w));
+        w->n = n;
+        w->bulk = true;
+        uv_buf_t b = uv_buf_init((char *)c->bulk + c->bulk_queued,
+                                 (unsigned)n);
+        if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, cl_written) < 0) {
+            free(w);
+            failf("client bulk write failed");
+            return;
+        }
+        c->bulk_queued += n;
+        c->bulk_inflight++;
+    }
+}
+
+static void client_shutdown(struct client *c)
+{
+    int r = uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, NULL);
+    CHECK(r == 0, "shutdown: %s", uv_strerror(r));
+}
+
+/* The next bytes from the proxy are exactly TEXT. */
+static bool client_expect(struct client *c, const char *text, size_t n)
+{
+    PUMP_UNTIL(c->rx.n >= c->seen + n || c->eof,
+               "waiting for \"%s\": got \"%s\"", esc(text, n),
+               esc(tail(&c->rx, c->seen), c->rx.n - c->seen));
+    size_t got = c->rx.n - c->seen;
+    bool ok = got >= n && memcmp(tail(&c->rx, c->seen), text, n) == 0;
+    CHECK(ok, "want \"%s\", got \"%s\"%s", esc(text, n),
+          esc(tail(&c->rx, c->seen), got), c->eof ? " and EOF" : "");
+    c->seen += ok ? n : got;
+    return ok;
+}
+
+#define client_expect_lit(c, lit) client_expect(c, S(lit))
+
+/* Nothing more, then the end of the connection. */
+static void client_expect_eof(struct client *c)
+{
+    PUMP_UNTIL(c->eof, "waiting for the proxy to close");
+    CHECK(c->rx.n == c->seen, "more after the expected: \"%s\"",
+          esc(tail(&c->rx, c->seen), c->rx.n - c->seen));
+    CHECK(c->read_err == 0, "the connection ended with %s",
+          uv_strerror(c->read_err));
+}
+
+static void client_close(struct client *c)
+{
+    if (c->open && !c->closing) {
+        c->closing = true;
+        uv_close((uv_handle_t *)&c->tcp, NULL);
+    }
+}
+
+static void client_free(struct client *c)
+{
+    bytes_free(&c->rx);
+    bytes_free(&c->sent);
+}
+
+/* ---- a case ---------------------------------------------------------------- */
+
+struct world {
+    struct upstream up;
+    struct proxy px;
+    struct client cl;
+    struct client late;    /* a second client */
+};
+
+static bool world_start(struct world *w, const char *listener_keys)
+{
+    expired = false;
+    uv_timer_start(&watchdog, on_watchdog, 10000, 0);
+    upstream_start(&w->up);
+    return proxy_start(&w->px, &w->up, listener_keys);
+}
+
+/* Whatever the case left open is closed and the loop runs dry: a session
+ * that is never freed keeps a handle, and the loop never returns (the
+ * alarm names the case). */
+static void world_end(struct world *w)
+{
+    client_close(&w->cl);
+    client_close(&w->late);
+    proxy_stop(&w->px);
+    upstream_stop(&w->up);
+    uv_timer_stop(&watchdog);
+    uv_timer_stop(&nap_timer);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    proxy_free(&w->px);
+    client_free(&w->cl);
+    client_free(&w->late);
+    upstream_free(&w->up);
+}
+
+/* The session is over and freed: its close callbacks ran. */
+static void expect_no_session(struct world *w)
+{
+    PUMP_UNTIL(w->px.srv.n_sessions == 0, "%u sessions still open",
+               w->px.srv.n_sessions);
+    CHECK(w->px.shared.n_sessions == 0, "%u sessions still counted",
+          w->px.shared.n_sessions);
+}
+
+/* ---- the cases ---------------------------------------------------------------- */
+
+#define MESSAGE                                                                \
+    "From: <a@client.test>\r\n"                                                \
+    "To: <b@up.test>\r\n"                                                      \
+    "Subject: relay\r\n"                                                       \
+    "\r\n"                                                                     \
+    "..a line that starts with a dot, stuffed\r\n"                             \
+    "8bit: \xc3\xa9t\xc3\xa9\r\n"                                              \
+    "\r\n"
+
+static void test_plain_session(void)
+{
+    case_begin("a plaintext session passes byte for byte both ways");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        /* Pipelined up to DATA, which waits for its 354. */
+        client_say(c, "MAIL FROM:<a@client.test>\r\nRCPT TO:<b@up.test>\r\n"
+                      "DATA\r\n");
+        client_expect_lit(c, UP_MAIL UP_RCPT UP_354);
+        client_say(c, MESSAGE ".\r\n");
+        client_expect_lit(c, UP_QUEUED);
+        client_say(c, "QUIT\r\n");
+        client_expect_lit(c, UP_BYE);
+        client_expect_eof(c);
+        /* Exactly what the other side said, nothing added or lost. */
+        same_bytes("upstream received", &w.up.rx, c->sent.p, c->sent.n);
+        same_bytes("client received", &c->rx, w.up.tx.p, w.up.tx.n);
+        CHECK(w.up.messages && w.up.data_end - w.up.data_start ==
+                                   sizeof(MESSAGE) - 1,
+              "the message content was not found whole upstream");
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_upstream_lost_after_mail(void)
+{
+    case_begin("the upstream closing after MAIL: a 421, then the end");
+    struct world w = {0};
+    w.up.close_on_mail = true;
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        client_say(c, "MAIL FROM:<a@client.test>\r\n");
+        client_expect_lit(c, "421 4.4.2 Upstream connection lost\r\n");
+        /* No 250 for the MAIL the upstream never answered. */
+        client_expect_eof(c);
+        static const char want[] = UP_GREETING UP_EHLO
+            "421 4.4.2 Upstream connection lost\r\n";
+        same_bytes("client received", &c->rx, want, sizeof(want) - 1);
+        static const char sent[] = "EHLO client.test\r\n"
+                                   "MAIL FROM:<a@client.test>\r\n";
+        same_bytes("upstream received", &w.up.rx, sent, sizeof(sent) - 1);
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
+/* A deterministic message of N bytes: numbered lines, no lone dot. */
+static char *make_message(size_t n)
+{
+    char *m = malloc(n);
+    size_t off = 0;
+    for (unsigned i = 0; off < n; i++) {
+        char line[96];
+        int k = snprintf(line, sizeof(line),
+                         "line %09u the quick brown fox jumps over the lazy "
+                         "dog 0123456789\r\n", i);
+        size_t take = STP_MIN((size_t)k, n - off);
+        memcpy(m + off, line, take);
+        off += take;
+    }
+    /* It ends with a whole line. */
+    memcpy(m + n - 2, "\r\n", 2);
+    m[n - 3] = 'x';
+    return m;
+}
+
+static long read_long(const char *path, int field)
+{
+    FILE *f = fopen(path, "r");
+    long v = -1;
+    for (int i = 0; f && i <= field; i++)
+        if (fscanf(f, "%ld", &v) != 1)
+            v = -1;
+    if (f)
+        fclose(f);
+    return v;
+}
+
+/* The socket of this process whose local and peer addresses are these. */
+static int find_socket(const struct sockaddr_in *local,
+                       const struct sockaddr_in *peer)
+{
+    for (int fd = 0; fd < 4096; fd++) {
+        struct sockaddr_in l, p;
+        socklen_t ll = sizeof(l), pl = sizeof(p);
+        if (getsockname(fd, (struct sockaddr *)&l, &ll) == 0 &&
+            getpeername(fd, (struct sockaddr *)&p, &pl) == 0 &&
+            l.sin_family == AF_INET && p.sin_family == AF_INET &&
+            l.sin_port == local->sin_port && p.sin_port == peer->sin_port &&
+            l.sin_addr.s_addr == local->sin_addr.s_addr &&
+            p.sin_addr.s_addr == peer->sin_addr.s_addr)
+            return fd;
+    }
+    return -1;
+}
+
+static int queued(int fd, unsigned long what)
+{
+    int n = 0;
+    return fd >= 0 && ioctl(fd, what, &n) == 0 ? n : 0;
+}
+
+static uv_timer_t tick;
+static size_t tick_last;
+static int tick_quiet;
+
+static void on_tick(uv_timer_t *t)
+{
+    struct client *c = t->data;
+    tick_quiet = c->written == tick_last ? tick_quiet + 1 : 0;
+    tick_last = c->written;
+}
+
+static void test_back_pressure(void)
+{
+    case_begin("an upstream that stops reading stalls the client, "
+               "then every byte arrives");
+    struct world w = {0};
+    struct client *c = &w.cl;
+    /* The kernel's share is bounded on every socket the test can reach:
+     * ours, and the proxy's client side (inherited from its listening
+     * socket). Its upstream side's send buffer grows up to tcp_wmem's
+     * maximum: the message is larger than all of it together. */
+    int small = 64 * 1024;
+    long wmem = read_long("/proc/sys/net/ipv4/tcp_wmem", 2);
+    if (wmem <= 0)
+        wmem = 4 << 20;
+    size_t total = (size_t)wmem * 2 + ((size_t)2 << 20);
+    if (total < ((size_t)8 << 20))
+        total = (size_t)8 << 20;
+    char *msg = make_message(total);
+    w.up.pause_in_data = true;
+    w.up.rcvbuf = small;
+    bool ok = world_start(&w, "tls = none\n");
+    int lfd = ok ? proxy_listen_fd(&w.px) : -1;
+    if (lfd >= 0)
+        setsockopt(lfd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    c->sndbuf = small;
+    if (ok && lfd >= 0 && client_connect(c, &w.px.addr)) {
+        PUMP_UNTIL(w.up.conn, "the proxy never connected upstream");
+        int ufd = -1, cfd = -1;
+        if (w.up.conn)
+            uv_fileno((uv_handle_t *)&w.up.conn->tcp, &ufd);
+        uv_fileno((uv_handle_t *)&c->tcp, &cfd);
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        size_t head = c->sent.n;
+        CHECK(w.up.conn && w.up.conn->paused, "the upstream did not pause");
+        c->bulk = msg;
+        c->bulk_len = total;
+        client_pump_bulk(c);
+        /* Stalled: nothing more taken for a while. */
+        uv_timer_init(&loop, &tick);
+        tick.data = c;
+        tick_last = c->written;
+        tick_quiet = 0;
+        uv_timer_start(&tick, on_tick, 100, 100);
+        PUMP_UNTIL(tick_quiet >= 3 || c->written >= head + total,
+                   "the client's writes never settled");
+        uv_timer_stop(&tick);
+        size_t taken = c->written - head;
+        CHECK(taken < total,
+              "the client wrote all %zu bytes while the upstream read "
+              "nothing: the proxy buffered them", total);
+        /* Where the bytes the client wrote are: its own send queue, the
+         * proxy's two sockets, the upstream's receive queue, and what the
+         * proxy holds. */
+        struct sockaddr_in cl_addr, up_peer;
+        int len = sizeof(cl_addr);
+        uv_tcp_getsockname(&c->tcp, (struct sockaddr *)&cl_addr, &len);
+        len = sizeof(up_peer);
+        if (w.up.conn)
+            uv_tcp_getpeername(&w.up.conn->tcp, (struct sockaddr *)&up_peer,
+                               &len);
+        int pfd_client = find_socket(&w.px.addr, &cl_addr);
+        int pfd_up = find_socket(&up_peer, &w.up.addr);
+        CHECK(pfd_client >= 0 && pfd_up >= 0,
+              "the proxy's sockets not found (%d, %d)", pfd_client, pfd_up);
+        size_t upstream_got = w.up.rx.n - w.up.data_start;
+        size_t in_kernel = (size_t)queued(cfd, SIOCOUTQ) +
+                           (size_t)queued(pfd_client, SIOCINQ) +
+                           (size_t)queued(pfd_up, SIOCOUTQ) +
+                           (size_t)queued(ufd, SIOCINQ);
+        long held = (long)taken - (long)upstream_got - (long)in_kernel;
+        long allowed = STP_OUTQ_HIGH + 4 * STP_BUF_SIZE;
+        CHECK(held <= allowed,
+              "the proxy holds %ld bytes of the message (more than %ld): "
+              "taken %zu, upstream read %zu, in the kernel %zu",
+              held, allowed, taken, upstream_got, in_kernel);
+        if (getenv("STP_TEST_VERBOSE"))
+            fprintf(stderr, "back-pressure: message %zu, taken %zu, "
+                            "upstream read %zu, kernel %zu, proxy %ld\n",
+                    total, taken, upstream_got, in_kernel, held);
+        /* Reading again: everything, in order. */
+        up_resume(&w.up);
+        PUMP_UNTIL(c->written >= head + total, "the rest was never taken");
+        client_say(c, ".\r\n");
+        client_expect_lit(c, UP_QUEUED);
+        CHECK(w.up.messages, "the message never ended upstream");
+        if (w.up.messages && w.up.data_end - w.up.data_start == total) {
+            CHECK(memcmp(w.up.rx.p + w.up.data_start, msg, total) == 0,
+                  "the message arrived changed");
+        } else {
+            failf("the upstream got %zu bytes of content, want %zu",
+                  w.up.messages ? w.up.data_end - w.up.data_start : 0,
+                  total);
+        }
+        client_say(c, "QUIT\r\n");
+        client_expect_lit(c, UP_BYE);
+        client_expect_eof(c);
+        expect_no_session(&w);
+        uv_close((uv_handle_t *)&tick, NULL);
+    }
+    world_end(&w);
+    free(msg);
+    case_end();
+}
+
+static void test_half_close(void)
+{
+    case_begin("a client's half-close: its replies first, then the end");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "NOOP\r\nNOOP\r\n");
+        client_shutdown(c);
+        client_expect_lit(c, UP_OK UP_OK);
+        client_expect_eof(c);
+        same_bytes("upstream received", &w.up.rx, S("NOOP\r\nNOOP\r\n"));
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
+/* ---- STARTTLS, with io.c as the TLS client ----------------------------------- */
+
+struct tls_client {
+    struct stp_conn *conn;
+    int connected, data, eof, error, tls_ready, last_err;
+    bool freed;
+    struct bytes rx;
+    size_t seen;
+};
+
+static void tc_event(struct stp_conn *conn, enum stp_io_event ev, int err)
+{
+    struct tls_client *t = stp_conn_owner(conn);
+    size_t n;
+    const char *p;
+    switch (ev) {
+    case STP_IO_CONNECTED: t->connected = err == 0 ? 1 : err; break;
+    case STP_IO_DATA:
+        t->data++;
+        p = stp_conn_in(conn, &n);
+        bytes_add(&t->rx, p, n);
+        stp_conn_consume(conn, n);
+        break;
+    case STP_IO_EOF: t->eof++; break;
+    case STP_IO_ERROR: t->error++; t->last_err = err; break;
+    case STP_IO_TLS_READY: t->tls_ready++; break;
+    case STP_IO_DRAINED: break;
+    }
+}
+
+static void tc_freed(void *owner)
+{
+    ((struct tls_client *)owner)->freed = true;
+}
+
+static bool tc_expect(struct tls_client *t, const char *text, size_t n)
+{
+    PUMP_UNTIL(t->rx.n >= t->seen + n || t->eof || t->error,
+               "waiting for \"%s\": got \"%s\"", esc(text, n),
+               esc(tail(&t->rx, t->seen), t->rx.n - t->seen));
+    size_t got = t->rx.n - t->seen;
+    bool ok = got >= n && memcmp(tail(&t->rx, t->seen), text, n) == 0;
+    CHECK(ok, "want \"%s\", got \"%s\"%s%s", esc(text, n),
+          esc(tail(&t->rx, t->seen), got), t->eof ? " and EOF" : "",
+          t->error ? " and an error" : "");
+    t->seen += ok ? n : got;
+    return ok;
+}
+
+static void tc_say(struct tls_client *t, const char *s)
+{
+    int r = stp_conn_write(t->conn, s, strlen(s));
+    if (r == 0)
+        r = stp_conn_flush(t->conn);
+    CHECK(r == 0, "client write: %s", stp_strerror(r));
+}
+
+static void test_starttls_drops_pipelined_plaintext(void)
+{
+    case_begin("STARTTLS: plaintext pipelined after it never reaches the "
+               "upstream");
+    struct world w = {0};
+    struct tls_client t = {0};
+    struct stp_tls_params params = {.min_version = STP_TLS_V1_2,
+                                    .max_version = STP_TLS_V1_3};
+    struct stp_tls_client_opts o = {.params = &params, .verify = false};
+    struct stp_tls_ctx *cctx = NULL;
+    struct stp_tls_err e;
+    CHECK(stp_tls_ctx_new_client(&o, &cctx, &e) == 0, "client context: %s",
+          e.msg);
+    /* The proxy makes itself a self-signed certificate. */
+    if (cctx && world_start(&w, "tls = starttls\n") &&
+        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
+        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
+              "connect");
+        PUMP_UNTIL(t.connected, "connecting");
+        stp_conn_want_read(t.conn, true);
+        tc_expect(&t, S(UP_GREETING));
+        tc_say(&t, "EHLO client.test\r\n");
+        tc_expect(&t, S("250-up.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                        "250-SIZE 100000000\r\n250 STARTTLS\r\n"));
+        /* One write: the RSET is in the proxy's buffer with the STARTTLS. */
+        tc_say(&t, "STARTTLS\r\nRSET\r\n");
+        tc_expect(&t, S("220 2.0.0 Ready to start TLS\r\n"));
+        pump_for(50);
+        same_bytes("upstream before the handshake", &w.up.rx,
+                   S("EHLO client.test\r\n"));
+        CHECK(t.rx.n == t.seen, "more after the 220: \"%s\"",
+              esc(tail(&t.rx, t.seen), t.rx.n - t.seen));
+        CHECK(stp_conn_start_tls(t.conn, cctx, NULL) == 0, "start TLS");
+        PUMP_UNTIL(t.tls_ready || t.error || t.eof, "the handshake");
+        CHECK(t.tls_ready == 1, "no handshake: error %d (%s) eof %d",
+              t.error, t.error ? stp_conn_error_text(t.conn, t.last_err) : "",
+              t.eof);
+        if (t.tls_ready) {
+            /* The TLS session starts afresh: EHLO again, no STARTTLS
+             * offered now, and the upstream sees only what came after. */
+            tc_say(&t, "EHLO client.test\r\n");
+            tc_expect(&t, S(UP_EHLO));
+            tc_say(&t, "NOOP\r\n");
+            tc_expect(&t, S(UP_OK));
+            tc_say(&t, "QUIT\r\n");
+            tc_expect(&t, S(UP_BYE));
+            PUMP_UNTIL(t.eof || t.error, "the proxy's close");
+            CHECK(t.rx.n == t.seen, "more after the expected: \"%s\"",
+                  esc(tail(&t.rx, t.seen), t.rx.n - t.seen));
+            same_bytes("upstream received", &w.up.rx,
+                       S("EHLO client.test\r\nEHLO client.test\r\nNOOP\r\n"
+                         "QUIT\r\n"));
+            expect_no_session(&w);
+        }
+    }
+    if (t.conn)
+        stp_conn_close(t.conn, tc_freed);
+    world_end(&w);
+    CHECK(!t.conn || t.freed, "the client conn was not freed");
+    stp_tls_ctx_free(cctx);
+    bytes_free(&t.rx);
+    case_end();
+}
+
+static void test_stop_idle_session(void)
+{
+    case_begin("a stop: an idle session gets a 421 and ends");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        pump_for(20); /* idle between commands */
+        stp_server_stop(&w.px.srv, false);
+        client_expect_lit(c, "421 4.3.2 Service shutting down, closing "
+                             "transmission channel\r\n");
+        client_expect_eof(c);
+        expect_no_session(&w);
+        CHECK(w.px.empty, "on_empty was not called");
+        same_bytes("upstream received", &w.up.rx, S("EHLO client.test\r\n"));
+        /* The port is closed: nobody else gets in. */
+        struct client *late = &w.late;
+        late->tcp.data = late;
+        uv_tcp_init(&loop, &late->tcp);
+        late->open = true;
+        uv_tcp_connect(&late->creq, &late->tcp,
+                       (const struct sockaddr *)&w.px.addr, cl_connected);
+        PUMP_UNTIL(late->connected != 0, "a connection after the stop");
+        CHECK(late->connected == UV_ECONNREFUSED,
+              "a connection after the stop: %s",
+              late->connected == 1 ? "accepted"
+                                   : uv_strerror(late->connected));
+    }
+    world_end(&w);
+    case_end();
+}
+
+/* ---- main ---------------------------------------------------------------------- */
+
+static void rm_tmpdir(void)
+{
+    char path[128];
+    snprintf(path, sizeof(path), "%s/stp.conf", tmpdir);
+    unlink(path);
+    rmdir(tmpdir);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGALRM, on_alarm);
+    /* The proxy's own log lines only when asked: a failure prints its own. */
+    stp_log_set_level(getenv("STP_TEST_VERBOSE") ? STP_LOG_DEBUG
+                                                 : STP_LOG_ERROR);
+    if (!mkdtemp(tmpdir) || stp_tls_global_init() < 0) {
+        fprintf(stderr, "setup failed\n");
+        return 1;
+    }
+    uv_loop_init(&loop);
+    uv_timer_init(&loop, &watchdog);
+    uv_timer_init(&loop, &nap_timer);
+    test_plain_session();
+    test_upstream_lost_after_mail();
+    test_back_pressure();
+    test_half_close();
+    test_starttls_drops_pipelined_plaintext();
+    test_stop_idle_session();
+    uv_close((uv_handle_t *)&watchdog, NULL);
+    uv_close((uv_handle_t *)&nap_timer, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uv_loop_close(&loop);
+    stp_buf_pool_trim();
+    stp_tls_global_cleanup();
+    rm_tmpdir();
+    return unit_summary();
+}
