@@ -11,6 +11,7 @@
 #define _GNU_SOURCE /* memmem */
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <stdlib.h>
@@ -159,6 +160,7 @@ struct upstream {
     bool messages;         /* a message ended */
     /* the script's faults */
     bool close_on_mail;    /* MAIL arrives: close, no reply */
+    bool bye_after_mail;   /* MAIL arrives: its 250, then close */
     bool pause_in_data;    /* stop reading once the 354 is sent */
     int rcvbuf;            /* > 0: SO_RCVBUF of accepted connections */
 };
@@ -206,6 +208,15 @@ static void up_shut(uv_shutdown_t *req, int status)
 {
     (void)status;
     up_close(req->data);
+}
+
+static void up_hang_up(struct up_conn *c)
+{
+    c->sreq.data = c;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->paused = true; /* reads nothing more */
+    if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, up_shut) < 0)
+        up_close(c);
 }
 
 static bool verb_is(const char *line, size_t n, const char *verb)
@@ -262,6 +273,10 @@ static void up_process(struct up_conn *c)
                 return;
             }
             up_send(c, UP_MAIL);
+            if (up->bye_after_mail) {
+                up_hang_up(c);
+                return;
+            }
         } else if (verb_is(line, n, "RCPT")) {
             up_send(c, UP_RCPT);
         } else if (verb_is(line, n, "DATA")) {
@@ -278,9 +293,7 @@ static void up_process(struct up_conn *c)
             up_send(c, UP_OK);
         } else if (verb_is(line, n, "QUIT")) {
             up_send(c, UP_BYE);
-            c->sreq.data = c;
-            if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, up_shut) < 0)
-                up_close(c);
+            up_hang_up(c);
             return;
         } else {
             up_send(c, UP_WHAT);
@@ -489,6 +502,7 @@ struct client {
     const char *bulk;
     size_t bulk_len, bulk_queued;
     int bulk_inflight;
+    bool bulk_then_shut;   /* half-close once the bulk is queued */
     int sndbuf;            /* > 0: SO_SNDBUF, set before connecting */
 };
 
@@ -500,6 +514,7 @@ struct cl_write {
 };
 
 static void client_pump_bulk(struct client *c);
+static void client_shutdown(struct client *c);
 
 static void cl_written(uv_write_t *req, int status)
 {
@@ -609,6 +624,11 @@ static void client_pump_bulk(struct client *c)
         }
         c->bulk_queued += n;
         c->bulk_inflight++;
+    }
+    /* libuv sends the FIN after the writes queued before it. */
+    if (c->bulk_then_shut && c->bulk_queued == c->bulk_len) {
+        c->bulk_then_shut = false;
+        client_shutdown(c);
     }
 }
 
@@ -1116,6 +1136,170 @@ static void test_stop_idle_session(void)
     case_end();
 }
 
+static void test_upstream_reply_then_close(void)
+{
+    case_begin("the upstream's last reply before it closes reaches the "
+               "client, then a 421");
+    struct world w = {0};
+    w.up.bye_after_mail = true;
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        client_say(c, "MAIL FROM:<a@client.test>\r\n");
+        client_expect_lit(c, UP_MAIL "421 4.4.2 Upstream connection lost\r\n");
+        client_expect_eof(c);
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
+/* The content of a message in two parts, the second with its end. */
+#define PART1 "Subject: half\r\n\r\nthe first half of the body\r\n"
+#define PART2 "and the second half\r\n.\r\n"
+
+static void test_stop_waits_for_message(void)
+{
+    case_begin("a stop during DATA: the message completes, then the 421");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        client_say(c, PART1);
+        pump_for(20);
+        stp_server_stop(&w.px.srv, false);
+        pump_for(50);
+        CHECK(c->rx.n == c->seen && !c->eof,
+              "the stop interrupted the message: \"%s\"%s",
+              esc(tail(&c->rx, c->seen), c->rx.n - c->seen),
+              c->eof ? " and EOF" : "");
+        client_say(c, PART2);
+        client_expect_lit(c, UP_QUEUED "421 4.3.2 Service shutting down, "
+                                       "closing transmission channel\r\n");
+        client_expect_eof(c);
+        CHECK(w.up.messages &&
+                  w.up.data_end - w.up.data_start == sizeof(PART1 PART2) - 4,
+              "the message did not arrive whole upstream");
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_half_close_mid_message(void)
+{
+    case_begin("a half-close in the middle of a message: it never "
+               "completes upstream");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        client_say(c, PART1);
+        client_shutdown(c);
+        client_expect_eof(c);
+        expect_no_session(&w);
+        PUMP_UNTIL(!w.up.conn, "the upstream connection was left open");
+        CHECK(!w.up.messages, "an unfinished message completed upstream");
+        static const char want[] = "EHLO client.test\r\n"
+                                   "MAIL FROM:<a@client.test>\r\n"
+                                   "RCPT TO:<b@up.test>\r\nDATA\r\n" PART1;
+        same_bytes("upstream received", &w.up.rx, want, sizeof(want) - 1);
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_half_close_after_message_slow_upstream(void)
+{
+    case_begin("a whole message, QUIT and a half-close to a slow upstream: "
+               "all delivered and answered");
+    struct world w = {0};
+    struct client *c = &w.cl;
+    static const char end[] = ".\r\nQUIT\r\n";
+    size_t len = (size_t)3 << 20; /* well over the proxy's queue */
+    char *body = make_message(len), *msg = malloc(len + sizeof(end) - 1);
+    memcpy(msg, body, len);
+    memcpy(msg + len, end, sizeof(end) - 1);
+    free(body);
+    w.up.pause_in_data = true;
+    if (world_start(&w, "tls = none\n") && client_connect(c, &w.px.addr)) {
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        c->bulk = msg;
+        c->bulk_len = len + sizeof(end) - 1;
+        c->bulk_then_shut = true;
+        client_pump_bulk(c);
+        pump_for(100); /* the proxy's queue fills; its reading stops */
+        up_resume(&w.up);
+        client_expect_lit(c, UP_QUEUED UP_BYE);
+        client_expect_eof(c);
+        CHECK(w.up.messages && w.up.data_end - w.up.data_start == len &&
+                  memcmp(w.up.rx.p + w.up.data_start, msg, len) == 0,
+              "the message did not arrive whole upstream");
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    free(msg);
+    case_end();
+}
+
+/* Mid-handshake the upstream is not read, and there is no channel for a
+ * reply anyway: the loss is found once the handshake is done, and said over
+ * TLS. */
+static void test_upstream_lost_during_handshake(void)
+{
+    case_begin("the upstream lost during the client's handshake: a 421 "
+               "over TLS after it");
+    struct world w = {0};
+    struct tls_client t = {0};
+    struct stp_tls_params params = {.min_version = STP_TLS_V1_2,
+                                    .max_version = STP_TLS_V1_3};
+    struct stp_tls_client_opts o = {.params = &params, .verify = false};
+    struct stp_tls_ctx *cctx = NULL;
+    struct stp_tls_err e;
+    CHECK(stp_tls_ctx_new_client(&o, &cctx, &e) == 0, "client context: %s",
+          e.msg);
+    if (cctx && world_start(&w, "tls = starttls\n") &&
+        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
+        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
+              "connect");
+        PUMP_UNTIL(t.connected, "connecting");
+        stp_conn_want_read(t.conn, true);
+        tc_expect(&t, S(UP_GREETING));
+        tc_say(&t, "STARTTLS\r\n");
+        tc_expect(&t, S("220 2.0.0 Ready to start TLS\r\n"));
+        if (w.up.conn)
+            up_close(w.up.conn);
+        PUMP_UNTIL(!w.up.conn, "closing the upstream");
+        pump_for(20);
+        CHECK(stp_conn_start_tls(t.conn, cctx, NULL) == 0, "start TLS");
+        PUMP_UNTIL(t.tls_ready || t.error || t.eof, "the handshake");
+        CHECK(t.tls_ready == 1, "no handshake: error %d eof %d", t.error,
+              t.eof);
+        tc_expect(&t, S("421 4.4.2 Upstream connection lost\r\n"));
+        PUMP_UNTIL(t.eof || t.error, "the proxy's close");
+        CHECK(t.rx.n == t.seen, "more after the 421: \"%s\"",
+              esc(tail(&t.rx, t.seen), t.rx.n - t.seen));
+        expect_no_session(&w);
+    }
+    if (t.conn)
+        stp_conn_close(t.conn, tc_freed);
+    world_end(&w);
+    stp_tls_ctx_free(cctx);
+    bytes_free(&t.rx);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -1125,6 +1309,14 @@ static void rm_tmpdir(void)
     unlink(path);
     rmdir(tmpdir);
 }
+
+/* STP_TEST_ONLY=WORD runs the cases whose function name has WORD in it. */
+#define RUN(fn)                                                                \
+    do {                                                                       \
+        const char *only_ = getenv("STP_TEST_ONLY");                           \
+        if (!only_ || strstr(#fn, only_))                                      \
+            fn();                                                              \
+    } while (0)
 
 int main(void)
 {
@@ -1140,12 +1332,17 @@ int main(void)
     uv_loop_init(&loop);
     uv_timer_init(&loop, &watchdog);
     uv_timer_init(&loop, &nap_timer);
-    test_plain_session();
-    test_upstream_lost_after_mail();
-    test_back_pressure();
-    test_half_close();
-    test_starttls_drops_pipelined_plaintext();
-    test_stop_idle_session();
+    RUN(test_plain_session);
+    RUN(test_upstream_lost_after_mail);
+    RUN(test_back_pressure);
+    RUN(test_half_close);
+    RUN(test_starttls_drops_pipelined_plaintext);
+    RUN(test_stop_idle_session);
+    RUN(test_upstream_reply_then_close);
+    RUN(test_stop_waits_for_message);
+    RUN(test_half_close_mid_message);
+    RUN(test_half_close_after_message_slow_upstream);
+    RUN(test_upstream_lost_during_handshake);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
