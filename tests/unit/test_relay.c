@@ -162,6 +162,8 @@ struct upstream {
     bool close_on_mail;    /* MAIL arrives: close, no reply */
     bool bye_after_mail;   /* MAIL arrives: its 250, then close */
     bool pause_in_data;    /* stop reading once the 354 is sent */
+    bool silent;           /* no greeting */
+    bool stopped;          /* the listener is closed */
     int rcvbuf;            /* > 0: SO_RCVBUF of accepted connections */
 };
 
@@ -341,7 +343,8 @@ static void up_accept(uv_stream_t *server, int status)
     c->line_off = c->scan = up->rx.n;
     up->conn = c;
     up->accepted++;
-    up_send(c, UP_GREETING);
+    if (!up->silent)
+        up_send(c, UP_GREETING);
     uv_read_start((uv_stream_t *)&c->tcp, up_alloc, up_read);
 }
 
@@ -370,7 +373,9 @@ static void upstream_stop(struct upstream *up)
 {
     if (up->conn)
         up_close(up->conn);
-    uv_close((uv_handle_t *)&up->listener, NULL);
+    if (!up->stopped)
+        uv_close((uv_handle_t *)&up->listener, NULL);
+    up->stopped = true;
 }
 
 static void upstream_free(struct upstream *up)
@@ -397,9 +402,11 @@ static void on_empty(struct stp_server *srv)
 }
 
 /* The daemon's start, in this loop: a configuration file with one listener
- * at 127.0.0.1:0 in front of UP; LISTENER_KEYS are more lines for it. */
+ * at 127.0.0.1:0 in front of UP; the *_KEYS are more lines for each
+ * section. */
 static bool proxy_start(struct proxy *p, const struct upstream *up,
-                        const char *listener_keys)
+                        const char *proxy_keys, const char *listener_keys,
+                        const char *upstream_keys)
 {
     *p = (struct proxy){0};
     char path[128], err[1024] = "";
@@ -412,7 +419,7 @@ static bool proxy_start(struct proxy *p, const struct upstream *up,
     fprintf(f,
             "[proxy]\n"
             "hostname = proxy.test\n"
-            "drain_timeout = 5s\n"
+            "%s"
             "\n"
             "[listener main]\n"
             "listen = 127.0.0.1:0\n"
@@ -420,8 +427,10 @@ static bool proxy_start(struct proxy *p, const struct upstream *up,
             "%s"
             "\n"
             "[upstream up]\n"
-            "address = 127.0.0.1:%d\n",
-            listener_keys, ntohs(up->addr.sin_port));
+            "address = 127.0.0.1:%d\n"
+            "%s",
+            proxy_keys, listener_keys, ntohs(up->addr.sin_port),
+            upstream_keys);
     fclose(f);
     int r = stp_gen_new(path, &p->gen, err, sizeof(err));
     if (r < 0) {
@@ -685,6 +694,7 @@ struct world {
     struct proxy px;
     struct client cl;
     struct client late;    /* a second client */
+    const char *proxy_keys, *upstream_keys; /* more configuration */
 };
 
 static bool world_start(struct world *w, const char *listener_keys)
@@ -692,7 +702,10 @@ static bool world_start(struct world *w, const char *listener_keys)
     expired = false;
     uv_timer_start(&watchdog, on_watchdog, 10000, 0);
     upstream_start(&w->up);
-    return proxy_start(&w->px, &w->up, listener_keys);
+    return proxy_start(&w->px, &w->up,
+                       w->proxy_keys ? w->proxy_keys : "drain_timeout = 5s\n",
+                       listener_keys,
+                       w->upstream_keys ? w->upstream_keys : "");
 }
 
 /* Whatever the case left open is closed and the loop runs dry: a session
@@ -1300,6 +1313,125 @@ static void test_upstream_lost_during_handshake(void)
     case_end();
 }
 
+static void test_connection_limit(void)
+{
+    case_begin("over max_connections_per_ip: a 421, and the first session "
+               "goes on");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\nmax_connections_per_ip = 1\n") &&
+        client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl, *late = &w.late;
+        client_expect_lit(c, UP_GREETING);
+        if (client_connect(late, &w.px.addr)) {
+            client_expect_lit(late, "421 4.7.0 proxy.test Error: too many "
+                                    "connections\r\n");
+            client_expect_eof(late);
+        }
+        PUMP_UNTIL(w.px.srv.n_sessions == 1, "the refused session stays");
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        client_say(c, "QUIT\r\n");
+        client_expect_lit(c, UP_BYE);
+        client_expect_eof(c);
+        expect_no_session(&w);
+        CHECK(w.up.accepted == 1, "%d upstream connections, want 1",
+              w.up.accepted);
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_upstream_unreachable(void)
+{
+    case_begin("an upstream that refuses the connection: a 421");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\n")) {
+        upstream_stop(&w.up); /* its port is closed now */
+        struct client *c = &w.cl;
+        if (client_connect(c, &w.px.addr)) {
+            client_expect_lit(c, "421 4.3.2 Service not available, closing "
+                                 "transmission channel\r\n");
+            client_expect_eof(c);
+            expect_no_session(&w);
+        }
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_upstream_never_greets(void)
+{
+    case_begin("an upstream that never greets: a 421 after timeout_connect");
+    struct world w = {0};
+    w.up.silent = true;
+    w.upstream_keys = "timeout_connect = 300ms\n";
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        uint64_t t0 = uv_now(&loop);
+        client_expect_lit(c, "421 4.3.2 Service not available, closing "
+                             "transmission channel\r\n");
+        uint64_t took = uv_now(&loop) - t0;
+        CHECK(took >= 250, "the 421 came after %" PRIu64 " ms, before the "
+              "timeout", took);
+        client_expect_eof(c);
+        expect_no_session(&w);
+        PUMP_UNTIL(!w.up.conn, "the upstream connection was left open");
+        CHECK(w.up.rx.n == 0, "the upstream got \"%s\"",
+              esc(tail(&w.up.rx, 0), w.up.rx.n));
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_idle_timeout(void)
+{
+    case_begin("an idle client: a 421 after timeout_idle, both sides closed");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\ntimeout_idle = 300ms\n") &&
+        client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        client_expect_lit(c, "421 4.4.2 proxy.test Error: timeout "
+                             "exceeded\r\n");
+        client_expect_eof(c);
+        expect_no_session(&w);
+        PUMP_UNTIL(!w.up.conn, "the upstream connection was left open");
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_drain_timeout_cuts_message(void)
+{
+    case_begin("a stop with a message that never ends: after drain_timeout, "
+               "a 421 and the message is cut");
+    struct world w = {0};
+    w.proxy_keys = "drain_timeout = 300ms\n";
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        client_say(c, PART1);
+        pump_for(20);
+        stp_server_stop(&w.px.srv, false);
+        pump_for(100);
+        CHECK(c->rx.n == c->seen && !c->eof, "the stop did not wait");
+        client_expect_lit(c, "421 4.3.2 Service shutting down, closing "
+                             "transmission channel\r\n");
+        client_expect_eof(c);
+        expect_no_session(&w);
+        CHECK(w.px.empty, "on_empty was not called");
+        PUMP_UNTIL(!w.up.conn, "the upstream connection was left open");
+        CHECK(!w.up.messages, "the unfinished message completed upstream");
+    }
+    world_end(&w);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -1343,6 +1475,11 @@ int main(void)
     RUN(test_half_close_mid_message);
     RUN(test_half_close_after_message_slow_upstream);
     RUN(test_upstream_lost_during_handshake);
+    RUN(test_connection_limit);
+    RUN(test_upstream_unreachable);
+    RUN(test_upstream_never_greets);
+    RUN(test_idle_timeout);
+    RUN(test_drain_timeout_cuts_message);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
