@@ -396,10 +396,10 @@ static void upstream_free(struct upstream *up)
 /* ---- the proxy ------------------------------------------------------------- */
 
 struct proxy {
-    struct stp_gen *gen;
     struct stp_shared shared;
     struct stp_server srv;
     struct sockaddr_in addr; /* where it listens: the port the kernel gave */
+    struct stp_sockets socks; /* the main thread's */
     bool started, empty;
 };
 
@@ -410,20 +410,20 @@ static void on_empty(struct stp_server *srv)
     p->empty = true;
 }
 
-/* The daemon's start, in this loop: a configuration file with one listener
- * at 127.0.0.1:0 in front of UP; the *_KEYS are more lines for each
- * section. */
-static bool proxy_start(struct proxy *p, const struct upstream *up,
-                        const char *proxy_keys, const char *listener_keys,
-                        const char *upstream_keys)
+/* A configuration: one listener at 127.0.0.1:0 in front of UP; the *_KEYS
+ * are more lines for each section. NULL when it cannot be loaded. */
+static struct stp_gen *make_gen(const struct upstream *up,
+                                const char *proxy_keys,
+                                const char *listener_keys,
+                                const char *upstream_keys)
 {
-    *p = (struct proxy){0};
+    struct stp_gen *g = NULL;
     char path[128], err[1024] = "";
     snprintf(path, sizeof(path), "%s/stp.conf", tmpdir);
     FILE *f = fopen(path, "w");
     if (!f) {
         failf("cannot write %s", path);
-        return false;
+        return NULL;
     }
     fprintf(f,
             "[proxy]\n"
@@ -441,25 +441,39 @@ static bool proxy_start(struct proxy *p, const struct upstream *up,
             proxy_keys, listener_keys, ntohs(up->addr.sin_port),
             upstream_keys);
     fclose(f);
-    int r = stp_gen_new(path, &p->gen, err, sizeof(err));
-    if (r < 0) {
+    if (stp_gen_new(path, &g, err, sizeof(err)) < 0)
         failf("configuration: %s", err);
+    return g;
+}
+
+/* The daemon's start, in this loop. With KEEP_SOCKETS the main thread's
+ * sockets stay open, for a reload; else the server has the only
+ * descriptors and the port closes when it stops. */
+static bool proxy_start(struct proxy *p, const struct upstream *up,
+                        const char *proxy_keys, const char *listener_keys,
+                        const char *upstream_keys, bool keep_sockets)
+{
+    *p = (struct proxy){0};
+    char err[1024] = "";
+    struct stp_gen *g = make_gen(up, proxy_keys, listener_keys, upstream_keys);
+    if (!g)
         return false;
-    }
     CHECK(stp_shared_init(&p->shared) == 0, "shared init");
-    struct stp_sockets socks = {0};
-    r = stp_sockets_bind(&socks, p->gen, err, sizeof(err));
-    int *fds = r == 0 ? stp_sockets_dup(&socks, p->gen) : NULL;
+    int r = stp_sockets_bind(&p->socks, g, err, sizeof(err));
+    int *fds = r == 0 ? stp_sockets_dup(&p->socks, g) : NULL;
     if (!fds) {
         failf("bind: %s", err);
-        stp_sockets_close(&socks);
+        stp_sockets_close(&p->socks);
         stp_shared_free(&p->shared);
-        stp_gen_unref(p->gen);
+        stp_gen_unref(g);
         return false;
     }
-    r = stp_server_start(&p->srv, &loop, p->gen, &p->shared, 0, fds);
-    /* The server has its duplicates: once it stops, the port is closed. */
-    stp_sockets_close(&socks);
+    r = stp_server_start(&p->srv, &loop, g, &p->shared, 0, fds);
+    /* As the daemon does: the server and its sessions hold the only
+     * references, so ASan sees one that is dropped too early. */
+    stp_gen_unref(g);
+    if (!keep_sockets)
+        stp_sockets_close(&p->socks);
     p->started = true;
     p->srv.on_empty = on_empty;
     CHECK(r == 0 && p->srv.listeners, "server start: %d", r);
@@ -497,8 +511,8 @@ static void proxy_free(struct proxy *p)
     CHECK(p->shared.n_sessions == 0, "%u sessions still counted",
           p->shared.n_sessions);
     stp_server_free(&p->srv);
+    stp_sockets_close(&p->socks);
     stp_shared_free(&p->shared);
-    stp_gen_unref(p->gen);
     p->started = false;
 }
 
@@ -704,6 +718,7 @@ struct world {
     struct client cl;
     struct client late;    /* a second client */
     const char *proxy_keys, *upstream_keys; /* more configuration */
+    bool keep_sockets;     /* for a reload */
 };
 
 static bool world_start(struct world *w, const char *listener_keys)
@@ -714,7 +729,8 @@ static bool world_start(struct world *w, const char *listener_keys)
     return proxy_start(&w->px, &w->up,
                        w->proxy_keys ? w->proxy_keys : "drain_timeout = 5s\n",
                        listener_keys,
-                       w->upstream_keys ? w->upstream_keys : "");
+                       w->upstream_keys ? w->upstream_keys : "",
+                       w->keep_sockets);
 }
 
 /* Whatever the case left open is closed and the loop runs dry: a session
@@ -1553,6 +1569,60 @@ static void test_drain_timeout_cuts_message(void)
     case_end();
 }
 
+/* SIGHUP's work in a worker: new sessions get the new configuration on the
+ * same port; an open one keeps its own to the end, and the old generation
+ * goes with its last session (ASan sees a leak or a use after free). */
+static void test_reload_keeps_open_session(void)
+{
+    case_begin("a reload: new sessions go to the new upstream, the open one "
+               "stays on the old");
+    struct world w = {0};
+    struct upstream b = {0};
+    struct client second = {0};
+    w.keep_sockets = true;
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO first.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        upstream_start(&b);
+        struct stp_gen *g = make_gen(&b, "drain_timeout = 5s\n",
+                                     "tls = none\n", "");
+        char err[1024] = "";
+        int *fds = NULL;
+        if (g && stp_sockets_bind(&w.px.socks, g, err, sizeof(err)) == 0)
+            fds = stp_sockets_dup(&w.px.socks, g);
+        CHECK(fds, "the new generation's sockets: %s", err);
+        if (fds) {
+            CHECK(stp_server_adopt(&w.px.srv, g, fds) == 0, "adopt");
+            stp_sockets_keep_only(&w.px.socks, g);
+            CHECK(w.px.srv.gen == g, "the server did not switch");
+        }
+        stp_gen_unref(g); /* the server has its own reference */
+        if (client_connect(&second, &w.px.addr)) {
+            client_expect_lit(&second, UP_GREETING);
+            client_say(&second, "EHLO second.test\r\nQUIT\r\n");
+            client_expect_lit(&second, UP_EHLO UP_BYE);
+            client_expect_eof(&second);
+        }
+        client_say(c, "NOOP\r\nQUIT\r\n");
+        client_expect_lit(c, UP_OK UP_BYE);
+        client_expect_eof(c);
+        expect_no_session(&w);
+        same_bytes("the old upstream received", &w.up.rx,
+                   S("EHLO first.test\r\nNOOP\r\nQUIT\r\n"));
+        same_bytes("the new upstream received", &b.rx,
+                   S("EHLO second.test\r\nQUIT\r\n"));
+    }
+    client_close(&second);
+    if (b.listener.data)
+        upstream_stop(&b);
+    world_end(&w);
+    client_free(&second);
+    upstream_free(&b);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -1602,6 +1672,7 @@ int main(void)
     RUN(test_upstream_never_greets);
     RUN(test_idle_timeout);
     RUN(test_drain_timeout_cuts_message);
+    RUN(test_reload_keeps_open_session);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
