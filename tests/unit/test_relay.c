@@ -380,6 +380,8 @@ static void upstream_start(struct upstream *up)
 
 static void upstream_stop(struct upstream *up)
 {
+    if (!up->listener.data)
+        return; /* never started */
     if (up->conn)
         up_close(up->conn);
     if (!up->stopped)
@@ -1069,6 +1071,19 @@ static void tc_event(struct stp_conn *conn, enum stp_io_event ev, int err)
     }
 }
 
+/* A TLS client context that takes the proxy's self-signed certificate. */
+static struct stp_tls_ctx *tls_client_ctx(void)
+{
+    struct stp_tls_params params = {.min_version = STP_TLS_V1_2,
+                                    .max_version = STP_TLS_V1_3};
+    struct stp_tls_client_opts o = {.params = &params, .verify = false};
+    struct stp_tls_ctx *cctx = NULL;
+    struct stp_tls_err e;
+    CHECK(stp_tls_ctx_new_client(&o, &cctx, &e) == 0, "client context: %s",
+          e.msg);
+    return cctx;
+}
+
 static void tc_freed(void *owner)
 {
     ((struct tls_client *)owner)->freed = true;
@@ -1102,13 +1117,7 @@ static void test_starttls_drops_pipelined_plaintext(void)
                "upstream");
     struct world w = {0};
     struct tls_client t = {0};
-    struct stp_tls_params params = {.min_version = STP_TLS_V1_2,
-                                    .max_version = STP_TLS_V1_3};
-    struct stp_tls_client_opts o = {.params = &params, .verify = false};
-    struct stp_tls_ctx *cctx = NULL;
-    struct stp_tls_err e;
-    CHECK(stp_tls_ctx_new_client(&o, &cctx, &e) == 0, "client context: %s",
-          e.msg);
+    struct stp_tls_ctx *cctx = tls_client_ctx();
     /* The proxy makes itself a self-signed certificate. */
     if (cctx && world_start(&w, "tls = starttls\n") &&
         stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
@@ -1320,19 +1329,13 @@ static void test_back_pressure_tls(void)
                "arrives");
     struct world w = {0};
     struct tls_client t = {0};
-    struct stp_tls_params params = {.min_version = STP_TLS_V1_2,
-                                    .max_version = STP_TLS_V1_3};
-    struct stp_tls_client_opts o = {.params = &params, .verify = false};
-    struct stp_tls_ctx *cctx = NULL;
-    struct stp_tls_err e;
+    struct stp_tls_ctx *cctx = tls_client_ctx();
     int small = 64 * 1024;
     size_t total = (size_t)8 << 20;
     long wmem = read_long("/proc/sys/net/ipv4/tcp_wmem", 2);
     if (wmem > 0 && (size_t)wmem * 2 + ((size_t)2 << 20) > total)
         total = (size_t)wmem * 2 + ((size_t)2 << 20);
     char *msg = make_message(total);
-    CHECK(stp_tls_ctx_new_client(&o, &cctx, &e) == 0, "client context: %s",
-          e.msg);
     w.up.pause_in_data = true;
     w.up.rcvbuf = small;
     int lfd = -1;
@@ -1412,13 +1415,7 @@ static void test_upstream_lost_during_handshake(void)
                "over TLS after it");
     struct world w = {0};
     struct tls_client t = {0};
-    struct stp_tls_params params = {.min_version = STP_TLS_V1_2,
-                                    .max_version = STP_TLS_V1_3};
-    struct stp_tls_client_opts o = {.params = &params, .verify = false};
-    struct stp_tls_ctx *cctx = NULL;
-    struct stp_tls_err e;
-    CHECK(stp_tls_ctx_new_client(&o, &cctx, &e) == 0, "client context: %s",
-          e.msg);
+    struct stp_tls_ctx *cctx = tls_client_ctx();
     if (cctx && world_start(&w, "tls = starttls\n") &&
         stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
         CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
@@ -1615,11 +1612,131 @@ static void test_reload_keeps_open_session(void)
                    S("EHLO second.test\r\nQUIT\r\n"));
     }
     client_close(&second);
-    if (b.listener.data)
-        upstream_stop(&b);
+    upstream_stop(&b);
     world_end(&w);
     client_free(&second);
     upstream_free(&b);
+    case_end();
+}
+
+static void test_implicit_tls(void)
+{
+    case_begin("implicit TLS: the handshake first, then the upstream");
+    struct world w = {0};
+    struct tls_client t = {0};
+    struct stp_tls_ctx *cctx = tls_client_ctx();
+    if (cctx && world_start(&w, "tls = implicit\n") &&
+        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
+        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
+              "connect");
+        PUMP_UNTIL(t.connected, "connecting");
+        stp_conn_want_read(t.conn, true);
+        pump_for(50);
+        CHECK(w.up.accepted == 0, "the upstream was called before the "
+              "client's handshake");
+        CHECK(stp_conn_start_tls(t.conn, cctx, NULL) == 0, "start TLS");
+        PUMP_UNTIL(t.tls_ready || t.error || t.eof, "the handshake");
+        CHECK(t.tls_ready == 1, "no handshake");
+        tc_expect(&t, S(UP_GREETING));
+        tc_say(&t, "EHLO client.test\r\n");
+        tc_expect(&t, S(UP_EHLO));
+        tc_say(&t, "QUIT\r\n");
+        tc_expect(&t, S(UP_BYE));
+        PUMP_UNTIL(t.eof || t.error, "the proxy's close");
+        same_bytes("upstream received", &w.up.rx,
+                   S("EHLO client.test\r\nQUIT\r\n"));
+        expect_no_session(&w);
+    }
+    if (t.conn)
+        stp_conn_close(t.conn, tc_freed);
+    world_end(&w);
+    stp_tls_ctx_free(cctx);
+    bytes_free(&t.rx);
+    case_end();
+}
+
+static void test_handshake_timeout(void)
+{
+    case_begin("implicit TLS, no handshake: closed after timeout_handshake, "
+               "no upstream");
+    struct world w = {0};
+    if (world_start(&w, "tls = implicit\ntimeout_handshake = 300ms\n") &&
+        client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        uint64_t t0 = uv_now(&loop);
+        client_expect_eof(c);
+        CHECK(uv_now(&loop) - t0 >= 250, "closed before the timeout");
+        expect_no_session(&w);
+        CHECK(w.up.accepted == 0, "an upstream connection for a client "
+              "that never finished its handshake");
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_client_reset_mid_message(void)
+{
+    case_begin("a client reset during DATA: the message never completes, "
+               "the upstream is closed");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        client_say(c, PART1);
+        pump_for(20);
+        c->closing = true;
+        uv_tcp_close_reset(&c->tcp, NULL);
+        expect_no_session(&w);
+        PUMP_UNTIL(!w.up.conn, "the upstream connection was left open");
+        CHECK(!w.up.messages, "an unfinished message completed upstream");
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_reply_timeout(void)
+{
+    case_begin("an upstream that stops answering: a 421 after timeout_reply");
+    struct world w = {0};
+    w.upstream_keys = "timeout_reply = 300ms\n";
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO);
+        if (w.up.conn) { /* it reads on, but answers nothing more */
+            w.up.conn->paused = true;
+        }
+        client_say(c, "MAIL FROM:<a@client.test>\r\n");
+        client_expect_lit(c, "421 4.4.2 Upstream connection lost\r\n");
+        client_expect_eof(c);
+        expect_no_session(&w);
+        PUMP_UNTIL(!w.up.conn, "the upstream connection was left open");
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_command_timeout(void)
+{
+    case_begin("a command line that never ends: a 421 after timeout_command");
+    struct world w = {0};
+    if (world_start(&w, "tls = none\ntimeout_command = 300ms\n") &&
+        client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "NOOP");
+        client_expect_lit(c, "421 4.4.2 proxy.test Error: timeout "
+                             "exceeded\r\n");
+        client_expect_eof(c);
+        expect_no_session(&w);
+        CHECK(w.up.rx.n == 0, "the upstream got \"%s\"",
+              esc(tail(&w.up.rx, 0), w.up.rx.n));
+    }
+    world_end(&w);
     case_end();
 }
 
@@ -1673,6 +1790,11 @@ int main(void)
     RUN(test_idle_timeout);
     RUN(test_drain_timeout_cuts_message);
     RUN(test_reload_keeps_open_session);
+    RUN(test_implicit_tls);
+    RUN(test_handshake_timeout);
+    RUN(test_client_reset_mid_message);
+    RUN(test_reply_timeout);
+    RUN(test_command_timeout);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
