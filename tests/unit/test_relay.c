@@ -170,6 +170,7 @@ struct upstream {
     bool bye_after_mail;   /* MAIL arrives: its 250, then close */
     bool pause_in_data;    /* stop reading once the 354 is sent */
     bool silent;           /* no greeting */
+    size_t close_in_data;  /* > 0: close once this much content came */
     bool stopped;          /* the listener is closed */
     int rcvbuf;            /* > 0: SO_RCVBUF of accepted connections */
 };
@@ -250,6 +251,11 @@ static void up_process(struct up_conn *c)
     struct upstream *up = c->up;
     struct bytes *rx = &up->rx;
     while (!c->closing && !c->paused) {
+        if (c->in_data && up->close_in_data &&
+            rx->n - up->data_start >= up->close_in_data) {
+            up_close(c);
+            return;
+        }
         if (c->in_data) {
             const char *end = memmem(rx->p + c->scan, rx->n - c->scan,
                                      "\r\n.\r\n", 5);
@@ -1740,6 +1746,88 @@ static void test_command_timeout(void)
     case_end();
 }
 
+/* Over TLS the half-close is the client's close_notify (TLS 1.3 lets the
+ * other side go on writing): the replies to what it sent still come. */
+static void test_half_close_tls(void)
+{
+    case_begin("a half-close over TLS (close_notify): the replies still "
+               "come");
+    struct world w = {0};
+    struct tls_client t = {0};
+    struct stp_tls_ctx *cctx = tls_client_ctx();
+    if (cctx && world_start(&w, "tls = implicit\n") &&
+        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
+        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
+              "connect");
+        PUMP_UNTIL(t.connected, "connecting");
+        stp_conn_want_read(t.conn, true);
+        CHECK(stp_conn_start_tls(t.conn, cctx, NULL) == 0, "start TLS");
+        PUMP_UNTIL(t.tls_ready || t.error || t.eof, "the handshake");
+        CHECK(t.tls_ready == 1, "no handshake");
+        tc_expect(&t, S(UP_GREETING));
+        int r = stp_conn_write(t.conn, S("NOOP\r\nNOOP\r\n"));
+        if (r == 0)
+            r = stp_conn_close_notify(t.conn);
+        CHECK(r == 0, "write and close_notify: %s", stp_strerror(r));
+        tc_expect(&t, S(UP_OK UP_OK));
+        PUMP_UNTIL(t.eof || t.error, "the proxy's close");
+        same_bytes("upstream received", &w.up.rx, S("NOOP\r\nNOOP\r\n"));
+        expect_no_session(&w);
+    }
+    if (t.conn)
+        stp_conn_close(t.conn, tc_freed);
+    world_end(&w);
+    stp_tls_ctx_free(cctx);
+    bytes_free(&t.rx);
+    case_end();
+}
+
+/* The proxy closes a client that is still sending: its last reply must not
+ * be lost to a reset (the kernel resets a socket closed with unread input,
+ * and a reset may discard what the client has not read yet). */
+static void test_upstream_lost_while_client_sends(void)
+{
+    case_begin("the upstream lost while the client streams a message: the "
+               "client gets the 421");
+    struct world w = {0};
+    struct client *c = &w.cl;
+    size_t total = (size_t)4 << 20;
+    char *msg = make_message(total);
+    w.up.close_in_data = 256 * 1024;
+    /* Small windows: the proxy closes with the client's bytes unread. */
+    int small = 64 * 1024;
+    c->sndbuf = small;
+    if (world_start(&w, "tls = none\n") &&
+        setsockopt(proxy_listen_fd(&w.px), SOL_SOCKET, SO_RCVBUF, &small,
+                   sizeof(small)) == 0 &&
+        client_connect(c, &w.px.addr)) {
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        c->bulk = msg;
+        c->bulk_len = total;
+        client_pump_bulk(c);
+        PUMP_UNTIL(c->eof, "the proxy never closed");
+        static const char want[] = "421 4.4.2 Upstream connection lost\r\n";
+        size_t got = c->rx.n - c->seen;
+        CHECK(got == sizeof(want) - 1 &&
+                  memcmp(tail(&c->rx, c->seen), want, got) == 0,
+              "after the 354 the client got \"%s\" (then %s), want \"%s\"",
+              esc(tail(&c->rx, c->seen), got),
+              c->read_err ? uv_strerror(c->read_err) : "EOF", esc(S(want)));
+        if (getenv("STP_TEST_VERBOSE"))
+            fprintf(stderr, "upstream lost mid-message: the client wrote "
+                            "%zu of %zu, then %s\n", c->written, total,
+                    c->read_err ? uv_strerror(c->read_err) : "EOF");
+        CHECK(!w.up.messages, "the message completed upstream");
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    free(msg);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -1795,6 +1883,8 @@ int main(void)
     RUN(test_client_reset_mid_message);
     RUN(test_reply_timeout);
     RUN(test_command_timeout);
+    RUN(test_half_close_tls);
+    RUN(test_upstream_lost_while_client_sends);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
