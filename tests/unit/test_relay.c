@@ -141,6 +141,10 @@ static void pump_for(uint64_t ms)
 #define UP_QUEUED "250 2.0.0 Ok: queued as 4711\r\n"
 #define UP_BYE "221 2.0.0 Bye\r\n"
 #define UP_WHAT "502 5.5.2 Error: command not recognized\r\n"
+#define UP_EHLO_XCLIENT                                                        \
+    "250-up.test\r\n250-XCLIENT NAME ADDR PORT\r\n250-PIPELINING\r\n"         \
+    "250-8BITMIME\r\n250 SIZE 100000000\r\n"
+#define UP_XCLIENT_GREETING "220 up.test ESMTP for the real client\r\n"
 
 struct upstream;
 
@@ -170,6 +174,7 @@ struct upstream {
     bool bye_after_mail;   /* MAIL arrives: its 250, then close */
     bool pause_in_data;    /* stop reading once the 354 is sent */
     bool silent;           /* no greeting */
+    bool xclient;          /* offers XCLIENT, answers it with a greeting */
     size_t close_in_data;  /* > 0: close once this much content came */
     bool stopped;          /* the listener is closed */
     int rcvbuf;            /* > 0: SO_RCVBUF of accepted connections */
@@ -280,8 +285,12 @@ static void up_process(struct up_conn *c)
         const char *line = rx->p + c->line_off;
         size_t n = (size_t)(nl - line) + 1;
         c->line_off += n;
-        if (verb_is(line, n, "EHLO")) {
-            up_send(c, UP_EHLO);
+        if (verb_is(line, n, "PROXY")) {
+            continue; /* read, as a server that expects it does */
+        } else if (verb_is(line, n, "EHLO")) {
+            up_send(c, up->xclient ? UP_EHLO_XCLIENT : UP_EHLO);
+        } else if (up->xclient && verb_is(line, n, "XCLIENT")) {
+            up_send(c, UP_XCLIENT_GREETING);
         } else if (verb_is(line, n, "MAIL")) {
             if (up->close_on_mail) {
                 up_close(c);
@@ -1828,6 +1837,63 @@ static void test_upstream_lost_while_client_sends(void)
     case_end();
 }
 
+/* The next hop learns who the client is before any byte of it. */
+static void test_identity_xclient(void)
+{
+    case_begin("client_identity = xclient: XCLIENT first, the client greeted "
+               "with its reply");
+    struct world w = {0};
+    w.up.xclient = true;
+    w.upstream_keys = "client_identity = xclient\n";
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_XCLIENT_GREETING);
+        client_say(c, "EHLO client.test\r\n");
+        client_expect_lit(c, UP_EHLO); /* XCLIENT is not for the client */
+        client_say(c, "QUIT\r\n");
+        client_expect_lit(c, UP_BYE);
+        client_expect_eof(c);
+        struct sockaddr_in me;
+        int len = sizeof(me);
+        uv_tcp_getsockname(&c->tcp, (struct sockaddr *)&me, &len);
+        char want[256];
+        snprintf(want, sizeof(want),
+                 "EHLO proxy.test\r\n"
+                 "XCLIENT ADDR=127.0.0.1 PORT=%u NAME=[UNAVAILABLE]\r\n"
+                 "EHLO client.test\r\nQUIT\r\n",
+                 ntohs(me.sin_port));
+        same_bytes("upstream received", &w.up.rx, want, strlen(want));
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
+static void test_identity_proxy_v1(void)
+{
+    case_begin("client_identity = proxy-v1: the PROXY line first");
+    struct world w = {0};
+    w.upstream_keys = "client_identity = proxy-v1\n";
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "QUIT\r\n");
+        client_expect_lit(c, UP_BYE);
+        client_expect_eof(c);
+        struct sockaddr_in me;
+        int len = sizeof(me);
+        uv_tcp_getsockname(&c->tcp, (struct sockaddr *)&me, &len);
+        char want[256];
+        snprintf(want, sizeof(want),
+                 "PROXY TCP4 127.0.0.1 127.0.0.1 %u %u\r\nQUIT\r\n",
+                 ntohs(me.sin_port), ntohs(w.px.addr.sin_port));
+        same_bytes("upstream received", &w.up.rx, want, strlen(want));
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -1885,6 +1951,8 @@ int main(void)
     RUN(test_command_timeout);
     RUN(test_half_close_tls);
     RUN(test_upstream_lost_while_client_sends);
+    RUN(test_identity_xclient);
+    RUN(test_identity_proxy_v1);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
