@@ -167,6 +167,8 @@ struct upstream {
     int accepted;
     struct bytes rx;       /* every byte received, all connections */
     struct bytes tx;       /* every byte sent */
+    size_t written;        /* of them, what the kernel took */
+    const char *help;      /* the reply to HELP, when set */
     size_t data_start, data_end; /* the first message's content in rx */
     bool messages;         /* a message ended */
     /* the script's faults */
@@ -182,12 +184,17 @@ struct upstream {
 
 struct up_write {
     uv_write_t req;
+    struct upstream *up;
+    size_t n;
     char data[];
 };
 
 static void up_written(uv_write_t *req, int status)
 {
-    (void)status; /* the proxy may be gone: not the upstream's concern */
+    struct up_write *w = (struct up_write *)req;
+    /* The proxy may be gone: not the upstream's concern. */
+    if (status == 0)
+        w->up->written += w->n;
     free(req);
 }
 
@@ -195,6 +202,8 @@ static void up_send(struct up_conn *c, const char *text)
 {
     size_t n = strlen(text);
     struct up_write *w = malloc(sizeof(*w) + n);
+    w->up = c->up;
+    w->n = n;
     memcpy(w->data, text, n);
     uv_buf_t b = uv_buf_init(w->data, (unsigned)n);
     bytes_add(&c->up->tx, text, n);
@@ -313,6 +322,8 @@ static void up_process(struct up_conn *c)
                 c->paused = true;
                 uv_read_stop((uv_stream_t *)&c->tcp);
             }
+        } else if (up->help && verb_is(line, n, "HELP")) {
+            up_send(c, up->help);
         } else if (verb_is(line, n, "NOOP") || verb_is(line, n, "RSET")) {
             up_send(c, UP_OK);
         } else if (verb_is(line, n, "QUIT")) {
@@ -553,6 +564,7 @@ struct client {
     int bulk_inflight;
     bool bulk_then_shut;   /* half-close once the bulk is queued */
     int sndbuf;            /* > 0: SO_SNDBUF, set before connecting */
+    int rcvbuf;            /* > 0: SO_RCVBUF, set before connecting */
 };
 
 struct cl_write {
@@ -614,14 +626,17 @@ static void cl_connected(uv_connect_t *req, int status)
 
 static bool client_connect(struct client *c, const struct sockaddr_in *to)
 {
-    int sndbuf = c->sndbuf;
-    *c = (struct client){.sndbuf = sndbuf};
+    int sndbuf = c->sndbuf, rcvbuf = c->rcvbuf;
+    *c = (struct client){.sndbuf = sndbuf, .rcvbuf = rcvbuf};
     c->tcp.data = c;
     uv_tcp_init(&loop, &c->tcp);
     c->open = true;
-    if (sndbuf > 0) {
+    if (sndbuf > 0 || rcvbuf > 0) {
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+        if (sndbuf > 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+        if (rcvbuf > 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
         uv_tcp_open(&c->tcp, fd);
     }
     int r = uv_tcp_connect(&c->creq, &c->tcp, (const struct sockaddr *)to,
@@ -1894,6 +1909,93 @@ static void test_identity_proxy_v1(void)
     case_end();
 }
 
+/* The other direction: a client that does not read its replies stops the
+ * proxy reading the upstream, instead of the replies piling up in it. */
+static void test_back_pressure_replies(void)
+{
+    case_begin("a client that stops reading: the upstream's replies wait "
+               "outside the proxy, then arrive in order");
+    struct world w = {0};
+    struct client *c = &w.cl;
+    /* 64 replies (as many as may be owed) of 50 KB each */
+    struct bytes help = {0};
+    for (int i = 0; i < 250; i++) {
+        char line[256];
+        snprintf(line, sizeof(line), "214-%03d %0190d\r\n", i, i);
+        bytes_add(&help, line, strlen(line));
+    }
+    bytes_add(&help, S("214 End of HELP info\r\n\0"));
+    w.up.help = help.p;
+    /* Small buffers toward the client (the proxy's side inherits its
+     * listening socket's), or its kernel would take all the replies. */
+    int small = 64 * 1024;
+    c->rcvbuf = small;
+    if (world_start(&w, "tls = none\n") &&
+        setsockopt(proxy_listen_fd(&w.px), SOL_SOCKET, SO_SNDBUF, &small,
+                   sizeof(small)) == 0 &&
+        client_connect(c, &w.px.addr)) {
+        client_expect_lit(c, UP_GREETING);
+        struct bytes cmds = {0};
+        for (int i = 0; i < 64; i++)
+            bytes_add(&cmds, S("HELP\r\n"));
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        client_write(c, cmds.p, cmds.n);
+        bytes_free(&cmds);
+        /* The upstream answers everything; the bytes settle somewhere. */
+        uv_timer_init(&loop, &tick);
+        tick.data = &w.up.written;
+        tick_last = w.up.written;
+        tick_quiet = 0;
+        uv_timer_start(&tick, on_tick, 100, 100);
+        PUMP_UNTIL(tick_quiet >= 3, "the upstream's writes never settled");
+        uv_timer_stop(&tick);
+        uv_close((uv_handle_t *)&tick, NULL);
+        struct sockaddr_in cl_addr, up_peer;
+        int len = sizeof(cl_addr), cfd = -1, ufd = -1;
+        uv_tcp_getsockname(&c->tcp, (struct sockaddr *)&cl_addr, &len);
+        uv_fileno((uv_handle_t *)&c->tcp, &cfd);
+        len = sizeof(up_peer);
+        if (w.up.conn) {
+            uv_tcp_getpeername(&w.up.conn->tcp, (struct sockaddr *)&up_peer,
+                               &len);
+            uv_fileno((uv_handle_t *)&w.up.conn->tcp, &ufd);
+        }
+        int pfd_client = find_socket(&w.px.addr, &cl_addr);
+        int pfd_up = find_socket(&up_peer, &w.up.addr);
+        CHECK(pfd_client >= 0 && pfd_up >= 0,
+              "the proxy's sockets not found (%d, %d)", pfd_client, pfd_up);
+        /* Sent by the upstream, not yet read by the client: in the kernel
+         * or in the proxy. The greeting was read. */
+        size_t pending = w.up.written - (sizeof(UP_GREETING) - 1);
+        size_t in_kernel = (size_t)queued(ufd, SIOCOUTQ) +
+                           (size_t)queued(pfd_up, SIOCINQ) +
+                           (size_t)queued(pfd_client, SIOCOUTQ) +
+                           (size_t)queued(cfd, SIOCINQ);
+        long held = (long)pending - (long)in_kernel;
+        long allowed = STP_OUTQ_HIGH + 4 * STP_BUF_SIZE;
+        CHECK(held <= allowed,
+              "the proxy holds %ld bytes of replies (more than %ld): sent "
+              "%zu, in the kernel %zu", held, allowed, pending, in_kernel);
+        if (getenv("STP_TEST_VERBOSE"))
+            fprintf(stderr, "reply back-pressure: sent %zu of %zu, kernel "
+                            "%zu, proxy %ld\n", pending,
+                    64 * (help.n - 1), in_kernel, held);
+        uv_read_start((uv_stream_t *)&c->tcp, cl_alloc, cl_read);
+        struct bytes want = {0};
+        for (int i = 0; i < 64; i++)
+            bytes_add(&want, help.p, help.n - 1);
+        client_expect(c, want.p, want.n);
+        bytes_free(&want);
+        client_say(c, "QUIT\r\n");
+        client_expect_lit(c, UP_BYE);
+        client_expect_eof(c);
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    bytes_free(&help);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -1953,6 +2055,7 @@ int main(void)
     RUN(test_upstream_lost_while_client_sends);
     RUN(test_identity_xclient);
     RUN(test_identity_proxy_v1);
+    RUN(test_back_pressure_replies);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
