@@ -1996,6 +1996,59 @@ static void test_back_pressure_replies(void)
     case_end();
 }
 
+/* KNOWN BUG (run with STP_TEST_KNOWN_BUGS=1): replies the engine words
+ * itself go to the client's queue whatever its size. set_reading() stops
+ * reading the client only when the *upstream's* queue is busy, never when
+ * the client's own is, so a client that pipelines commands refused locally
+ * (here XCLIENT: 550, five bytes out per byte in) and does not read them
+ * makes the proxy read on and queue replies until the 16 slots (about
+ * 1 MiB) are full: then stp_conn_write fails with ENOBUFS and the session
+ * dies with reason=write_error, its replies lost. With the default
+ * max_errors = 20 the engine's 421 comes first; any max_errors above a few
+ * thousand lets it happen. Expected: reading the client pauses while its
+ * queue is over STP_OUTQ_HIGH, as for the upstream's. */
+static void test_local_replies_back_pressure(void)
+{
+    case_begin("KNOWN BUG: a client that does not read its local rejects: "
+               "the proxy should stop reading it, not die on ENOBUFS");
+    struct world w = {0};
+    struct client *c = &w.cl;
+    int small = 64 * 1024;
+    c->rcvbuf = small;
+    static const char reply[] =
+        "550 5.7.0 Error: insufficient authorization\r\n";
+    int n = 200000; /* 1.8 MB of commands, 9 MB of replies */
+    if (world_start(&w, "tls = none\nmax_errors = 1000000\n") &&
+        setsockopt(proxy_listen_fd(&w.px), SOL_SOCKET, SO_SNDBUF, &small,
+                   sizeof(small)) == 0 &&
+        client_connect(c, &w.px.addr)) {
+        client_expect_lit(c, UP_GREETING);
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        struct bytes cmds = {0};
+        for (int i = 0; i < n; i++)
+            bytes_add(&cmds, S("XCLIENT\r\n"));
+        c->bulk = cmds.p;
+        c->bulk_len = cmds.n;
+        client_pump_bulk(c);
+        pump_for(300); /* the client reads nothing meanwhile */
+        CHECK(w.px.srv.n_sessions == 1,
+              "the session died while the client was not reading");
+        uv_read_start((uv_stream_t *)&c->tcp, cl_alloc, cl_read);
+        PUMP_UNTIL(c->written == cmds.n || c->eof,
+                   "the commands were never all taken");
+        bool ok = true;
+        for (int i = 0; i < n && ok; i++)
+            ok = client_expect(c, reply, sizeof(reply) - 1);
+        client_say(c, "QUIT\r\n");
+        client_expect_lit(c, UP_BYE);
+        client_expect_eof(c);
+        expect_no_session(&w);
+        bytes_free(&cmds);
+    }
+    world_end(&w);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -2056,6 +2109,9 @@ int main(void)
     RUN(test_identity_xclient);
     RUN(test_identity_proxy_v1);
     RUN(test_back_pressure_replies);
+    /* Cases that fail on purpose until the bug they show is fixed. */
+    if (getenv("STP_TEST_KNOWN_BUGS"))
+        RUN(test_local_replies_back_pressure);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
