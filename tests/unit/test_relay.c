@@ -2049,6 +2049,51 @@ static void test_local_replies_back_pressure(void)
     case_end();
 }
 
+/* KNOWN BUG (run with STP_TEST_KNOWN_BUGS=1): while back-pressure keeps the
+ * proxy from reading a client that is sending a message, no client data
+ * event comes, so the idle deadline (from the client's last read) runs as
+ * if the client were idle: a slow upstream gets the client a "timeout
+ * exceeded" 421 logged as reason=idle_timeout, the client blamed for the
+ * upstream's stall. Expected: a client held back by the proxy is not idle
+ * (the message's own timeout_data, or an upstream deadline, applies). */
+static void test_back_pressure_not_idle(void)
+{
+    case_begin("KNOWN BUG: a client held back by a slow upstream is not "
+               "idle");
+    struct world w = {0};
+    struct client *c = &w.cl;
+    size_t total = (size_t)8 << 20;
+    char *msg = make_message(total);
+    int small = 64 * 1024;
+    w.up.pause_in_data = true;
+    w.up.rcvbuf = small;
+    c->sndbuf = small;
+    if (world_start(&w, "tls = none\ntimeout_idle = 300ms\n") &&
+        setsockopt(proxy_listen_fd(&w.px), SOL_SOCKET, SO_RCVBUF, &small,
+                   sizeof(small)) == 0 &&
+        client_connect(c, &w.px.addr)) {
+        client_expect_lit(c, UP_GREETING);
+        client_say(c, "EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"
+                      "RCPT TO:<b@up.test>\r\nDATA\r\n");
+        client_expect_lit(c, UP_EHLO UP_MAIL UP_RCPT UP_354);
+        c->bulk = msg;
+        c->bulk_len = total;
+        client_pump_bulk(c);
+        pump_for(1000); /* the upstream reads nothing for a second */
+        CHECK(c->rx.n == c->seen && !c->eof,
+              "the client, blocked by the proxy, was timed out: \"%s\"",
+              esc(tail(&c->rx, c->seen), c->rx.n - c->seen));
+        up_resume(&w.up);
+        PUMP_UNTIL(c->written >= total || c->eof, "the rest was never taken");
+        client_say(c, ".\r\n");
+        client_expect_lit(c, UP_QUEUED);
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    free(msg);
+    case_end();
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static void rm_tmpdir(void)
@@ -2112,6 +2157,8 @@ int main(void)
     /* Cases that fail on purpose until the bug they show is fixed. */
     if (getenv("STP_TEST_KNOWN_BUGS"))
         RUN(test_local_replies_back_pressure);
+    if (getenv("STP_TEST_KNOWN_BUGS"))
+        RUN(test_back_pressure_not_idle);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
