@@ -389,7 +389,7 @@ static void upstream_start(struct upstream *up)
     up->listener.data = up;
     struct sockaddr_in a;
     uv_ip4_addr("127.0.0.1", 0, &a);
-    int len = sizeof(up->addr), fd;
+    int len = sizeof(up->addr), fd = -1;
     CHECK(uv_tcp_init(&loop, &up->listener) == 0 &&
               uv_tcp_bind(&up->listener, (struct sockaddr *)&a, 0) == 0 &&
               uv_tcp_getsockname(&up->listener, (struct sockaddr *)&up->addr,
@@ -2018,13 +2018,13 @@ static void test_local_replies_back_pressure(void)
     static const char reply[] =
         "550 5.7.0 Error: insufficient authorization\r\n";
     int n = 200000; /* 1.8 MB of commands, 9 MB of replies */
+    struct bytes cmds = {0}; /* the client's writes point into it */
     if (world_start(&w, "tls = none\nmax_errors = 1000000\n") &&
         setsockopt(proxy_listen_fd(&w.px), SOL_SOCKET, SO_SNDBUF, &small,
                    sizeof(small)) == 0 &&
         client_connect(c, &w.px.addr)) {
         client_expect_lit(c, UP_GREETING);
         uv_read_stop((uv_stream_t *)&c->tcp);
-        struct bytes cmds = {0};
         for (int i = 0; i < n; i++)
             bytes_add(&cmds, S("XCLIENT\r\n"));
         c->bulk = cmds.p;
@@ -2043,9 +2043,9 @@ static void test_local_replies_back_pressure(void)
         client_expect_lit(c, UP_BYE);
         client_expect_eof(c);
         expect_no_session(&w);
-        bytes_free(&cmds);
     }
     world_end(&w);
+    bytes_free(&cmds);
     case_end();
 }
 
