@@ -1,12 +1,12 @@
 # Test registration, included from the top-level CMakeLists.txt.
 
-# Unit tests: one executable per tests/unit/test_*.c, linked with stp_io
-# (stp_core, libuv and wolfSSL with it).
+# Unit tests: one executable per tests/unit/test_*.c, linked with stp_relay
+# (stp_io, stp_core, libuv and wolfSSL with it).
 file(GLOB STP_UNIT_TESTS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/tests/unit/test_*.c)
 foreach(src ${STP_UNIT_TESTS})
   get_filename_component(name ${src} NAME_WE)
   add_executable(${name} ${src})
-  target_link_libraries(${name} PRIVATE stp_io)
+  target_link_libraries(${name} PRIVATE stp_relay)
   add_test(NAME unit_${name} COMMAND ${name})
 endforeach()
 
