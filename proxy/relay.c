@@ -37,6 +37,7 @@ struct stp_session {
     bool upstream_eof;           /* it ended: no client byte is taken now */
     bool client_eof;             /* the client half-closed: reads no more */
     bool shutting_down;          /* the goodbye at the next boundary */
+    bool held;                   /* the upstream's queue holds the client */
     bool counted;                /* in the shared tallies */
     int client_err, upstream_err; /* a write failed inside the engine */
     enum stp_close_reason reason; /* first cause wins: session_reason */
@@ -112,6 +113,7 @@ static enum stp_deadline next_deadline(const struct stp_session *s,
     struct stp_proto_status st = {0};
     if (s->state == STP_SS_RELAY || s->state == STP_SS_STARTTLS)
         s->proto->status(s->engine, &st);
+    st.replies_due |= s->held;
     return stp_deadline_next(s->state, &st, &s->clock, &t, at);
 }
 
@@ -326,9 +328,12 @@ static const struct stp_proto_actions engine_actions = {
 
 static void set_reading(struct stp_session *s)
 {
+    /* Back-pressure both ways: the client waits while the upstream's
+     * queue is over its mark, and while its own is (replies the engine
+     * words itself, to a client that does not read them). */
     bool up_busy = s->upstream && stp_conn_busy(s->upstream);
-    stp_conn_want_read(s->client,
-                       stp_sstate_reads_client(s->state) && !up_busy);
+    stp_conn_want_read(s->client, stp_sstate_reads_client(s->state) &&
+                                      !up_busy && !stp_conn_busy(s->client));
     if (s->upstream)
         stp_conn_want_read(s->upstream,
                            stp_sstate_reads_upstream(s->state) &&
@@ -407,6 +412,21 @@ static void check_client_eof(struct stp_session *s)
         drain_and_close(s, STP_CLOSE_CLIENT_EOF, v == STP_EOF_CUT);
 }
 
+/* While the upstream's full queue holds the client back, the wait is the
+ * upstream's (its reply deadline, from when the hold began), not the
+ * client's idleness; when it ends, the client was waiting, not idle. */
+static void track_hold(struct stp_session *s)
+{
+    bool held = s->upstream && stp_conn_busy(s->upstream);
+    if (held != s->held) {
+        if (held)
+            s->clock.upstream_seen_ms = now_ms(s);
+        else
+            s->clock.client_seen_ms = now_ms(s);
+    }
+    s->held = held;
+}
+
 /* After anything happened: push output, pick who may read. */
 static void settle(struct stp_session *s)
 {
@@ -439,8 +459,10 @@ static void settle(struct stp_session *s)
             flush_both(s);
         }
     }
-    if (s->state < STP_SS_DRAINING)
+    if (s->state < STP_SS_DRAINING) {
         set_reading(s);
+        track_hold(s);
+    }
     if (s->state != STP_SS_CLOSED)
         rearm(s);
 }
@@ -496,8 +518,9 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
             finish(s);
             return;
         }
-        /* The upstream may have been held back by our queue. */
-        feed(s);
+        /* Either side may have been held back by this queue; TLS may
+         * hold decrypted client bytes no socket event will bring. */
+        resume(s);
         break;
     case STP_IO_TLS_READY:
         if (s->state == STP_SS_TLS_ACCEPT) {

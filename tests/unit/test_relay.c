@@ -1996,7 +1996,7 @@ static void test_back_pressure_replies(void)
     case_end();
 }
 
-/* KNOWN BUG (run with STP_TEST_KNOWN_BUGS=1): replies the engine words
+/* Regression: replies the engine words
  * itself go to the client's queue whatever its size. set_reading() stops
  * reading the client only when the *upstream's* queue is busy, never when
  * the client's own is, so a client that pipelines commands refused locally
@@ -2009,8 +2009,8 @@ static void test_back_pressure_replies(void)
  * queue is over STP_OUTQ_HIGH, as for the upstream's. */
 static void test_local_replies_back_pressure(void)
 {
-    case_begin("KNOWN BUG: a client that does not read its local rejects: "
-               "the proxy should stop reading it, not die on ENOBUFS");
+    case_begin("a client that does not read its local rejects: the proxy "
+               "stops reading it, and does not die on ENOBUFS");
     struct world w = {0};
     struct client *c = &w.cl;
     int small = 64 * 1024;
@@ -2049,7 +2049,7 @@ static void test_local_replies_back_pressure(void)
     case_end();
 }
 
-/* KNOWN BUG (run with STP_TEST_KNOWN_BUGS=1): while back-pressure keeps the
+/* Regression: while back-pressure keeps the
  * proxy from reading a client that is sending a message, no client data
  * event comes, so the idle deadline (from the client's last read) runs as
  * if the client were idle: a slow upstream gets the client a "timeout
@@ -2058,8 +2058,7 @@ static void test_local_replies_back_pressure(void)
  * (the message's own timeout_data, or an upstream deadline, applies). */
 static void test_back_pressure_not_idle(void)
 {
-    case_begin("KNOWN BUG: a client held back by a slow upstream is not "
-               "idle");
+    case_begin("a client held back by a slow upstream is not idle");
     struct world w = {0};
     struct client *c = &w.cl;
     size_t total = (size_t)8 << 20;
@@ -2154,11 +2153,8 @@ int main(void)
     RUN(test_identity_xclient);
     RUN(test_identity_proxy_v1);
     RUN(test_back_pressure_replies);
-    /* Cases that fail on purpose until the bug they show is fixed. */
-    if (getenv("STP_TEST_KNOWN_BUGS"))
-        RUN(test_local_replies_back_pressure);
-    if (getenv("STP_TEST_KNOWN_BUGS"))
-        RUN(test_back_pressure_not_idle);
+    RUN(test_local_replies_back_pressure);
+    RUN(test_back_pressure_not_idle);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_close((uv_handle_t *)&nap_timer, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
