@@ -735,18 +735,22 @@ static void test_load(const char *dir, const char *cert, const char *key)
 /* The documented example under conf/ must stay loadable. */
 static void test_shipped_example(void)
 {
-    char path[1024], err[512] = "";
-    const char *slash = strrchr(__FILE__, '/');
-    int dirlen = slash ? (int)(slash - __FILE__) : 1;
-    snprintf(path, sizeof(path), "%.*s/../../conf/starttls-proxy.ini", dirlen,
-             slash ? __FILE__ : ".");
-    struct stp_config cfg;
-    int rc = stp_config_load(path, &cfg, err, sizeof(err));
-    if (rc != 0)
-        fprintf(stderr, "  %s\n", err);
-    CHECK(rc == 0);
-    CHECK(cfg.n_listeners >= 1);
-    stp_config_free(&cfg);
+    static const char *const files[] = {"starttls-proxy.ini",
+                                        "behind-haproxy.ini"};
+    for (size_t i = 0; i < STP_ARRAY_LEN(files); i++) {
+        char path[1024], err[512] = "";
+        const char *slash = strrchr(__FILE__, '/');
+        int dirlen = slash ? (int)(slash - __FILE__) : 1;
+        snprintf(path, sizeof(path), "%.*s/../../conf/%s", dirlen,
+                 slash ? __FILE__ : ".", files[i]);
+        struct stp_config cfg;
+        int rc = stp_config_load(path, &cfg, err, sizeof(err));
+        if (rc != 0)
+            fprintf(stderr, "  %s\n", err);
+        CHECK(rc == 0);
+        CHECK(cfg.n_listeners >= 1);
+        stp_config_free(&cfg);
+    }
 }
 
 /* The TLS keys of issue 3: defaults and every key set. */
