@@ -8,13 +8,14 @@ set -eu
 build="cmake build-essential pkg-config libuv1-dev libwolfssl-dev libinih-dev"
 demo="postfix swaks libnet-ssleay-perl libio-socket-ssl-perl"
 # The suite's peers and tools: real mail software (Postfix's smtp-sink, smtpd
-# and posttls-finger, Dovecot's LMTP server, aiosmtpd, swaks, curl, openssl),
+# and posttls-finger, Dovecot's LMTP server, aiosmtpd, swaks, curl, openssl,
+# haproxy as a load balancer sending PROXY headers),
 # TLS auditors (testssl.sh, sslscan), the fuzzers' clang, and for deploy/:
 # podman with what it needs without recommends, debootstrap for a local base
 # image, and systemd for the unit's analysis.
 test="$demo curl openssl python3 python3-pytest python3-aiosmtpd python3-yaml \
   python3-cryptography procps bsdextrautils clang libclang-rt-14-dev \
-  testssl.sh sslscan stunnel4 dovecot-core dovecot-lmtpd \
+  testssl.sh sslscan stunnel4 haproxy dovecot-core dovecot-lmtpd \
   podman runc netavark aardvark-dns iptables catatonit debootstrap systemd"
 want=$build
 case "${1:-}" in

@@ -33,6 +33,10 @@ enum stp_close_reason {
     STP_CLOSE_MAX_CONNECTIONS,     /* the proxy's limit */
     STP_CLOSE_LISTENER_MAX_CONNECTIONS,
     STP_CLOSE_MAX_CONNECTIONS_PER_IP,
+    /* a listener's PROXY protocol: closed without a byte */
+    STP_CLOSE_PROXY_HEADER_INVALID,  /* malformed, or ended before it did */
+    STP_CLOSE_PROXY_HEADER_TIMEOUT,  /* none within timeout_proxy_header */
+    STP_CLOSE_PROXY_NOT_ALLOWED,     /* peer not in proxy_protocol_from */
     STP_CLOSE_COUNT
 };
 

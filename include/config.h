@@ -34,6 +34,19 @@ enum stp_identity {
     STP_ID_NONE = 0, STP_ID_XCLIENT, STP_ID_PROXY_V1, STP_ID_PROXY_V2,
 };
 
+/* Whether a listener's connections start with a PROXY protocol header, and
+ * which versions: a mask of STP_PP_V1 and STP_PP_V2 (proxy_header.h). */
+enum stp_pp_mode {
+    STP_PP_NO = 0, STP_PP_ONLY_V1 = 1, STP_PP_ONLY_V2 = 2, STP_PP_ANY = 3,
+};
+
+/* An address block: FAMILY AF_INET or AF_INET6, the first BITS of ADDR. */
+struct stp_cidr {
+    int family;
+    uint8_t addr[16];
+    uint8_t bits;
+};
+
 enum stp_verify_client {
     STP_VERIFY_CLIENT_NONE = 0, STP_VERIFY_CLIENT_OPTIONAL,
     STP_VERIFY_CLIENT_REQUIRE,
@@ -103,6 +116,10 @@ struct stp_listener_cfg {
     uint32_t max_connections;        /* default 5000 */
     uint32_t max_connections_per_ip; /* default 50 */
     uint32_t max_errors;             /* default 20 */
+    enum stp_pp_mode proxy_protocol; /* default no */
+    struct stp_cidr *proxy_from;     /* who may send the header */
+    int n_proxy_from;
+    uint64_t timeout_proxy_header_ms; /* default 5 s */
     int line;
 };
 
@@ -148,6 +165,14 @@ int stp_parse_duration(const char *text, uint64_t *ms);
 /* "127.0.0.1:25", "[::1]:25", "0.0.0.0:25" -> sockaddr. Numeric only. Port 0
  * is syntax like any other: the keys decide who may use it. */
 int stp_parse_hostport(const char *text, struct sockaddr_storage *ss);
+
+/* "10.0.0.0/8", "2001:db8::/32", "192.0.2.1" (one address) -> a block.
+ * Bits past the prefix are cleared. -EINVAL on bad text. */
+int stp_parse_cidr(const char *text, struct stp_cidr *out);
+/* Is A (an IPv4-mapped IPv6 address counts as IPv4) in one of the N
+ * blocks of V? */
+bool stp_cidr_match(const struct stp_cidr *v, int n,
+                    const struct sockaddr_storage *a);
 
 /* The port of an AF_INET or AF_INET6 address, in host order. */
 uint16_t stp_addr_port(const struct sockaddr_storage *ss);

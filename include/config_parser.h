@@ -24,6 +24,9 @@
 #define CFG_DEFAULT_COMMAND_MS (300 * 1000)
 #define CFG_DEFAULT_DATA_MS (600 * 1000)
 #define CFG_DEFAULT_HANDSHAKE_MS (60 * 1000)
+/* The spec asks for at least 3 s (a TCP retransmit); a load balancer sends
+ * its header at once. */
+#define CFG_DEFAULT_PROXY_HEADER_MS (5 * 1000)
 #define CFG_DEFAULT_PROXY_CONN 10000
 #define CFG_DEFAULT_LISTENER_CONN 5000
 #define CFG_DEFAULT_CONN_PER_IP 50
@@ -77,6 +80,9 @@ enum key_id {
     K_TIMEOUT_COMMAND,
     K_TIMEOUT_DATA,
     K_PROTOCOL,
+    K_PROXY_PROTOCOL,
+    K_PROXY_FROM,
+    K_TIMEOUT_PROXY_HEADER,
     K_COUNT,
 };
 

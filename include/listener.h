@@ -128,6 +128,12 @@ void stp_shared_count(struct stp_shared *sh,
                       const struct sockaddr_storage *peer, int delta,
                       struct stp_counts *out);
 
+/* Count a session from PEER in (+1) or out (-1) of the per-address tally
+ * only: for a client whose address is known after it was counted in (a
+ * PROXY header). Returns the count after DELTA (0 for no address). */
+unsigned stp_shared_count_ip(struct stp_shared *sh,
+                             const struct sockaddr_storage *peer, int delta);
+
 /* Is a session just counted (N) over one of GEN's limits for listener LC?
  * The reason that names the limit, or STP_CLOSE_NONE. */
 enum stp_close_reason stp_over_limit(const struct stp_gen *gen,

@@ -41,6 +41,8 @@ struct stp_hop {
     struct stp_conn *conn;              /* the relay's */
     struct stp_conn *client;            /* its address and TLS, for PROXY */
     const struct sockaddr *client_addr;
+    const struct sockaddr *client_dst;  /* what it reached, from a PROXY
+                                           header; NULL: ask the socket */
     const struct stp_hop_ops *ops;
     void *ctx;
     void *prelude;                      /* only while the prelude runs */

@@ -10,6 +10,8 @@
 
 enum stp_sstate {
     STP_SS_NEW = 0,        /* accepted, nothing started */
+    STP_SS_PROXY_HEADER,   /* a load balancer's PROXY header is read;
+                              nothing is sent before it is complete */
     STP_SS_TLS_ACCEPT,     /* implicit TLS: handshake before anything else */
     STP_SS_CONNECTING,     /* connecting upstream; the client waits */
     STP_SS_UPSTREAM_TLS,   /* TLS handshake with the upstream */
@@ -29,9 +31,9 @@ const char *stp_sstate_name(enum stp_sstate s);
 bool stp_sstate_may(enum stp_sstate from, enum stp_sstate to);
 
 /* Which side a session in ST may read (before back-pressure): the client
- * only while it is relayed or in a handshake, so no client byte arrives
- * before the upstream is set up; the upstream while it is set up or
- * relayed. */
+ * only for its PROXY header, or while it is relayed or in a handshake, so
+ * no client byte arrives before the upstream is set up; the upstream while
+ * it is set up or relayed. */
 bool stp_sstate_reads_client(enum stp_sstate st);
 bool stp_sstate_reads_upstream(enum stp_sstate st);
 /* Is the upstream leg being set up (its events go to the hop)? */
@@ -47,7 +49,7 @@ enum stp_stop stp_sstate_stop(enum stp_sstate st, bool idle, bool force);
 
 enum stp_deadline {
     STP_DL_NONE, STP_DL_HANDSHAKE, STP_DL_SETUP, STP_DL_REPLY, STP_DL_IDLE,
-    STP_DL_COMMAND, STP_DL_DATA, STP_DL_DRAIN,
+    STP_DL_COMMAND, STP_DL_DATA, STP_DL_DRAIN, STP_DL_PROXY_HEADER,
 };
 const char *stp_deadline_name(enum stp_deadline d);
 
@@ -63,6 +65,7 @@ struct stp_clock {
 
 struct stp_timeouts {
     uint64_t handshake, setup, reply, idle, command, data, drain;
+    uint64_t proxy_header;
 };
 
 /* The deadline that comes first in state ST (ENGINE: the engine's status,

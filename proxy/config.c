@@ -197,6 +197,7 @@ static int open_named(struct parser *p, bool lst, const char *name)
         l->max_connections = CFG_DEFAULT_LISTENER_CONN;
         l->max_connections_per_ip = CFG_DEFAULT_CONN_PER_IP;
         l->max_errors = CFG_DEFAULT_MAX_ERRORS;
+        l->timeout_proxy_header_ms = CFG_DEFAULT_PROXY_HEADER_MS;
         l->tlsp.min_version = STP_TLS_V1_2;
         l->tlsp.max_version = STP_TLS_V1_3;
         c->n_listeners++;
@@ -580,6 +581,7 @@ void stp_config_free(struct stp_config *cfg)
         free(l->tlsp.ciphers);
         free(l->tlsp.groups);
         free(l->client_ca);
+        free(l->proxy_from);
         for (int j = 0; j < l->n_sni; j++) {
             free(l->sni[j].name);
             free(l->sni[j].cert);

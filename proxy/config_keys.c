@@ -8,6 +8,7 @@
 #include <strings.h>
 
 #include "config_parser.h"
+#include "proxy_header.h"
 #include "stp.h"
 
 /* ---- values ---------------------------------------------------------- */
@@ -112,6 +113,46 @@ const char *stp_tls_mode_name(enum stp_tls_mode m)
 const char *stp_tls_version_name(enum stp_tls_version v)
 {
     return (unsigned)v <= STP_TLS_V1_3 ? versions[v] : "?";
+}
+
+static const char *const pp_modes[] = {"no", "v1", "v2", "any", NULL};
+_Static_assert(STP_ARRAY_LEN(pp_modes) == STP_PP_ANY + 2,
+               "a name for every proxy_protocol value");
+_Static_assert(STP_PP_ONLY_V1 == STP_PP_V1 && STP_PP_ONLY_V2 == STP_PP_V2,
+               "the mode is the parser's mask of versions");
+
+/* proxy_protocol_from: address blocks separated by commas or blanks. */
+static int set_cidrs(struct parser *p, const struct key_def *k, void *obj,
+                     const char *value)
+{
+    struct stp_listener_cfg *l = obj;
+    const char *s = value;
+    while (*s) {
+        s += strspn(s, ", \t");
+        size_t n = strcspn(s, ", \t");
+        if (n == 0)
+            break;
+        char one[64];
+        struct stp_cidr c;
+        if (n >= sizeof(one))
+            return bad_value(p, k, value, "addresses or CIDR blocks such as "
+                                          "10.0.0.0/8, 2001:db8::/32");
+        memcpy(one, s, n);
+        one[n] = '\0';
+        if (stp_parse_cidr(one, &c) < 0)
+            return bad_value(p, k, value, "addresses or CIDR blocks such as "
+                                          "10.0.0.0/8, 2001:db8::/32");
+        struct stp_cidr *grown = realloc(
+            l->proxy_from, ((size_t)l->n_proxy_from + 1) * sizeof(c));
+        if (!grown)
+            return stp_cfg_oom(p);
+        l->proxy_from = grown;
+        l->proxy_from[l->n_proxy_from++] = c;
+        s += n;
+    }
+    if (l->n_proxy_from == 0)
+        return stp_cfg_fail(p, p->line, "empty value for %s", k->name);
+    return 0;
 }
 
 static const char *const verify_modes[] = {"none", "optional", "require",
@@ -273,6 +314,12 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
                            LST(timeout_command_ms), 0},
     [K_TIMEOUT_DATA] = {SECT_LISTENER, "timeout_data", set_duration,
                         LST(timeout_data_ms), 0},
+    [K_PROXY_PROTOCOL] = {SECT_LISTENER, "proxy_protocol", set_enum,
+                          LST(proxy_protocol), 0, pp_modes,
+                          "no, v1, v2 or any"},
+    [K_PROXY_FROM] = {SECT_LISTENER, "proxy_protocol_from", set_cidrs, 0, 0},
+    [K_TIMEOUT_PROXY_HEADER] = {SECT_LISTENER, "timeout_proxy_header",
+                                set_duration, LST(timeout_proxy_header_ms), 0},
 };
 
 /* sni.NAME = CERT KEY: one more certificate for a listener. */
@@ -370,6 +417,15 @@ int stp_cfg_end_listener(struct parser *p, int i)
                         "require_tls = yes needs tls = starttls or implicit");
         l->require_tls = false;
     }
+    /* Trusting a header from anyone would let any client choose its
+     * address: the senders must be named. */
+    if (l->proxy_protocol != STP_PP_NO && l->n_proxy_from == 0)
+        return stp_cfg_fail(p, kl[K_PROXY_PROTOCOL],
+                            "proxy_protocol needs proxy_protocol_from (the "
+                            "load balancers' addresses)");
+    if (l->proxy_protocol == STP_PP_NO && l->n_proxy_from > 0)
+        return stp_cfg_fail(p, kl[K_PROXY_FROM],
+                            "proxy_protocol_from without proxy_protocol");
     /* Listeners at HOST:0 each get a port of their own: not a conflict. */
     for (int j = 0; j < i && stp_addr_port(&l->addr) != 0; j++) {
         const struct stp_listener_cfg *o = &p->cfg->listeners[j];

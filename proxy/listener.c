@@ -275,6 +275,19 @@ void stp_shared_count(struct stp_shared *sh,
     pthread_mutex_unlock(&sh->mu);
 }
 
+unsigned stp_shared_count_ip(struct stp_shared *sh,
+                             const struct sockaddr_storage *peer, int delta)
+{
+    uint8_t ikey[20];
+    if (!peer->ss_family)
+        return 0;
+    size_t ilen = ip_key(peer, ikey);
+    pthread_mutex_lock(&sh->mu);
+    unsigned n = tally_add(&sh->per_ip, ikey, ilen, delta);
+    pthread_mutex_unlock(&sh->mu);
+    return n;
+}
+
 /* ---- listening sockets: one per address, the main thread's ------------------ */
 
 /* Whether S is LC's socket: the one bound for its configured address, so that

@@ -126,12 +126,13 @@ static void send_proxy_header(struct stp_hop *h)
 {
     char buf[1024];
     int n;
-    /* The address the client reached: asked only here, as few sessions
-     * need it. */
+    /* The address the client reached: a load balancer's header says it,
+     * else the socket, asked only here as few sessions need it. */
     struct sockaddr_storage local;
     if (stp_conn_local(h->client, &local) < 0)
         memset(&local, 0, sizeof(local));
-    const struct sockaddr *dst = (struct sockaddr *)&local;
+    const struct sockaddr *dst =
+        h->client_dst ? h->client_dst : (struct sockaddr *)&local;
     if (h->up->identity == STP_ID_PROXY_V1) {
         n = stp_proxy_v1(buf, sizeof(buf), h->client_addr, dst);
     } else {

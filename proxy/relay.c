@@ -11,6 +11,7 @@
 #include "listener.h"
 #include "log.h"
 #include "nexthop.h"
+#include "proxy_header.h"
 #include "relay.h"
 #include "relay_state.h"
 
@@ -39,13 +40,17 @@ struct stp_session {
     bool shutting_down;          /* the goodbye at the next boundary */
     bool held;                   /* the upstream's queue holds the client */
     bool counted;                /* in the shared tallies */
+    bool ip_counted;             /* ... and peer_addr in the per-IP one */
     int client_err, upstream_err; /* a write failed inside the engine */
     enum stp_close_reason reason; /* first cause wins: session_reason */
     uint64_t upstream_in, upstream_out; /* its counts, kept at its close */
     uint64_t start_ms;
     struct stp_clock clock;    /* the deadlines are computed from it */
-    struct sockaddr_storage peer_addr;
+    struct sockaddr_storage peer_addr; /* the client: a PROXY header's source */
+    struct sockaddr_storage pp_dst;    /* what it reached, per the header */
+    struct stp_counts counts;          /* when it was counted in */
     char peer[64];
+    char via[64];                      /* the load balancer, with a header */
     struct stp_session *prev, *next;
     const struct stp_proto *proto;
     _Alignas(max_align_t) unsigned char engine[]; /* proto->size bytes */
@@ -109,6 +114,7 @@ static enum stp_deadline next_deadline(const struct stp_session *s,
         .command = lc->timeout_command_ms,
         .data = lc->timeout_data_ms,
         .drain = DRAIN_TIMEOUT_MS,
+        .proxy_header = lc->timeout_proxy_header_ms,
     };
     struct stp_proto_status st = {0};
     if (s->state == STP_SS_RELAY || s->state == STP_SS_STARTTLS)
@@ -146,8 +152,8 @@ static void session_unref(struct stp_session *s)
         s->next->prev = s->prev;
     srv->n_sessions--;
     if (s->counted)
-        stp_shared_count(srv->shared, &s->lst->bound, &s->peer_addr, -1,
-                         NULL);
+        stp_shared_count(srv->shared, &s->lst->bound,
+                         s->ip_counted ? &s->peer_addr : NULL, -1, NULL);
     s->proto->free(s->engine);
     stp_hop_free(&s->hop);
     stp_gen_unref(s->gen);
@@ -500,6 +506,9 @@ static void log_client_tls(struct stp_session *s, const char *event)
 }
 
 static void start_upstream(struct stp_session *s);
+static void proxy_header(struct stp_session *s, bool eof);
+static void proxy_refuse(struct stp_session *s, enum stp_close_reason r,
+                         const char *why);
 
 static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
 {
@@ -507,6 +516,10 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
     struct stp_proto_status st;
     switch (ev) {
     case STP_IO_DATA:
+        if (s->state == STP_SS_PROXY_HEADER) {
+            proxy_header(s, false);
+            break;
+        }
         s->clock.client_seen_ms = now_ms(s);
         s->proto->status(s->engine, &st);
         if (!st.replies_due) /* a reply may be due from now */
@@ -534,6 +547,10 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
         s->proto->tls_started(s->engine);
         break;
     case STP_IO_EOF:
+        if (s->state == STP_SS_PROXY_HEADER) {
+            proxy_header(s, true);
+            return;
+        }
         if (s->state == STP_SS_RELAY) {
             /* A half-close: the client may still read the replies to
              * what it sent (settle decides when it is over). */
@@ -671,10 +688,14 @@ static void on_timer(uv_timer_t *t)
         rearm(s); /* moved since the timer was set */
         return;
     }
-    if (d != STP_DL_DRAIN)
+    if (d != STP_DL_DRAIN && d != STP_DL_PROXY_HEADER)
         stp_log(STP_LOG_INFO, SID " event=timeout deadline=%s", s->id,
                 stp_deadline_name(d));
     switch (d) {
+    case STP_DL_PROXY_HEADER:
+        proxy_refuse(s, STP_CLOSE_PROXY_HEADER_TIMEOUT,
+                     "no complete header within timeout_proxy_header");
+        return;
     case STP_DL_HANDSHAKE:
         /* Mid-handshake there is no channel for a reply. */
         session_reason(s, STP_CLOSE_HANDSHAKE_TIMEOUT);
@@ -707,6 +728,116 @@ static void on_timer(uv_timer_t *t)
 }
 
 /* ---- accepting -------------------------------------------------------------- */
+
+/* Once it is known who the client is: its limits, then the implicit TLS
+ * handshake or the upstream. */
+static void session_begin(struct stp_session *s)
+{
+    const struct stp_listener_cfg *lc = s->lcfg;
+    enum stp_close_reason limit = stp_over_limit(s->gen, lc, &s->counts);
+    if (limit) {
+        stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
+                stp_close_reason_name(limit), s->peer);
+        session_reason(s, limit);
+        if (lc->tls == STP_TLS_IMPLICIT)
+            finish(s); /* a handshake just to refuse would cost more */
+        else
+            s->proto->fail(s->engine, STP_FAIL_LIMIT);
+        return;
+    }
+    if (lc->tls == STP_TLS_IMPLICIT) {
+        transition(s, STP_SS_TLS_ACCEPT);
+        /* A ClientHello read with a PROXY header is TLS's first input. */
+        int r = s->via[0] ? stp_conn_start_tls_keep(s->client, s->ltls, NULL)
+                          : stp_conn_start_tls(s->client, s->ltls, NULL);
+        if (r < 0) {
+            session_reason(s, STP_CLOSE_TLS_INIT);
+            finish(s);
+        }
+    } else {
+        start_upstream(s);
+    }
+}
+
+/* ---- a load balancer's PROXY header ------------------------------------------ */
+
+/* Closed without a byte: a PROXY listener says nothing before a valid
+ * header, not even why. */
+static void proxy_refuse(struct stp_session *s, enum stp_close_reason r,
+                         const char *why)
+{
+    size_t n;
+    stp_conn_in(s->client, &n);
+    stp_log(STP_LOG_WARN,
+            SID " event=proxy_header_error reason=%s client=%s listener=%s "
+                "bytes=%zu error=\"%s\"",
+            s->id, stp_close_reason_name(r), s->peer, s->lcfg->name, n, why);
+    session_reason(s, r);
+    finish(s);
+}
+
+/* Only the load balancers named may send a header: from anyone else it
+ * would let a client choose its address. Checked before reading a byte. */
+static void proxy_accept(struct stp_session *s)
+{
+    const struct stp_listener_cfg *lc = s->lcfg;
+    if (!stp_cidr_match(lc->proxy_from, lc->n_proxy_from, &s->peer_addr)) {
+        stp_log(STP_LOG_WARN,
+                SID " event=reject reason=%s client=%s listener=%s", s->id,
+                stp_close_reason_name(STP_CLOSE_PROXY_NOT_ALLOWED), s->peer,
+                lc->name);
+        session_reason(s, STP_CLOSE_PROXY_NOT_ALLOWED);
+        finish(s);
+        return;
+    }
+    transition(s, STP_SS_PROXY_HEADER);
+}
+
+/* The header's source is the client from now on: in the logs, the per-IP
+ * tally and what the upstream is told. LOCAL and UNKNOWN (health checks)
+ * keep the socket's addresses. */
+static void proxy_client(struct stp_session *s, const struct stp_pp_result *pp)
+{
+    memcpy(s->via, s->peer, sizeof(s->via));
+    if (!pp->local) {
+        s->peer_addr = pp->src;
+        s->pp_dst = pp->dst;
+        s->hop.client_dst = (const struct sockaddr *)&s->pp_dst;
+        stp_format_addr((struct sockaddr *)&s->peer_addr, s->peer,
+                        sizeof(s->peer));
+    }
+    s->counts.per_ip = stp_shared_count_ip(s->srv->shared, &s->peer_addr, 1);
+    s->ip_counted = true;
+    stp_log(STP_LOG_INFO,
+            SID " event=connect client=%s via=%s listener=%s proxy_header=v%u%s",
+            s->id, s->peer, s->via, s->lcfg->name, pp->version,
+            pp->local ? "-local" : "");
+}
+
+/* What the client sent so far, offered to the parser; EOF: nothing more
+ * will come. */
+static void proxy_header(struct stp_session *s, bool eof)
+{
+    size_t n;
+    const char *p = stp_conn_in(s->client, &n);
+    struct stp_pp_result pp;
+    int r = stp_pp_parse(p, n, s->lcfg->proxy_protocol, &pp);
+    if (r == 0 && !eof)
+        return;
+    if (r <= 0) {
+        proxy_refuse(s, STP_CLOSE_PROXY_HEADER_INVALID,
+                     r == 0 ? "closed before a complete header" : pp.reason);
+        return;
+    }
+    stp_conn_consume(s->client, pp.len);
+    proxy_client(s, &pp);
+    if (eof) {
+        session_reason(s, STP_CLOSE_CLIENT_EOF);
+        finish(s);
+        return;
+    }
+    session_begin(s);
+}
 
 /* The session's configuration, its engine and its hop, once it is known
  * who connected. */
@@ -789,37 +920,22 @@ int stp_session_accept(struct stp_listener *lst)
         memset(&s->peer_addr, 0, sizeof(s->peer_addr));
         snprintf(s->peer, sizeof(s->peer), "unknown");
     }
-    struct stp_counts counts;
-    stp_shared_count(srv->shared, &lst->bound, &s->peer_addr, 1, &counts);
+    /* Behind a load balancer the client's address is known only from its
+     * header: the per-IP tally waits for it. */
+    bool pp = lc->proxy_protocol != STP_PP_NO;
+    stp_shared_count(srv->shared, &lst->bound, pp ? NULL : &s->peer_addr, 1,
+                     &s->counts);
     s->counted = true;
-    s->id = s->hop.id = counts.id;
-    stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s", s->id,
-            s->peer, lc->name);
+    s->ip_counted = !pp;
+    s->id = s->hop.id = s->counts.id;
     s->clock.client_seen_ms = s->clock.upstream_seen_ms = s->start_ms;
     s->clock.state_ms = s->start_ms;
-
-    enum stp_close_reason limit = stp_over_limit(s->gen, lc, &counts);
-    if (limit) {
-        stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
-                stp_close_reason_name(limit), s->peer);
-        session_reason(s, limit);
-        if (lc->tls == STP_TLS_IMPLICIT) {
-            finish(s); /* a handshake just to refuse would cost more */
-            return 0;
-        }
-        s->proto->fail(s->engine, STP_FAIL_LIMIT);
-        settle(s);
-        return 0;
-    }
-    if (lc->tls == STP_TLS_IMPLICIT) {
-        transition(s, STP_SS_TLS_ACCEPT);
-        if (stp_conn_start_tls(s->client, s->ltls, NULL) < 0) {
-            session_reason(s, STP_CLOSE_TLS_INIT);
-            finish(s);
-            return 0;
-        }
+    if (pp) {
+        proxy_accept(s);
     } else {
-        start_upstream(s);
+        stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s",
+                s->id, s->peer, lc->name);
+        session_begin(s);
     }
     settle(s);
     return 0;

@@ -2,7 +2,8 @@
 #include "relay_state.h"
 
 static const char *const sstate_names[STP_SS_COUNT] = {
-    [STP_SS_NEW] = "new",           [STP_SS_TLS_ACCEPT] = "tls_accept",
+    [STP_SS_NEW] = "new",           [STP_SS_PROXY_HEADER] = "proxy_header",
+    [STP_SS_TLS_ACCEPT] = "tls_accept",
     [STP_SS_CONNECTING] = "connecting", [STP_SS_UPSTREAM_TLS] = "upstream_tls",
     [STP_SS_PRELUDE] = "prelude",   [STP_SS_RELAY] = "relay",
     [STP_SS_STARTTLS] = "starttls", [STP_SS_HANDSHAKE] = "handshake",
@@ -17,7 +18,10 @@ const char *stp_sstate_name(enum stp_sstate s)
 #define TO(st) (1u << (st))
 #define ENDS (TO(STP_SS_DRAINING) | TO(STP_SS_CLOSED))
 static const unsigned legal_moves[STP_SS_COUNT] = {
-    [STP_SS_NEW] = TO(STP_SS_TLS_ACCEPT) | TO(STP_SS_CONNECTING) | ENDS,
+    [STP_SS_NEW] = TO(STP_SS_PROXY_HEADER) | TO(STP_SS_TLS_ACCEPT) |
+                   TO(STP_SS_CONNECTING) | ENDS,
+    [STP_SS_PROXY_HEADER] = TO(STP_SS_TLS_ACCEPT) | TO(STP_SS_CONNECTING) |
+                            ENDS,
     [STP_SS_TLS_ACCEPT] = TO(STP_SS_CONNECTING) | ENDS,
     [STP_SS_CONNECTING] = TO(STP_SS_UPSTREAM_TLS) | TO(STP_SS_PRELUDE) |
                           TO(STP_SS_RELAY) | ENDS,
@@ -39,7 +43,7 @@ bool stp_sstate_may(enum stp_sstate from, enum stp_sstate to)
 bool stp_sstate_reads_client(enum stp_sstate st)
 {
     return st == STP_SS_RELAY || st == STP_SS_HANDSHAKE ||
-           st == STP_SS_TLS_ACCEPT;
+           st == STP_SS_TLS_ACCEPT || st == STP_SS_PROXY_HEADER;
 }
 
 bool stp_sstate_reads_upstream(enum stp_sstate st)
@@ -57,6 +61,7 @@ enum stp_stop stp_sstate_stop(enum stp_sstate st, bool idle, bool force)
 {
     switch (st) {
     case STP_SS_NEW:
+    case STP_SS_PROXY_HEADER: /* not one byte before a valid header */
     case STP_SS_TLS_ACCEPT:
     case STP_SS_HANDSHAKE:
         return STP_STOP_CLOSE;
@@ -79,9 +84,9 @@ const char *stp_deadline_name(enum stp_deadline d)
 {
     static const char *const names[] = {
         "none", "handshake", "setup", "reply", "idle", "command", "data",
-        "drain",
+        "drain", "proxy_header",
     };
-    return d <= STP_DL_DRAIN ? names[d] : "?";
+    return d <= STP_DL_PROXY_HEADER ? names[d] : "?";
 }
 
 /* RFC 5321 4.5.3.2 values by default: every wait is bounded. */
@@ -102,6 +107,9 @@ enum stp_deadline stp_deadline_next(enum stp_sstate st,
         }                                                                      \
     } while (0)
     switch (st) {
+    case STP_SS_PROXY_HEADER:
+        CONSIDER(STP_DL_PROXY_HEADER, c->state_ms + t->proxy_header);
+        break;
     case STP_SS_TLS_ACCEPT:
     case STP_SS_HANDSHAKE:
         CONSIDER(STP_DL_HANDSHAKE, c->state_ms + t->handshake);

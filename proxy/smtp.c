@@ -55,6 +55,9 @@ const char *stp_close_reason_name(enum stp_close_reason r)
         [STP_CLOSE_MAX_CONNECTIONS] = "max_connections",
         [STP_CLOSE_LISTENER_MAX_CONNECTIONS] = "listener_max_connections",
         [STP_CLOSE_MAX_CONNECTIONS_PER_IP] = "max_connections_per_ip",
+        [STP_CLOSE_PROXY_HEADER_INVALID] = "proxy_header_invalid",
+        [STP_CLOSE_PROXY_HEADER_TIMEOUT] = "proxy_header_timeout",
+        [STP_CLOSE_PROXY_NOT_ALLOWED] = "proxy_not_allowed",
     };
     return r < STP_CLOSE_COUNT && names[r] ? names[r] : "?";
 }

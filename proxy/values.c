@@ -93,6 +93,68 @@ int stp_parse_hostport(const char *text, struct sockaddr_storage *ss)
     return 0;
 }
 
+int stp_parse_cidr(const char *text, struct stp_cidr *out)
+{
+    char host[INET6_ADDRSTRLEN];
+    const char *slash = strchr(text, '/');
+    size_t hlen = slash ? (size_t)(slash - text) : strlen(text);
+    if (hlen == 0 || hlen >= sizeof(host))
+        return -EINVAL;
+    memcpy(host, text, hlen);
+    host[hlen] = '\0';
+    memset(out, 0, sizeof(*out));
+    if (inet_pton(AF_INET, host, out->addr) == 1)
+        out->family = AF_INET;
+    else if (inet_pton(AF_INET6, host, out->addr) == 1)
+        out->family = AF_INET6;
+    else
+        return -EINVAL;
+    uint64_t max = out->family == AF_INET ? 32 : 128, bits = max;
+    if (slash) {
+        const char *b = slash + 1;
+        if (stp_parse_uint(&b, max, &bits) < 0 || *b != '\0')
+            return -EINVAL;
+    }
+    out->bits = (uint8_t)bits;
+    for (unsigned i = 0; i < 16; i++) {
+        unsigned keep = bits >= 8 * (i + 1) ? 8 : bits > 8 * i ? bits - 8 * i : 0;
+        out->addr[i] &= (uint8_t)(0xff00u >> keep);
+    }
+    return 0;
+}
+
+static bool prefix_eq(const uint8_t *a, const uint8_t *b, unsigned bits)
+{
+    if (memcmp(a, b, bits / 8) != 0)
+        return false;
+    uint8_t mask = (uint8_t)(0xff00u >> (bits % 8));
+    return bits % 8 == 0 || ((a[bits / 8] ^ b[bits / 8]) & mask) == 0;
+}
+
+bool stp_cidr_match(const struct stp_cidr *v, int n,
+                    const struct sockaddr_storage *a)
+{
+    const uint8_t *ip;
+    int family = a->ss_family;
+    if (family == AF_INET) {
+        ip = (const uint8_t *)&((const struct sockaddr_in *)a)->sin_addr;
+    } else if (family == AF_INET6) {
+        const struct in6_addr *in6 = &((const struct sockaddr_in6 *)a)->sin6_addr;
+        ip = in6->s6_addr;
+        /* A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d. */
+        if (IN6_IS_ADDR_V4MAPPED(in6)) {
+            family = AF_INET;
+            ip += 12;
+        }
+    } else {
+        return false;
+    }
+    for (int i = 0; i < n; i++)
+        if (v[i].family == family && prefix_eq(v[i].addr, ip, v[i].bits))
+            return true;
+    return false;
+}
+
 uint16_t stp_addr_port(const struct sockaddr_storage *ss)
 {
     return ntohs(ss->ss_family == AF_INET

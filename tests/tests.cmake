@@ -60,6 +60,8 @@ if(STP_FUZZ)
     set(dict smtp.dict)
     if(name STREQUAL "fuzz_config")
       set(dict config.dict)
+    elseif(name STREQUAL "fuzz_proxy_header")
+      set(dict proxy_header.dict)
     endif()
     add_test(NAME fuzz_${name}
       COMMAND ${name} -max_total_time=30 -timeout=5

@@ -252,6 +252,35 @@ static void test_errors(void)
          "t.ini:3: duplicate key 'listen'"},
         {"[proxy]\nlog_level = info\nlog_level = info\n",
          "t.ini:3: duplicate key 'log_level'"},
+        /* PROXY protocol on listeners */
+        {LST_A "proxy_protocol = v2\n" UP,
+         "t.ini:4: proxy_protocol needs proxy_protocol_from (the load "
+         "balancers' addresses)"},
+        {LST_A "proxy_protocol_from = 10.0.0.0/8\n" UP,
+         "t.ini:4: proxy_protocol_from without proxy_protocol"},
+        {LST_A "proxy_protocol = yes\n" UP,
+         "t.ini:4: invalid value 'yes' for proxy_protocol (expected no, v1, "
+         "v2 or any)"},
+        {LST_A "proxy_protocol = v1\nproxy_protocol_from = 10.0.0.0/33\n" UP,
+         "t.ini:5: invalid value '10.0.0.0/33' for proxy_protocol_from "
+         "(expected addresses or CIDR blocks such as 10.0.0.0/8, "
+         "2001:db8::/32)"},
+        {LST_A "proxy_protocol = v1\nproxy_protocol_from = 10.0.0/8\n" UP,
+         "t.ini:5: invalid value '10.0.0/8' for proxy_protocol_from "
+         "(expected addresses or CIDR blocks such as 10.0.0.0/8, "
+         "2001:db8::/32)"},
+        {LST_A "proxy_protocol = v1\nproxy_protocol_from = ::1/\n" UP,
+         "t.ini:5: invalid value '::1/' for proxy_protocol_from "
+         "(expected addresses or CIDR blocks such as 10.0.0.0/8, "
+         "2001:db8::/32)"},
+        {LST_A "proxy_protocol = v1\nproxy_protocol_from = ,\n" UP,
+         "t.ini:5: empty value for proxy_protocol_from"},
+        {LST_A "proxy_protocol = v1\nproxy_protocol_from = ::1\n"
+               "proxy_protocol_from = ::2\n" UP,
+         "t.ini:6: duplicate key 'proxy_protocol_from'"},
+        {LST_A "timeout_proxy_header = 0\n" UP,
+         "t.ini:4: invalid value '0' for timeout_proxy_header (expected a "
+         "duration greater than 0 like 300s, 5m, 1h or 250ms)"},
         /* values */
         {"[proxy]\nlog_level = loud\n", "t.ini:2: invalid value 'loud' for "
                                         "log_level (expected error, warn, info or debug)"},
@@ -510,6 +539,58 @@ static void test_defaults(void)
     stp_config_free(&cfg);
 }
 
+/* proxy_protocol: the versions as a mask, the senders as blocks. */
+static void test_proxy_protocol(void)
+{
+    struct stp_config cfg;
+    char err[256] = "";
+    CHECK(stp_config_parse_string("t.ini", MINIMAL, &cfg, err, sizeof(err)) == 0);
+    CHECK(cfg.listeners[0].proxy_protocol == STP_PP_NO &&
+          cfg.listeners[0].n_proxy_from == 0 &&
+          cfg.listeners[0].timeout_proxy_header_ms == 5000);
+    stp_config_free(&cfg);
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_A "proxy_protocol = ANY\n"
+                    "proxy_protocol_from = 10.1.2.3/8, 192.0.2.7 ,2001:db8::/32\t::1\n"
+                    "timeout_proxy_header = 250ms\n" UP,
+              &cfg, err, sizeof(err)) == 0);
+    CHECK_STR(err, "");
+    const struct stp_listener_cfg *l = &cfg.listeners[0];
+    CHECK(l->proxy_protocol == STP_PP_ANY && l->n_proxy_from == 4);
+    CHECK(l->timeout_proxy_header_ms == 250);
+    static const struct { const char *addr; bool in; } who[] = {
+        {"10.200.0.1", true},  {"11.0.0.1", false},   {"192.0.2.7", true},
+        {"192.0.2.8", false},  {"2001:db8:ff::1", true}, {"2001:db9::1", false},
+        {"::1", true},         {"::2", false},
+        {"::ffff:10.0.0.9", true}, /* a dual-stack socket's IPv4 peer */
+        {"::ffff:11.0.0.9", false},
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(who); i++) {
+        struct sockaddr_storage ss = {0};
+        if (strchr(who[i].addr, ':')) {
+            ss.ss_family = AF_INET6;
+            inet_pton(AF_INET6, who[i].addr,
+                      &((struct sockaddr_in6 *)&ss)->sin6_addr);
+        } else {
+            ss.ss_family = AF_INET;
+            inet_pton(AF_INET, who[i].addr,
+                      &((struct sockaddr_in *)&ss)->sin_addr);
+        }
+        bool in = stp_cidr_match(l->proxy_from, l->n_proxy_from, &ss);
+        if (in != who[i].in)
+            fprintf(stderr, "  %s: %d\n", who[i].addr, in);
+        CHECK(in == who[i].in);
+    }
+    struct stp_cidr c;
+    CHECK(stp_parse_cidr("0.0.0.0/0", &c) == 0 && c.bits == 0);
+    CHECK(stp_parse_cidr("::/0", &c) == 0 && c.family == AF_INET6);
+    CHECK(stp_parse_cidr("1.2.3.4/-1", &c) < 0);
+    CHECK(stp_parse_cidr("1.2.3.4/ 8", &c) < 0);
+    CHECK(stp_parse_cidr("/8", &c) < 0);
+    stp_config_free(&cfg);
+}
+
 /* Every key set, upstreams referenced before they are defined, IPv6, CRLF,
  * a BOM, indentation and comments: all of it lands in the struct. */
 static void test_full(const char *cert, const char *key)
@@ -654,18 +735,22 @@ static void test_load(const char *dir, const char *cert, const char *key)
 /* The documented example under conf/ must stay loadable. */
 static void test_shipped_example(void)
 {
-    char path[1024], err[512] = "";
-    const char *slash = strrchr(__FILE__, '/');
-    int dirlen = slash ? (int)(slash - __FILE__) : 1;
-    snprintf(path, sizeof(path), "%.*s/../../conf/starttls-proxy.ini", dirlen,
-             slash ? __FILE__ : ".");
-    struct stp_config cfg;
-    int rc = stp_config_load(path, &cfg, err, sizeof(err));
-    if (rc != 0)
-        fprintf(stderr, "  %s\n", err);
-    CHECK(rc == 0);
-    CHECK(cfg.n_listeners >= 1);
-    stp_config_free(&cfg);
+    static const char *const files[] = {"starttls-proxy.ini",
+                                        "behind-haproxy.ini"};
+    for (size_t i = 0; i < STP_ARRAY_LEN(files); i++) {
+        char path[1024], err[512] = "";
+        const char *slash = strrchr(__FILE__, '/');
+        int dirlen = slash ? (int)(slash - __FILE__) : 1;
+        snprintf(path, sizeof(path), "%.*s/../../conf/%s", dirlen,
+                 slash ? __FILE__ : ".", files[i]);
+        struct stp_config cfg;
+        int rc = stp_config_load(path, &cfg, err, sizeof(err));
+        if (rc != 0)
+            fprintf(stderr, "  %s\n", err);
+        CHECK(rc == 0);
+        CHECK(cfg.n_listeners >= 1);
+        stp_config_free(&cfg);
+    }
 }
 
 /* The TLS keys of issue 3: defaults and every key set. */
@@ -739,6 +824,7 @@ int main(void)
     test_line_too_long();
     test_long_lines();
     test_defaults();
+    test_proxy_protocol();
     test_full(cert, key);
     test_tls_keys(cert, key);
     test_load(dir, cert, key);

@@ -29,7 +29,8 @@ static void test_moves(void)
 
     case_begin("state table: no client byte is relayed before setup");
     /* Setup states never reach STARTTLS or HANDSHAKE without RELAY. */
-    static const enum stp_sstate setup[] = {STP_SS_NEW, STP_SS_TLS_ACCEPT,
+    static const enum stp_sstate setup[] = {STP_SS_NEW, STP_SS_PROXY_HEADER,
+                                            STP_SS_TLS_ACCEPT,
                                             STP_SS_CONNECTING,
                                             STP_SS_UPSTREAM_TLS,
                                             STP_SS_PRELUDE};
@@ -40,6 +41,18 @@ static void test_moves(void)
     }
     CHECK(!stp_sstate_may(STP_SS_TLS_ACCEPT, STP_SS_RELAY),
           "implicit TLS relays before connecting");
+    case_end();
+
+    case_begin("state table: the PROXY header comes before anything else");
+    for (int from = 0; from < STP_SS_COUNT; from++)
+        CHECK(stp_sstate_may(from, STP_SS_PROXY_HEADER) ==
+                  (from == STP_SS_NEW),
+              "%s -> proxy_header", stp_sstate_name(from));
+    for (int to = 0; to < STP_SS_COUNT; to++)
+        CHECK(stp_sstate_may(STP_SS_PROXY_HEADER, to) ==
+                  (to == STP_SS_TLS_ACCEPT || to == STP_SS_CONNECTING ||
+                   to >= STP_SS_DRAINING),
+              "proxy_header -> %s", stp_sstate_name(to));
     case_end();
 }
 
@@ -58,11 +71,16 @@ static void test_reading_and_stop(void)
     CHECK(stp_sstate_reads_client(STP_SS_RELAY) &&
               stp_sstate_reads_client(STP_SS_HANDSHAKE),
           "relaying without reading the client");
+    CHECK(stp_sstate_reads_client(STP_SS_PROXY_HEADER) &&
+              !stp_sstate_setting_up(STP_SS_PROXY_HEADER),
+          "the header is read, the upstream not yet set up");
     case_end();
 
     case_begin("shutdown: close, goodbye now or at the boundary");
     CHECK(stp_sstate_stop(STP_SS_HANDSHAKE, true, false) == STP_STOP_CLOSE,
           "mid-handshake there is no channel for a reply");
+    CHECK(stp_sstate_stop(STP_SS_PROXY_HEADER, true, false) == STP_STOP_CLOSE,
+          "no reply before a complete PROXY header");
     CHECK(stp_sstate_stop(STP_SS_RELAY, false, false) == STP_STOP_LATER,
           "a message in flight is cut");
     CHECK(stp_sstate_stop(STP_SS_RELAY, false, true) == STP_STOP_GOODBYE,
@@ -79,7 +97,7 @@ static void test_reading_and_stop(void)
 
 static const struct stp_timeouts T = {
     .handshake = 60000, .setup = 30000, .reply = 300000, .idle = 300000,
-    .command = 300000, .data = 600000, .drain = 5000,
+    .command = 300000, .data = 600000, .drain = 5000, .proxy_header = 5000,
 };
 
 static void expect(const char *name, enum stp_sstate st,
@@ -106,6 +124,8 @@ static void test_deadlines(void)
            STP_DL_HANDSHAKE, 61000);
     expect("implicit TLS handshake", STP_SS_TLS_ACCEPT, none, c,
            STP_DL_HANDSHAKE, 61000);
+    expect("the PROXY header: timeout_proxy_header from accepting",
+           STP_SS_PROXY_HEADER, due, c, STP_DL_PROXY_HEADER, 6000);
     expect("setup: one deadline across its steps", STP_SS_PRELUDE, none, c,
            STP_DL_SETUP, 32000);
     expect("the greeting is part of setup", STP_SS_RELAY, greeting, c,
