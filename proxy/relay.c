@@ -11,7 +11,7 @@
 #include "listener.h"
 #include "log.h"
 #include "nexthop.h"
-#include "proxy_header.h"
+#include "front.h"
 #include "relay.h"
 #include "relay_state.h"
 
@@ -39,18 +39,12 @@ struct stp_session {
     bool client_eof;             /* the client half-closed: reads no more */
     bool shutting_down;          /* the goodbye at the next boundary */
     bool held;                   /* the upstream's queue holds the client */
-    bool counted;                /* in the shared tallies */
-    bool ip_counted;             /* ... and peer_addr in the per-IP one */
     int client_err, upstream_err; /* a write failed inside the engine */
     enum stp_close_reason reason; /* first cause wins: session_reason */
     uint64_t upstream_in, upstream_out; /* its counts, kept at its close */
     uint64_t start_ms;
     struct stp_clock clock;    /* the deadlines are computed from it */
-    struct sockaddr_storage peer_addr; /* the client: a PROXY header's source */
-    struct sockaddr_storage pp_dst;    /* what it reached, per the header */
-    struct stp_counts counts;          /* when it was counted in */
-    char peer[64];
-    char via[64];                      /* the load balancer, with a header */
+    struct stp_front front;    /* who the client is, its tallies */
     struct stp_session *prev, *next;
     const struct stp_proto *proto;
     _Alignas(max_align_t) unsigned char engine[]; /* proto->size bytes */
@@ -151,9 +145,7 @@ static void session_unref(struct stp_session *s)
     if (s->next)
         s->next->prev = s->prev;
     srv->n_sessions--;
-    if (s->counted)
-        stp_shared_count(srv->shared, &s->lst->bound,
-                         s->ip_counted ? &s->peer_addr : NULL, -1, NULL);
+    stp_front_close(&s->front);
     s->proto->free(s->engine);
     stp_hop_free(&s->hop);
     stp_gen_unref(s->gen);
@@ -506,9 +498,7 @@ static void log_client_tls(struct stp_session *s, const char *event)
 }
 
 static void start_upstream(struct stp_session *s);
-static void proxy_header(struct stp_session *s, bool eof);
-static void proxy_refuse(struct stp_session *s, enum stp_close_reason r,
-                         const char *why);
+static void read_header(struct stp_session *s, bool eof);
 
 static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
 {
@@ -517,7 +507,7 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
     switch (ev) {
     case STP_IO_DATA:
         if (s->state == STP_SS_PROXY_HEADER) {
-            proxy_header(s, false);
+            read_header(s, false);
             break;
         }
         s->clock.client_seen_ms = now_ms(s);
@@ -548,7 +538,7 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
         break;
     case STP_IO_EOF:
         if (s->state == STP_SS_PROXY_HEADER) {
-            proxy_header(s, true);
+            read_header(s, true);
             return;
         }
         if (s->state == STP_SS_RELAY) {
@@ -693,8 +683,10 @@ static void on_timer(uv_timer_t *t)
                 stp_deadline_name(d));
     switch (d) {
     case STP_DL_PROXY_HEADER:
-        proxy_refuse(s, STP_CLOSE_PROXY_HEADER_TIMEOUT,
-                     "no complete header within timeout_proxy_header");
+        stp_front_refused(&s->front, STP_CLOSE_PROXY_HEADER_TIMEOUT,
+                          "no complete header within timeout_proxy_header");
+        session_reason(s, STP_CLOSE_PROXY_HEADER_TIMEOUT);
+        finish(s);
         return;
     case STP_DL_HANDSHAKE:
         /* Mid-handshake there is no channel for a reply. */
@@ -734,10 +726,8 @@ static void on_timer(uv_timer_t *t)
 static void session_begin(struct stp_session *s)
 {
     const struct stp_listener_cfg *lc = s->lcfg;
-    enum stp_close_reason limit = stp_over_limit(s->gen, lc, &s->counts);
+    enum stp_close_reason limit = stp_front_limit(&s->front);
     if (limit) {
-        stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", s->id,
-                stp_close_reason_name(limit), s->peer);
         session_reason(s, limit);
         if (lc->tls == STP_TLS_IMPLICIT)
             finish(s); /* a handshake just to refuse would cost more */
@@ -748,7 +738,7 @@ static void session_begin(struct stp_session *s)
     if (lc->tls == STP_TLS_IMPLICIT) {
         transition(s, STP_SS_TLS_ACCEPT);
         /* A ClientHello read with a PROXY header is TLS's first input. */
-        int r = s->via[0] ? stp_conn_start_tls_keep(s->client, s->ltls, NULL)
+        int r = s->front.via[0] ? stp_conn_start_tls_keep(s->client, s->ltls, NULL)
                           : stp_conn_start_tls(s->client, s->ltls, NULL);
         if (r < 0) {
             session_reason(s, STP_CLOSE_TLS_INIT);
@@ -759,84 +749,28 @@ static void session_begin(struct stp_session *s)
     }
 }
 
-/* ---- a load balancer's PROXY header ------------------------------------------ */
-
-/* Closed without a byte: a PROXY listener says nothing before a valid
- * header, not even why. */
-static void proxy_refuse(struct stp_session *s, enum stp_close_reason r,
-                         const char *why)
+/* A load balancer's PROXY header: read before anything else. */
+static void read_header(struct stp_session *s, bool eof)
 {
-    size_t n;
-    stp_conn_in(s->client, &n);
-    stp_log(STP_LOG_WARN,
-            SID " event=proxy_header_error reason=%s client=%s listener=%s "
-                "bytes=%zu error=\"%s\"",
-            s->id, stp_close_reason_name(r), s->peer, s->lcfg->name, n, why);
-    session_reason(s, r);
-    finish(s);
-}
-
-/* Only the load balancers named may send a header: from anyone else it
- * would let a client choose its address. Checked before reading a byte. */
-static void proxy_accept(struct stp_session *s)
-{
-    const struct stp_listener_cfg *lc = s->lcfg;
-    if (!stp_cidr_match(lc->proxy_from, lc->n_proxy_from, &s->peer_addr)) {
-        stp_log(STP_LOG_WARN,
-                SID " event=reject reason=%s client=%s listener=%s", s->id,
-                stp_close_reason_name(STP_CLOSE_PROXY_NOT_ALLOWED), s->peer,
-                lc->name);
-        session_reason(s, STP_CLOSE_PROXY_NOT_ALLOWED);
+    enum stp_close_reason why;
+    switch (stp_front_header(&s->front, eof, &why)) {
+    case STP_FRONT_MORE:
+    case STP_FRONT_HEADER:
+        return;
+    case STP_FRONT_REFUSE:
+        session_reason(s, why);
         finish(s);
         return;
+    case STP_FRONT_BEGIN:
+        if (s->front.has_dst)
+            s->hop.client_dst = (const struct sockaddr *)&s->front.dst;
+        if (eof) {
+            session_reason(s, STP_CLOSE_CLIENT_EOF);
+            finish(s);
+            return;
+        }
+        session_begin(s);
     }
-    transition(s, STP_SS_PROXY_HEADER);
-}
-
-/* The header's source is the client from now on: in the logs, the per-IP
- * tally and what the upstream is told. LOCAL and UNKNOWN (health checks)
- * keep the socket's addresses. */
-static void proxy_client(struct stp_session *s, const struct stp_pp_result *pp)
-{
-    memcpy(s->via, s->peer, sizeof(s->via));
-    if (!pp->local) {
-        s->peer_addr = pp->src;
-        s->pp_dst = pp->dst;
-        s->hop.client_dst = (const struct sockaddr *)&s->pp_dst;
-        stp_format_addr((struct sockaddr *)&s->peer_addr, s->peer,
-                        sizeof(s->peer));
-    }
-    s->counts.per_ip = stp_shared_count_ip(s->srv->shared, &s->peer_addr, 1);
-    s->ip_counted = true;
-    stp_log(STP_LOG_INFO,
-            SID " event=connect client=%s via=%s listener=%s proxy_header=v%u%s",
-            s->id, s->peer, s->via, s->lcfg->name, pp->version,
-            pp->local ? "-local" : "");
-}
-
-/* What the client sent so far, offered to the parser; EOF: nothing more
- * will come. */
-static void proxy_header(struct stp_session *s, bool eof)
-{
-    size_t n;
-    const char *p = stp_conn_in(s->client, &n);
-    struct stp_pp_result pp;
-    int r = stp_pp_parse(p, n, s->lcfg->proxy_protocol, &pp);
-    if (r == 0 && !eof)
-        return;
-    if (r <= 0) {
-        proxy_refuse(s, STP_CLOSE_PROXY_HEADER_INVALID,
-                     r == 0 ? "closed before a complete header" : pp.reason);
-        return;
-    }
-    stp_conn_consume(s->client, pp.len);
-    proxy_client(s, &pp);
-    if (eof) {
-        session_reason(s, STP_CLOSE_CLIENT_EOF);
-        finish(s);
-        return;
-    }
-    session_begin(s);
 }
 
 /* The session's configuration, its engine and its hop, once it is known
@@ -862,7 +796,7 @@ static void session_setup(struct stp_session *s, uint64_t id)
         .proto = s->proto,
         .hostname = s->gen->cfg.hostname,
         .client = s->client,
-        .client_addr = (const struct sockaddr *)&s->peer_addr,
+        .client_addr = (const struct sockaddr *)&s->front.addr,
         .ops = &hop_ops,
         .ctx = s,
     };
@@ -885,6 +819,9 @@ int stp_session_accept(struct stp_listener *lst)
     s->up = lc->upstream;
     s->proto = proto;
     s->start_ms = uv_now(srv->loop);
+    s->front = (struct stp_front){
+        .srv = srv, .lst = lst, .lcfg = lc, .gen = s->gen,
+    };
     int r = stp_conn_new(srv->loop, AF_UNSPEC, on_client, s, &s->client);
     if (r < 0) {
         free(s);
@@ -912,29 +849,18 @@ int stp_session_accept(struct stp_listener *lst)
                 lst->addr, uv_strerror(r));
         return STP_ACCEPT_FAILED;
     }
-    /* TCP_NODELAY comes from the listening socket (Linux copies it). */
-    if (stp_conn_peer(s->client, &s->peer_addr) == 0) {
-        stp_format_addr((struct sockaddr *)&s->peer_addr, s->peer,
-                        sizeof(s->peer));
-    } else {
-        memset(&s->peer_addr, 0, sizeof(s->peer_addr));
-        snprintf(s->peer, sizeof(s->peer), "unknown");
-    }
-    /* Behind a load balancer the client's address is known only from its
-     * header: the per-IP tally waits for it. */
-    bool pp = lc->proxy_protocol != STP_PP_NO;
-    stp_shared_count(srv->shared, &lst->bound, pp ? NULL : &s->peer_addr, 1,
-                     &s->counts);
-    s->counted = true;
-    s->ip_counted = !pp;
-    s->id = s->hop.id = s->counts.id;
+    s->front.conn = s->client;
+    enum stp_close_reason why;
+    enum stp_front_verdict v = stp_front_open(&s->front, &why);
+    s->id = s->hop.id = s->front.id;
     s->clock.client_seen_ms = s->clock.upstream_seen_ms = s->start_ms;
     s->clock.state_ms = s->start_ms;
-    if (pp) {
-        proxy_accept(s);
+    if (v == STP_FRONT_REFUSE) {
+        session_reason(s, why);
+        finish(s);
+    } else if (v == STP_FRONT_HEADER) {
+        transition(s, STP_SS_PROXY_HEADER);
     } else {
-        stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s",
-                s->id, s->peer, lc->name);
         session_begin(s);
     }
     settle(s);
