@@ -13,7 +13,8 @@ enum stp_front_verdict stp_front_open(struct stp_front *f,
 {
     const struct stp_listener_cfg *lc = f->lcfg;
     /* TCP_NODELAY comes from the listening socket (Linux copies it). */
-    if (stp_conn_peer(f->conn, &f->addr) == 0) {
+    int r = stp_conn_peer(f->conn, &f->addr);
+    if (r == 0) {
         stp_format_addr((struct sockaddr *)&f->addr, f->peer,
                         sizeof(f->peer));
     } else {
@@ -28,6 +29,15 @@ enum stp_front_verdict stp_front_open(struct stp_front *f,
     f->counted = true;
     f->ip_counted = !pp;
     f->id = f->counts.id;
+    if (r < 0) {
+        /* Reset before it was accepted (a load balancer's TCP check):
+         * nobody to serve, and no address to judge it by. */
+        stp_log(STP_LOG_INFO,
+                SID " event=connect_lost listener=%s error=\"%s\"", f->id,
+                lc->name, stp_strerror(r));
+        *why = STP_CLOSE_CLIENT_ERROR;
+        return STP_FRONT_REFUSE;
+    }
     if (!pp) {
         stp_log(STP_LOG_INFO, SID " event=connect client=%s listener=%s",
                 f->id, f->peer, lc->name);

@@ -82,7 +82,7 @@ class Haproxy:
     """haproxy in the foreground, unprivileged, on a 127.0.0.1 port, with
     one backend server: the proxy's listener."""
 
-    def __init__(self, workdir, backend_port, server_opts):
+    def __init__(self, workdir, backend_port, server_opts, backend_opts=""):
         self.bin = h.require_program("haproxy", "haproxy", ("/usr/sbin/haproxy",))
         os.makedirs(workdir, exist_ok=True)
         self.port = h.free_port()
@@ -101,8 +101,9 @@ frontend fe
     bind 127.0.0.1:%d
     default_backend be
 backend be
+    %s
     server stp 127.0.0.1:%d %s
-""" % (self.stats, self.port, backend_port, server_opts))
+""" % (self.stats, self.port, backend_opts, backend_port, server_opts))
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([self.bin, "-db", "-f", self.cfg], stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -160,8 +161,9 @@ backend be
 def make_haproxy(tmp_path):
     made = []
 
-    def make(backend_port, server_opts):
-        hp = Haproxy(str(tmp_path / ("haproxy%d" % len(made))), backend_port, server_opts)
+    def make(backend_port, server_opts, backend_opts=""):
+        hp = Haproxy(str(tmp_path / ("haproxy%d" % len(made))), backend_port, server_opts,
+                     backend_opts)
         made.append(hp)
         return hp
     yield make
@@ -224,11 +226,14 @@ def test_xclient_through_haproxy_gives_postfix_the_real_client(make_proxy, make_
 @pytest.mark.parametrize("send", ["v1", "v2"])
 def test_haproxy_health_checks_with_check_send_proxy(make_proxy, scripted, make_haproxy, send):
     proxy = make_proxy(scripted, **pp_listener("any"))
+    # An SMTP check (greeting, EHLO): haproxy waits for the proxy's answer,
+    # so each check is a whole session, not a connection reset before the
+    # proxy could even accept it.
     hp = make_haproxy(proxy.port, "%s check check-send-proxy inter 200ms rise 2 fall 1"
-                      % SEND[send])
+                      % SEND[send], "option smtpchk EHLO localhost")
     # Checks that passed, several of them, each a session of the proxy's.
     assert h.wait_until(lambda: len(proxy.events("connect")) >= 3, 15), proxy.log_tail()
-    assert h.wait_until(lambda: hp.server_status("check_status") == "L4OK", 10), \
+    assert h.wait_until(lambda: hp.server_status("check_status") == "L7OK", 10), \
         "haproxy: %r\n%s" % (hp.server_status("check_status"), proxy.log_tail())
     for e in proxy.events("connect"):
         assert e.get("via", "").startswith("127.0.0.1:"), e
