@@ -4,8 +4,11 @@ its way from a client namespace to a server namespace.
     client ns  192.0.2.2 ──veth── 192.0.2.1  router ns  198.51.100.1 ──veth── 198.51.100.2  server ns
                                   (the proxy)
 
+IPv6 beside it: 2001:db8:1::/64 client side, 2001:db8:2::/64 server side.
+
 Cases: TPROXY with the client's own address towards the server (source =
-client, run as nobody with CAP_NET_ADMIN kept), REDIRECT with SO_ORIGINAL_DST,
+client, run as nobody with CAP_NET_ADMIN kept; IPv4 and IPv6 on one [::]
+listener), REDIRECT with SO_ORIGINAL_DST,
 the loop guard (421 when the original destination is the proxy itself), and
 the start-up check for CAP_NET_ADMIN.
 
@@ -30,6 +33,10 @@ SERVER_IP = "198.51.100.2"
 ROUTER_SRV_IP = "198.51.100.1"
 CLIENT_IP = "192.0.2.2"
 ROUTER_CLI_IP = "192.0.2.1"
+SERVER_IP6 = "2001:db8:2::2"
+ROUTER_SRV_IP6 = "2001:db8:2::1"
+CLIENT_IP6 = "2001:db8:1::2"
+ROUTER_CLI_IP6 = "2001:db8:1::1"
 PROXY_PORT = 10025
 CMD_TIMEOUT = 20
 
@@ -38,9 +45,10 @@ CMD_TIMEOUT = 20
 SERVER_PY = r'''
 import json, socket, sys
 out = sys.argv[2]
-ls = socket.socket()
+ls = socket.socket(socket.AF_INET6)
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("0.0.0.0", int(sys.argv[1])))
+ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+ls.bind(("::", int(sys.argv[1])))
 ls.listen(8)
 open(out + ".ready", "w").close()
 while True:
@@ -67,7 +75,7 @@ while True:
                         break
                     data += l
                 with open(out, "a") as o:
-                    o.write(json.dumps({"peer": peer[0], "data": data.decode("latin-1")}) + "\n")
+                    o.write(json.dumps({"peer": peer[0].replace("::ffff:", ""), "data": data.decode("latin-1")}) + "\n")
                 say("250 2.0.0 queued")
             elif verb == b"QUIT":
                 say("221 bye")
@@ -156,16 +164,21 @@ class Net:
              "netns", self.rtr])
         run(["ip", "link", "add", c, "netns", self.rtr, "type", "veth", "peer", "name", d,
              "netns", self.srv])
-        for n, dev, addr in ((self.cli, a, CLIENT_IP), (self.rtr, b, ROUTER_CLI_IP),
-                             (self.rtr, c, ROUTER_SRV_IP), (self.srv, d, SERVER_IP)):
+        for n, dev, addr, addr6 in (
+                (self.cli, a, CLIENT_IP, CLIENT_IP6), (self.rtr, b, ROUTER_CLI_IP, ROUTER_CLI_IP6),
+                (self.rtr, c, ROUTER_SRV_IP, ROUTER_SRV_IP6), (self.srv, d, SERVER_IP, SERVER_IP6)):
             self.sh(n, "ip", "addr", "add", addr + "/24", "dev", dev)
+            # nodad: usable at once, no duplicate address detection wait
+            self.sh(n, "ip", "-6", "addr", "add", addr6 + "/64", "dev", dev, "nodad")
             self.sh(n, "ip", "link", "set", dev, "up")
         self.sh(self.cli, "ip", "route", "add", "default", "via", ROUTER_CLI_IP)
+        self.sh(self.cli, "ip", "-6", "route", "add", "default", "via", ROUTER_CLI_IP6)
         # Replies to the client's address come back through the router:
         # needed for source = client.
         self.sh(self.srv, "ip", "route", "add", "default", "via", ROUTER_SRV_IP)
+        self.sh(self.srv, "ip", "-6", "route", "add", "default", "via", ROUTER_SRV_IP6)
         for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                    "net.ipv4.conf.default.rp_filter=0"):
+                    "net.ipv4.conf.default.rp_filter=0", "net.ipv6.conf.all.forwarding=1"):
             self.sh(self.rtr, "sysctl", "-qw", key)
         return self
 
@@ -233,7 +246,7 @@ def start_proxy(net, tmp_path, listener, upstream, proxy=None):
     wrapper.chmod(0o755)
     text = h.render_config(
         proxy=proxy,
-        listeners=[("main", dict({"listen": "0.0.0.0:%d" % PROXY_PORT, "tls": "none",
+        listeners=[("main", dict({"listen": "[::]:%d" % PROXY_PORT, "tls": "none",
                                   "upstream": "up", "timeout_idle": "20s"}, **listener))],
         upstreams=[("up", dict({"timeout_connect": "5s"}, **upstream))])
     p = h.Proxy(str(wrapper), str(tmp_path / "proxy"), text)
@@ -265,9 +278,10 @@ table inet stp_tproxy {
         meta l4proto tcp socket transparent 1 meta mark set 1 accept
         # New SMTP connections through the router go to the proxy.
         ip daddr 198.51.100.0/24 tcp dport 25 tproxy ip to :%d meta mark set 1 accept
+        ip6 daddr 2001:db8:2::/64 tcp dport 25 tproxy ip6 to :%d meta mark set 1 accept
     }
 }
-""" % PROXY_PORT
+""" % (PROXY_PORT, PROXY_PORT)
 
 REDIRECT_RULES = """
 table ip stp_nat {
@@ -283,21 +297,25 @@ def tproxy_routing(net):
     net.nft(TPROXY_RULES)
     net.sh(net.rtr, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
     net.sh(net.rtr, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+    net.sh(net.rtr, "ip", "-6", "rule", "add", "fwmark", "1", "lookup", "100")
+    net.sh(net.rtr, "ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100")
 
 
-def test_tproxy_client_address_reaches_server(net, server, tmp_path):
+@pytest.mark.parametrize("server_ip,client_ip", [(SERVER_IP, CLIENT_IP),
+                                                (SERVER_IP6, CLIENT_IP6)], ids=["ipv4", "ipv6"])
+def test_tproxy_client_address_reaches_server(net, server, tmp_path, server_ip, client_ip):
     tproxy_routing(net)
     # As nobody: CAP_NET_ADMIN must survive the drop for the per-session
     # transparent bind.
     p = start_proxy(net, tmp_path, {"transparent": "yes"},
                     {"address": "original-destination", "source": "client"},
                     proxy={"user": "nobody"})
-    replies = smtp_from_client(net, SERVER_IP, 25)
+    replies = smtp_from_client(net, server_ip, 25)
     assert replies[0] == ["220 sink.test ESMTP"], replies
     assert replies[-2][-1].startswith("250 2.0.0"), replies
     recs = server()
     assert len(recs) == 1, (recs, p.log_tail())
-    assert recs[0]["peer"] == CLIENT_IP, recs      # the client's own address
+    assert recs[0]["peer"] == client_ip, recs      # the client's own address
     assert recs[0]["data"] == MESSAGE, recs  # the bytes on the wire, stuffing kept
     assert "event=privileges user=nobody" in p.log_text()
     p.check_and_stop()
