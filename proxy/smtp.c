@@ -58,6 +58,7 @@ const char *stp_close_reason_name(enum stp_close_reason r)
         [STP_CLOSE_PROXY_HEADER_INVALID] = "proxy_header_invalid",
         [STP_CLOSE_PROXY_HEADER_TIMEOUT] = "proxy_header_timeout",
         [STP_CLOSE_PROXY_NOT_ALLOWED] = "proxy_not_allowed",
+        [STP_CLOSE_LOOP] = "loop",
     };
     return r < STP_CLOSE_COUNT && names[r] ? names[r] : "?";
 }
@@ -744,6 +745,9 @@ void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why)
         [STP_FAIL_SHUTDOWN] = {"421 4.3.2 Service shutting down, closing "
                                "transmission channel\r\n",
                                STP_CLOSE_SHUTDOWN},
+        [STP_FAIL_HOP_LOOP] = {"421 4.4.6 %s Error: mail loop: the original "
+                               "destination is this proxy\r\n",
+                               STP_CLOSE_LOOP},
     };
     STP_ASSERT((size_t)why < STP_ARRAY_LEN(replies));
     reply_421_close(s, replies[why].text, replies[why].reason);
