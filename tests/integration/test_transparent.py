@@ -40,11 +40,16 @@ ROUTER_CLI_IP6 = "2001:db8:1::1"
 PROXY_PORT = 10025
 CMD_TIMEOUT = 20
 
-# A tiny SMTP server: records the peer address it sees and the message bytes
-# as one JSON line per message in OUT.
+# A tiny SMTP server: records the peer address it sees, whether the session
+# was encrypted, and the message bytes as one JSON line per message in OUT.
+# With a certificate and key (argv 3, 4) it offers STARTTLS.
 SERVER_PY = r'''
-import json, socket, sys
+import json, socket, ssl, sys
 out = sys.argv[2]
+tls_ctx = None
+if len(sys.argv) > 4:
+    tls_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls_ctx.load_cert_chain(sys.argv[3], sys.argv[4])
 ls = socket.socket(socket.AF_INET6)
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -55,6 +60,7 @@ while True:
     c, peer = ls.accept()
     c.settimeout(10)
     f = c.makefile("rb")
+    tls = None
     def say(t):
         c.sendall(t.encode() + b"\r\n")
     say("220 sink.test ESMTP")
@@ -65,7 +71,13 @@ while True:
                 break
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                say("250 sink.test")
+                say("250-sink.test\r\n250 STARTTLS" if tls_ctx and not tls
+                    else "250 sink.test")
+            elif verb == b"STAR" and tls_ctx and not tls:
+                say("220 2.0.0 go ahead")
+                c = tls_ctx.wrap_socket(c, server_side=True)
+                tls = c.version()
+                f = c.makefile("rb")
             elif verb == b"DATA":
                 say("354 go")
                 data = b""
@@ -75,7 +87,8 @@ while True:
                         break
                     data += l
                 with open(out, "a") as o:
-                    o.write(json.dumps({"peer": peer[0].replace("::ffff:", ""), "data": data.decode("latin-1")}) + "\n")
+                    o.write(json.dumps({"peer": peer[0].replace("::ffff:", ""), "tls": tls,
+                                        "data": data.decode("latin-1")}) + "\n")
                 say("250 2.0.0 queued")
             elif verb == b"QUIT":
                 say("221 bye")
@@ -222,19 +235,25 @@ def net(request):
     return n.setup()
 
 
-@pytest.fixture
-def server(net, tmp_path):
-    """The recording SMTP server on SERVER_IP:25; returns a reader of its
-    records."""
+def start_server(net, tmp_path, tls_files=None):
+    """The recording SMTP server on SERVER_IP:25 (offering STARTTLS with
+    TLS_FILES); returns a reader of its records."""
     out = str(tmp_path / "server.jsonl")
-    net.spawn(net.srv, ["python3", "-c", SERVER_PY, "25", out],
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["python3", "-c", SERVER_PY, "25", out]
+    if tls_files:
+        argv += [tls_files["cert"], tls_files["key"]]
+    net.spawn(net.srv, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not h.wait_until(lambda: os.path.exists(out + ".ready"), 10):
         pytest.fail("the server did not start in its namespace", pytrace=False)
 
     def records():
         return [json.loads(l) for l in h.read_text(out).splitlines() if l]
     return records
+
+
+@pytest.fixture
+def server(net, tmp_path):
+    return start_server(net, tmp_path)
 
 
 def start_proxy(net, tmp_path, listener, upstream, proxy=None):
@@ -331,6 +350,30 @@ def test_redirect_original_destination(net, server, tmp_path):
     # source = none: the server sees the router.
     assert recs[0]["peer"] == ROUTER_SRV_IP, recs
     assert recs[0]["data"] == MESSAGE, recs  # the bytes on the wire, stuffing kept
+    p.check_and_stop()
+
+
+@pytest.mark.parametrize("offers", [True, False], ids=["starttls", "plaintext"])
+def test_outbound_upgrade(net, tmp_path, tls_files, offers):
+    """A legacy MTA's own delivery to some MX, intercepted on its way
+    (REDIRECT) and sent on to where it was going with tls = opportunistic:
+    encrypted when that host offers STARTTLS, and still delivered, in
+    plaintext, when it does not."""
+    records = start_server(net, tmp_path, tls_files if offers else None)
+    net.nft(REDIRECT_RULES)
+    p = start_proxy(net, tmp_path, {}, {"address": "original-destination",
+                                        "tls": "opportunistic"})
+    replies = smtp_from_client(net, SERVER_IP, 25)
+    assert replies[-2][-1].startswith("250 2.0.0"), (replies, p.log_tail())
+    recs = records()
+    assert len(recs) == 1, (recs, p.log_tail())
+    assert recs[0]["data"] == MESSAGE, recs
+    if offers:
+        assert recs[0]["tls"] and recs[0]["tls"].startswith("TLSv1."), recs
+    else:
+        assert recs[0]["tls"] is None, recs
+    e = p.wait_event("upstream_tls")
+    assert (e["tls"] == "none") != offers, e
     p.check_and_stop()
 
 
