@@ -37,6 +37,8 @@ enum stp_close_reason {
     STP_CLOSE_PROXY_HEADER_INVALID,  /* malformed, or ended before it did */
     STP_CLOSE_PROXY_HEADER_TIMEOUT,  /* none within timeout_proxy_header */
     STP_CLOSE_PROXY_NOT_ALLOWED,     /* peer not in proxy_protocol_from */
+    /* address = original-destination named one of our own listeners */
+    STP_CLOSE_LOOP,
     STP_CLOSE_COUNT
 };
 

@@ -49,6 +49,13 @@ struct stp_cidr {
     uint8_t bits;
 };
 
+/* Which local address an upstream connection comes from. */
+enum stp_source {
+    STP_SRC_NONE = 0,   /* the kernel's choice */
+    STP_SRC_CLIENT,     /* the client's own address (transparent) */
+    STP_SRC_ADDRESS,    /* a configured local address */
+};
+
 enum stp_verify_client {
     STP_VERIFY_CLIENT_NONE = 0, STP_VERIFY_CLIENT_OPTIONAL,
     STP_VERIFY_CLIENT_REQUIRE,
@@ -91,6 +98,11 @@ struct stp_upstream_cfg {
     struct stp_tls_lines tls_lines;
     uint64_t timeout_connect_ms;     /* default 30 s */
     uint64_t timeout_reply_ms;       /* default 600 s */
+    bool original_dst;               /* address = original-destination:
+                                        ADDR is unused (AF_UNSPEC) */
+    enum stp_source source;          /* default none */
+    struct sockaddr_storage source_addr; /* STP_SRC_ADDRESS, port 0 */
+    int line_source;                 /* where source = is, 0: absent */
     int line;                        /* where the section starts */
 };
 
@@ -123,6 +135,9 @@ struct stp_listener_cfg {
     struct stp_cidr *proxy_from;     /* who may send the header */
     int n_proxy_from;
     uint64_t timeout_proxy_header_ms; /* default 5 s */
+    bool transparent;                /* IP_TRANSPARENT: accept TPROXY'd
+                                        connections for any address */
+    int line_transparent;            /* where transparent = is */
     int line;
 };
 
@@ -168,6 +183,11 @@ int stp_parse_duration(const char *text, uint64_t *ms);
 /* "127.0.0.1:25", "[::1]:25", "0.0.0.0:25" -> sockaddr. Numeric only. Port 0
  * is syntax like any other: the keys decide who may use it. */
 int stp_parse_hostport(const char *text, struct sockaddr_storage *ss);
+
+/* source = none | client | ADDRESS (a numeric IP, no port). -EINVAL on bad
+ * text; *ADDR is set only for STP_SRC_ADDRESS. */
+int stp_parse_source(const char *text, enum stp_source *mode,
+                     struct sockaddr_storage *addr);
 
 /* "10.0.0.0/8", "2001:db8::/32", "192.0.2.1" (one address) -> a block.
  * Bits past the prefix are cleared. -EINVAL on bad text. */

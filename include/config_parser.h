@@ -83,6 +83,8 @@ enum key_id {
     K_PROXY_PROTOCOL,
     K_PROXY_FROM,
     K_TIMEOUT_PROXY_HEADER,
+    K_TRANSPARENT,
+    K_UP_SOURCE,
     K_COUNT,
 };
 

@@ -43,6 +43,9 @@ struct stp_hop {
     const struct sockaddr *client_addr;
     const struct sockaddr *client_dst;  /* what it reached, from a PROXY
                                            header; NULL: ask the socket */
+    bool client_transparent;            /* came in on a transparent
+                                           listener */
+    struct sockaddr_storage dst;        /* where it connects: stp_hop_resolve */
     const struct stp_hop_ops *ops;
     void *ctx;
     void *prelude;                      /* only while the prelude runs */
@@ -53,7 +56,13 @@ struct stp_hop {
     enum stp_hop_stage stage;
 };
 
-/* Connect H->conn (created by the relay for the upstream's family). */
+/* Where H connects, into H->dst: the upstream's address, or the original
+ * destination of the client's connection (never one of SRV's listeners).
+ * On error the failure is reported already. */
+struct stp_server;
+int stp_hop_resolve(struct stp_hop *h, const struct stp_server *srv);
+/* Connect H->conn (created by the relay for H->dst's family), from the
+ * upstream's source address. */
 void stp_hop_start(struct stp_hop *h);
 /* An event of H->conn while the leg is set up. */
 void stp_hop_event(struct stp_hop *h, enum stp_io_event ev, int err);

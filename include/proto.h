@@ -55,6 +55,7 @@ enum stp_fail {
     STP_FAIL_LIMIT,         /* over a connection limit */
     STP_FAIL_TIMEOUT,       /* a client deadline passed */
     STP_FAIL_SHUTDOWN,      /* the proxy is stopping */
+    STP_FAIL_HOP_LOOP,      /* the next hop would be the proxy itself */
 };
 
 /* What the engine waits for, read after every dispatch. */

@@ -137,7 +137,10 @@ enum stp_pend {
     STP_PEND_DATA_END, STP_PEND_BDAT, STP_PEND_AUTH, STP_PEND_QUIT,
     STP_PEND_RSET_INTERNAL, /* ours, at the TLS boundary: not relayed */
     STP_PEND_MAIL,          /* a 2xx opens a transaction */
-    STP_PEND_RESET,         /* HELO, RSET, BDAT LAST: the transaction ends */
+    STP_PEND_RESET,         /* RSET: a 2xx ends the transaction */
+    STP_PEND_HELO,          /* HELO: a 2xx ends it, and is the HELO after
+                               TLS; a refusal changes nothing (RFC 5321
+                               4.1.4) */
     STP_PEND_RCPT,          /* a 2xx adds a recipient (LMTP counts them) */
 };
 
@@ -157,8 +160,8 @@ struct stp_smtp {
     bool in_tx;          /* the upstream accepted a MAIL, no end yet */
     uint32_t rcpts;      /* recipients the upstream accepted in it */
     uint32_t lmtp_due;   /* LMTP: replies still due to the end of data */
-    bool need_helo;      /* TLS started, no EHLO/HELO since: the upstream
-                            still holds the plaintext one */
+    bool need_helo;      /* TLS started, no EHLO/HELO accepted since: the
+                            upstream still holds the plaintext one */
     uint32_t errors;     /* consecutive error replies */
     enum stp_dot_state dot;
     uint64_t chunk_left;

@@ -81,6 +81,31 @@ static int set_addr(struct parser *p, const struct key_def *k, void *obj,
     return set_string(p, k, obj, value);
 }
 
+/* An upstream's address, or where an intercepted connection was going
+ * (transparent.c finds it per session). */
+static int set_up_address(struct parser *p, const struct key_def *k,
+                          void *obj, const char *value)
+{
+    struct stp_upstream_cfg *u = obj;
+    if (strcasecmp(value, "original-destination") != 0) {
+        u->original_dst = false;
+        return set_addr(p, k, obj, value);
+    }
+    u->original_dst = true;
+    memset(&u->addr, 0, sizeof(u->addr));
+    return set_string(p, k, obj, "original-destination");
+}
+
+static int set_source(struct parser *p, const struct key_def *k, void *obj,
+                      const char *value)
+{
+    struct stp_upstream_cfg *u = obj;
+    if (stp_parse_source(value, &u->source, &u->source_addr) < 0)
+        return bad_value(p, k, value,
+                         "none, client or a numeric IP address");
+    return 0;
+}
+
 /* A value from the key's list of names, stored as its index. */
 static int set_enum(struct parser *p, const struct key_def *k, void *obj,
                     const char *value)
@@ -265,7 +290,8 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_MAX_LINE] = {SECT_LISTENER, "max_line", set_max_line, LST(max_line), 0},
     [K_TIMEOUT_IDLE] = {SECT_LISTENER, "timeout_idle", set_duration,
                         LST(timeout_idle_ms), 0},
-    [K_ADDRESS] = {SECT_UPSTREAM, "address", set_addr, UPS(address_text), UPS(addr)},
+    [K_ADDRESS] = {SECT_UPSTREAM, "address", set_up_address, UPS(address_text),
+                   UPS(addr)},
     [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_enum, UPS(tls), 0,
                         tls_modes, "starttls, implicit, opportunistic or none"},
     [K_TIMEOUT_CONNECT] = {SECT_UPSTREAM, "timeout_connect", set_duration,
@@ -321,6 +347,9 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_PROXY_FROM] = {SECT_LISTENER, "proxy_protocol_from", set_cidrs, 0, 0},
     [K_TIMEOUT_PROXY_HEADER] = {SECT_LISTENER, "timeout_proxy_header",
                                 set_duration, LST(timeout_proxy_header_ms), 0},
+    [K_TRANSPARENT] = {SECT_LISTENER, "transparent", set_bool,
+                       LST(transparent), 0},
+    [K_UP_SOURCE] = {SECT_UPSTREAM, "source", set_source, 0, 0},
 };
 
 /* sni.NAME = CERT KEY: one more certificate for a listener. */
@@ -399,6 +428,7 @@ int stp_cfg_end_listener(struct parser *p, int i)
         kl[K_CERT], kl[K_KEY], kl[K_CLIENT_CA], kl[K_CIPHERS], kl[K_GROUPS],
         kl[K_MIN_VERSION], kl[K_MAX_VERSION]};
 
+    l->line_transparent = kl[K_TRANSPARENT];
     if (l->listen_text == NULL)
         return stp_cfg_fail(p, l->line, "listener '%s' has no listen address", l->name);
     if (l->upstream_name == NULL)
@@ -470,7 +500,18 @@ int stp_cfg_end_upstream(struct parser *p, int i)
      * would have been accepted. verify = yes still means it. */
     if (u->tls == STP_TLS_OPPORTUNISTIC && !kl[K_UP_VERIFY])
         u->verify = false;
-    if (u->server_name == NULL) {
+    u->line_source = kl[K_UP_SOURCE];
+    if (u->source == STP_SRC_ADDRESS && !u->original_dst &&
+        u->source_addr.ss_family != u->addr.ss_family)
+        return stp_cfg_fail(p, kl[K_UP_SOURCE],
+                            "source is not of the address family of %s",
+                            u->address_text);
+    /* Each session goes somewhere else: no host name to check by default. */
+    if (u->original_dst && u->server_name == NULL && u->tls != STP_TLS_NONE)
+        return stp_cfg_fail(p, kl[K_ADDRESS],
+                            "address = original-destination with tls needs "
+                            "server_name");
+    if (u->server_name == NULL && !u->original_dst) {
         /* The name to check is the host the address names. */
         const char *a = u->address_text + (u->address_text[0] == '[');
         size_t n = strcspn(a, u->address_text[0] == '[' ? "]" : ":");

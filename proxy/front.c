@@ -33,8 +33,8 @@ enum stp_front_verdict stp_front_open(struct stp_front *f,
         /* Reset before it was accepted (a load balancer's TCP check):
          * nobody to serve, and no address to judge it by. */
         stp_log(STP_LOG_INFO,
-                SID " event=connect_lost listener=%s error=\"%s\"", f->id,
-                lc->name, stp_strerror(r));
+                SID " event=connect client=unknown listener=%s error=\"%s\"",
+                f->id, lc->name, stp_strerror(r));
         *why = STP_CLOSE_CLIENT_ERROR;
         return STP_FRONT_REFUSE;
     }

@@ -12,6 +12,7 @@
 #include "log.h"
 #include "relay.h"
 #include "stp.h"
+#include "transparent.h"
 
 /* ---- generations ------------------------------------------------------------ */
 
@@ -320,7 +321,7 @@ static void socket_close(struct stp_socket *s)
  * address reusable at once after a restart (not shared: that would be
  * SO_REUSEPORT), [::] taking IPv4 too. TCP_NODELAY is inherited by accepted
  * sockets (Linux copies it): no system call per session. */
-static int socket_listen(const struct sockaddr_storage *ss)
+static int socket_listen(const struct sockaddr_storage *ss, bool transparent)
 {
     int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
                     0);
@@ -333,6 +334,7 @@ static int socket_listen(const struct sockaddr_storage *ss)
         (ss->ss_family == AF_INET6 &&
          setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0) ||
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0 ||
+        (transparent && stp_tp_listen_opt(fd, ss->ss_family) < 0) ||
         bind(fd, (const struct sockaddr *)ss, len) < 0 || listen(fd, 511) < 0) {
         int e = -errno;
         close(fd);
@@ -358,7 +360,7 @@ int stp_sockets_bind(struct stp_sockets *s, const struct stp_gen *g, char *err,
         if (socket_find(s, lc) >= 0)
             continue;
         char *name = strdup(lc->name);
-        int fd = name ? socket_listen(&lc->addr) : -ENOMEM;
+        int fd = name ? socket_listen(&lc->addr, lc->transparent) : -ENOMEM;
         if (fd < 0) {
             snprintf(err, errlen,
                      "%s:%d: listener '%s': cannot listen on %s: %s", c->path,

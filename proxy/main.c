@@ -13,6 +13,7 @@
 #include "log.h"
 #include "stp.h"
 #include "tls.h"
+#include "transparent.h"
 #include "workers.h"
 
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
@@ -149,11 +150,21 @@ static int drop_privileges(const struct stp_config *cfg,
 {
     if (!id->change)
         return 0;
-    if (setgroups(1, &id->gid) < 0 || setgid(id->gid) < 0 ||
-        setuid(id->uid) < 0) {
+    /* Transparent sockets are made per session, after the drop: keep the
+     * network capabilities through setuid, and only those. */
+    char what[512];
+    bool caps = stp_tp_needs_caps(cfg, what, sizeof(what));
+    if ((caps && stp_tp_keep_caps() < 0) || setgroups(1, &id->gid) < 0 ||
+        setgid(id->gid) < 0 || setuid(id->uid) < 0) {
         fprintf(stderr, "%s:%d: cannot become %s: %s\n", cfg->path,
                 cfg->line_user, cfg->user, strerror(errno));
         return -errno;
+    }
+    int r;
+    if (caps && (r = stp_tp_restore_caps()) < 0) {
+        fprintf(stderr, "%s: cannot keep CAP_NET_ADMIN as %s: %s\n", what,
+                cfg->user, stp_strerror(r));
+        return r;
     }
     stp_log(STP_LOG_INFO, "event=privileges user=%s uid=%u gid=%u", cfg->user,
             (unsigned)id->uid, (unsigned)id->gid);
@@ -206,6 +217,18 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: configuration OK\n", config_path);
         stp_gen_unref(gen);
         return 0;
+    }
+
+    /* Without the capability the first transparent bind would fail with a
+     * bare EPERM: say which key needs it, before anything is bound. */
+    char what[512];
+    if (stp_tp_needs_caps(&gen->cfg, what, sizeof(what)) &&
+        !stp_tp_have_caps()) {
+        fprintf(stderr, "%s needs CAP_NET_ADMIN (run as root, or grant it: "
+                "AmbientCapabilities=CAP_NET_ADMIN, --cap-add NET_ADMIN)\n",
+                what);
+        stp_gen_unref(gen);
+        return 1;
     }
 
     signal(SIGPIPE, SIG_IGN);

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "nexthop.h"
 #include "tls.h"
+#include "transparent.h"
 
 #define SID "id=%016" PRIx64
 
@@ -21,7 +22,8 @@ void stp_hop_fail(struct stp_hop *h, enum stp_fail why, const char *detail)
     char e[256]; /* may quote what the next hop said or presented */
     stp_log(STP_LOG_WARN, SID " event=upstream_error upstream=%s error=\"%s\"",
             h->id, h->up->name, stp_log_esc(e, sizeof(e), detail));
-    h->ops->fail(h->ctx, why, STP_CLOSE_NEXT_HOP);
+    h->ops->fail(h->ctx, why,
+                 why == STP_FAIL_HOP_LOOP ? STP_CLOSE_LOOP : STP_CLOSE_NEXT_HOP);
 }
 
 /* Never reached, or never greeted: as if it could not be reached. */
@@ -31,9 +33,11 @@ static void unreachable(struct stp_hop *h, enum stp_close_reason reason,
     if (h->failed)
         return;
     h->failed = true;
+    char a[64]; /* the original destination differs per session */
+    stp_format_addr((const struct sockaddr *)&h->dst, a, sizeof(a));
     stp_log(STP_LOG_WARN,
             SID " event=upstream_error upstream=%s address=%s error=\"%s\"",
-            h->id, h->up->name, h->up->address_text, detail);
+            h->id, h->up->name, a, detail);
     h->ops->fail(h->ctx, STP_FAIL_UNREACHABLE, reason);
 }
 
@@ -166,10 +170,51 @@ static void send_proxy_header(struct stp_hop *h)
         stp_hop_fail(h, STP_FAIL_HOP_IDENTITY, "cannot build PROXY header");
 }
 
+int stp_hop_resolve(struct stp_hop *h, const struct stp_server *srv)
+{
+    if (!h->up->original_dst) {
+        h->dst = h->up->addr;
+        return 0;
+    }
+    char d[64], why[128];
+    int r = stp_tp_original_dst(stp_conn_fd(h->client), h->client_transparent,
+                                &h->dst);
+    if (r < 0) {
+        snprintf(why, sizeof(why), "original destination unknown: %s",
+                 stp_strerror(r));
+        enter(h, STP_HOP_CONNECTING);
+        stp_hop_fail(h, STP_FAIL_UNREACHABLE, why);
+        return r;
+    }
+    if (stp_tp_is_own(srv, &h->dst)) {
+        stp_format_addr((const struct sockaddr *)&h->dst, d, sizeof(d));
+        snprintf(why, sizeof(why),
+                 "original destination %s is this proxy's own listener", d);
+        enter(h, STP_HOP_CONNECTING);
+        stp_hop_fail(h, STP_FAIL_HOP_LOOP, why);
+        return -ELOOP;
+    }
+    stp_format_addr((const struct sockaddr *)&h->dst, d, sizeof(d));
+    stp_log(STP_LOG_INFO, SID " event=original_destination upstream=%s "
+            "address=%s", h->id, h->up->name, d);
+    return 0;
+}
+
 void stp_hop_start(struct stp_hop *h)
 {
     enter(h, STP_HOP_CONNECTING);
-    int r = stp_conn_connect(h->conn, (const struct sockaddr *)&h->up->addr);
+    const char *why = "";
+    int r = stp_tp_bind_source(stp_conn_fd(h->conn), h->up, h->client_addr,
+                               &why);
+    if (r < 0) {
+        /* Never the proxy's own address instead: the upstream would trust
+         * or refuse the wrong sender. */
+        char e[192];
+        snprintf(e, sizeof(e), "%s: %s", why, stp_strerror(r));
+        stp_hop_fail(h, STP_FAIL_UNREACHABLE, e);
+        return;
+    }
+    r = stp_conn_connect(h->conn, (const struct sockaddr *)&h->dst);
     if (r < 0)
         unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
 }

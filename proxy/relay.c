@@ -655,7 +655,9 @@ static const struct stp_hop_ops hop_ops = {hop_stage, hop_ready, hop_fail};
 
 static void start_upstream(struct stp_session *s)
 {
-    int r = stp_conn_new(s->srv->loop, s->up->addr.ss_family, on_upstream, s,
+    if (stp_hop_resolve(&s->hop, s->srv) < 0)
+        return; /* the hop reported it */
+    int r = stp_conn_new(s->srv->loop, s->hop.dst.ss_family, on_upstream, s,
                          &s->upstream);
     if (r < 0) {
         stp_log(STP_LOG_WARN,
@@ -799,6 +801,7 @@ static void session_setup(struct stp_session *s, uint64_t id)
         .hostname = s->gen->cfg.hostname,
         .client = s->client,
         .client_addr = (const struct sockaddr *)&s->front.addr,
+        .client_transparent = lc->transparent,
         .ops = &hop_ops,
         .ctx = s,
     };

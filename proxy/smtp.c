@@ -58,6 +58,7 @@ const char *stp_close_reason_name(enum stp_close_reason r)
         [STP_CLOSE_PROXY_HEADER_INVALID] = "proxy_header_invalid",
         [STP_CLOSE_PROXY_HEADER_TIMEOUT] = "proxy_header_timeout",
         [STP_CLOSE_PROXY_NOT_ALLOWED] = "proxy_not_allowed",
+        [STP_CLOSE_LOOP] = "loop",
     };
     return r < STP_CLOSE_COUNT && names[r] ? names[r] : "?";
 }
@@ -353,8 +354,6 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     }
     if (s->pend_count == STP_SMTP_MAX_PENDING)
         return false;
-    if (c == STP_CMD_EHLO || c == STP_CMD_HELO)
-        s->need_helo = false;
     switch (c) {
     case STP_CMD_EHLO:
         forward_cmd(s, line, len, &cl, STP_PEND_EHLO);
@@ -378,7 +377,10 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
         stp_bdat_parse(cl.arg, cl.arg_len, &s->chunk_left, &last);
         int n = snprintf(buf, sizeof(buf), "BDAT %" PRIu64 "%s",
                          s->chunk_left, last ? " LAST" : "");
-        forward_line(s, buf, (size_t)n, last ? STP_PEND_RESET : STP_PEND_BDAT);
+        /* BDAT LAST ends the transaction whatever its reply, as the end of
+         * DATA does. */
+        forward_line(s, buf, (size_t)n,
+                     last ? STP_PEND_DATA_END : STP_PEND_BDAT);
         if (s->chunk_left > 0)
             enter(s, STP_PH_CHUNK);
         break;
@@ -386,7 +388,10 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     case STP_CMD_MAIL:
         forward_cmd(s, line, len, &cl, STP_PEND_MAIL);
         break;
-    case STP_CMD_HELO: case STP_CMD_RSET:
+    case STP_CMD_HELO:
+        forward_cmd(s, line, len, &cl, STP_PEND_HELO);
+        break;
+    case STP_CMD_RSET:
         forward_cmd(s, line, len, &cl, STP_PEND_RESET);
         break;
     case STP_CMD_RCPT:
@@ -498,8 +503,12 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
 /* An upstream reply is complete: act on what it answered. */
 static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
 {
+    /* LMTP's replies after the message are delivery results, one per
+     * recipient, not the client's errors. */
+    bool delivery = kind == STP_PEND_DATA_END && s->cfg.lmtp;
+    bool ok = code >= 200 && code < 300;
     if (kind != STP_PEND_GREETING && kind != STP_PEND_RSET_INTERNAL &&
-        kind != STP_PEND_QUIT) {
+        kind != STP_PEND_QUIT && !delivery) {
         count_reply(s, code);
         if (s->phase == STP_PH_CLOSED)
             return;
@@ -524,14 +533,27 @@ static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
         close_session(s, STP_CLOSE_QUIT, false);
         break;
     case STP_PEND_MAIL:
-        s->in_tx = code >= 200 && code < 300;
-        s->rcpts = 0;
+        /* A refused MAIL leaves an open transaction open (503 to a second
+         * MAIL): its recipients and the RSET owed at TLS stay. */
+        if (ok) {
+            s->in_tx = true;
+            s->rcpts = 0;
+        }
         break;
     case STP_PEND_RCPT:
         if (code >= 200 && code < 300)
             s->rcpts++;
         break;
-    case STP_PEND_EHLO: case STP_PEND_DATA_END: case STP_PEND_RESET:
+    case STP_PEND_EHLO: case STP_PEND_HELO: case STP_PEND_RESET:
+        /* Refused, they change nothing (RFC 5321 4.1.4). */
+        if (!ok)
+            break;
+        if (kind != STP_PEND_RESET)
+            s->need_helo = false;
+        s->in_tx = false;
+        s->rcpts = 0;
+        break;
+    case STP_PEND_DATA_END: /* the transaction is over, whatever the reply */
         s->in_tx = false;
         s->rcpts = 0;
         break;
@@ -664,7 +686,6 @@ long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n)
                 close_session(s, STP_CLOSE_UPSTREAM_421, false);
                 break;
             }
-            count_reply(s, code);
             continue;
         }
         pend_pop(s);
@@ -724,6 +745,9 @@ void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why)
         [STP_FAIL_SHUTDOWN] = {"421 4.3.2 Service shutting down, closing "
                                "transmission channel\r\n",
                                STP_CLOSE_SHUTDOWN},
+        [STP_FAIL_HOP_LOOP] = {"421 4.4.6 %s Error: mail loop: the original "
+                               "destination is this proxy\r\n",
+                               STP_CLOSE_LOOP},
     };
     STP_ASSERT((size_t)why < STP_ARRAY_LEN(replies));
     reply_421_close(s, replies[why].text, replies[why].reason);

@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <stdbool.h>
 #include <string.h>
+#include <strings.h>
 
 #include "config.h"
 #include "stp.h"
@@ -90,6 +91,43 @@ int stp_parse_hostport(const char *text, struct sockaddr_storage *ss)
         sin->sin_family = AF_INET;
         sin->sin_port = htons((uint16_t)port);
     }
+    return 0;
+}
+
+int stp_parse_source(const char *text, enum stp_source *mode,
+                     struct sockaddr_storage *addr)
+{
+    if (strcasecmp(text, "none") == 0) {
+        *mode = STP_SRC_NONE;
+        return 0;
+    }
+    if (strcasecmp(text, "client") == 0) {
+        *mode = STP_SRC_CLIENT;
+        return 0;
+    }
+    /* Brackets are accepted around IPv6, as in HOST:PORT. */
+    char host[INET6_ADDRSTRLEN];
+    size_t n = strlen(text);
+    if (n >= 2 && text[0] == '[' && text[n - 1] == ']') {
+        text++;
+        n -= 2;
+    }
+    if (n == 0 || n >= sizeof(host))
+        return -EINVAL;
+    memcpy(host, text, n);
+    host[n] = '\0';
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET, host, &sin->sin_addr) == 1)
+        sin->sin_family = AF_INET;
+    else if (inet_pton(AF_INET6, host, &sin6->sin6_addr) == 1)
+        sin6->sin6_family = AF_INET6;
+    else
+        return -EINVAL;
+    *mode = STP_SRC_ADDRESS;
+    *addr = ss;
     return 0;
 }
 

@@ -75,3 +75,27 @@ def test_lmtp_xclient_gives_dovecot_the_client_address(make_proxy, dovecot_lmtp)
     raw = dovecot_lmtp.wait_messages("dave", 1)[0]
     assert re.search(rb"Received: from client\.test \(\[127\.0\.0\.2\]\)", raw), raw[:300]
     assert dovecot_lmtp.strip(raw) == MSG
+
+
+def test_lmtp_refused_second_mail_keeps_every_delivery_reply(make_proxy, dovecot_lmtp):
+    """Dovecot refuses a MAIL inside an open transaction (503) and keeps the
+    transaction: after the message, one reply per recipient still follows,
+    and the proxy relays each, not a 421 after the first (which would make
+    the client send bob's copy again)."""
+    proxy = lmtp_proxy(make_proxy, dovecot_lmtp, tls="none", require_tls=None)
+    with h.SmtpConn(proxy.port) as c:
+        c.greeting()
+        c.expect("LHLO client.test", 250)
+        c.expect("MAIL FROM:<s@example.org>", 250)
+        c.expect("RCPT TO:<erin@example.net>", 250)
+        c.expect("RCPT TO:<frank@example.net>", 250)
+        c.expect("MAIL FROM:<other@example.org>", 503)
+        c.expect("DATA", 354)
+        c.send(h.dot_stuff(MSG) + b".\r\nNOOP\r\n")
+        replies = [c.read_reply() for _ in range(3)]
+        assert [r.code for r in replies] == [250, 250, 250], [r.raw for r in replies]
+        assert "erin@example.net" in replies[0].text, replies[0].raw
+        assert "frank@example.net" in replies[1].text, replies[1].raw
+        c.expect("QUIT", 221)
+    for user in ("erin", "frank"):
+        assert [dovecot_lmtp.strip(m) for m in dovecot_lmtp.wait_messages(user, 1)] == [MSG]

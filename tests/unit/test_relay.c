@@ -1052,6 +1052,30 @@ static void test_half_close(void)
     case_end();
 }
 
+/* The client says STARTTLS and half-closes: no ClientHello can ever come, so
+ * the session ends once the 220 is out, not after timeout_handshake. */
+static void test_half_close_after_starttls(void)
+{
+    case_begin("STARTTLS then half-close: closed at once, not after the "
+               "handshake timeout");
+    struct world w = {0};
+    if (world_start(&w, "tls = starttls\ntimeout_handshake = 5s\n") &&
+        client_connect(&w.cl, &w.px.addr)) {
+        struct client *c = &w.cl;
+        client_expect_lit(c, UP_GREETING);
+        uint64_t t0 = uv_now(&loop);
+        client_say(c, "STARTTLS\r\n");
+        client_shutdown(c);
+        client_expect_lit(c, "220 2.0.0 Ready to start TLS\r\n");
+        client_expect_eof(c);
+        CHECK(uv_now(&loop) - t0 < 2000, "closed after %llu ms",
+              (unsigned long long)(uv_now(&loop) - t0));
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    case_end();
+}
+
 /* ---- STARTTLS, with io.c as the TLS client ----------------------------------- */
 
 struct tls_client {
@@ -2129,6 +2153,7 @@ int main(void)
     RUN(test_upstream_lost_after_mail);
     RUN(test_back_pressure);
     RUN(test_half_close);
+    RUN(test_half_close_after_starttls);
     RUN(test_starttls_drops_pipelined_plaintext);
     RUN(test_stop_idle_session);
     RUN(test_upstream_reply_then_close);

@@ -1209,6 +1209,24 @@ static const struct scen scens[] = {
       C("STARTTLS\r\n"), TLS, C("EHLO c\r\n"), U(EHLO_UP)},
      "MAIL FROM:<a>\r\nEHLO c\r\n", NULL, "",
      GREET "550 5.7.1 no\r\n" R220 EHLO_TLS, NO_CLOSE, -1, 1},
+    {"503 to a second MAIL keeps the transaction: RSET after TLS", DEF,
+     {U(GREET), C("MAIL FROM:<a>\r\n"), U(OK250), C("MAIL FROM:<b>\r\n"),
+      U("503 5.5.1 Error: nested MAIL command\r\n"), C("STARTTLS\r\n"), TLS,
+      C("EHLO c\r\n"), U(OK250 EHLO_UP)},
+     "MAIL FROM:<a>\r\nMAIL FROM:<b>\r\nRSET\r\nEHLO c\r\n", NULL, "",
+     GREET OK250 "503 5.5.1 Error: nested MAIL command\r\n" R220 EHLO_TLS,
+     NO_CLOSE, -1, 1},
+    {"refused EHLO keeps the transaction: RSET after TLS", DEF,
+     {U(GREET), C("MAIL FROM:<a>\r\n"), U(OK250), C("EHLO c\r\n"),
+      U("501 5.5.2 Syntax\r\n"), C("STARTTLS\r\n"), TLS, C("EHLO c\r\n"),
+      U(OK250 EHLO_UP)},
+     "MAIL FROM:<a>\r\nEHLO c\r\nRSET\r\nEHLO c\r\n", NULL, "",
+     GREET OK250 "501 5.5.2 Syntax\r\n" R220 EHLO_TLS, NO_CLOSE, -1, 1},
+    {"after TLS, a refused EHLO is no EHLO: MAIL still 503", DEF,
+     {U(GREET), C("STARTTLS\r\n"), TLS, C("EHLO c\r\n"),
+      U("501 5.5.2 Syntax\r\n"), C("MAIL FROM:<a>\r\n")},
+     "EHLO c\r\n", NULL, "",
+     GREET R220 "501 5.5.2 Syntax\r\n" R503HELO, NO_CLOSE, -1, 1, true},
     {"transaction ended by RSET: no RSET after TLS", DEF,
      {U(GREET), C("MAIL FROM:<a>\r\nRSET\r\n"), U(OK250 OK250),
       C("STARTTLS\r\n"), TLS, C("EHLO c\r\n"), U(EHLO_UP)},
@@ -1519,6 +1537,39 @@ static const struct scen scens[] = {
      "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" R354
      "250 2.0.0 <c> Saved\r\n221 2.0.0 Bye\r\n",
      STP_CLOSE_QUIT, 0, 0},
+    {"LMTP: 503 to a second MAIL keeps the recipients counted", LMTP,
+     {U(GREET), C("LHLO c\r\n"), U(EHLO_UP),
+      C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nMAIL FROM:<x>\r\n"
+        "DATA\r\n"),
+      U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+        "503 5.5.1 MAIL already given\r\n" R354),
+      C(".\r\nNOOP\r\n"),
+      U("250 2.0.0 <b> Saved\r\n250 2.0.0 <c> Saved\r\n" OK250)},
+     "LHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\n"
+     "MAIL FROM:<x>\r\nDATA\r\n.\r\nNOOP\r\n",
+     NULL, ".\r\n",
+     GREET EHLO_PLAIN "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+     "503 5.5.1 MAIL already given\r\n" R354
+     "250 2.0.0 <b> Saved\r\n250 2.0.0 <c> Saved\r\n" OK250,
+     NO_CLOSE, -1, 0},
+    {"LMTP: failed deliveries are not client errors (max_errors)",
+     {.offer_starttls = true, .lmtp = true, .max_line = 512,
+      .hostname = HOST, .max_errors = 2},
+     {U(GREET), C("LHLO c\r\n"), U(EHLO_UP),
+      C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nRCPT TO:<d>\r\n"
+        "DATA\r\n"),
+      U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+        R354),
+      C(".\r\nNOOP\r\n"),
+      U("552 5.2.2 <b> Mailbox is full\r\n552 5.2.2 <c> Mailbox is full\r\n"
+        "250 2.0.0 <d> Saved\r\n" OK250)},
+     "LHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\n"
+     "RCPT TO:<d>\r\nDATA\r\n.\r\nNOOP\r\n",
+     NULL, ".\r\n",
+     GREET EHLO_PLAIN "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+     "250 2.1.5 Ok\r\n" R354 "552 5.2.2 <b> Mailbox is full\r\n"
+     "552 5.2.2 <c> Mailbox is full\r\n250 2.0.0 <d> Saved\r\n" OK250,
+     NO_CLOSE, -1, 0},
     {"LMTP: AUTH and XCLIENT rules as for SMTP", LMTP,
      {U(GREET), C("LHLO c\r\nAUTH PLAIN AGE=\r\nXCLIENT\tADDR=6.6.6.6\r\n"),
       U(EHLO_UP)},
