@@ -12,8 +12,10 @@ enum stp_tls_mode {
     STP_TLS_NONE = 0,
     STP_TLS_STARTTLS,
     STP_TLS_IMPLICIT,
+    STP_TLS_OPPORTUNISTIC, /* upstreams only: STARTTLS when offered */
 };
-/* "none", "starttls", "implicit": as the configuration spells them. */
+/* "none", "starttls", "implicit", "opportunistic": as the configuration
+ * spells them. */
 const char *stp_tls_mode_name(enum stp_tls_mode m);
 
 /* What a listener speaks, with its clients and with its upstream. */
@@ -87,7 +89,8 @@ struct stp_upstream_cfg {
     struct sockaddr_storage addr;    /* resolved numerically */
     enum stp_tls_mode tls;           /* default none */
     struct stp_tls_params tlsp;
-    bool verify;                     /* default yes: chain and name */
+    bool verify;                     /* default yes: chain and name (no
+                                        for tls = opportunistic) */
     char *ca_file;                   /* NULL: the system trust store */
     char *server_name;               /* SNI and checked name; default host */
     char *cert, *key;                /* client certificate, optional */

@@ -25,7 +25,9 @@ const char *stp_up_step_name(enum stp_up_step s);
 bool stp_up_step_may(enum stp_up_step from, enum stp_up_step to);
 
 struct stp_up_cfg {
-    bool starttls;          /* upstream tls = starttls */
+    bool starttls;          /* upstream tls = starttls (or opportunistic) */
+    bool opportunistic;     /* with STARTTLS: go on in plaintext when the
+                               EHLO reply does not offer it */
     const char *ehlo_name;  /* our EHLO argument */
     bool lmtp;              /* say LHLO, not EHLO */
     const char *xclient;    /* the XCLIENT line, or NULL; must outlive P */
@@ -37,6 +39,7 @@ struct stp_prelude {
     void *ctx;
     enum stp_up_step step;
     bool tls_done;
+    bool plaintext;         /* opportunistic, STARTTLS not offered */
     int code;               /* of the reply being read; 0 between replies */
     bool offers_starttls, offers_xclient;
     size_t greeting_len;

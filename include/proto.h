@@ -100,6 +100,7 @@ struct stp_up_ops {
 
 struct stp_prelude_cfg {
     bool starttls;                 /* upstream tls = starttls */
+    bool opportunistic;            /* ... only if offered (opportunistic) */
     bool identity;                 /* say who the client is in-band */
     const struct sockaddr *client; /* ... this one */
     const char *hostname;          /* the proxy's name (EHLO argument) */
@@ -122,6 +123,10 @@ struct stp_proto {
     /* The client leg is now TLS: forget everything learnt in plaintext. */
     void (*tls_started)(void *e);
     void (*fail)(void *e, enum stp_fail why);
+    /* The upstream leg is set up, before its greeting reaches the engine;
+     * TLS: it is encrypted. tls = opportunistic learns this only now, so
+     * it overrides cfg->upstream_tls. Optional. */
+    void (*upstream_leg)(void *e, bool tls);
     void (*status)(const void *e, struct stp_proto_status *st);
     /* The client half-closed; BUFFERED client bytes are still unread. */
     enum stp_eof_verdict (*client_eof)(const void *e, size_t buffered);

@@ -122,17 +122,18 @@ static int set_enum(struct parser *p, const struct key_def *k, void *obj,
 /* Value names in enum order, NULL-terminated for set_enum. The logs name
  * these values through the accessors below, never with a table of their
  * own. */
-static const char *const tls_modes[] = {"none", "starttls", "implicit", NULL};
+static const char *const tls_modes[] = {"none", "starttls", "implicit",
+                                        "opportunistic", NULL};
 static const char *const protocols[] = {"smtp", "lmtp", NULL};
 static const char *const versions[] = {"1.0", "1.1", "1.2", "1.3", NULL};
-_Static_assert(STP_ARRAY_LEN(tls_modes) == STP_TLS_IMPLICIT + 2,
+_Static_assert(STP_ARRAY_LEN(tls_modes) == STP_TLS_OPPORTUNISTIC + 2,
                "a name for every TLS mode");
 _Static_assert(STP_ARRAY_LEN(versions) == STP_TLS_V1_3 + 2,
                "a name for every TLS version");
 
 const char *stp_tls_mode_name(enum stp_tls_mode m)
 {
-    return (unsigned)m <= STP_TLS_IMPLICIT ? tls_modes[m] : "?";
+    return (unsigned)m <= STP_TLS_OPPORTUNISTIC ? tls_modes[m] : "?";
 }
 
 const char *stp_tls_version_name(enum stp_tls_version v)
@@ -292,7 +293,7 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_ADDRESS] = {SECT_UPSTREAM, "address", set_up_address, UPS(address_text),
                    UPS(addr)},
     [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_enum, UPS(tls), 0,
-                        tls_modes, "starttls, implicit or none"},
+                        tls_modes, "starttls, implicit, opportunistic or none"},
     [K_TIMEOUT_CONNECT] = {SECT_UPSTREAM, "timeout_connect", set_duration,
                            UPS(timeout_connect_ms), 0},
     [K_TIMEOUT_REPLY] = {SECT_UPSTREAM, "timeout_reply", set_duration,
@@ -441,6 +442,12 @@ int stp_cfg_end_listener(struct parser *p, int i)
     if (l->client_ca != NULL && stp_cfg_check_file(p, "client_ca", l->client_ca,
                                                    kl[K_CLIENT_CA]) < 0)
         return p->rc;
+    /* A client is never offered TLS "if it likes": that is starttls with
+     * require_tls = no. */
+    if (l->tls == STP_TLS_OPPORTUNISTIC)
+        return stp_cfg_fail(p, kl[K_TLS],
+                            "tls = opportunistic is for an [upstream]; a "
+                            "listener takes starttls, implicit or none");
     if (l->tls == STP_TLS_NONE) {
         if (kl[K_REQUIRE_TLS] && l->require_tls)
             return stp_cfg_fail(p, kl[K_REQUIRE_TLS],
@@ -488,6 +495,11 @@ int stp_cfg_end_upstream(struct parser *p, int i)
     if (u->ca_file != NULL &&
         stp_cfg_check_file(p, "ca_file", u->ca_file, kl[K_UP_CA_FILE]) < 0)
         return p->rc;
+    /* Opportunistic TLS takes what the next hop has: checking by default
+     * would turn a self-signed certificate into a refusal where plaintext
+     * would have been accepted. verify = yes still means it. */
+    if (u->tls == STP_TLS_OPPORTUNISTIC && !kl[K_UP_VERIFY])
+        u->verify = false;
     u->line_source = kl[K_UP_SOURCE];
     if (u->source == STP_SRC_ADDRESS && !u->original_dst &&
         u->source_addr.ss_family != u->addr.ss_family)

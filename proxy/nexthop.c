@@ -66,6 +66,13 @@ static void act_start_tls(void *ctx)
 static void act_ready(void *ctx, const char *greeting, size_t n)
 {
     struct stp_hop *h = ctx;
+    /* The prelude goes on in plaintext only when STARTTLS was not offered
+     * (prelude.c): worth a line, the mail travels unencrypted. */
+    if (h->up->tls == STP_TLS_OPPORTUNISTIC && !h->tls_done)
+        stp_log(STP_LOG_INFO,
+                SID " event=upstream_tls upstream=%s tls=none "
+                    "reason=\"STARTTLS not offered\"",
+                h->id, h->up->name);
     h->prelude_ready = true; /* freed once the prelude has returned */
     h->ops->ready(h->ctx, greeting, n);
 }
@@ -105,7 +112,9 @@ static void start_tls(struct stp_hop *h)
 static void begin(struct stp_hop *h)
 {
     struct stp_prelude_cfg pc = {
-        .starttls = h->up->tls == STP_TLS_STARTTLS,
+        .starttls = h->up->tls == STP_TLS_STARTTLS ||
+                    h->up->tls == STP_TLS_OPPORTUNISTIC,
+        .opportunistic = h->up->tls == STP_TLS_OPPORTUNISTIC,
         .identity = h->up->identity == STP_ID_XCLIENT,
         .client = h->client_addr,
         .hostname = h->hostname,

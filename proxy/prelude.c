@@ -1,6 +1,9 @@
 /* The proxy's own SMTP dialogue with the upstream (RFC 3207 as a client,
  * XCLIENT), before any client byte is relayed. A failure at any step ends
- * the session: never a silent fall back to plaintext. */
+ * the session: never a silent fall back to plaintext. The one plaintext
+ * path is tls = opportunistic with no STARTTLS in the EHLO reply; once
+ * STARTTLS is offered, a refusal or a broken handshake is a failure, so
+ * an attacker who breaks TLS gains nothing. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,7 +98,7 @@ static const char *hello_verb(const struct stp_prelude *p)
 /* Next step after the greeting or the handshake. */
 static void advance(struct stp_prelude *p)
 {
-    if (p->cfg.starttls && !p->tls_done) {
+    if (p->cfg.starttls && !p->tls_done && !p->plaintext) {
         send_line(p, STP_UP_EHLO, hello_verb(p), p->cfg.ehlo_name);
     } else if (p->cfg.xclient && !p->offers_xclient) {
         /* After TLS the server's capabilities must be learnt again. */
@@ -167,16 +170,19 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
                  "EHLO refused");
             return false;
         }
-        if (p->cfg.starttls && !p->tls_done) {
-            if (!p->offers_starttls) {
+        if (p->cfg.starttls && !p->tls_done && !p->offers_starttls) {
+            if (!p->cfg.opportunistic) {
                 fail(p, STP_FAIL_HOP_TLS, "STARTTLS not offered");
                 return false;
             }
+            /* This EHLO reply stands: XCLIENT (if offered) or READY. */
+            p->plaintext = true;
+        } else if (p->cfg.starttls && !p->tls_done) {
             p->offers_xclient = false; /* forgotten at the TLS boundary */
             send_line(p, STP_UP_STARTTLS, "STARTTLS", "");
             return true;
         }
-        if (!p->offers_xclient) {
+        if (p->cfg.xclient && !p->offers_xclient) {
             fail(p, STP_FAIL_HOP_IDENTITY, "XCLIENT not offered");
             return false;
         }

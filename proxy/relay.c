@@ -639,6 +639,8 @@ static void hop_ready(void *ctx, const char *greeting, size_t n)
 {
     struct stp_session *s = ctx;
     transition(s, STP_SS_RELAY);
+    if (s->proto->upstream_leg)
+        s->proto->upstream_leg(s->engine, s->hop.tls_done);
     /* The engine greets the client as if the upstream had just said it. */
     if (greeting)
         s->proto->upstream_input(s->engine, greeting, n);

@@ -52,6 +52,13 @@ static void tls_started(void *e) { stp_smtp_tls_started(e); }
 
 static void fail(void *e, enum stp_fail why) { stp_smtp_fail(e, why); }
 
+/* REQUIRETLS is offered and passed only over an encrypted upstream leg. */
+static void upstream_leg(void *e, bool tls)
+{
+    struct stp_smtp *s = e;
+    s->cfg.upstream_tls = tls;
+}
+
 static void status(const void *e, struct stp_proto_status *st)
 {
     const struct stp_smtp *s = e;
@@ -113,6 +120,7 @@ static int prelude_new(const struct stp_prelude_cfg *cfg,
         return -ENOMEM;
     struct stp_up_cfg pc = {
         .starttls = cfg->starttls,
+        .opportunistic = cfg->opportunistic,
         .ehlo_name = cfg->hostname,
         .lmtp = lmtp,
         .xclient = xl ? memcpy((char *)(p + 1), xclient, xl) : NULL,
@@ -146,8 +154,9 @@ static void prelude_free(void *pre) { free(pre); }
 #define SMTP_FAMILY                                                            \
     .size = sizeof(struct stp_smtp), .free = engine_free,                      \
     .client_input = client_input, .upstream_input = upstream_input,            \
-    .tls_started = tls_started, .fail = fail, .status = status,                \
-    .client_eof = client_eof, .prelude_input = prelude_input,                  \
+    .tls_started = tls_started, .fail = fail, .upstream_leg = upstream_leg,    \
+    .status = status, .client_eof = client_eof,                                \
+    .prelude_input = prelude_input,                                            \
     .prelude_tls_done = prelude_tls_done, .prelude_free = prelude_free
 
 const struct stp_proto stp_proto_smtp = {

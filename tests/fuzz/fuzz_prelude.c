@@ -1,7 +1,7 @@
 /* libFuzzer target for the upstream prelude (stp_up_*).
  *
  * Input: one config byte (bit 0: STARTTLS, bit 1: XCLIENT, bits 2-3: which
- * EHLO name), one seed byte for the read sizes, then the upstream's bytes.
+ * EHLO name, bit 4: opportunistic, which implies STARTTLS), one seed byte for the read sizes, then the upstream's bytes.
  * The harness behaves like the session: the bytes arrive in reads of random
  * sizes (or of whole lines), unconsumed bytes stay buffered and are offered
  * again with the next read; when start_tls is requested, whatever is still
@@ -12,14 +12,17 @@
  *  - a sent line is never empty and never holds CR, LF or NUL, and is one
  *    of "EHLO <name>", "STARTTLS", the configured XCLIENT line, in an order
  *    the protocol allows (STARTTLS only when configured and before TLS,
- *    XCLIENT only when configured and, with STARTTLS, after TLS);
+ *    XCLIENT only when configured and, with STARTTLS, after TLS, or in
+ *    opportunistic plaintext);
  *  - start_tls only when configured, right after STARTTLS was sent, at most
  *    once, and only when the input offered ended exactly with a final 220
  *    reply line that the call consumed;
  *  - the greeting handed to ready is non-empty CRLF lines of one 220 reply
  *    ("220-" lines, then one "220 "/"220" line), with no other CR or LF;
- *  - ready with STARTTLS configured only after the handshake; ready with
- *    XCLIENT configured only after XCLIENT was sent;
+ *  - ready with STARTTLS configured only after the handshake, unless
+ *    opportunistic and STARTTLS was never sent (not offered: one EHLO);
+ *    never ready in plaintext once STARTTLS was sent (no downgrade); ready
+ *    with XCLIENT configured only after XCLIENT was sent;
  *  - FAIL_TLS only with STARTTLS configured;
  *  - stp_up_input never consumes more than offered, and nothing once it
  *    is in the TLS, READY or FAILED step. */
@@ -72,6 +75,14 @@ struct fz {
 
 static struct fz F;
 
+/* May the prelude go on without TLS? Only opportunistic, with STARTTLS
+ * never sent (the one EHLO reply did not offer it). */
+static bool plaintext_ok(void)
+{
+    return F.cfg.opportunistic && !F.sent_starttls && F.ehlos == 1 &&
+           !F.p.offers_starttls;
+}
+
 static void op_send(void *ctx, const char *line, size_t n)
 {
     (void)ctx;
@@ -99,7 +110,8 @@ static void op_send(void *ctx, const char *line, size_t n)
     } else if (F.cfg.xclient && n == strlen(F.cfg.xclient) &&
                memcmp(line, F.cfg.xclient, n) == 0) {
         CHECK(!F.sent_xclient, "XCLIENT twice");
-        CHECK(!F.cfg.starttls || F.tls_done, "XCLIENT before TLS");
+        CHECK(!F.cfg.starttls || F.tls_done || plaintext_ok(),
+              "XCLIENT before TLS");
         CHECK(F.ehlos >= 1, "XCLIENT before EHLO");
         F.sent_xclient = true;
     } else {
@@ -154,8 +166,9 @@ static void op_ready(void *ctx, const char *g, size_t n)
     (void)ctx;
     CHECK(!F.ended, "ready after fail/ready");
     CHECK(!F.tls_pending, "ready during the handshake");
-    CHECK(!F.cfg.starttls || F.tls_done,
+    CHECK(!F.cfg.starttls || F.tls_done || plaintext_ok(),
           "ready without the STARTTLS handshake");
+    CHECK(!F.sent_starttls || F.tls_done, "ready after STARTTLS, without TLS");
     CHECK(!F.cfg.xclient || F.sent_xclient, "ready without XCLIENT sent");
     CHECK(is_220_greeting(g, n), "greeting is not one 220 reply of CRLF lines");
     F.ended = true;
@@ -251,7 +264,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     memset(&F, 0, sizeof(F));
     uint8_t c = data[0];
-    F.cfg.starttls = c & 1;
+    F.cfg.opportunistic = c & 16;
+    F.cfg.starttls = (c & 1) || F.cfg.opportunistic;
     F.cfg.xclient = (c & 2) ? XCL : NULL;
     F.cfg.ehlo_name = names[(c >> 2) & 3];
     F.ehlo_len = (size_t)snprintf(F.ehlo, sizeof(F.ehlo), "EHLO %s",

@@ -339,7 +339,12 @@ static void test_errors(void)
         {LST_A "verify_client = require\n" UP,
          "t.ini:4: verify_client needs client_ca"},
         {"[upstream u]\ntls = maybe\n", "t.ini:2: invalid value 'maybe' for tls "
-                                        "(expected starttls, implicit or none)"},
+                                        "(expected starttls, implicit, "
+                                        "opportunistic or none)"},
+        /* opportunistic is an upstream's: a client is offered STARTTLS */
+        {LST_A "tls = opportunistic\n" UP,
+         "t.ini:4: tls = opportunistic is for an [upstream]; a listener takes "
+         "starttls, implicit or none"},
         {"[upstream u]\ntimeout_connect = 30 s\n",
          "t.ini:2: invalid value '30 s' for timeout_connect (expected a duration "
          "greater than 0 like 300s, 5m, 1h or 250ms)"},
@@ -528,6 +533,30 @@ static void test_defaults(void)
         CHECK(cfg.n_listeners == 1 && cfg.listeners[0].require_tls == cases[i].require);
         stp_config_free(&cfg);
     }
+
+    /* verify defaults to yes, but to no with tls = opportunistic (which
+     * takes what the next hop has); verify = yes is kept. */
+    static const struct {
+        const char *extra;
+        enum stp_tls_mode tls;
+        bool verify;
+    } ups[] = {
+        {"tls = starttls\n", STP_TLS_STARTTLS, true},
+        {"tls = implicit\n", STP_TLS_IMPLICIT, true},
+        {"tls = opportunistic\n", STP_TLS_OPPORTUNISTIC, false},
+        {"tls = Opportunistic\nverify = yes\n", STP_TLS_OPPORTUNISTIC, true},
+        {"verify = yes\ntls = opportunistic\n", STP_TLS_OPPORTUNISTIC, true},
+        {"tls = opportunistic\nverify = no\n", STP_TLS_OPPORTUNISTIC, false},
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(ups); i++) {
+        char text[512];
+        snprintf(text, sizeof(text), MINIMAL "%s", ups[i].extra);
+        CHECK(stp_config_parse_string("t.ini", text, &cfg, err, sizeof(err)) == 0);
+        CHECK(cfg.n_upstreams == 1 && cfg.upstreams[0].tls == ups[i].tls &&
+              cfg.upstreams[0].verify == ups[i].verify);
+        stp_config_free(&cfg);
+    }
+    CHECK_STR(stp_tls_mode_name(STP_TLS_OPPORTUNISTIC), "opportunistic");
 
     CHECK(stp_config_parse_string("t.ini", "[proxy]\nworkers = AUTO\n" MINIMAL,
                                   &cfg, err, sizeof(err)) == 0);

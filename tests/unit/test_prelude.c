@@ -210,7 +210,7 @@ enum outcome { PENDING, READY, FAILED };
 
 struct scen {
     const char *name;
-    int cfg; /* bit 0: starttls, bit 1: xclient */
+    int cfg; /* CF_* bits */
     struct step steps[12];
     const char *sent;     /* all lines sent, CRLF-terminated */
     int start_tls;
@@ -225,6 +225,7 @@ struct scen {
 #define CF_XC 2
 #define CF_BOTH 3
 #define CF_LMTP 4
+#define CF_OPP 8 /* tls = opportunistic: STARTTLS only when offered */
 
 #define NAME "proxy.example"
 #define XCL "XCLIENT ADDR=192.0.2.7 PORT=41234 NAME=[UNAVAILABLE]"
@@ -504,6 +505,62 @@ static const struct scen scens[] = {
      EHLO STLS EHLO XCLS, 1, FAILED, NULL, STP_FAIL_HOP_IDENTITY, NULL},
     {"both: 421 greeting", CF_BOTH, {U("421 busy\r\n")}, "", 0, FAILED, NULL,
      STP_FAIL_HOP_TLS, NULL},
+
+    /* --- opportunistic: STARTTLS when offered, else plaintext; once
+     * offered, never a downgrade --- */
+    {"opp: STARTTLS offered: the whole TLS dialogue", CF_OPP,
+     {U(GREET), STEP(STP_UP_EHLO), U(E_TLS), STEP(STP_UP_STARTTLS), U(GO),
+      STEP(STP_UP_TLS), TLS, STEP(STP_UP_READY)},
+     EHLO STLS, 1, READY, GREET, 0, NULL},
+    {"opp: STARTTLS not offered: ready in plaintext, greeting kept", CF_OPP,
+     {U(GREET), STEP(STP_UP_EHLO), U(E_NONE), STEP(STP_UP_READY)}, EHLO, 0,
+     READY, GREET, 0, NULL},
+    {"opp: plaintext, bytes after the EHLO reply left to the session", CF_OPP,
+     {U(GREET), U(E_NONE "250 x\r\n"), LEFT(7)}, EHLO, 0, READY, GREET, 0,
+     NULL},
+    {"opp: STARTTLSX is not STARTTLS: plaintext", CF_OPP,
+     {U(GREET), U("250-mx\r\n250 STARTTLSX\r\n")}, EHLO, 0, READY, GREET, 0,
+     NULL},
+    {"opp: STARTTLS in the first (name) line does not count", CF_OPP,
+     {U(GREET), U("250-STARTTLS\r\n250 SIZE\r\n")}, EHLO, 0, READY, GREET,
+     0, NULL},
+    {"opp: lmtp, LHLO reply without STARTTLS", CF_OPP | CF_LMTP,
+     {U(GREET), U(E_NONE)}, "LHLO " NAME "\r\n", 0, READY, GREET, 0, NULL},
+    {"opp: 454 to STARTTLS fails, no downgrade", CF_OPP,
+     {U(GREET), U(E_TLS), U("454 4.7.0 TLS not available\r\n")}, EHLO STLS,
+     0, FAILED, NULL, STP_FAIL_HOP_TLS, "STARTTLS refused"},
+    {"opp: 501 to STARTTLS fails", CF_OPP,
+     {U(GREET), U(E_TLS), U("501 5.5.4 Syntax\r\n")}, EHLO STLS, 0, FAILED,
+     NULL, STP_FAIL_HOP_TLS, NULL},
+    {"opp: 250 to STARTTLS fails", CF_OPP,
+     {U(GREET), U(E_TLS), U("250 ok\r\n")}, EHLO STLS, 0, FAILED, NULL,
+     STP_FAIL_HOP_TLS, NULL},
+    {"opp: EHLO refused fails (no HELO fallback)", CF_OPP,
+     {U(GREET), U("502 5.5.1 no EHLO\r\n")}, EHLO, 0, FAILED, NULL,
+     STP_FAIL_HOP_TLS, "EHLO refused"},
+    {"opp: 554 greeting fails", CF_OPP, {U("554 no\r\n")}, "", 0, FAILED,
+     NULL, ANY_CAT, NULL},
+    {"opp+xc: not offered, XCLIENT offered: XCLIENT in plaintext",
+     CF_OPP | CF_XC,
+     {U(GREET), STEP(STP_UP_EHLO), U(E_XC), STEP(STP_UP_XCLIENT), U(NEWG),
+      STEP(STP_UP_READY)},
+     EHLO XCLS, 0, READY, NEWG, 0, NULL},
+    {"opp+xc: neither offered: XCLIENT missing fails", CF_OPP | CF_XC,
+     {U(GREET), U(E_NONE)}, EHLO, 0, FAILED, NULL, STP_FAIL_HOP_IDENTITY,
+     "XCLIENT not offered"},
+    {"opp+xc: both offered: EHLO again after TLS, then XCLIENT",
+     CF_OPP | CF_XC,
+     {U(GREET), U(E_BOTH), STEP(STP_UP_STARTTLS), U(GO), STEP(STP_UP_TLS),
+      TLS, STEP(STP_UP_EHLO), U(E_XC), STEP(STP_UP_XCLIENT), U(NEWG)},
+     EHLO STLS EHLO XCLS, 1, READY, NEWG, 0, NULL},
+    {"opp+xc: XCLIENT seen before TLS does not count after it",
+     CF_OPP | CF_XC,
+     {U(GREET), U(E_BOTH), U(GO), TLS, U(E_NONE)}, EHLO STLS EHLO, 1, FAILED,
+     NULL, STP_FAIL_HOP_IDENTITY, NULL},
+    {"opp+xc: 454 to STARTTLS fails, no XCLIENT in plaintext",
+     CF_OPP | CF_XC,
+     {U(GREET), U(E_BOTH), U("454 4.7.0 no\r\n")}, EHLO STLS, 0, FAILED,
+     NULL, STP_FAIL_HOP_TLS, NULL},
 };
 
 enum feed_mode { F_WHOLE, F_SPLIT, F_BYTES };
@@ -516,7 +573,8 @@ static size_t step_len(const struct step *st)
 static struct stp_up_cfg make_cfg(int bits)
 {
     struct stp_up_cfg c = {
-        .starttls = bits & CF_TLS,
+        .starttls = bits & (CF_TLS | CF_OPP),
+        .opportunistic = bits & CF_OPP,
         .ehlo_name = NAME,
         .xclient = (bits & CF_XC) ? XCL : NULL,
         .lmtp = bits & CF_LMTP,
@@ -762,6 +820,18 @@ static void test_injection(void)
         CHECK(R.sent_len == strlen(EHLO STLS),
               "starttls+xclient: sent \"%s\" after the refusal",
               esc(R.sent, R.sent_len));
+        /* opportunistic once STARTTLS was offered: the same, no downgrade */
+        run_tail(CF_OPP, c->tail, none);
+        CHECK(R.fails == 1 && R.fcat == STP_FAIL_HOP_TLS && !R.start_tls &&
+                  !R.readies && strstr(R.reason, "after 220") != NULL,
+              "opportunistic, one read: fails %d (%s \"%s\") ready %d, want "
+              "FAIL_TLS only", R.fails, fail_name((int)R.fcat), R.reason,
+              R.readies);
+        run_tail(CF_OPP | CF_XC, c->tail, none);
+        CHECK(R.fails == 1 && R.fcat == STP_FAIL_HOP_TLS && !R.start_tls &&
+                  R.sent_len == strlen(EHLO STLS),
+              "opportunistic+xclient, one read: not refused, or sent \"%s\"",
+              esc(R.sent, R.sent_len));
         /* split at every byte: refused unless the read ends right after the
          * 220, in which case start_tls runs and the rest stays unconsumed
          * (it is the TLS layer's to reject) */
@@ -821,7 +891,7 @@ static void test_names_and_init(void)
     case_end();
 
     case_begin("init: waits for the greeting, sends nothing");
-    for (int bits = 0; bits < 4; bits++) {
+    for (int bits = 0; bits < 16; bits++) {
         memset(&R, 0, sizeof(R));
         struct stp_up_cfg cfg = make_cfg(bits);
         stp_up_init(&R.p, &cfg, &rec_ops, NULL);
