@@ -506,11 +506,13 @@ int stp_cfg_end_upstream(struct parser *p, int i)
         return stp_cfg_fail(p, kl[K_UP_SOURCE],
                             "source is not of the address family of %s",
                             u->address_text);
-    /* Each session goes somewhere else: no host name to check by default. */
-    if (u->original_dst && u->server_name == NULL && u->tls != STP_TLS_NONE)
+    /* Each session goes somewhere else: no host name to check by default
+     * (without verify, none is needed: intercepted deliveries to any MX). */
+    if (u->original_dst && u->server_name == NULL && u->tls != STP_TLS_NONE &&
+        u->verify)
         return stp_cfg_fail(p, kl[K_ADDRESS],
-                            "address = original-destination with tls needs "
-                            "server_name");
+                            "address = original-destination with tls and "
+                            "verify needs server_name");
     if (u->server_name == NULL && !u->original_dst) {
         /* The name to check is the host the address names. */
         const char *a = u->address_text + (u->address_text[0] == '[');

@@ -265,7 +265,8 @@ void stp_hop_event(struct stp_hop *h, enum stp_io_event ev, int err)
                 SID " event=upstream_tls upstream=%s tls=%s cipher=%s "
                     "server_name=%s verified=%s",
                 h->id, h->up->name, stp_tls_version(t), stp_tls_cipher(t),
-                h->up->server_name, h->up->verify ? "yes" : "no");
+                h->up->server_name ? h->up->server_name : "none",
+                h->up->verify ? "yes" : "no");
         if (h->prelude) {
             enter(h, STP_HOP_PRELUDE);
             h->proto->prelude_tls_done(h->prelude);

@@ -127,8 +127,8 @@ static void test_keys(void)
         {LST "[upstream up]\naddress = 127.0.0.1:25\nsource = ::1\n",
          "t.ini:6: source is not of the address family of 127.0.0.1:25"},
         {LST "[upstream up]\naddress = original-destination\ntls = starttls\n",
-         "t.ini:5: address = original-destination with tls needs "
-         "server_name"},
+         "t.ini:5: address = original-destination with tls and verify "
+         "needs server_name"},
         {LST "[upstream up]\naddress = original-dst\n",
          "t.ini:5: invalid value 'original-dst' for address (expected a "
          "numeric HOST:PORT such as 127.0.0.1:25 or [::1]:25)"},
