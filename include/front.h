@@ -20,12 +20,12 @@ struct stp_front {
     const struct stp_gen *gen;
     struct stp_conn *conn;            /* the client's (the relay's) */
     struct sockaddr_storage addr;     /* the client: a header's source */
-    struct sockaddr_storage dst;      /* what it reached, per the header */
-    bool has_dst;
+    struct sockaddr_storage *dst;     /* what it reached, per a header;
+                                         NULL without one (owned) */
+    bool header;                      /* a PROXY header was read */
     bool counted, ip_counted;         /* in the tallies; ADDR per IP too */
     struct stp_counts counts;         /* when it was counted in */
     char peer[64];                    /* ADDR, formatted */
-    char via[64];                     /* the load balancer, with a header */
 };
 
 enum stp_front_verdict {

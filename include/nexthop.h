@@ -45,7 +45,8 @@ struct stp_hop {
                                            header; NULL: ask the socket */
     bool client_transparent;            /* came in on a transparent
                                            listener */
-    struct sockaddr_storage dst;        /* where it connects: stp_hop_resolve */
+    const struct sockaddr_storage *dst; /* where it connects: stp_hop_resolve */
+    struct sockaddr_storage *own_dst;   /* an original destination's, owned */
     const struct stp_hop_ops *ops;
     void *ctx;
     void *prelude;                      /* only while the prelude runs */

@@ -1,5 +1,6 @@
 /* The front door of a session (front.h). */
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "front.h"
@@ -72,13 +73,18 @@ void stp_front_refused(const struct stp_front *f, enum stp_close_reason r,
 /* The header's source is the client from now on: in the logs, the per-IP
  * tally and what the upstream is told. LOCAL and UNKNOWN (health checks)
  * keep the socket's addresses. */
-static void take_header(struct stp_front *f, const struct stp_pp_result *pp)
+static bool take_header(struct stp_front *f, const struct stp_pp_result *pp)
 {
-    memcpy(f->via, f->peer, sizeof(f->via));
+    char via[64]; /* the load balancer */
+    memcpy(via, f->peer, sizeof(via));
+    f->header = true;
+    /* Only a header with addresses costs the session its destination;
+     * without the memory, never carry on as the load balancer. */
+    if (!pp->local && !(f->dst = malloc(sizeof(*f->dst))))
+        return false;
     if (!pp->local) {
         f->addr = pp->src;
-        f->dst = pp->dst;
-        f->has_dst = true;
+        *f->dst = pp->dst;
         stp_format_addr((struct sockaddr *)&f->addr, f->peer,
                         sizeof(f->peer));
     }
@@ -86,8 +92,9 @@ static void take_header(struct stp_front *f, const struct stp_pp_result *pp)
     f->ip_counted = true;
     stp_log(STP_LOG_INFO,
             SID " event=connect client=%s via=%s listener=%s proxy_header=v%u%s",
-            f->id, f->peer, f->via, f->lcfg->name, pp->version,
+            f->id, f->peer, via, f->lcfg->name, pp->version,
             pp->local ? "-local" : "");
+    return true;
 }
 
 enum stp_front_verdict stp_front_header(struct stp_front *f, bool eof,
@@ -109,7 +116,11 @@ enum stp_front_verdict stp_front_header(struct stp_front *f, bool eof,
         return STP_FRONT_REFUSE;
     }
     stp_conn_consume(f->conn, pp.len);
-    take_header(f, &pp);
+    if (!take_header(f, &pp)) {
+        *why = STP_CLOSE_CLIENT_ERROR;
+        stp_front_refused(f, *why, "out of memory");
+        return STP_FRONT_REFUSE;
+    }
     return STP_FRONT_BEGIN;
 }
 
@@ -128,4 +139,6 @@ void stp_front_close(struct stp_front *f)
         stp_shared_count(f->srv->shared, &f->lst->bound,
                          f->ip_counted ? &f->addr : NULL, -1, NULL);
     f->counted = false;
+    free(f->dst);
+    f->dst = NULL;
 }

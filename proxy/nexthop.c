@@ -4,6 +4,7 @@
  * proxy itself). Until then the client is not read, so no client byte can
  * reach the upstream in plaintext or before its identity. */
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "identity.h"
@@ -34,7 +35,10 @@ static void unreachable(struct stp_hop *h, enum stp_close_reason reason,
         return;
     h->failed = true;
     char a[64]; /* the original destination differs per session */
-    stp_format_addr((const struct sockaddr *)&h->dst, a, sizeof(a));
+    if (h->dst)
+        stp_format_addr((const struct sockaddr *)h->dst, a, sizeof(a));
+    else
+        snprintf(a, sizeof(a), "%s", h->up->address_text);
     stp_log(STP_LOG_WARN,
             SID " event=upstream_error upstream=%s address=%s error=\"%s\"",
             h->id, h->up->name, a, detail);
@@ -93,6 +97,8 @@ static const struct stp_up_ops prelude_ops = {
 
 void stp_hop_free(struct stp_hop *h)
 {
+    free(h->own_dst);
+    h->own_dst = NULL;
     if (h->prelude)
         h->proto->prelude_free(h->prelude);
     h->prelude = NULL;
@@ -173,12 +179,19 @@ static void send_proxy_header(struct stp_hop *h)
 int stp_hop_resolve(struct stp_hop *h, const struct stp_server *srv)
 {
     if (!h->up->original_dst) {
-        h->dst = h->up->addr;
+        h->dst = &h->up->addr;
         return 0;
     }
     char d[64], why[128];
+    /* Only intercepting sessions carry an address of their own. */
+    if (!(h->own_dst = malloc(sizeof(*h->own_dst)))) {
+        enter(h, STP_HOP_CONNECTING);
+        stp_hop_fail(h, STP_FAIL_UNREACHABLE, "out of memory");
+        return -ENOMEM;
+    }
+    h->dst = h->own_dst;
     int r = stp_tp_original_dst(stp_conn_fd(h->client), h->client_transparent,
-                                &h->dst);
+                                h->own_dst);
     if (r < 0) {
         snprintf(why, sizeof(why), "original destination unknown: %s",
                  stp_strerror(r));
@@ -186,15 +199,15 @@ int stp_hop_resolve(struct stp_hop *h, const struct stp_server *srv)
         stp_hop_fail(h, STP_FAIL_UNREACHABLE, why);
         return r;
     }
-    if (stp_tp_is_own(srv, &h->dst)) {
-        stp_format_addr((const struct sockaddr *)&h->dst, d, sizeof(d));
+    if (stp_tp_is_own(srv, h->dst)) {
+        stp_format_addr((const struct sockaddr *)h->dst, d, sizeof(d));
         snprintf(why, sizeof(why),
                  "original destination %s is this proxy's own listener", d);
         enter(h, STP_HOP_CONNECTING);
         stp_hop_fail(h, STP_FAIL_HOP_LOOP, why);
         return -ELOOP;
     }
-    stp_format_addr((const struct sockaddr *)&h->dst, d, sizeof(d));
+    stp_format_addr((const struct sockaddr *)h->dst, d, sizeof(d));
     stp_log(STP_LOG_INFO, SID " event=original_destination upstream=%s "
             "address=%s", h->id, h->up->name, d);
     return 0;
@@ -214,7 +227,7 @@ void stp_hop_start(struct stp_hop *h)
         stp_hop_fail(h, STP_FAIL_UNREACHABLE, e);
         return;
     }
-    r = stp_conn_connect(h->conn, (const struct sockaddr *)&h->dst);
+    r = stp_conn_connect(h->conn, (const struct sockaddr *)h->dst);
     if (r < 0)
         unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
 }

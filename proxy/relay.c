@@ -657,7 +657,7 @@ static void start_upstream(struct stp_session *s)
 {
     if (stp_hop_resolve(&s->hop, s->srv) < 0)
         return; /* the hop reported it */
-    int r = stp_conn_new(s->srv->loop, s->hop.dst.ss_family, on_upstream, s,
+    int r = stp_conn_new(s->srv->loop, s->hop.dst->ss_family, on_upstream, s,
                          &s->upstream);
     if (r < 0) {
         stp_log(STP_LOG_WARN,
@@ -742,7 +742,7 @@ static void session_begin(struct stp_session *s)
     if (lc->tls == STP_TLS_IMPLICIT) {
         transition(s, STP_SS_TLS_ACCEPT);
         /* A ClientHello read with a PROXY header is TLS's first input. */
-        int r = s->front.via[0] ? stp_conn_start_tls_keep(s->client, s->ltls, NULL)
+        int r = s->front.header ? stp_conn_start_tls_keep(s->client, s->ltls, NULL)
                           : stp_conn_start_tls(s->client, s->ltls, NULL);
         if (r < 0) {
             session_reason(s, STP_CLOSE_TLS_INIT);
@@ -766,8 +766,7 @@ static void read_header(struct stp_session *s, bool eof)
         finish(s);
         return;
     case STP_FRONT_BEGIN:
-        if (s->front.has_dst)
-            s->hop.client_dst = (const struct sockaddr *)&s->front.dst;
+        s->hop.client_dst = (const struct sockaddr *)s->front.dst;
         if (eof) {
             session_reason(s, STP_CLOSE_CLIENT_EOF);
             finish(s);
