@@ -1165,6 +1165,18 @@ static void tc_say(struct tls_client *t, const char *s)
     CHECK(r == 0, "client write: %s", stp_strerror(r));
 }
 
+/* The in-process TLS client, connected to the proxy and reading. */
+static bool tc_connect(struct tls_client *t, struct world *w)
+{
+    if (stp_conn_new(&loop, AF_INET, tc_event, t, &t->conn) < 0)
+        return false;
+    CHECK(stp_conn_connect(t->conn, (struct sockaddr *)&w->px.addr) == 0,
+          "connect");
+    PUMP_UNTIL(t->connected, "connecting");
+    stp_conn_want_read(t->conn, true);
+    return true;
+}
+
 static void test_starttls_drops_pipelined_plaintext(void)
 {
     case_begin("STARTTLS: plaintext pipelined after it never reaches the "
@@ -1174,11 +1186,7 @@ static void test_starttls_drops_pipelined_plaintext(void)
     struct stp_tls_ctx *cctx = tls_client_ctx();
     /* The proxy makes itself a self-signed certificate. */
     if (cctx && world_start(&w, "tls = starttls\n") &&
-        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
-        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
-              "connect");
-        PUMP_UNTIL(t.connected, "connecting");
-        stp_conn_want_read(t.conn, true);
+        tc_connect(&t, &w)) {
         tc_expect(&t, S(UP_GREETING));
         tc_say(&t, "EHLO client.test\r\n");
         tc_expect(&t, S("250-up.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
@@ -1471,11 +1479,7 @@ static void test_upstream_lost_during_handshake(void)
     struct tls_client t = {0};
     struct stp_tls_ctx *cctx = tls_client_ctx();
     if (cctx && world_start(&w, "tls = starttls\n") &&
-        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
-        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
-              "connect");
-        PUMP_UNTIL(t.connected, "connecting");
-        stp_conn_want_read(t.conn, true);
+        tc_connect(&t, &w)) {
         tc_expect(&t, S(UP_GREETING));
         tc_say(&t, "STARTTLS\r\n");
         tc_expect(&t, S("220 2.0.0 Ready to start TLS\r\n"));
@@ -1680,11 +1684,7 @@ static void test_implicit_tls(void)
     struct tls_client t = {0};
     struct stp_tls_ctx *cctx = tls_client_ctx();
     if (cctx && world_start(&w, "tls = implicit\n") &&
-        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
-        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
-              "connect");
-        PUMP_UNTIL(t.connected, "connecting");
-        stp_conn_want_read(t.conn, true);
+        tc_connect(&t, &w)) {
         pump_for(50);
         CHECK(w.up.accepted == 0, "the upstream was called before the "
               "client's handshake");
@@ -1804,11 +1804,7 @@ static void test_half_close_tls(void)
     struct tls_client t = {0};
     struct stp_tls_ctx *cctx = tls_client_ctx();
     if (cctx && world_start(&w, "tls = implicit\n") &&
-        stp_conn_new(&loop, AF_INET, tc_event, &t, &t.conn) == 0) {
-        CHECK(stp_conn_connect(t.conn, (struct sockaddr *)&w.px.addr) == 0,
-              "connect");
-        PUMP_UNTIL(t.connected, "connecting");
-        stp_conn_want_read(t.conn, true);
+        tc_connect(&t, &w)) {
         CHECK(stp_conn_start_tls(t.conn, cctx, NULL) == 0, "start TLS");
         PUMP_UNTIL(t.tls_ready || t.error || t.eof, "the handshake");
         CHECK(t.tls_ready == 1, "no handshake");
