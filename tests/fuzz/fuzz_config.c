@@ -35,9 +35,16 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size)
             CHECK(l->timeout_idle_ms > 0 && l->timeout_command_ms > 0,
                   "timeouts are positive");
         }
-        for (int i = 0; i < cfg.n_upstreams; i++)
-            CHECK(cfg.upstreams[i].server_name != NULL,
+        for (int i = 0; i < cfg.n_upstreams; i++) {
+            const struct stp_upstream_cfg *u = &cfg.upstreams[i];
+            /* original-destination has no host to default it to; it then
+             * needs one only to verify. */
+            CHECK(u->server_name != NULL || u->original_dst,
                   "server_name defaults to the address's host");
+            CHECK(u->server_name != NULL || u->tls == STP_TLS_NONE ||
+                      !u->verify,
+                  "verifying TLS always has a name to check");
+        }
         stp_config_free(&cfg);
     } else {
         CHECK(r < 0, "errors are negative");
