@@ -163,6 +163,15 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             p->offers_xclient = true;
         if (!last)
             return true;
+        /* A server that knows no EHLO (500, 502: RFC 821 only) offers no
+         * STARTTLS either: opportunistic TLS goes on without it, and the
+         * client's own EHLO then meets the same refusal. */
+        if ((code == 500 || code == 502) && p->cfg.opportunistic &&
+            !p->tls_done && !p->cfg.xclient) {
+            p->plaintext = true;
+            advance(p);
+            return true;
+        }
         if (code != 250) {
             fail(p,
                  p->cfg.starttls && !p->tls_done ? STP_FAIL_HOP_TLS

@@ -44,8 +44,10 @@ static bool v1_ipv4(const char *s, size_t n, struct in_addr *a)
 static bool v1_ipv6(const char *s, size_t n, struct in6_addr *a)
 {
     char buf[INET6_ADDRSTRLEN];
-    if (n == 0 || n >= sizeof(buf) || memchr(s, '.', n))
-        return false; /* the spec's form is hexadecimal groups only */
+    /* The spec shows hexadecimal groups only, but haproxy on a dual-stack
+     * socket writes IPv4 clients as ::ffff:a.b.c.d: inet_pton's forms. */
+    if (n == 0 || n >= sizeof(buf))
+        return false;
     memcpy(buf, s, n);
     buf[n] = '\0';
     return inet_pton(AF_INET6, buf, a) == 1;

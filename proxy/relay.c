@@ -574,6 +574,11 @@ static void on_upstream(struct stp_conn *c, enum stp_io_event ev, int err)
     struct stp_session *s = session_of(stp_conn_owner(c));
     if (stp_sstate_setting_up(s->state)) {
         stp_hop_event(&s->hop, ev, err);
+        /* Relaying may have begun: client bytes that came while the leg
+         * was set up (behind a PROXY header, with the TLS Finished) bring
+         * no event of their own. */
+        if (s->state == STP_SS_RELAY)
+            resume(s);
         settle(s);
         return;
     }

@@ -247,6 +247,21 @@ static bool allowed_before_helo(enum stp_cmd c)
 
 /* Does this command get a reply from us rather than from the upstream? Such
  * replies wait until every earlier command has been answered. */
+/* Does a MAIL command's argument carry the REQUIRETLS parameter (RFC 8689),
+ * a blank-separated keyword after the path, in any case? */
+static bool mail_requires_tls(const char *arg, size_t n)
+{
+    static const char kw[] = "REQUIRETLS";
+    const size_t kl = sizeof(kw) - 1;
+    for (size_t i = 0; i + kl <= n; i++) {
+        if ((i == 0 || stp_smtp_space(arg[i - 1])) &&
+            strncasecmp(arg + i, kw, kl) == 0 &&
+            (i + kl == n || stp_smtp_space(arg[i + kl]) || arg[i + kl] == '='))
+            return true;
+    }
+    return false;
+}
+
 static const char *local_reply(struct stp_smtp *s,
                                const struct stp_cmdline *cl, const char **why)
 {
@@ -279,6 +294,12 @@ static const char *local_reply(struct stp_smtp *s,
     if (s->need_helo && !allowed_before_helo(c)) {
         *why = "helo_required_after_tls";
         return "503 5.5.1 Error: send HELO/EHLO first\r\n";
+    }
+    if (c == STP_CMD_MAIL && !(s->cfg.upstream_tls && s->tls) &&
+        mail_requires_tls(cl->arg, cl->arg_len)) {
+        /* Not offered (ehlo_flush): TLS on every hop cannot be kept. */
+        *why = "requiretls_unavailable";
+        return "555 5.7.10 Error: REQUIRETLS not available on this path\r\n";
     }
     if (c == STP_CMD_BDAT) {
         uint64_t size;
@@ -580,7 +601,9 @@ static bool ehlo_flush(struct stp_smtp *s)
     unsigned flags = 0;
     if (s->cfg.offer_starttls && !s->tls)
         flags |= STP_EHLO_OFFER_STARTTLS | STP_EHLO_STRIP_AUTH;
-    if (!s->cfg.upstream_tls)
+    /* REQUIRETLS promises TLS on every hop: offered only when both legs
+     * are encrypted (a plaintext client leg is already a hop without). */
+    if (!s->cfg.upstream_tls || !s->tls)
         flags |= STP_EHLO_STRIP_REQUIRETLS;
     /* LMTP's BDAT LAST would owe a reply per recipient, or one: the proxy
      * could not tell how many to wait for. Clients use DATA. */
