@@ -82,7 +82,8 @@ class Haproxy:
     """haproxy in the foreground, unprivileged, on a 127.0.0.1 port, with
     one backend server: the proxy's listener."""
 
-    def __init__(self, workdir, backend_port, server_opts, backend_opts=""):
+    def __init__(self, workdir, backend_port, server_opts, backend_opts="",
+                 bind="127.0.0.1:%d"):
         self.bin = h.require_program("haproxy", "haproxy", ("/usr/sbin/haproxy",))
         os.makedirs(workdir, exist_ok=True)
         self.port = h.free_port()
@@ -98,12 +99,12 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend fe
-    bind 127.0.0.1:%d
+    bind %s
     default_backend be
 backend be
     %s
     server stp 127.0.0.1:%d %s
-""" % (self.stats, self.port, backend_opts, backend_port, server_opts))
+""" % (self.stats, bind % self.port, backend_opts, backend_port, server_opts))
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([self.bin, "-db", "-f", self.cfg], stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -161,9 +162,9 @@ backend be
 def make_haproxy(tmp_path):
     made = []
 
-    def make(backend_port, server_opts, backend_opts=""):
+    def make(backend_port, server_opts, backend_opts="", bind="127.0.0.1:%d"):
         hp = Haproxy(str(tmp_path / ("haproxy%d" % len(made))), backend_port, server_opts,
-                     backend_opts)
+                     backend_opts, bind)
         made.append(hp)
         return hp
     yield make
@@ -441,3 +442,21 @@ def test_max_connections_per_ip_counts_the_header_source(make_proxy, scripted):
     for c in (held[1], other, again):
         c.expect("QUIT", 221)
         c.sock.close()
+
+
+# A real haproxy whose frontend is dual-stack (`bind :::PORT v4v6`) writes
+# every IPv4 client as `PROXY TCP6 ::ffff:127.0.0.2 ::ffff:127.0.0.1 ...`:
+# the parser once refused the dotted form, and with it every IPv4 client of
+# such a balancer (found by an outside review).
+@pytest.mark.parametrize("listener", ["v1", "any"])
+def test_ipv4_client_through_dual_stack_haproxy_send_proxy(make_proxy, scripted, make_haproxy,
+                                                            listener):
+    proxy = make_proxy(scripted, proxy_protocol=listener, proxy_protocol_from="127.0.0.0/8",
+                       tls="none", require_tls=None)
+    hp = make_haproxy(proxy.port, "send-proxy", bind=":::%d v4v6")
+    c = h.SmtpConn(hp.port, source=(CLIENT_IP, 0), timeout=5)
+    with c:
+        got = c.pending(3)
+    errs = proxy.events("proxy_header_error")
+    assert got.startswith(b"220"), ("IPv4 client behind dual-stack haproxy refused: got %r; %s"
+                                    % (got, [e["_line"] for e in errs]))
