@@ -2,7 +2,9 @@
  * destination of an intercepted connection, the upstream's source address
  * and the capabilities these need. Nothing else in the proxy knows these
  * socket options. */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <linux/capability.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -96,20 +98,34 @@ static bool is_any(const struct sockaddr_storage *a)
                   sizeof(any6)) == 0;
 }
 
-/* Does a local interface have A? Binding (without IP_TRANSPARENT) says. */
+/* Does a local interface have A (the wildcard and loopback count)? Asked
+ * of the interfaces, not by a trial bind(), which net.ipv4.ip_nonlocal_bind
+ * would let succeed for any address. */
 static bool is_local(const struct sockaddr_storage *a)
 {
-    int fd = socket(a->ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return false;
-    struct sockaddr_storage b = *a;
-    if (b.ss_family == AF_INET)
-        ((struct sockaddr_in *)&b)->sin_port = 0;
-    else
-        ((struct sockaddr_in6 *)&b)->sin6_port = 0;
-    bool ok = bind(fd, (struct sockaddr *)&b, addr_len(b.ss_family)) == 0;
-    close(fd);
-    return ok;
+    if (is_any(a))
+        return true;
+    if (a->ss_family == AF_INET &&
+        (ntohl(((const struct sockaddr_in *)a)->sin_addr.s_addr) >> 24) == 127)
+        return true;
+    struct ifaddrs *ifs;
+    if (getifaddrs(&ifs) < 0)
+        return true; /* unknown: a refused loop beats a loop */
+    bool found = false;
+    for (struct ifaddrs *i = ifs; i && !found; i = i->ifa_next) {
+        const struct sockaddr *s = i->ifa_addr;
+        if (!s || s->sa_family != a->ss_family)
+            continue;
+        if (s->sa_family == AF_INET)
+            found = ((const struct sockaddr_in *)s)->sin_addr.s_addr ==
+                    ((const struct sockaddr_in *)a)->sin_addr.s_addr;
+        else
+            found = memcmp(&((const struct sockaddr_in6 *)s)->sin6_addr,
+                           &((const struct sockaddr_in6 *)a)->sin6_addr,
+                           sizeof(struct in6_addr)) == 0;
+    }
+    freeifaddrs(ifs);
+    return found;
 }
 
 bool stp_tp_is_own(const struct stp_server *srv,

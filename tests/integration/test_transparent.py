@@ -397,6 +397,37 @@ def test_loop_guard(net, server, tmp_path, mode):
     p.check_and_stop()
 
 
+SAME_PORT_REDIRECT = """
+table ip stp_nat {
+    chain pre {
+        type nat hook prerouting priority dstnat; policy accept;
+        ip daddr 198.51.100.0/24 tcp dport %d redirect to :%d
+    }
+}
+""" % (PROXY_PORT, PROXY_PORT)
+
+
+@pytest.mark.parametrize("nonlocal_bind", [0, 1], ids=["sysctl0", "sysctl1"])
+def test_loop_guard_ignores_ip_nonlocal_bind(net, tmp_path, nonlocal_bind):
+    """The intercepted port is the listening port, the destination a remote
+    server: no loop, whether or not net.ipv4.ip_nonlocal_bind lets any
+    address be bound (where keepalived or haproxy VIPs live). The guard once
+    judged 'local' by a trial bind, and refused every such session."""
+    out = str(tmp_path / "server.jsonl")
+    net.spawn(net.srv, ["python3", "-c", SERVER_PY, str(PROXY_PORT), out],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert h.wait_until(lambda: os.path.exists(out + ".ready"), 10)
+    net.sh(net.rtr, "sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=%d" % nonlocal_bind)
+    net.nft(SAME_PORT_REDIRECT)
+    p = start_proxy(net, tmp_path, {}, {"address": "original-destination"})
+    replies = smtp_from_client(net, SERVER_IP, PROXY_PORT)
+    recs = [json.loads(l) for l in h.read_text(out).splitlines() if l]
+    log = p.log_tail(12)
+    p.check_and_stop()
+    assert replies[0] == ["220 sink.test ESMTP"], (replies, log)
+    assert len(recs) == 1 and recs[0]["peer"] == ROUTER_SRV_IP, (recs, log)
+
+
 @pytest.mark.parametrize("listener,upstream,key", [
     ({"transparent": "yes"}, {"address": "127.0.0.1:25"}, "transparent = yes"),
     ({}, {"address": "original-destination", "source": "client"}, "source = client"),
