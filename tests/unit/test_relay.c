@@ -1177,6 +1177,17 @@ static bool tc_connect(struct tls_client *t, struct world *w)
     return true;
 }
 
+/* The TLS client's case is over: close it, then the world. */
+static void tc_end(struct tls_client *t, struct world *w,
+                   struct stp_tls_ctx *cctx)
+{
+    if (t->conn)
+        stp_conn_close(t->conn, tc_freed);
+    world_end(w);
+    stp_tls_ctx_free(cctx);
+    bytes_free(&t->rx);
+}
+
 static void test_starttls_drops_pipelined_plaintext(void)
 {
     case_begin("STARTTLS: plaintext pipelined after it never reaches the "
@@ -1459,11 +1470,7 @@ static void test_back_pressure_tls(void)
         PUMP_UNTIL(t.eof || t.error, "the proxy's close");
         expect_no_session(&w);
     }
-    if (t.conn)
-        stp_conn_close(t.conn, tc_freed);
-    world_end(&w);
-    stp_tls_ctx_free(cctx);
-    bytes_free(&t.rx);
+    tc_end(&t, &w, cctx);
     free(msg);
     case_end();
 }
@@ -1497,11 +1504,7 @@ static void test_upstream_lost_during_handshake(void)
               esc(tail(&t.rx, t.seen), t.rx.n - t.seen));
         expect_no_session(&w);
     }
-    if (t.conn)
-        stp_conn_close(t.conn, tc_freed);
-    world_end(&w);
-    stp_tls_ctx_free(cctx);
-    bytes_free(&t.rx);
+    tc_end(&t, &w, cctx);
     case_end();
 }
 
@@ -1701,11 +1704,7 @@ static void test_implicit_tls(void)
                    S("EHLO client.test\r\nQUIT\r\n"));
         expect_no_session(&w);
     }
-    if (t.conn)
-        stp_conn_close(t.conn, tc_freed);
-    world_end(&w);
-    stp_tls_ctx_free(cctx);
-    bytes_free(&t.rx);
+    tc_end(&t, &w, cctx);
     case_end();
 }
 
@@ -1818,11 +1817,7 @@ static void test_half_close_tls(void)
         same_bytes("upstream received", &w.up.rx, S("NOOP\r\nNOOP\r\n"));
         expect_no_session(&w);
     }
-    if (t.conn)
-        stp_conn_close(t.conn, tc_freed);
-    world_end(&w);
-    stp_tls_ctx_free(cctx);
-    bytes_free(&t.rx);
+    tc_end(&t, &w, cctx);
     case_end();
 }
 
