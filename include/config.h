@@ -83,23 +83,48 @@ struct stp_sni_cfg {
     int line;
 };
 
+/* One entry of an upstream's address list. */
+struct stp_hop_addr {
+    char *host;                      /* as written, without [] */
+    uint16_t port;
+    bool is_name;                    /* a DNS name, resolved per session */
+    struct sockaddr_storage addr;    /* !is_name: the address and port */
+};
+
+/* How the proxy authenticates to the next hop (RFC 4954), in its own
+ * prelude, before the client's session starts. */
+enum stp_auth {
+    STP_AUTH_NONE = 0, STP_AUTH_PLAIN, STP_AUTH_LOGIN, STP_AUTH_XOAUTH2,
+};
+
 struct stp_upstream_cfg {
     char *name;
     char *address_text;              /* as written, for logs */
-    struct sockaddr_storage addr;    /* resolved numerically */
+    struct stp_hop_addr *addrs;      /* address = A, B, ...: tried in order */
+    int n_addrs;                     /* 0 with original_dst */
+    uint64_t retry_after_ms;         /* default 30 s: a failed entry is
+                                        skipped this long (unless all are) */
+    enum stp_auth auth;              /* default none */
+    char *username;
+    char *password_file;             /* plain, login: read at load */
+    char *password;                  /* ... its content, no final newline */
+    char *token_file;                /* xoauth2: read for each session */
+    char *helo_name;                 /* our EHLO; NULL: [proxy] hostname */
+    int line_auth;                   /* where auth = is, 0: absent */
     enum stp_tls_mode tls;           /* default none */
     struct stp_tls_params tlsp;
     bool verify;                     /* default yes: chain and name (no
                                         for tls = opportunistic) */
     char *ca_file;                   /* NULL: the system trust store */
-    char *server_name;               /* SNI and checked name; default host */
+    char *server_name;               /* SNI and checked name; NULL: each
+                                        entry's host */
     char *cert, *key;                /* client certificate, optional */
     enum stp_identity identity;      /* default none */
     struct stp_tls_lines tls_lines;
     uint64_t timeout_connect_ms;     /* default 30 s */
     uint64_t timeout_reply_ms;       /* default 600 s */
     bool original_dst;               /* address = original-destination:
-                                        ADDR is unused (AF_UNSPEC) */
+                                        no ADDRS */
     enum stp_source source;          /* default none */
     struct sockaddr_storage source_addr; /* STP_SRC_ADDRESS, port 0 */
     int line_source;                 /* where source = is, 0: absent */
@@ -135,6 +160,10 @@ struct stp_listener_cfg {
     struct stp_cidr *proxy_from;     /* who may send the header */
     int n_proxy_from;
     uint64_t timeout_proxy_header_ms; /* default 5 s */
+    struct stp_cidr *allow;          /* allow =: who may connect; n_allow
+                                        0: anyone */
+    int n_allow;
+    int line_allow;
     bool transparent;                /* IP_TRANSPARENT: accept TPROXY'd
                                         connections for any address */
     int line_transparent;            /* where transparent = is */
