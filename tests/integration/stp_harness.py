@@ -1776,3 +1776,200 @@ class PostfixInstance:
         m = self.wait_log(r"\b%s: client=([^\[\s]*)\[([^\]]+)\]:(\d+)" % re.escape(queue_id),
                           timeout)
         return m.group(1), m.group(2), int(m.group(3))
+
+
+# ---------------------------------------------------------------------------
+# next hops that fail in particular ways, a daemon in its own mount
+# namespace, a relay that wants AUTH (issue 14)
+
+
+class FullBacklog:
+    """A listening socket (listen(0)) whose accept queue is full: a further
+    connect gets no SYN-ACK and hangs until the connector's own timeout, the
+    nearest loopback gets to a real connect timeout. Nothing is accepted."""
+
+    def __init__(self, host="127.0.0.1", probe=0.5, max_fillers=8):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.address = "%s:%d" % (host, self.port)
+        self.fillers = []
+        for _ in range(max_fillers):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.settimeout(probe)
+            try:
+                c.connect((host, self.port))
+            except socket.timeout:
+                c.close()
+                return                  # full: this connect hung
+            self.fillers.append(c)
+        self.close()
+        pytest.fail("could not fill the accept queue of a listen(0) socket with %d "
+                    "connections" % max_fillers, pytrace=False)
+
+    def start(self):
+        return self
+
+    def stop(self):
+        self.close()
+
+    def close(self):
+        for c in self.fillers:
+            c.close()
+        self.sock.close()
+
+
+class DnsBlackhole:
+    """A UDP socket on HOST:53 that reads DNS queries and never answers: a
+    resolver pointed at it waits for its own timeout. .queries keeps the
+    query names asked (as text)."""
+
+    def __init__(self, host="127.0.0.54", port=53):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.2)
+        self.host = host
+        self.queries = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _qname(pkt):
+        labels, i = [], 12
+        while i < len(pkt) and pkt[i]:
+            n = pkt[i]
+            labels.append(pkt[i + 1:i + 1 + n].decode("ascii", "replace"))
+            i += 1 + n
+        return ".".join(labels)
+
+    def _loop(self):
+        while not self._stopping:
+            try:
+                pkt, _ = self.sock.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.queries.append(self._qname(pkt))
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stopping = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+def namespaced_binary(workdir, binds, binary=None):
+    """A wrapper script that runs the daemon (BINARY, default $STP_BIN) in a
+    mount namespace of its own where each {target: source} of BINDS is
+    bind-mounted (e.g. {"/etc/resolv.conf": path}). unshare and sh exec, so
+    the wrapper's PID is the daemon's and signals reach it. Skips the test
+    when not root or when the namespace cannot be made."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace (unshare --mount)")
+    unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin")
+    if not unshare:
+        pytest.skip("unshare (util-linux) not found")
+    binary = binary or daemon_binary()
+    mounts = " && ".join("mount --bind %s %s" % (shlex_quote(src), shlex_quote(dst))
+                         for dst, src in binds.items())
+    probe = subprocess.run([unshare, "--mount", "--", "sh", "-c", mounts + " && true"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip("cannot bind-mount in a private mount namespace: %s"
+                    % probe.stdout.decode("utf-8", "replace").strip())
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "stp-in-namespace.sh")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\nexec %s --mount -- sh -c %s sh \"$@\"\n" % (
+            shlex_quote(unshare), shlex_quote(mounts + ' && exec %s "$@"' % shlex_quote(binary))))
+    os.chmod(path, 0o755)
+    return path
+
+
+def shlex_quote(s):
+    import shlex
+    return shlex.quote(s)
+
+
+class AuthAioUpstream(AioUpstream):
+    """AioUpstream that demands AUTH (RFC 4954) before MAIL, only inside TLS
+    (auth_require_tls), and records every attempt in .auth_attempts:
+    dicts (mechanism, login, secret, ok) with bytes values.
+
+    users:  {login (str): password (str)} for PLAIN and LOGIN
+    tokens: a callable (login, token) -> bool for XOAUTH2, or None (no
+            XOAUTH2 offered). A refused XOAUTH2 gets the RFC 7628 / Google
+            error challenge (334 + base64 JSON), then 535 after the client's
+            empty line."""
+
+    XOAUTH2_ERROR = b'{"status":"401","schemes":"Bearer","scope":"https://mail.example/"}'
+
+    def __init__(self, users=None, tokens=None, **kw):
+        super().__init__(**kw)
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+        self.auth_attempts = []
+        self.xoauth2_challenge_answers = []
+        users = {k.encode(): v.encode() for k, v in (users or {}).items()}
+        outer = self
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            ok = (isinstance(auth_data, LoginPassword)
+                  and users.get(bytes(auth_data.login)) == bytes(auth_data.password))
+            with outer.cond:
+                outer.auth_attempts.append({
+                    "mechanism": mechanism, "login": bytes(auth_data.login),
+                    "secret": bytes(auth_data.password), "ok": ok})
+                outer.cond.notify_all()
+            return AuthResult(success=ok, auth_data=auth_data)
+
+        kwargs = self.controller.SMTP_kwargs
+        kwargs["authenticator"] = authenticator
+        kwargs["auth_require_tls"] = True
+        kwargs["auth_required"] = True
+
+        if tokens is not None:
+            import base64
+
+            async def auth_XOAUTH2(server, args):
+                if len(args) != 2:
+                    await server.push("501 5.5.2 XOAUTH2 wants the initial response")
+                    return AuthResult(success=False, handled=True)
+                try:
+                    raw = base64.b64decode(args[1], validate=True)
+                except Exception:
+                    await server.push("501 5.5.2 Can't decode base64")
+                    return AuthResult(success=False, handled=True)
+                login, token, well_formed = b"", b"", False
+                parts = raw.split(b"\x01")
+                if len(parts) == 4 and parts[2:] == [b"", b""] and parts[0].startswith(b"user=") \
+                        and parts[1].startswith(b"auth=Bearer "):
+                    well_formed = True
+                    login = parts[0][len(b"user="):]
+                    token = parts[1][len(b"auth=Bearer "):]
+                ok = well_formed and bool(tokens(login.decode("utf-8", "replace"),
+                                                 token.decode("utf-8", "replace")))
+                with outer.cond:
+                    outer.auth_attempts.append({"mechanism": "XOAUTH2", "login": login,
+                                                "secret": token, "ok": ok, "raw": raw})
+                    outer.cond.notify_all()
+                if ok:
+                    return AuthResult(success=True, auth_data=login)
+                answer = await server.challenge_auth(outer.XOAUTH2_ERROR)
+                with outer.cond:
+                    outer.xoauth2_challenge_answers.append(answer)
+                return AuthResult(success=False, handled=False,
+                                  message="535 5.7.8 Username and Password not accepted")
+
+            self.controller.handler.auth_XOAUTH2 = auth_XOAUTH2
+
+    def auth_lines(self):
+        """Every AUTH command line the relay read, over all connections."""
+        with self.cond:
+            return [l for c in self.conns for l, _ in c.lines
+                    if l.split(b" ", 1)[0].upper() == b"AUTH"]

@@ -1,0 +1,419 @@
+"""The next hop as a list (issue 14): `address = HOST:PORT, HOST:PORT ...`
+with DNS names resolved for each session, every address of every entry tried
+in order until one greets 220, failed entries skipped for `retry_after` by
+later sessions (in every worker), and a slow resolver that must not hold up
+sessions of other listeners.
+
+What counts as a failed address: connection refused, a connect that times
+out (`timeout_connect`, per address), no greeting within timeout_connect, a
+close before the greeting, a 421 or 554 greeting. Only the last candidate's
+non-220 greeting reaches the client; when nothing is left the client gets a
+421 of the proxy's own."""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import stp_harness as h
+
+UP = "up"
+
+
+def hop_errors(proxy, address):
+    """The event=upstream_error lines naming ADDRESS (as the proxy writes it)."""
+    return [e for e in proxy.events("upstream_error")
+            if e.get("upstream") == UP and e.get("address") == address]
+
+
+def deliver(port, tag, host="127.0.0.1", tls=True, timeout=h.IO_TIMEOUT):
+    """One client session through the proxy: greeting, EHLO (STARTTLS),
+    one message, QUIT. Returns (message bytes, seconds until the greeting)."""
+    msg = h.sample_message(tag)
+    t0 = time.monotonic()
+    c = h.SmtpConn(port, host=host, timeout=timeout)
+    with c:
+        c.greeting()
+        took = time.monotonic() - t0
+        c.expect("EHLO client.test", 250)
+        if tls:
+            c.expect("STARTTLS", 220)
+            c.starttls()
+            c.expect("EHLO client.test", 250)
+        h.send_message(c, msg)
+        c.expect("QUIT", 221)
+    return msg, took
+
+
+def refused_greeting(port, timeout=h.IO_TIMEOUT):
+    """Connect, read the greeting, which must be a 421, and the close after
+    it. Returns (reply, seconds until the greeting)."""
+    t0 = time.monotonic()
+    with h.SmtpConn(port, timeout=timeout) as c:
+        g = c.read_reply()
+        took = time.monotonic() - t0
+        assert g.code == 421, "expected a 421 greeting, got %r" % g.raw
+        rest = c.read_until_closed(timeout)
+        assert rest == b"", "bytes after the 421 greeting: %r" % rest
+    return g, took
+
+
+def closed_port():
+    """A loopback port nothing listens on (connect: refused)."""
+    return "127.0.0.1:%d" % h.free_port()
+
+
+class CloseBeforeGreeting(h.ThreadedUpstream):
+    """Accepts and closes at once, before any greeting."""
+
+    class _Rec:
+        def __init__(self, index):
+            self.index = index
+            self.closed = threading.Event()
+
+    RECORD = _Rec
+
+    def __init__(self):
+        self.sessions = []
+        self.lock = threading.Lock()
+        self._listen("127.0.0.1")
+
+    def _serve(self, conn, rec):
+        self._close(conn, rec)
+
+
+@pytest.fixture
+def ns_proxies(stp_bin, tmp_path):
+    """Factory: ns_proxies(binds, config_text, n_listeners) -> a running Proxy
+    whose daemon lives in its own mount namespace with BINDS bind-mounted
+    ({target: source}). Checked and stopped at teardown like make_proxy's."""
+    made = []
+
+    def make(binds, text, n_listeners=1):
+        wd = str(tmp_path / ("nsproxy%d" % len(made)))
+        wrapper = h.namespaced_binary(wd, binds, stp_bin)
+        p = h.Proxy(wrapper, wd, text, n_listeners=n_listeners)
+        made.append(p)
+        p.start()
+        return p
+
+    yield make
+    errors = []
+    for p in made:
+        if p.exit_code is not None:
+            continue
+        try:
+            p.check_and_stop()
+        except BaseException as e:
+            errors.append(str(e))
+    if errors:
+        pytest.fail("\n\n".join(errors), pytrace=False)
+
+
+def base_config(tls_files, listeners, upstreams, proxy_opts=None):
+    popts = {"log_level": "debug", "hostname": "proxy.test"}
+    popts.update(proxy_opts or {})
+    ls = []
+    for name, opts in listeners:
+        o = {"listen": "127.0.0.1:0", "tls": "starttls", "require_tls": "yes",
+             "cert": tls_files["cert"], "key": tls_files["key"], "timeout_idle": "30s"}
+        o.update(opts)
+        ls.append((name, o))
+    return h.render_config(popts, ls, upstreams)
+
+
+def has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def localhost_has(family):
+    try:
+        return any(ai[0] == family for ai in socket.getaddrinfo("localhost", 25, 0,
+                                                                  socket.SOCK_STREAM))
+    except socket.gaierror:
+        return False
+
+
+# --- names --------------------------------------------------------------------------------
+
+
+def test_localhost_name_reaches_a_server_on_ipv6_loopback_only(make_proxy, make_scripted,
+                                                               ns_proxies, tls_files, tmp_path):
+    if not has_ipv6_loopback():
+        pytest.skip("this host has no IPv6 loopback (::1)")
+    up6 = make_scripted(host="::1")
+    addr = "localhost:%d" % up6.port
+    if localhost_has(socket.AF_INET6):
+        proxy = make_proxy(addr, upstream_opts={"timeout_connect": "2s"})
+    else:
+        # this host's /etc/hosts maps localhost to 127.0.0.1 only: give the
+        # daemon one that has both, as most hosts do
+        hosts = tmp_path / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+        text = base_config(tls_files, [("main", {"upstream": UP})],
+                           [(UP, {"address": addr, "tls": "none", "timeout_connect": "2s"})])
+        proxy = ns_proxies({"/etc/hosts": str(hosts)}, text)
+    msg, _ = deliver(proxy.port, "via-ipv6-localhost")
+    got = up6.wait_messages(1)
+    assert got[0]["content"] == h.dot_stuff(msg)
+    assert len(got) == 1
+
+
+def test_localhost_name_reaches_a_server_on_ipv4_loopback_only(make_proxy, make_scripted):
+    up4 = make_scripted(host="127.0.0.1")
+    proxy = make_proxy("localhost:%d" % up4.port, upstream_opts={"timeout_connect": "2s"})
+    msg, _ = deliver(proxy.port, "via-ipv4-localhost")
+    got = up4.wait_messages(1)
+    assert got[0]["content"] == h.dot_stuff(msg)
+    # a second session resolves again and arrives too
+    msg2, _ = deliver(proxy.port, "via-ipv4-localhost-2")
+    assert up4.wait_messages(2)[1]["content"] == h.dot_stuff(msg2)
+
+
+def test_unresolvable_name_passes_check_and_gets_the_client_a_421(make_proxy, stp_bin, tmp_path,
+                                                                  tls_files):
+    text = base_config(tls_files, [("main", {"upstream": UP})],
+                       [(UP, {"address": "nonexistent.invalid:25", "tls": "none"})])
+    p = h.check_config(stp_bin, str(tmp_path / "check"), text)
+    assert p.returncode == 0, "-t refused a name it cannot resolve yet:\n" + p.stdout
+
+    proxy = make_proxy("nonexistent.invalid:25")
+    refused_greeting(proxy.port)
+    ev = proxy.wait_event("upstream_error", upstream=UP, address="nonexistent.invalid:25")
+    assert ev.get("error", "").startswith("cannot resolve nonexistent.invalid:"), ev["_line"]
+    assert len(ev["error"]) > len("cannot resolve nonexistent.invalid:") + 1, \
+        "the reason is missing: " + ev["_line"]
+
+
+# --- failover -----------------------------------------------------------------------------
+
+
+def first_entry(kind, make_scripted, request):
+    """(address of a first entry that fails in the way KIND, server or None)."""
+    if kind == "refused":
+        return closed_port(), None
+    if kind == "greets_421":
+        s = make_scripted(greeting=("4.3.2 too busy",), greeting_code=421)
+        return s.address, s
+    if kind == "greets_554":
+        s = make_scripted(greeting=("5.7.1 not you",), greeting_code=554)
+        return s.address, s
+    if kind == "never_greets":
+        s = make_scripted(greeting=())
+        return s.address, s
+    if kind == "closes_before_greeting":
+        s = CloseBeforeGreeting().start()
+        request.addfinalizer(s.stop)
+        return s.address, s
+    if kind == "connect_timeout":
+        s = h.FullBacklog()
+        request.addfinalizer(s.close)
+        return s.address, s
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["refused", "greets_421", "greets_554", "never_greets",
+                                  "closes_before_greeting", "connect_timeout"])
+def test_failed_first_entry_falls_over_to_the_second(make_proxy, make_scripted, make_aio,
+                                                      request, kind):
+    first, server = first_entry(kind, make_scripted, request)
+    good = make_aio()
+    proxy = make_proxy("%s, %s" % (first, good.address),
+                       upstream_opts={"timeout_connect": "1s"})
+    t0 = time.monotonic()
+    msg, took = deliver(proxy.port, "failover-" + kind)
+    env = good.wait_messages(1)[0]
+    assert env["original_content"] == msg, "not byte-identical at the second entry"
+    assert len(good.envelopes) == 1
+    errs = hop_errors(proxy, first)
+    assert len(errs) == 1, "expected one upstream_error for %s, got:\n%s" % (
+        first, "\n".join(e["_line"] for e in proxy.events("upstream_error")))
+    assert errs[0].get("error"), errs[0]["_line"]
+    if kind in ("never_greets", "connect_timeout"):
+        assert took >= 0.8, "timeout_connect = 1s, yet the greeting came after %.2fs" % took
+    if kind in ("greets_421", "greets_554", "never_greets", "closes_before_greeting"):
+        assert len(server.sessions) == 1, "the first entry was tried %d times" % len(
+            server.sessions)
+    assert time.monotonic() - t0 < 10
+
+
+def test_last_candidate_non_220_greeting_is_relayed_verbatim(make_proxy, make_scripted):
+    last = make_scripted(greeting=("5.7.1 go away",), greeting_code=554)
+    proxy = make_proxy("%s, %s" % (closed_port(), last.address),
+                       upstream_opts={"timeout_connect": "1s"})
+    with h.SmtpConn(proxy.port) as c:
+        g = c.read_reply()
+        assert g.raw == b"554 5.7.1 go away\r\n", g.raw
+    last.wait_sessions(1)
+
+
+def test_only_candidate_554_greeting_is_relayed_verbatim(make_proxy, make_scripted):
+    only = make_scripted(greeting=("5.7.1 go away",), greeting_code=554)
+    proxy = make_proxy(only.address)
+    with h.SmtpConn(proxy.port) as c:
+        g = c.read_reply()
+        assert g.raw == b"554 5.7.1 go away\r\n", g.raw
+
+
+# --- retry_after --------------------------------------------------------------------------
+
+
+def test_dead_entry_is_skipped_by_later_sessions(make_proxy, make_scripted, make_aio):
+    dead = make_scripted(greeting=())
+    good = make_aio()
+    proxy = make_proxy("%s, %s" % (dead.address, good.address),
+                       upstream_opts={"timeout_connect": "2s", "retry_after": "30s"})
+    msg, took = deliver(proxy.port, "learns")
+    assert took >= 1.8, "the silent first entry was given only %.2fs" % took
+    assert good.wait_messages(1)[0]["original_content"] == msg
+    assert len(hop_errors(proxy, dead.address)) == 1
+
+    for i in range(3):
+        msg, took = deliver(proxy.port, "skips-%d" % i)
+        assert took < 1.0, "session %d waited %.2fs: the dead entry was tried again" % (i, took)
+        assert good.wait_messages(2 + i)[1 + i]["original_content"] == msg
+    assert len(hop_errors(proxy, dead.address)) == 1, "\n".join(
+        e["_line"] for e in hop_errors(proxy, dead.address))
+    assert len(dead.sessions) == 1, "the dead entry saw %d connections" % len(dead.sessions)
+
+
+def test_dead_entry_is_tried_again_after_retry_after(make_proxy, make_scripted, make_aio):
+    dead = make_scripted(greeting=())
+    good = make_aio()
+    proxy = make_proxy("%s, %s" % (dead.address, good.address),
+                       upstream_opts={"timeout_connect": "2s", "retry_after": "1s"})
+    _, took = deliver(proxy.port, "first")
+    assert took >= 1.8, took
+    assert len(hop_errors(proxy, dead.address)) == 1
+    time.sleep(1.5)
+    msg, took = deliver(proxy.port, "after-retry-after")
+    assert took >= 1.8, "retry_after (1s) passed, yet the dead entry was not tried (%.2fs)" % took
+    assert good.wait_messages(2)[1]["original_content"] == msg
+    assert len(hop_errors(proxy, dead.address)) == 2
+    assert len(dead.sessions) == 2
+
+
+def test_dead_entry_is_skipped_in_every_worker(make_proxy, make_scripted, make_aio):
+    dead = make_scripted(greeting=())
+    good = make_aio()
+    proxy = make_proxy("%s, %s" % (dead.address, good.address), proxy_opts={"workers": "2"},
+                       upstream_opts={"timeout_connect": "2s", "retry_after": "30s"})
+    _, took = deliver(proxy.port, "learns")
+    assert took >= 1.8, took
+    # new connections land on either worker; none of them may wait again
+    slow = []
+    for i in range(10):
+        _, took = deliver(proxy.port, "w%d" % i)
+        if took >= 1.0:
+            slow.append((i, round(took, 2)))
+    assert not slow, "sessions that tried the dead entry again (index, seconds): %r" % slow
+    assert len(good.wait_messages(11)) == 11
+    assert len(dead.sessions) == 1, "the dead entry saw %d connections" % len(dead.sessions)
+    assert len(hop_errors(proxy, dead.address)) == 1
+
+
+def test_all_entries_dead_gives_421_and_later_sessions_try_them_all(make_proxy, make_scripted):
+    d1 = make_scripted(greeting=())
+    d2 = make_scripted(greeting=())
+    proxy = make_proxy("%s, %s" % (d1.address, d2.address),
+                       upstream_opts={"timeout_connect": "1s", "retry_after": "30s"})
+    _, took = refused_greeting(proxy.port)
+    assert took >= 1.8, "two silent entries at 1s each, the 421 came after %.2fs" % took
+    assert len(hop_errors(proxy, d1.address)) == 1
+    assert len(hop_errors(proxy, d2.address)) == 1
+    # both are in penalty now: that is the same as none, so both are tried
+    _, took = refused_greeting(proxy.port)
+    assert took >= 1.8, took
+    assert len(d1.sessions) == 2 and len(d2.sessions) == 2, (len(d1.sessions), len(d2.sessions))
+    assert len(hop_errors(proxy, d1.address)) == 2
+    assert len(hop_errors(proxy, d2.address)) == 2
+
+
+def test_entry_that_greets_again_is_healthy_at_once(make_proxy, make_scripted, make_aio):
+    """All entries in penalty -> all tried; the first greets 220 this time,
+    so it is used and the next session goes straight to it."""
+    first = make_aio()
+    second = make_scripted(greeting=())
+    # first is down (stopped) for the first session
+    first.stop()
+    proxy = make_proxy("%s, %s" % (first.address, second.address),
+                       upstream_opts={"timeout_connect": "1s", "retry_after": "30s"})
+    refused_greeting(proxy.port)
+    assert len(hop_errors(proxy, first.address)) == 1
+    first2 = _aio_on_port(first.port)   # the first entry is back, same port
+    try:
+        msg, took = deliver(proxy.port, "back")
+        assert first2.wait_messages(1)[0]["original_content"] == msg
+        msg, took = deliver(proxy.port, "back-2")
+        assert took < 1.0, took
+        assert first2.wait_messages(2)[1]["original_content"] == msg
+    finally:
+        first2.stop()
+
+
+def _aio_on_port(port):
+    u = h.AioUpstream()
+    u.port = port
+    u.address = "127.0.0.1:%d" % port
+    u.controller.port = port
+    return u.start()
+
+
+# --- a slow resolver ----------------------------------------------------------------------
+
+
+def test_slow_resolver_does_not_delay_other_sessions(ns_proxies, make_aio, tls_files, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace")
+    try:
+        dns = h.DnsBlackhole("127.0.0.54").start()
+    except OSError as e:
+        pytest.skip("cannot bind 127.0.0.54:53: %s" % e)
+    try:
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.54\noptions timeout:3 attempts:1\n")
+        good = make_aio()
+        plain = {"tls": "none", "require_tls": None}
+        text = base_config(
+            tls_files,
+            [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
+            [("slow", {"address": "slow.example.test:25, %s" % good.address, "tls": "none"}),
+             ("fast", {"address": good.address, "tls": "none"})])
+        proxy = ns_proxies({"/etc/resolv.conf": str(resolv)}, text, n_listeners=2)
+
+        t0 = time.monotonic()
+        waiting = [h.SmtpConn(proxy.ports["a"], timeout=20) for _ in range(3)]
+        try:
+            assert h.wait_until(lambda: "slow.example.test" in dns.queries, 3), \
+                "the resolver never asked 127.0.0.54 for slow.example.test: %r" % dns.queries
+            for i in range(5):
+                msg, took = deliver(proxy.ports["b"], "fast-%d" % i, tls=False)
+                assert took < 0.5, "session %d on listener b waited %.2fs for its greeting " \
+                                   "behind the slow resolver" % (i, took)
+            assert len(good.wait_messages(5)) == 5
+            assert time.monotonic() - t0 < 2.5, "listener b's sessions were held up"
+            for i, c in enumerate(waiting):
+                c.greeting()
+                c.expect("EHLO client.test", 250)
+                h.send_message(c, h.sample_message("slow-%d" % i))
+                c.expect("QUIT", 221)
+            assert time.monotonic() - t0 >= 2.5, "the A sessions did not wait for DNS at all"
+        finally:
+            for c in waiting:
+                c.close()
+        got = good.wait_messages(8)
+        assert sorted(e["original_content"] for e in got[5:]) == sorted(
+            h.sample_message("slow-%d" % i) for i in range(3))
+        errs = [e for e in proxy.events("upstream_error") if e.get("upstream") == "slow"
+                and e.get("address") == "slow.example.test:25"]
+        assert len(errs) >= 1, proxy.log_tail()
+        assert "cannot resolve slow.example.test" in errs[0].get("error", ""), errs[0]["_line"]
+    finally:
+        dns.stop()
