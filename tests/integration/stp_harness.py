@@ -1899,8 +1899,9 @@ def shlex_quote(s):
 
 class AuthAioUpstream(AioUpstream):
     """AioUpstream that demands AUTH (RFC 4954) before MAIL, only inside TLS
-    (auth_require_tls), and records every attempt in .auth_attempts:
-    dicts (mechanism, login, secret, ok) with bytes values.
+    (auth_require_tls, or under implicit TLS a check of its own), and
+    records every attempt in .auth_attempts: dicts (mechanism, login,
+    secret: bytes; ok, tls: whether it came inside TLS).
 
     users:  {login (str): password (str)} for PLAIN and LOGIN
     tokens: a callable (login, token) -> bool for XOAUTH2, or None (no
@@ -1918,19 +1919,26 @@ class AuthAioUpstream(AioUpstream):
         users = {k.encode(): v.encode() for k, v in (users or {}).items()}
         outer = self
 
+        def in_tls(server):
+            t = server.transport
+            return t is not None and t.get_extra_info("ssl_object") is not None
+
         def authenticator(server, session, envelope, mechanism, auth_data):
-            ok = (isinstance(auth_data, LoginPassword)
+            tls = in_tls(server)
+            ok = (tls and isinstance(auth_data, LoginPassword)
                   and users.get(bytes(auth_data.login)) == bytes(auth_data.password))
             with outer.cond:
                 outer.auth_attempts.append({
                     "mechanism": mechanism, "login": bytes(auth_data.login),
-                    "secret": bytes(auth_data.password), "ok": ok})
+                    "secret": bytes(auth_data.password), "ok": ok, "tls": tls})
                 outer.cond.notify_all()
             return AuthResult(success=ok, auth_data=auth_data)
 
         kwargs = self.controller.SMTP_kwargs
         kwargs["authenticator"] = authenticator
-        kwargs["auth_require_tls"] = True
+        # aiosmtpd only knows about its own STARTTLS: behind implicit TLS it
+        # would refuse AUTH (538) and not offer it. in_tls() checks instead.
+        kwargs["auth_require_tls"] = kw.get("ssl_context") is None
         kwargs["auth_required"] = True
 
         if tokens is not None:
@@ -1952,11 +1960,13 @@ class AuthAioUpstream(AioUpstream):
                     well_formed = True
                     login = parts[0][len(b"user="):]
                     token = parts[1][len(b"auth=Bearer "):]
-                ok = well_formed and bool(tokens(login.decode("utf-8", "replace"),
+                tls = in_tls(server)
+                ok = tls and well_formed and bool(tokens(login.decode("utf-8", "replace"),
                                                  token.decode("utf-8", "replace")))
                 with outer.cond:
                     outer.auth_attempts.append({"mechanism": "XOAUTH2", "login": login,
-                                                "secret": token, "ok": ok, "raw": raw})
+                                                "secret": token, "ok": ok, "raw": raw,
+                                                "tls": tls})
                     outer.cond.notify_all()
                 if ok:
                     return AuthResult(success=True, auth_data=login)

@@ -10,8 +10,6 @@ client socket is bound to it)."""
 import socket
 import time
 
-import pytest
-
 import stp_harness as h
 
 SECOND = ("127.0.0.2", 0)

@@ -314,7 +314,25 @@ def test_dead_entry_is_skipped_in_every_worker(make_proxy, make_scripted, make_a
         if took >= 1.0:
             slow.append((i, round(took, 2)))
     assert not slow, "sessions that tried the dead entry again (index, seconds): %r" % slow
-    assert len(good.wait_messages(11)) == 11
+    # eight at once, so that both workers' accept loops take some
+    t0 = time.monotonic()
+    conns = [h.SmtpConn(proxy.port) for _ in range(8)]
+    try:
+        for c in conns:
+            c.greeting()
+        took = time.monotonic() - t0
+        assert took < 1.0, "8 concurrent sessions took %.2fs to be greeted" % took
+        for i, c in enumerate(conns):
+            c.expect("EHLO client.test", 250)
+            c.expect("STARTTLS", 220)
+            c.starttls()
+            c.expect("EHLO client.test", 250)
+            h.send_message(c, h.sample_message("batch-%d" % i))
+            c.expect("QUIT", 221)
+    finally:
+        for c in conns:
+            c.close()
+    assert len(good.wait_messages(19)) == 19
     assert len(dead.sessions) == 1, "the dead entry saw %d connections" % len(dead.sessions)
     assert len(hop_errors(proxy, dead.address)) == 1
 
@@ -336,26 +354,30 @@ def test_all_entries_dead_gives_421_and_later_sessions_try_them_all(make_proxy, 
     assert len(hop_errors(proxy, d2.address)) == 2
 
 
-def test_entry_that_greets_again_is_healthy_at_once(make_proxy, make_scripted, make_aio):
-    """All entries in penalty -> all tried; the first greets 220 this time,
-    so it is used and the next session goes straight to it."""
-    first = make_aio()
-    second = make_scripted(greeting=())
-    # first is down (stopped) for the first session
-    first.stop()
-    proxy = make_proxy("%s, %s" % (first.address, second.address),
+def test_entry_that_greets_220_is_healthy_again_at_once(make_proxy, make_aio):
+    """Entries B (never up) and A, both down: 421, both in penalty. A comes
+    back; the next session tries all (all in penalty): B fails again, A greets
+    220. From then on A is healthy: a third session goes straight to A and
+    does not try B, which is still in penalty."""
+    b = closed_port()
+    a = make_aio()
+    a.stop()                            # A down for the first session
+    proxy = make_proxy("%s, %s" % (b, a.address),
                        upstream_opts={"timeout_connect": "1s", "retry_after": "30s"})
     refused_greeting(proxy.port)
-    assert len(hop_errors(proxy, first.address)) == 1
-    first2 = _aio_on_port(first.port)   # the first entry is back, same port
+    assert len(hop_errors(proxy, b)) == 1 and len(hop_errors(proxy, a.address)) == 1
+    a2 = _aio_on_port(a.port)           # A is back, same port
     try:
-        msg, took = deliver(proxy.port, "back")
-        assert first2.wait_messages(1)[0]["original_content"] == msg
-        msg, took = deliver(proxy.port, "back-2")
-        assert took < 1.0, took
-        assert first2.wait_messages(2)[1]["original_content"] == msg
+        msg, _ = deliver(proxy.port, "a-is-back")
+        assert a2.wait_messages(1)[0]["original_content"] == msg
+        assert len(hop_errors(proxy, b)) == 2, "all entries in penalty: B must be tried again"
+        msg, _ = deliver(proxy.port, "a-is-healthy")
+        assert a2.wait_messages(2)[1]["original_content"] == msg
+        assert len(hop_errors(proxy, b)) == 2, \
+            "B was tried again: A's 220 did not make it healthy, or B's penalty was forgotten"
+        assert len(hop_errors(proxy, a.address)) == 1
     finally:
-        first2.stop()
+        a2.stop()
 
 
 def _aio_on_port(port):

@@ -106,8 +106,8 @@ def test_plain_over_starttls(make_proxy, make_aio, pki, relays, tmp_path):
     env = up.wait_messages(1)[0]
     assert env["original_content"] == msg
     assert env["mail_from"] == "b@example.org" and env["rcpt_tos"] == ["a@example.net"]
-    assert [(a["mechanism"], a["login"], a["secret"], a["ok"]) for a in up.auth_attempts] == \
-        [("PLAIN", USER.encode(), PASSWORD.encode(), True)]
+    assert [(a["mechanism"], a["login"], a["secret"], a["ok"], a["tls"])
+            for a in up.auth_attempts] == [("PLAIN", USER.encode(), PASSWORD.encode(), True, True)]
     lines = up.auth_lines()
     assert len(lines) == 1, "the relay saw more than the proxy's one AUTH: %r" % lines
     assert lines[0] == b"AUTH PLAIN " + base64.b64encode(
@@ -131,8 +131,8 @@ def test_login_over_implicit_tls(make_proxy, make_aio, pki, relays, tmp_path):
     env = up.wait_messages(1)[0]
     assert env["original_content"] == msg
     assert env["tls"], env
-    assert [(a["mechanism"], a["login"], a["secret"], a["ok"]) for a in up.auth_attempts] == \
-        [("LOGIN", USER.encode(), PASSWORD.encode(), True)]
+    assert [(a["mechanism"], a["login"], a["secret"], a["ok"], a["tls"])
+            for a in up.auth_attempts] == [("LOGIN", USER.encode(), PASSWORD.encode(), True, True)]
     assert up.auth_lines() == [b"AUTH LOGIN"], up.auth_lines()
     ev = proxy.wait_event("upstream_auth", upstream="up")
     assert ev.get("mechanism") == "LOGIN" and ev.get("user") == USER, ev["_line"]
