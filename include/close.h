@@ -39,6 +39,7 @@ enum stp_close_reason {
     STP_CLOSE_PROXY_NOT_ALLOWED,     /* peer not in proxy_protocol_from */
     /* address = original-destination named one of our own listeners */
     STP_CLOSE_LOOP,
+    STP_CLOSE_NOT_ALLOWED,         /* client not in the listener's allow */
     STP_CLOSE_COUNT
 };
 

@@ -83,6 +83,9 @@ struct stp_sni_cfg {
     int line;
 };
 
+/* At most this many entries in an upstream's address list. */
+#define STP_MAX_HOP_ADDRS 16
+
 /* One entry of an upstream's address list. */
 struct stp_hop_addr {
     char *host;                      /* as written, without [] */

@@ -1,5 +1,6 @@
-/* Internals shared by the INI reader (config.c) and the key definitions
- * (config_keys.c). Not part of any other module's interface. */
+/* Internals shared by the INI reader (config.c), the key definitions
+ * (config_keys.c) and the value parsers (values.c). Not part of any other
+ * module's interface. */
 #ifndef STP_CONFIG_PARSER_H
 #define STP_CONFIG_PARSER_H
 
@@ -32,6 +33,12 @@
 #define CFG_DEFAULT_CONN_PER_IP 50
 #define CFG_DEFAULT_MAX_ERRORS 20
 #define CFG_DEFAULT_DRAIN_MS (30 * 1000)
+/* How long a next hop that failed is passed over (for the entries after
+ * it) before it is tried again. */
+#define CFG_DEFAULT_RETRY_AFTER_MS (30 * 1000)
+/* address = A, B, ...: each failed entry costs up to timeout_connect, so a
+ * longer list only delays the client's 421. */
+#define CFG_MAX_ADDRS 16
 
 enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
 
@@ -85,6 +92,13 @@ enum key_id {
     K_TIMEOUT_PROXY_HEADER,
     K_TRANSPARENT,
     K_UP_SOURCE,
+    K_UP_RETRY_AFTER,
+    K_UP_AUTH,
+    K_UP_USERNAME,
+    K_UP_PASSWORD_FILE,
+    K_UP_TOKEN_FILE,
+    K_UP_HELO_NAME,
+    K_ALLOW,
     K_COUNT,
 };
 
@@ -118,7 +132,7 @@ struct key_def {
     const char *name;
     key_setter set;
     size_t off;  /* field in the section's struct */
-    size_t off2; /* second field: the sockaddr of an address */
+    size_t off2; /* second field: an address's sockaddr, a list's count */
     const char *const *names; /* set_enum: the value names, by number */
     const char *expected;     /* set_enum: for the error message */
 };
@@ -140,5 +154,17 @@ int stp_cfg_dynamic_key(struct parser *p, const char *name, const char *value);
 /* Checks once a section is complete. */
 int stp_cfg_end_listener(struct parser *p, int i);
 int stp_cfg_end_upstream(struct parser *p, int i);
+/* Checks of listener I against its upstream, once references are resolved. */
+int stp_cfg_check_link(struct parser *p, int i);
+
+/* One entry of an upstream's address list: "192.0.2.1:25", "[2001:db8::1]:25"
+ * or "mx.example.net:25" (a DNS name, not resolved here), LEN bytes at TEXT.
+ * The port is required, 1..65535. Fills OUT, OUT->host allocated; -EINVAL
+ * on bad text, -ENOMEM. */
+int stp_parse_hop(const char *text, size_t len, struct stp_hop_addr *out);
+/* Is TEXT a DNS host name: letters, digits and '-', labels of 1..63 without
+ * a '-' at either end, 253 characters at most, and nothing an IPv4 parser
+ * would take as an address? */
+bool stp_valid_dns_name(const char *text);
 
 #endif

@@ -45,7 +45,8 @@ enum stp_front_verdict stp_front_header(struct stp_front *f, bool eof,
 /* The log line of a refusal while reading a header. */
 void stp_front_refused(const struct stp_front *f, enum stp_close_reason r,
                        const char *detail);
-/* Over one of the limits? The reason (logged), or STP_CLOSE_NONE. */
+/* Not in the allow list, or over one of the limits? The reason (logged),
+ * or STP_CLOSE_NONE. */
 enum stp_close_reason stp_front_limit(const struct stp_front *f);
 /* Out of the tallies (from the session's last close callback). */
 void stp_front_close(struct stp_front *f);

@@ -23,6 +23,9 @@ struct stp_gen {
     struct stp_config cfg;
     struct stp_tls_ctx **lst_tls; /* per listener; NULL for tls = none */
     struct stp_tls_ctx **up_tls;  /* per upstream; NULL for tls = none */
+    uint64_t **up_down;           /* per upstream, per address entry: when
+                                     a failed entry may be tried again
+                                     (nexthop.c; atomics, all workers) */
 };
 
 /* Sessions per key (a client address, a listening address): a hash table

@@ -56,6 +56,8 @@ enum stp_fail {
     STP_FAIL_TIMEOUT,       /* a client deadline passed */
     STP_FAIL_SHUTDOWN,      /* the proxy is stopping */
     STP_FAIL_HOP_LOOP,      /* the next hop would be the proxy itself */
+    STP_FAIL_HOP_AUTH,      /* it refused the proxy's own AUTH */
+    STP_FAIL_DENIED,        /* the client is not in the allow list */
 };
 
 /* What the engine waits for, read after every dispatch. */
@@ -78,6 +80,8 @@ struct stp_proto_cfg {
     bool require_tls;       /* refuse before TLS */
     bool tls_active;        /* implicit TLS: starts encrypted */
     bool upstream_tls;      /* the upstream leg is encrypted */
+    bool upstream_auth;     /* the proxy logs in to the upstream itself:
+                               clients are not offered AUTH */
     uint32_t max_line;      /* client command line limit incl. CRLF */
     uint32_t max_errors;    /* consecutive errors before closing; 0: no cap */
     const char *hostname;   /* the proxy's name, in its own replies */
@@ -104,6 +108,12 @@ struct stp_prelude_cfg {
     bool identity;                 /* say who the client is in-band */
     const struct sockaddr *client; /* ... this one */
     const char *hostname;          /* the proxy's name (EHLO argument) */
+    /* Another address is left to try: a greeting that refuses service is
+     * an unreachable next hop (STP_FAIL_UNREACHABLE), not the client's
+     * answer. */
+    bool fallback;
+    int auth;                      /* enum stp_auth: log in as USER */
+    const char *user, *secret;     /* must outlive the prelude */
 };
 
 /* ---- a protocol ------------------------------------------------------------ */

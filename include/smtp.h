@@ -109,6 +109,7 @@ struct stp_smtp_cfg {
     bool require_tls;       /* 530 before TLS */
     bool tls_active;        /* implicit TLS: starts active */
     bool upstream_tls;      /* upstream leg encrypted (REQUIRETLS passes) */
+    bool upstream_auth;     /* the proxy logged in upstream: no client AUTH */
     bool lmtp;              /* RFC 2033: LHLO, a reply per recipient */
     uint32_t max_line;      /* client command line limit incl. CRLF */
     uint32_t max_errors;    /* consecutive error replies before 421; 0: no cap */

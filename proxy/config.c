@@ -24,6 +24,7 @@
 #include <ini.h>
 
 #include "config.h"
+#include "secret.h"
 #include "stp.h"
 
 #include "config_parser.h"
@@ -208,6 +209,7 @@ static int open_named(struct parser *p, bool lst, const char *name)
         u->tls = STP_TLS_NONE;
         u->timeout_connect_ms = CFG_DEFAULT_CONNECT_MS;
         u->timeout_reply_ms = CFG_DEFAULT_REPLY_MS;
+        u->retry_after_ms = CFG_DEFAULT_RETRY_AFTER_MS;
         u->tlsp.min_version = STP_TLS_V1_2;
         u->tlsp.max_version = STP_TLS_V1_3;
         u->verify = true;
@@ -430,6 +432,8 @@ static int finish(struct parser *p)
             return stp_cfg_fail(p, p->lst_state[i].key_line[K_UPSTREAM],
                         "listener '%s' names unknown upstream '%s'", l->name,
                         l->upstream_name);
+        if (stp_cfg_check_link(p, i) < 0)
+            return p->rc;
     }
     if (c->n_listeners == 0)
         return stp_cfg_fail(p, p->line > 0 ? p->line : 1, "no listener defined");
@@ -582,6 +586,7 @@ void stp_config_free(struct stp_config *cfg)
         free(l->tlsp.groups);
         free(l->client_ca);
         free(l->proxy_from);
+        free(l->allow);
         for (int j = 0; j < l->n_sni; j++) {
             free(l->sni[j].name);
             free(l->sni[j].cert);
@@ -593,6 +598,14 @@ void stp_config_free(struct stp_config *cfg)
         struct stp_upstream_cfg *u = &cfg->upstreams[i];
         free(u->name);
         free(u->address_text);
+        for (int j = 0; j < u->n_addrs; j++)
+            free(u->addrs[j].host);
+        free(u->addrs);
+        free(u->username);
+        stp_secret_free(u->password);
+        free(u->password_file);
+        free(u->token_file);
+        free(u->helo_name);
         free(u->tlsp.ciphers);
         free(u->tlsp.groups);
         free(u->ca_file);

@@ -9,6 +9,7 @@
 
 #include "config_parser.h"
 #include "proxy_header.h"
+#include "secret.h"
 #include "stp.h"
 
 /* ---- values ---------------------------------------------------------- */
@@ -68,32 +69,97 @@ static int set_workers(struct parser *p, const struct key_def *k, void *obj,
     return 0;
 }
 
-/* Port 0 only for a listener (the kernel picks one): an upstream needs a real
- * port. */
+/* A listener's address; port 0 lets the kernel pick one. */
 static int set_addr(struct parser *p, const struct key_def *k, void *obj,
                     const char *value)
 {
     struct sockaddr_storage *ss = FIELD(obj, k->off2, struct sockaddr_storage);
-    if (stp_parse_hostport(value, ss) < 0 ||
-        (stp_addr_port(ss) == 0 && k - stp_cfg_keys != K_LISTEN))
+    if (stp_parse_hostport(value, ss) < 0)
         return bad_value(p, k, value,
                          "a numeric HOST:PORT such as 127.0.0.1:25 or [::1]:25");
     return set_string(p, k, obj, value);
 }
 
-/* An upstream's address, or where an intercepted connection was going
- * (transparent.c finds it per session). */
+static bool same_hop(const struct stp_hop_addr *a, const struct stp_hop_addr *b)
+{
+    if (a->is_name != b->is_name)
+        return false;
+    if (!a->is_name)
+        return stp_same_addr(&a->addr, &b->addr);
+    return a->port == b->port && strcasecmp(a->host, b->host) == 0;
+}
+
+/* The LEN bytes at S, one entry of address =, blanks around it allowed. */
+static int add_hop(struct parser *p, const struct key_def *k,
+                   struct stp_upstream_cfg *u, const char *s, size_t len)
+{
+    while (len > 0 && (*s == ' ' || *s == '\t')) {
+        s++;
+        len--;
+    }
+    while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\t'))
+        len--;
+    int n = (int)STP_MIN(len, 300); /* for messages */
+    if (len == 0)
+        return stp_cfg_fail(p, p->line, "empty entry in %s (two ',' in a row "
+                                        "or one at an end)", k->name);
+    if (len == strlen("original-destination") &&
+        strncasecmp(s, "original-destination", len) == 0)
+        return stp_cfg_fail(p, p->line, "original-destination cannot be "
+                                        "part of a list in %s", k->name);
+    if (u->n_addrs == CFG_MAX_ADDRS)
+        return stp_cfg_fail(p, p->line, "more than %d entries in %s",
+                            CFG_MAX_ADDRS, k->name);
+    struct stp_hop_addr h;
+    int rc = stp_parse_hop(s, len, &h);
+    if (rc == -ENOMEM)
+        return stp_cfg_oom(p);
+    if (rc < 0)
+        return stp_cfg_fail(p, p->line,
+                            "invalid value '%.*s' for %s (expected HOST:PORT "
+                            "such as 192.0.2.1:25, [2001:db8::1]:25 or "
+                            "mx.example.net:25)", n, s, k->name);
+    for (int i = 0; i < u->n_addrs; i++) {
+        if (same_hop(&u->addrs[i], &h)) {
+            free(h.host);
+            return stp_cfg_fail(p, p->line, "duplicate entry '%.*s' in %s",
+                                n, s, k->name);
+        }
+    }
+    struct stp_hop_addr *grown =
+        realloc(u->addrs, ((size_t)u->n_addrs + 1) * sizeof(h));
+    if (grown == NULL) {
+        free(h.host);
+        return stp_cfg_oom(p);
+    }
+    u->addrs = grown;
+    u->addrs[u->n_addrs++] = h;
+    return 0;
+}
+
+/* address = HOST:PORT[, HOST:PORT ...], tried in order; or
+ * original-destination, alone: where an intercepted connection was going
+ * (transparent.c finds it per session). Names are resolved per session,
+ * never here: -t must not depend on DNS. */
 static int set_up_address(struct parser *p, const struct key_def *k,
                           void *obj, const char *value)
 {
     struct stp_upstream_cfg *u = obj;
-    if (strcasecmp(value, "original-destination") != 0) {
-        u->original_dst = false;
-        return set_addr(p, k, obj, value);
+    if (strcasecmp(value, "original-destination") == 0) {
+        u->original_dst = true;
+        return set_string(p, k, obj, "original-destination");
     }
-    u->original_dst = true;
-    memset(&u->addr, 0, sizeof(u->addr));
-    return set_string(p, k, obj, "original-destination");
+    if (*value == '\0')
+        return set_string(p, k, obj, value); /* says it is empty */
+    for (const char *s = value;;) {
+        size_t n = strcspn(s, ",");
+        if (add_hop(p, k, u, s, n) < 0)
+            return p->rc;
+        if (s[n] == '\0')
+            break;
+        s += n + 1;
+    }
+    return set_string(p, k, obj, value);
 }
 
 static int set_source(struct parser *p, const struct key_def *k, void *obj,
@@ -147,11 +213,13 @@ _Static_assert(STP_ARRAY_LEN(pp_modes) == STP_PP_ANY + 2,
 _Static_assert(STP_PP_ONLY_V1 == STP_PP_V1 && STP_PP_ONLY_V2 == STP_PP_V2,
                "the mode is the parser's mask of versions");
 
-/* proxy_protocol_from: address blocks separated by commas or blanks. */
+/* proxy_protocol_from, allow: address blocks separated by commas or blanks,
+ * into the array at OFF and its count at OFF2. */
 static int set_cidrs(struct parser *p, const struct key_def *k, void *obj,
                      const char *value)
 {
-    struct stp_listener_cfg *l = obj;
+    struct stp_cidr **v = FIELD(obj, k->off, struct stp_cidr *);
+    int *nv = FIELD(obj, k->off2, int);
     const char *s = value;
     while (*s) {
         s += strspn(s, ", \t");
@@ -168,15 +236,14 @@ static int set_cidrs(struct parser *p, const struct key_def *k, void *obj,
         if (stp_parse_cidr(one, &c) < 0)
             return bad_value(p, k, value, "addresses or CIDR blocks such as "
                                           "10.0.0.0/8, 2001:db8::/32");
-        struct stp_cidr *grown = realloc(
-            l->proxy_from, ((size_t)l->n_proxy_from + 1) * sizeof(c));
+        struct stp_cidr *grown = realloc(*v, ((size_t)*nv + 1) * sizeof(c));
         if (!grown)
             return stp_cfg_oom(p);
-        l->proxy_from = grown;
-        l->proxy_from[l->n_proxy_from++] = c;
+        *v = grown;
+        (*v)[(*nv)++] = c;
         s += n;
     }
-    if (l->n_proxy_from == 0)
+    if (*nv == 0)
         return stp_cfg_fail(p, p->line, "empty value for %s", k->name);
     return 0;
 }
@@ -185,6 +252,25 @@ static const char *const verify_modes[] = {"none", "optional", "require",
                                            NULL};
 static const char *const identities[] = {"none", "xclient", "proxy-v1",
                                          "proxy-v2", NULL};
+static const char *const auths[] = {"none", "plain", "login", "xoauth2",
+                                    NULL};
+_Static_assert(STP_ARRAY_LEN(auths) == STP_AUTH_XOAUTH2 + 2,
+               "a name for every auth mechanism");
+
+/* Goes into SASL strings (PLAIN's NUL, XOAUTH2's ^A separators) and AUTH
+ * lines: no blanks or control characters. */
+static int set_username(struct parser *p, const struct key_def *k, void *obj,
+                        const char *value)
+{
+    size_t n = strlen(value);
+    bool ok = n >= 1 && n <= 255;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = (unsigned char)value[i] > 0x20 && value[i] != 0x7f;
+    if (!ok)
+        return bad_value(p, k, value, "a user name of 1 to 255 bytes "
+                                      "without blanks or control characters");
+    return set_string(p, k, obj, value);
+}
 
 /* Groups by name: checked here so a typo is a FILE:LINE error. */
 static int set_groups(struct parser *p, const struct key_def *k, void *obj,
@@ -272,6 +358,17 @@ static int set_duration(struct parser *p, const struct key_def *k, void *obj,
     return 0;
 }
 
+/* retry_after: 0 is meaningful (never pass a failed entry over). */
+static int set_duration_or_0(struct parser *p, const struct key_def *k,
+                             void *obj, const char *value)
+{
+    uint64_t ms;
+    if (stp_parse_duration(value, &ms) < 0)
+        return bad_value(p, k, value, "a duration like 30s, 5m, 1h or 250ms, or 0");
+    *FIELD(obj, k->off, uint64_t) = ms;
+    return 0;
+}
+
 #define PRX(f) offsetof(struct stp_config, f)
 #define LST(f) offsetof(struct stp_listener_cfg, f)
 #define UPS(f) offsetof(struct stp_upstream_cfg, f)
@@ -290,8 +387,7 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_MAX_LINE] = {SECT_LISTENER, "max_line", set_max_line, LST(max_line), 0},
     [K_TIMEOUT_IDLE] = {SECT_LISTENER, "timeout_idle", set_duration,
                         LST(timeout_idle_ms), 0},
-    [K_ADDRESS] = {SECT_UPSTREAM, "address", set_up_address, UPS(address_text),
-                   UPS(addr)},
+    [K_ADDRESS] = {SECT_UPSTREAM, "address", set_up_address, UPS(address_text), 0},
     [K_UPSTREAM_TLS] = {SECT_UPSTREAM, "tls", set_enum, UPS(tls), 0,
                         tls_modes, "starttls, implicit, opportunistic or none"},
     [K_TIMEOUT_CONNECT] = {SECT_UPSTREAM, "timeout_connect", set_duration,
@@ -344,12 +440,25 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_PROXY_PROTOCOL] = {SECT_LISTENER, "proxy_protocol", set_enum,
                           LST(proxy_protocol), 0, pp_modes,
                           "no, v1, v2 or any"},
-    [K_PROXY_FROM] = {SECT_LISTENER, "proxy_protocol_from", set_cidrs, 0, 0},
+    [K_PROXY_FROM] = {SECT_LISTENER, "proxy_protocol_from", set_cidrs,
+                      LST(proxy_from), LST(n_proxy_from)},
     [K_TIMEOUT_PROXY_HEADER] = {SECT_LISTENER, "timeout_proxy_header",
                                 set_duration, LST(timeout_proxy_header_ms), 0},
     [K_TRANSPARENT] = {SECT_LISTENER, "transparent", set_bool,
                        LST(transparent), 0},
     [K_UP_SOURCE] = {SECT_UPSTREAM, "source", set_source, 0, 0},
+    [K_UP_RETRY_AFTER] = {SECT_UPSTREAM, "retry_after", set_duration_or_0,
+                          UPS(retry_after_ms), 0},
+    [K_UP_AUTH] = {SECT_UPSTREAM, "auth", set_enum, UPS(auth), 0, auths,
+                   "none, plain, login or xoauth2"},
+    [K_UP_USERNAME] = {SECT_UPSTREAM, "username", set_username, UPS(username), 0},
+    [K_UP_PASSWORD_FILE] = {SECT_UPSTREAM, "password_file", set_string,
+                            UPS(password_file), 0},
+    [K_UP_TOKEN_FILE] = {SECT_UPSTREAM, "token_file", set_string,
+                         UPS(token_file), 0},
+    [K_UP_HELO_NAME] = {SECT_UPSTREAM, "helo_name", set_hostname,
+                        UPS(helo_name), 0},
+    [K_ALLOW] = {SECT_LISTENER, "allow", set_cidrs, LST(allow), LST(n_allow)},
 };
 
 /* sni.NAME = CERT KEY: one more certificate for a listener. */
@@ -429,6 +538,7 @@ int stp_cfg_end_listener(struct parser *p, int i)
         kl[K_MIN_VERSION], kl[K_MAX_VERSION]};
 
     l->line_transparent = kl[K_TRANSPARENT];
+    l->line_allow = kl[K_ALLOW];
     if (l->listen_text == NULL)
         return stp_cfg_fail(p, l->line, "listener '%s' has no listen address", l->name);
     if (l->upstream_name == NULL)
@@ -479,6 +589,112 @@ int stp_cfg_end_listener(struct parser *p, int i)
     return 0;
 }
 
+/* A fixed source address can only reach entries of its family; a name is
+ * resolved to the addresses of that family. */
+static int check_source(struct parser *p, struct stp_upstream_cfg *u,
+                        const int *kl)
+{
+    u->line_source = kl[K_UP_SOURCE];
+    for (int i = 0; i < u->n_addrs && u->source == STP_SRC_ADDRESS; i++) {
+        const struct stp_hop_addr *a = &u->addrs[i];
+        if (a->is_name || a->addr.ss_family == u->source_addr.ss_family)
+            continue;
+        bool v6 = a->addr.ss_family == AF_INET6;
+        return stp_cfg_fail(p, kl[K_UP_SOURCE],
+                            "source is not of the address family of %s%s%s:%u",
+                            v6 ? "[" : "", a->host, v6 ? "]" : "", a->port);
+    }
+    return 0;
+}
+
+/* The password is read at load, so a reload reads it again; the reason
+ * never quotes the file's content. */
+static int read_password(struct parser *p, struct stp_upstream_cfg *u,
+                         int line)
+{
+    char why[128];
+    int rc = stp_read_secret(u->password_file, &u->password, why, sizeof(why));
+    if (rc == -ENOMEM)
+        return stp_cfg_oom(p);
+    if (rc == -EINVAL || rc == -EFBIG)
+        return stp_cfg_fail(p, line, "password_file '%s': %s",
+                            u->password_file, why);
+    if (rc < 0)
+        return stp_cfg_fail(p, line, "cannot read password_file '%s': %s",
+                            u->password_file, why);
+    return 0;
+}
+
+/* Keys of auth = none that only make sense with a mechanism. */
+static int check_no_credentials(struct parser *p, const int *kl)
+{
+    static const enum key_id creds[] = {K_UP_USERNAME, K_UP_PASSWORD_FILE,
+                                        K_UP_TOKEN_FILE};
+    for (size_t i = 0; i < STP_ARRAY_LEN(creds); i++)
+        if (kl[creds[i]])
+            return stp_cfg_fail(p, kl[creds[i]],
+                                "%s needs auth = plain, login or xoauth2",
+                                stp_cfg_keys[creds[i]].name);
+    return 0;
+}
+
+/* auth =: a channel the password cannot leave in clear, a session nothing
+ * resets, and the credentials its mechanism takes. */
+static int check_auth(struct parser *p, struct stp_upstream_cfg *u,
+                      const int *kl)
+{
+    const char *mech = auths[u->auth];
+    bool oauth = u->auth == STP_AUTH_XOAUTH2;
+    u->line_auth = kl[K_UP_AUTH];
+    if (u->auth == STP_AUTH_NONE)
+        return check_no_credentials(p, kl);
+    if (u->tls == STP_TLS_NONE)
+        return stp_cfg_fail(p, kl[K_UP_AUTH],
+                            "auth needs tls = starttls or implicit: the "
+                            "password would cross in clear");
+    if (u->tls == STP_TLS_OPPORTUNISTIC)
+        return stp_cfg_fail(p, kl[K_UP_AUTH],
+                            "auth needs tls = starttls or implicit: with "
+                            "opportunistic, a next hop that does not offer "
+                            "STARTTLS would get the password in clear");
+    if (u->identity == STP_ID_XCLIENT)
+        return stp_cfg_fail(p, kl[K_UP_IDENTITY],
+                            "client_identity = xclient cannot be used with "
+                            "auth: XCLIENT resets the session the proxy "
+                            "authenticated (use proxy-v1, proxy-v2 or none)");
+    if (u->username == NULL)
+        return stp_cfg_fail(p, kl[K_UP_AUTH], "auth = %s needs username", mech);
+    if (oauth && u->password_file != NULL)
+        return stp_cfg_fail(p, kl[K_UP_PASSWORD_FILE],
+                            "password_file is for auth = plain or login "
+                            "(xoauth2 takes token_file)");
+    if (!oauth && u->token_file != NULL)
+        return stp_cfg_fail(p, kl[K_UP_TOKEN_FILE],
+                            "token_file is for auth = xoauth2 (plain and "
+                            "login take password_file)");
+    if (oauth && u->token_file == NULL)
+        return stp_cfg_fail(p, kl[K_UP_AUTH], "auth = xoauth2 needs token_file");
+    if (!oauth && u->password_file == NULL)
+        return stp_cfg_fail(p, kl[K_UP_AUTH], "auth = %s needs password_file",
+                            mech);
+    /* A token is renewed behind our back: read for each session. */
+    if (oauth)
+        return stp_cfg_check_file(p, "token_file", u->token_file,
+                                  kl[K_UP_TOKEN_FILE]);
+    return read_password(p, u, kl[K_UP_PASSWORD_FILE]);
+}
+
+/* 127.0.0.0/8 and ::1 (also as ::ffff:127.x.y.z); a wildcard is not. */
+static bool is_loopback(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET)
+        return ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24 == 127;
+    if (ss->ss_family != AF_INET6)
+        return false;
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+}
+
 int stp_cfg_end_upstream(struct parser *p, int i)
 {
     struct stp_upstream_cfg *u = &p->cfg->upstreams[i];
@@ -500,25 +716,30 @@ int stp_cfg_end_upstream(struct parser *p, int i)
      * would have been accepted. verify = yes still means it. */
     if (u->tls == STP_TLS_OPPORTUNISTIC && !kl[K_UP_VERIFY])
         u->verify = false;
-    u->line_source = kl[K_UP_SOURCE];
-    if (u->source == STP_SRC_ADDRESS && !u->original_dst &&
-        u->source_addr.ss_family != u->addr.ss_family)
-        return stp_cfg_fail(p, kl[K_UP_SOURCE],
-                            "source is not of the address family of %s",
-                            u->address_text);
+    if (check_source(p, u, kl) < 0)
+        return p->rc;
     /* Each session goes somewhere else: no host name to check by default
-     * (without verify, none is needed: intercepted deliveries to any MX). */
+     * (without verify, none is needed: intercepted deliveries to any MX).
+     * A list's entries are each checked against their own host. */
     if (u->original_dst && u->server_name == NULL && u->tls != STP_TLS_NONE &&
         u->verify)
         return stp_cfg_fail(p, kl[K_ADDRESS],
                             "address = original-destination with tls and "
                             "verify needs server_name");
-    if (u->server_name == NULL && !u->original_dst) {
-        /* The name to check is the host the address names. */
-        const char *a = u->address_text + (u->address_text[0] == '[');
-        size_t n = strcspn(a, u->address_text[0] == '[' ? "]" : ":");
-        if (!(u->server_name = strndup(a, n)))
-            return stp_cfg_oom(p);
-    }
-    return 0;
+    return check_auth(p, u, kl);
+}
+
+/* A listener whose upstream logs in with the proxy's account relays for
+ * whoever connects: where others can connect, they must be named. */
+int stp_cfg_check_link(struct parser *p, int i)
+{
+    const struct stp_listener_cfg *l = &p->cfg->listeners[i];
+    const struct stp_upstream_cfg *u = l->upstream;
+    if (u->auth == STP_AUTH_NONE || l->n_allow > 0 || is_loopback(&l->addr))
+        return 0;
+    return stp_cfg_fail(p, l->line,
+                        "listener '%s' relays with the account of upstream "
+                        "'%s' (auth = %s): allow = is needed on a "
+                        "non-loopback listen address", l->name, u->name,
+                        auths[u->auth]);
 }

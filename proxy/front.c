@@ -126,7 +126,12 @@ enum stp_front_verdict stp_front_header(struct stp_front *f, bool eof,
 
 enum stp_close_reason stp_front_limit(const struct stp_front *f)
 {
-    enum stp_close_reason limit = stp_over_limit(f->gen, f->lcfg, &f->counts);
+    /* The client's own address: behind a load balancer, its header's. */
+    const struct stp_listener_cfg *lc = f->lcfg;
+    enum stp_close_reason limit =
+        lc->n_allow && !stp_cidr_match(lc->allow, lc->n_allow, &f->addr)
+            ? STP_CLOSE_NOT_ALLOWED
+            : stp_over_limit(f->gen, lc, &f->counts);
     if (limit)
         stp_log(STP_LOG_WARN, SID " event=reject reason=%s client=%s", f->id,
                 stp_close_reason_name(limit), f->peer);

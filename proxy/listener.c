@@ -22,8 +22,11 @@ static void gen_free(struct stp_gen *g)
         stp_tls_ctx_free(g->lst_tls[i]);
     for (int i = 0; g->up_tls && i < g->cfg.n_upstreams; i++)
         stp_tls_ctx_free(g->up_tls[i]);
+    for (int i = 0; g->up_down && i < g->cfg.n_upstreams; i++)
+        free(g->up_down[i]);
     free(g->lst_tls);
     free(g->up_tls);
+    free(g->up_down);
     stp_config_free(&g->cfg);
     free(g);
 }
@@ -123,7 +126,12 @@ int stp_gen_new(const char *path, struct stp_gen **out, char *err,
     }
     g->lst_tls = calloc((size_t)g->cfg.n_listeners + 1, sizeof(*g->lst_tls));
     g->up_tls = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_tls));
-    if (!g->lst_tls || !g->up_tls)
+    g->up_down = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_down));
+    for (int i = 0; g->up_down && i < g->cfg.n_upstreams; i++)
+        if (!(g->up_down[i] = calloc((size_t)g->cfg.upstreams[i].n_addrs + 1,
+                                     sizeof(**g->up_down))))
+            r = -ENOMEM;
+    if (!g->lst_tls || !g->up_tls || !g->up_down)
         r = -ENOMEM;
     if (r == 0)
         r = gen_tls(g, err, errlen);

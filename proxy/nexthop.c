@@ -1,19 +1,29 @@
 /* The upstream leg of a session, up to the moment the client's session can
- * be relayed: connect, say who the client is (PROXY header first, or the
- * prelude's in-band identity), TLS (implicit, or STARTTLS spoken by the
- * proxy itself). Until then the client is not read, so no client byte can
- * reach the upstream in plaintext or before its identity. */
+ * be relayed: find an address that answers, connect, say who the client is
+ * (PROXY header first, or the prelude's in-band identity), TLS (implicit, or
+ * STARTTLS spoken by the proxy itself), the proxy's own login. Until then
+ * the client is not read, so no client byte can reach the upstream in
+ * plaintext, before its identity, or at an address that was given up. */
 #include <inttypes.h>
+#include <netdb.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "identity.h"
 #include "log.h"
 #include "nexthop.h"
+#include "secret.h"
 #include "tls.h"
 #include "transparent.h"
 
 #define SID "id=%016" PRIx64
+
+/* A name being resolved on libuv's thread pool. A session that ends or
+ * gives up first leaves it behind (HOP NULL): it frees itself. */
+struct stp_lookup {
+    uv_getaddrinfo_t req;
+    struct stp_hop *hop;
+};
 
 void stp_hop_fail(struct stp_hop *h, enum stp_fail why, const char *detail)
 {
@@ -27,28 +37,291 @@ void stp_hop_fail(struct stp_hop *h, enum stp_fail why, const char *detail)
                  why == STP_FAIL_HOP_LOOP ? STP_CLOSE_LOOP : STP_CLOSE_NEXT_HOP);
 }
 
-/* Never reached, or never greeted: as if it could not be reached. */
-static void unreachable(struct stp_hop *h, enum stp_close_reason reason,
-                        const char *detail)
-{
-    if (h->failed)
-        return;
-    h->failed = true;
-    char a[64]; /* the original destination differs per session */
-    if (h->dst)
-        stp_format_addr((const struct sockaddr *)h->dst, a, sizeof(a));
-    else
-        snprintf(a, sizeof(a), "%s", h->up->address_text);
-    stp_log(STP_LOG_WARN,
-            SID " event=upstream_error upstream=%s address=%s error=\"%s\"",
-            h->id, h->up->name, a, detail);
-    h->ops->fail(h->ctx, STP_FAIL_UNREACHABLE, reason);
-}
-
 static void enter(struct stp_hop *h, enum stp_hop_stage stage)
 {
     h->stage = stage;
     h->ops->stage(h->ctx, stage);
+}
+
+/* ---- addresses ------------------------------------------------------------- */
+
+static uint64_t mono_ms(void)
+{
+    return uv_hrtime() / 1000000;
+}
+
+/* The order this session tries the entries in: those that have not failed
+ * lately, as written, then the others (so they are tried only when all the
+ * rest failed too). */
+static void plan(struct stp_hop *h)
+{
+    uint64_t now = mono_ms();
+    h->n_order = h->next = 0;
+    h->entry = -1;
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < h->up->n_addrs; i++) {
+            bool down = h->down_until &&
+                        __atomic_load_n(&h->down_until[i], __ATOMIC_RELAXED) > now;
+            if (down == (pass == 1))
+                h->order[h->n_order++] = (uint8_t)i;
+        }
+}
+
+/* The current entry answered (OK), or none of its addresses did. */
+static void entry_health(struct stp_hop *h, bool ok)
+{
+    if (h->entry < 0 || !h->down_until || (!ok && !h->up->retry_after_ms))
+        return;
+    __atomic_store_n(&h->down_until[h->entry],
+                     ok ? 0 : mono_ms() + h->up->retry_after_ms,
+                     __ATOMIC_RELAXED);
+}
+
+static bool more_left(const struct stp_hop *h)
+{
+    return h->ai_next || h->next < h->n_order;
+}
+
+/* What the logs call the attempt: the address, or the name being looked
+ * up. */
+static void attempt_name(const struct stp_hop *h, char *a, size_t n)
+{
+    if (h->dst) {
+        stp_format_addr((const struct sockaddr *)h->dst, a, n);
+    } else if (h->entry >= 0) {
+        const struct stp_hop_addr *e = &h->up->addrs[h->entry];
+        snprintf(a, n, "%s:%u", e->host, e->port);
+    } else {
+        snprintf(a, n, "%s", h->up->address_text);
+    }
+}
+
+static void log_attempt(const struct stp_hop *h, const char *detail)
+{
+    char a[300], e[256];
+    attempt_name(h, a, sizeof(a));
+    stp_log(STP_LOG_WARN,
+            SID " event=upstream_error upstream=%s address=%s error=\"%s\"",
+            h->id, h->up->name, a, stp_log_esc(e, sizeof(e), detail));
+}
+
+static void abandon_lookup(struct stp_hop *h)
+{
+    if (!h->lookup)
+        return;
+    h->lookup->hop = NULL;
+    uv_cancel((uv_req_t *)&h->lookup->req);
+    h->lookup = NULL;
+}
+
+void stp_hop_cancel(struct stp_hop *h)
+{
+    h->failed = true;
+    abandon_lookup(h);
+}
+
+static void release_prelude(struct stp_hop *h)
+{
+    if (h->prelude)
+        h->proto->prelude_free(h->prelude);
+    h->prelude = NULL;
+}
+
+void stp_hop_free(struct stp_hop *h)
+{
+    abandon_lookup(h);
+    if (h->ai)
+        uv_freeaddrinfo(h->ai);
+    h->ai = h->ai_next = NULL;
+    free(h->own_dst);
+    h->own_dst = NULL;
+    h->dst = NULL;
+    release_prelude(h);
+    if (h->token) {
+        explicit_bzero(h->token, strlen(h->token));
+        free(h->token);
+        h->token = NULL;
+    }
+}
+
+static void try_next(struct stp_hop *h);
+
+/* No address is left, or there was only one: the session fails. */
+static void give_up(struct stp_hop *h, enum stp_fail why,
+                    enum stp_close_reason reason)
+{
+    if (h->failed)
+        return;
+    h->failed = true;
+    if (h->attempts > 1)
+        stp_log(STP_LOG_WARN,
+                SID " event=upstream_error upstream=%s error=\"none of %d "
+                    "addresses answered\"",
+                h->id, h->up->name, h->attempts);
+    h->ops->fail(h->ctx, why, reason);
+}
+
+/* This address did not answer (or not with service): the next one, if any;
+ * else WHY ends the session. */
+static void attempt_failed(struct stp_hop *h, enum stp_fail why,
+                           enum stp_close_reason reason, const char *detail)
+{
+    if (h->failed)
+        return;
+    log_attempt(h, detail);
+    abandon_lookup(h);
+    h->last_reason = reason;
+    if (!h->up->original_dst && more_left(h)) {
+        try_next(h);
+        return;
+    }
+    entry_health(h, false);
+    give_up(h, why, reason);
+}
+
+/* Never reached, or never greeted: as if it could not be reached. */
+static void unreachable(struct stp_hop *h, enum stp_close_reason reason,
+                        const char *detail)
+{
+    attempt_failed(h, STP_FAIL_UNREACHABLE, reason, detail);
+}
+
+/* Connect to H->dst, in a new connection (the relay's). */
+static void connect_to(struct stp_hop *h)
+{
+    h->attempts++;
+    h->fallback = !h->up->original_dst && more_left(h);
+    h->tls_done = h->tls_pending = h->prelude_ready = h->spoke = false;
+    release_prelude(h);
+    /* The setup deadline starts again for each address. */
+    enter(h, STP_HOP_CONNECTING);
+    int r = h->ops->connection(h->ctx, h->dst->ss_family);
+    if (r < 0) {
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
+        return;
+    }
+    const char *why = "";
+    r = stp_tp_bind_source(stp_conn_fd(h->conn), h->up, h->client_addr, &why);
+    if (r < 0) {
+        /* Never the proxy's own address instead: the upstream would trust
+         * or refuse the wrong sender. */
+        char e[192];
+        snprintf(e, sizeof(e), "%s: %s", why, stp_strerror(r));
+        stp_hop_fail(h, STP_FAIL_UNREACHABLE, e);
+        return;
+    }
+    r = stp_conn_connect(h->conn, (const struct sockaddr *)h->dst);
+    if (r < 0)
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
+}
+
+/* With source = ADDRESS only that family can be reached. */
+static bool family_ok(const struct stp_hop *h, int family)
+{
+    return h->up->source != STP_SRC_ADDRESS ||
+           h->up->source_addr.ss_family == family;
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status,
+                        struct addrinfo *res)
+{
+    struct stp_lookup *l = req->data;
+    struct stp_hop *h = l->hop;
+    free(l);
+    if (!h) {
+        if (res)
+            uv_freeaddrinfo(res);
+        return;
+    }
+    h->lookup = NULL;
+    if (status < 0) {
+        char why[200];
+        snprintf(why, sizeof(why), "cannot resolve %s: %s",
+                 h->up->addrs[h->entry].host, uv_strerror(status));
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
+        return;
+    }
+    h->ai = h->ai_next = res;
+    try_next(h);
+}
+
+/* Look up the current entry's name, off the event loop; the setup deadline
+ * bounds the wait. */
+static void resolve(struct stp_hop *h)
+{
+    const struct stp_hop_addr *e = &h->up->addrs[h->entry];
+    h->dst = NULL;
+    enter(h, STP_HOP_CONNECTING);
+    char port[8];
+    snprintf(port, sizeof(port), "%u", e->port);
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+        .ai_protocol = IPPROTO_TCP, .ai_flags = AI_NUMERICSERV,
+    };
+    struct stp_lookup *l = malloc(sizeof(*l));
+    int r = l ? 0 : -ENOMEM;
+    if (l) {
+        l->hop = h;
+        l->req.data = l;
+        r = uv_getaddrinfo(h->loop, &l->req, on_resolved, e->host, port,
+                           &hints);
+    }
+    if (r < 0) {
+        free(l);
+        char why[200];
+        snprintf(why, sizeof(why), "cannot resolve %s: %s", e->host,
+                 uv_strerror(r));
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
+        return;
+    }
+    h->lookup = l;
+}
+
+/* The next address of the current name, else the next entry; the failure
+ * once none is left. */
+static void try_next(struct stp_hop *h)
+{
+    while (!h->failed) {
+        struct addrinfo *a = h->ai_next;
+        if (a) {
+            h->ai_next = a->ai_next;
+            if (!family_ok(h, a->ai_family) ||
+                a->ai_addrlen > sizeof(*h->own_dst))
+                continue;
+            if (!h->own_dst && !(h->own_dst = malloc(sizeof(*h->own_dst)))) {
+                stp_hop_fail(h, STP_FAIL_UNREACHABLE, "out of memory");
+                return;
+            }
+            memset(h->own_dst, 0, sizeof(*h->own_dst));
+            memcpy(h->own_dst, a->ai_addr, a->ai_addrlen);
+            h->dst = h->own_dst;
+            connect_to(h);
+            return;
+        }
+        if (h->ai) {
+            uv_freeaddrinfo(h->ai);
+            h->ai = NULL;
+        }
+        /* Every address of the entry failed (or it had none). */
+        entry_health(h, false);
+        if (h->next >= h->n_order) {
+            give_up(h, STP_FAIL_UNREACHABLE,
+                    h->last_reason ? h->last_reason
+                                   : STP_CLOSE_UPSTREAM_UNREACHABLE);
+            return;
+        }
+        h->entry = h->order[h->next++];
+        const struct stp_hop_addr *e = &h->up->addrs[h->entry];
+        if (e->is_name) {
+            resolve(h);
+            return;
+        }
+        if (!family_ok(h, e->addr.ss_family))
+            continue;
+        h->dst = &e->addr;
+        connect_to(h);
+        return;
+    }
 }
 
 /* ---- the prelude's actions ------------------------------------------------ */
@@ -67,6 +340,13 @@ static void act_start_tls(void *ctx)
     h->tls_pending = true; /* once the reply is consumed */
 }
 
+static const char *server_name(const struct stp_hop *h)
+{
+    if (h->up->server_name || h->entry < 0)
+        return h->up->server_name;
+    return h->up->addrs[h->entry].host;
+}
+
 static void act_ready(void *ctx, const char *greeting, size_t n)
 {
     struct stp_hop *h = ctx;
@@ -77,13 +357,30 @@ static void act_ready(void *ctx, const char *greeting, size_t n)
                 SID " event=upstream_tls upstream=%s tls=none "
                     "reason=\"STARTTLS not offered\"",
                 h->id, h->up->name);
+    if (h->up->auth != STP_AUTH_NONE)
+        stp_log(STP_LOG_INFO,
+                SID " event=upstream_auth upstream=%s mechanism=%s user=%s",
+                h->id, h->up->name,
+                h->up->auth == STP_AUTH_PLAIN   ? "PLAIN"
+                : h->up->auth == STP_AUTH_LOGIN ? "LOGIN"
+                                                : "XOAUTH2",
+                h->up->username);
     h->prelude_ready = true; /* freed once the prelude has returned */
     h->ops->ready(h->ctx, greeting, n);
 }
 
 static void act_fail(void *ctx, enum stp_fail f, const char *reason)
 {
-    stp_hop_fail(ctx, f, reason);
+    struct stp_hop *h = ctx;
+    if (f != STP_FAIL_UNREACHABLE) {
+        stp_hop_fail(h, f, reason);
+        return;
+    }
+    /* A greeting that refuses service, with another address left: tried
+     * once the prelude has returned (it is freed then). */
+    log_attempt(h, reason);
+    h->last_reason = STP_CLOSE_UPSTREAM_UNREACHABLE;
+    h->retry = true;
 }
 
 static const struct stp_up_ops prelude_ops = {
@@ -95,18 +392,9 @@ static const struct stp_up_ops prelude_ops = {
 
 /* ---- steps ----------------------------------------------------------------- */
 
-void stp_hop_free(struct stp_hop *h)
-{
-    free(h->own_dst);
-    h->own_dst = NULL;
-    if (h->prelude)
-        h->proto->prelude_free(h->prelude);
-    h->prelude = NULL;
-}
-
 static void start_tls(struct stp_hop *h)
 {
-    if (stp_conn_start_tls(h->conn, h->tls, h->up->server_name) < 0) {
+    if (stp_conn_start_tls(h->conn, h->tls, server_name(h)) < 0) {
         stp_hop_fail(h, STP_FAIL_HOP_TLS, "TLS setup failed");
         return;
     }
@@ -117,13 +405,27 @@ static void start_tls(struct stp_hop *h)
  * straight to relaying (the greeting then reaches the engine directly). */
 static void begin(struct stp_hop *h)
 {
+    const struct stp_upstream_cfg *up = h->up;
+    if (up->auth == STP_AUTH_XOAUTH2 && !h->token) {
+        /* Read per session: a refresher outside may have replaced it. */
+        char why[160], e[400];
+        if (stp_read_secret(up->token_file, &h->token, why, sizeof(why)) < 0) {
+            snprintf(e, sizeof(e), "token_file %s: %s", up->token_file, why);
+            stp_hop_fail(h, STP_FAIL_HOP_AUTH, e);
+            return;
+        }
+    }
     struct stp_prelude_cfg pc = {
-        .starttls = h->up->tls == STP_TLS_STARTTLS ||
-                    h->up->tls == STP_TLS_OPPORTUNISTIC,
-        .opportunistic = h->up->tls == STP_TLS_OPPORTUNISTIC,
-        .identity = h->up->identity == STP_ID_XCLIENT,
+        .starttls = up->tls == STP_TLS_STARTTLS ||
+                    up->tls == STP_TLS_OPPORTUNISTIC,
+        .opportunistic = up->tls == STP_TLS_OPPORTUNISTIC,
+        .identity = up->identity == STP_ID_XCLIENT,
         .client = h->client_addr,
-        .hostname = h->hostname,
+        .hostname = up->helo_name ? up->helo_name : h->hostname,
+        .fallback = h->fallback,
+        .auth = (int)up->auth,
+        .user = up->username,
+        .secret = up->auth == STP_AUTH_XOAUTH2 ? h->token : up->password,
     };
     int r = h->proto->prelude_new(&pc, &prelude_ops, h, &h->prelude);
     if (r < 0) {
@@ -134,6 +436,7 @@ static void begin(struct stp_hop *h)
         return;
     }
     if (!h->prelude) {
+        entry_health(h, true);
         h->ops->ready(h->ctx, NULL, 0);
         return;
     }
@@ -176,60 +479,48 @@ static void send_proxy_header(struct stp_hop *h)
         stp_hop_fail(h, STP_FAIL_HOP_IDENTITY, "cannot build PROXY header");
 }
 
-int stp_hop_resolve(struct stp_hop *h, const struct stp_server *srv)
+/* address = original-destination: where the client's connection was going,
+ * never one of SRV's own listeners. */
+static void original_destination(struct stp_hop *h,
+                                 const struct stp_server *srv)
 {
-    if (!h->up->original_dst) {
-        h->dst = &h->up->addr;
-        return 0;
-    }
     char d[64], why[128];
+    enter(h, STP_HOP_CONNECTING);
     /* Only intercepting sessions carry an address of their own. */
     if (!(h->own_dst = malloc(sizeof(*h->own_dst)))) {
-        enter(h, STP_HOP_CONNECTING);
         stp_hop_fail(h, STP_FAIL_UNREACHABLE, "out of memory");
-        return -ENOMEM;
+        return;
     }
-    h->dst = h->own_dst;
     int r = stp_tp_original_dst(stp_conn_fd(h->client), h->client_transparent,
                                 h->own_dst);
     if (r < 0) {
         snprintf(why, sizeof(why), "original destination unknown: %s",
                  stp_strerror(r));
-        enter(h, STP_HOP_CONNECTING);
         stp_hop_fail(h, STP_FAIL_UNREACHABLE, why);
-        return r;
-    }
-    if (stp_tp_is_own(srv, h->dst)) {
-        stp_format_addr((const struct sockaddr *)h->dst, d, sizeof(d));
-        snprintf(why, sizeof(why),
-                 "original destination %s is this proxy's own listener", d);
-        enter(h, STP_HOP_CONNECTING);
-        stp_hop_fail(h, STP_FAIL_HOP_LOOP, why);
-        return -ELOOP;
-    }
-    stp_format_addr((const struct sockaddr *)h->dst, d, sizeof(d));
-    stp_log(STP_LOG_INFO, SID " event=original_destination upstream=%s "
-            "address=%s", h->id, h->up->name, d);
-    return 0;
-}
-
-void stp_hop_start(struct stp_hop *h)
-{
-    enter(h, STP_HOP_CONNECTING);
-    const char *why = "";
-    int r = stp_tp_bind_source(stp_conn_fd(h->conn), h->up, h->client_addr,
-                               &why);
-    if (r < 0) {
-        /* Never the proxy's own address instead: the upstream would trust
-         * or refuse the wrong sender. */
-        char e[192];
-        snprintf(e, sizeof(e), "%s: %s", why, stp_strerror(r));
-        stp_hop_fail(h, STP_FAIL_UNREACHABLE, e);
         return;
     }
-    r = stp_conn_connect(h->conn, (const struct sockaddr *)h->dst);
-    if (r < 0)
-        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
+    h->dst = h->own_dst;
+    stp_format_addr((const struct sockaddr *)h->dst, d, sizeof(d));
+    if (stp_tp_is_own(srv, h->dst)) {
+        snprintf(why, sizeof(why),
+                 "original destination %s is this proxy's own listener", d);
+        stp_hop_fail(h, STP_FAIL_HOP_LOOP, why);
+        return;
+    }
+    stp_log(STP_LOG_INFO, SID " event=original_destination upstream=%s "
+            "address=%s", h->id, h->up->name, d);
+    connect_to(h);
+}
+
+void stp_hop_start(struct stp_hop *h, const struct stp_server *srv)
+{
+    if (h->up->original_dst) {
+        h->entry = -1;
+        original_destination(h, srv);
+        return;
+    }
+    plan(h);
+    try_next(h);
 }
 
 static void prelude_input(struct stp_hop *h)
@@ -241,14 +532,34 @@ static void prelude_input(struct stp_hop *h)
     size_t k = h->proto->prelude_input(h->prelude, p, n);
     if (h->failed)
         return;
-    if (k)
+    if (k) {
+        h->spoke = true;
         stp_conn_consume(h->conn, k);
-    if (h->tls_pending) {
+    }
+    if (h->retry) {
+        h->retry = false;
+        if (more_left(h)) {
+            try_next(h);
+        } else {
+            entry_health(h, false);
+            give_up(h, STP_FAIL_UNREACHABLE, STP_CLOSE_UPSTREAM_UNREACHABLE);
+        }
+    } else if (h->tls_pending) {
         h->tls_pending = false;
         start_tls(h);
     } else if (h->prelude_ready) {
-        stp_hop_free(h);
+        entry_health(h, true);
+        release_prelude(h);
     }
+}
+
+/* Before any greeting (or inside implicit TLS) a failure means this
+ * address gives no service: another may. */
+static bool before_greeting(const struct stp_hop *h)
+{
+    return h->stage == STP_HOP_CONNECTING ||
+           (h->stage == STP_HOP_TLS && h->up->tls == STP_TLS_IMPLICIT) ||
+           (h->stage == STP_HOP_PRELUDE && !h->spoke);
 }
 
 void stp_hop_event(struct stp_hop *h, enum stp_io_event ev, int err)
@@ -273,13 +584,13 @@ void stp_hop_event(struct stp_hop *h, enum stp_io_event ev, int err)
         break;
     case STP_IO_TLS_READY: {
         struct stp_tls *t = stp_conn_tls(h->conn);
+        const char *sn = server_name(h);
         h->tls_done = true;
         stp_log(STP_LOG_INFO,
                 SID " event=upstream_tls upstream=%s tls=%s cipher=%s "
                     "server_name=%s verified=%s",
                 h->id, h->up->name, stp_tls_version(t), stp_tls_cipher(t),
-                h->up->server_name ? h->up->server_name : "none",
-                h->up->verify ? "yes" : "no");
+                sn ? sn : "none", h->up->verify ? "yes" : "no");
         if (h->prelude) {
             enter(h, STP_HOP_PRELUDE);
             h->proto->prelude_tls_done(h->prelude);
@@ -297,11 +608,17 @@ void stp_hop_event(struct stp_hop *h, enum stp_io_event ev, int err)
     case STP_IO_EOF:
     case STP_IO_ERROR: {
         char why[160];
+        const char *what = ev == STP_IO_EOF ? "connection closed"
+                                            : stp_conn_error_text(h->conn, err);
         if (h->stage == STP_HOP_TLS) {
-            snprintf(why, sizeof(why), "TLS handshake failed: %s",
-                     ev == STP_IO_EOF ? "connection closed"
-                                      : stp_conn_error_text(h->conn, err));
-            stp_hop_fail(h, STP_FAIL_HOP_TLS, why);
+            snprintf(why, sizeof(why), "TLS handshake failed: %s", what);
+            if (h->up->tls == STP_TLS_IMPLICIT && h->fallback)
+                unreachable(h, STP_CLOSE_NEXT_HOP, why);
+            else
+                stp_hop_fail(h, STP_FAIL_HOP_TLS, why);
+        } else if (before_greeting(h) && h->fallback) {
+            snprintf(why, sizeof(why), "%s before the greeting", what);
+            unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
         } else {
             snprintf(why, sizeof(why), "connection %s during setup",
                      ev == STP_IO_EOF ? "closed" : stp_strerror(err));
@@ -317,11 +634,22 @@ void stp_hop_event(struct stp_hop *h, enum stp_io_event ev, int err)
 
 void stp_hop_timeout(struct stp_hop *h, bool greeting)
 {
-    if (greeting || h->stage == STP_HOP_CONNECTING) {
+    if (h->lookup) {
+        unreachable(h, STP_CLOSE_UPSTREAM_CONNECT_TIMEOUT,
+                    "name lookup timeout");
+        return;
+    }
+    bool silent = h->stage == STP_HOP_PRELUDE && !h->spoke;
+    if (greeting || silent || h->stage == STP_HOP_CONNECTING) {
         unreachable(h,
-                    greeting ? STP_CLOSE_UPSTREAM_GREETING_TIMEOUT
-                             : STP_CLOSE_UPSTREAM_CONNECT_TIMEOUT,
-                    greeting ? "no greeting" : "connect timeout");
+                    greeting || silent ? STP_CLOSE_UPSTREAM_GREETING_TIMEOUT
+                                       : STP_CLOSE_UPSTREAM_CONNECT_TIMEOUT,
+                    greeting || silent ? "no greeting" : "connect timeout");
+        return;
+    }
+    if (h->stage == STP_HOP_TLS && h->up->tls == STP_TLS_IMPLICIT &&
+        h->fallback) {
+        unreachable(h, STP_CLOSE_NEXT_HOP, "TLS handshake timeout");
         return;
     }
     bool tls_phase = h->up->tls != STP_TLS_NONE && !h->tls_done;

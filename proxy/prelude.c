@@ -1,5 +1,5 @@
 /* The proxy's own SMTP dialogue with the upstream (RFC 3207 as a client,
- * XCLIENT), before any client byte is relayed. A failure at any step ends
+ * RFC 4954 AUTH, XCLIENT), before any client byte is relayed. A failure at any step ends
  * the session: never a silent fall back to plaintext. The one plaintext
  * path is tls = opportunistic with no STARTTLS in the EHLO reply; once
  * STARTTLS is offered, a refusal or a broken handshake is a failure, so
@@ -9,11 +9,14 @@
 #include <string.h>
 #include <strings.h>
 
-#include "smtp.h"
+#include "base64.h"
+#include "config.h"
 #include "prelude.h"
+#include "smtp.h"
 
 static const char *const step_names[STP_UP_COUNT] = {
-    "greeting", "ehlo", "starttls", "tls", "xclient", "ready", "failed",
+    "greeting", "ehlo", "starttls", "tls", "auth", "xclient", "ready",
+    "failed",
 };
 
 const char *stp_up_step_name(enum stp_up_step s)
@@ -35,8 +38,10 @@ void stp_up_init(struct stp_prelude *p, const struct stp_up_cfg *cfg,
 /* Every step but the last two may fail; READY and FAILED are final. */
 static const unsigned step_moves[STP_UP_COUNT] = {
     [STP_UP_GREETING] = TO(STP_UP_EHLO) | TO(STP_UP_XCLIENT) | TO(STP_UP_READY),
-    [STP_UP_EHLO] = TO(STP_UP_STARTTLS) | TO(STP_UP_XCLIENT) | TO(STP_UP_READY),
+    [STP_UP_EHLO] = TO(STP_UP_STARTTLS) | TO(STP_UP_AUTH) | TO(STP_UP_XCLIENT) |
+                    TO(STP_UP_READY),
     [STP_UP_STARTTLS] = TO(STP_UP_TLS),
+    [STP_UP_AUTH] = TO(STP_UP_AUTH) | TO(STP_UP_XCLIENT) | TO(STP_UP_READY),
     [STP_UP_TLS] = TO(STP_UP_EHLO) | TO(STP_UP_XCLIENT) | TO(STP_UP_READY),
     [STP_UP_XCLIENT] = TO(STP_UP_READY),
 };
@@ -86,6 +91,7 @@ static void send_line(struct stp_prelude *p, enum stp_up_step next,
     memcpy(line + a, arg, b);
     if (step_to(p, next))
         p->ops->send(p->ctx, line, a + b);
+    explicit_bzero(line, a + b); /* it may carry a credential */
     if (line != small)
         free(line);
 }
@@ -95,14 +101,93 @@ static const char *hello_verb(const struct stp_prelude *p)
     return p->cfg.lmtp ? "LHLO " : "EHLO ";
 }
 
-/* Next step after the greeting or the handshake. */
+static const char *const mech_names[] = {
+    [STP_AUTH_PLAIN] = "PLAIN", [STP_AUTH_LOGIN] = "LOGIN",
+    [STP_AUTH_XOAUTH2] = "XOAUTH2",
+};
+
+/* The mechanisms of an EHLO "AUTH PLAIN LOGIN" (or old "AUTH=...") line. */
+static unsigned auth_mechs(const char *t, size_t n)
+{
+    unsigned m = 0;
+    size_t i = 0;
+    while (i < n && (t[i] == ' ' || t[i] == '\t'))
+        i++;
+    i += 4; /* "AUTH" */
+    while (i < n) {
+        while (i < n && (t[i] == ' ' || t[i] == '=' || t[i] == '\t'))
+            i++;
+        size_t w = i;
+        while (i < n && t[i] != ' ' && t[i] != '\t')
+            i++;
+        for (int k = STP_AUTH_PLAIN; k <= STP_AUTH_XOAUTH2; k++)
+            if (i - w == strlen(mech_names[k]) &&
+                strncasecmp(t + w, mech_names[k], i - w) == 0)
+                m |= 1u << k;
+    }
+    return m;
+}
+
+/* A SASL string in base64: at most a 255-byte user and a 4096-byte secret
+ * (config.c), with a few bytes of framing. */
+#define SASL_MAX 4400
+static void send_b64(struct stp_prelude *p, const char *verb,
+                     const char *raw, size_t n)
+{
+    char b64[STP_B64_LEN(SASL_MAX) + 1];
+    if (n > SASL_MAX) {
+        fail(p, STP_FAIL_HOP_AUTH, "credentials too long");
+        return;
+    }
+    stp_b64_encode(raw, n, b64);
+    send_line(p, STP_UP_AUTH, verb, b64);
+    explicit_bzero(b64, sizeof(b64));
+}
+
+/* AUTH with the initial response where the mechanism has one (RFC 4954 4):
+ * one round trip for PLAIN and XOAUTH2. */
+static void send_auth(struct stp_prelude *p)
+{
+    int m = p->cfg.auth;
+    /* The configuration allows no AUTH without TLS; never in clear. */
+    if (p->cfg.starttls && !p->tls_done) {
+        fail(p, STP_FAIL_HOP_AUTH, "AUTH without TLS");
+        return;
+    }
+    if (!(p->offers_auth & (1u << m))) {
+        char why[64];
+        snprintf(why, sizeof(why), "AUTH %s not offered", mech_names[m]);
+        fail(p, STP_FAIL_HOP_AUTH, why);
+        return;
+    }
+    if (m == STP_AUTH_LOGIN) {
+        send_line(p, STP_UP_AUTH, "AUTH LOGIN", "");
+        return;
+    }
+    char raw[SASL_MAX + 1];
+    int n = m == STP_AUTH_PLAIN
+                ? snprintf(raw, sizeof(raw), "%c%s%c%s", 0, p->cfg.user, 0,
+                           p->cfg.secret)
+                : snprintf(raw, sizeof(raw), "user=%s\001auth=Bearer %s\001\001",
+                           p->cfg.user, p->cfg.secret);
+    if (n < 0 || (size_t)n >= sizeof(raw))
+        fail(p, STP_FAIL_HOP_AUTH, "credentials too long");
+    else
+        send_b64(p, m == STP_AUTH_PLAIN ? "AUTH PLAIN " : "AUTH XOAUTH2 ", raw,
+                 (size_t)n);
+    explicit_bzero(raw, sizeof(raw));
+}
+
+/* Next step after the greeting, the handshake, an EHLO or AUTH. */
 static void advance(struct stp_prelude *p)
 {
     if (p->cfg.starttls && !p->tls_done && !p->plaintext) {
         send_line(p, STP_UP_EHLO, hello_verb(p), p->cfg.ehlo_name);
-    } else if (p->cfg.xclient && !p->offers_xclient) {
+    } else if ((p->cfg.xclient || p->cfg.auth) && !p->have_caps) {
         /* After TLS the server's capabilities must be learnt again. */
         send_line(p, STP_UP_EHLO, hello_verb(p), p->cfg.ehlo_name);
+    } else if (p->cfg.auth && !p->authed) {
+        send_auth(p);
     } else if (p->cfg.xclient) {
         send_line(p, STP_UP_XCLIENT, p->cfg.xclient, "");
     } else {
@@ -122,6 +207,48 @@ static bool keep_greeting(struct stp_prelude *p, const char *line, size_t len)
     memcpy(p->greeting + p->greeting_len + len, "\r\n", 2);
     p->greeting_len += len + 2;
     return true;
+}
+
+/* The last line of a reply to AUTH or to one of its continuations. */
+static bool auth_reply(struct stp_prelude *p, int code, const char *line,
+                       size_t len)
+{
+    int m = p->cfg.auth;
+    if (code == 235 && !p->auth_challenged) {
+        p->authed = true;
+        advance(p);
+        return p->step != STP_UP_FAILED;
+    }
+    if (code == 334 && m == STP_AUTH_LOGIN && p->auth_round < 2) {
+        /* The server's prompts ("Username:", "Password:") are not read:
+         * the order is the mechanism's. */
+        const char *v = p->auth_round++ ? p->cfg.secret : p->cfg.user;
+        send_b64(p, "", v, strlen(v));
+        return p->step != STP_UP_FAILED;
+    }
+    if (code == 334 && m == STP_AUTH_XOAUTH2 && !p->auth_challenged) {
+        /* The error challenge: an empty response ends the exchange, and
+         * the final reply says why (RFC 7628 3.2.3). */
+        p->auth_challenged = true;
+        char *c = p->challenge;
+        long dn = len > 4 ? stp_b64_decode(line + 4, len - 4,
+                                           (unsigned char *)c,
+                                           sizeof(p->challenge) - 1)
+                          : -1;
+        if (dn >= 0)
+            c[dn] = '\0'; /* the log escapes what it holds */
+        else
+            snprintf(c, sizeof(p->challenge), "%.*s", (int)len, line);
+        send_line(p, STP_UP_AUTH, "", "");
+        return p->step != STP_UP_FAILED;
+    }
+    char why[400];
+    snprintf(why, sizeof(why), "AUTH refused: %.*s%s%s%s", (int)len, line,
+             p->auth_challenged ? " (" : "",
+             p->auth_challenged ? p->challenge : "",
+             p->auth_challenged ? ")" : "");
+    fail(p, STP_FAIL_HOP_AUTH, why);
+    return false;
 }
 
 /* One whole reply line. Returns false when the prelude stopped. */
@@ -148,9 +275,15 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         if (!last)
             return true;
         if (code != 220) {
-            /* The upstream refuses service: nothing can be set up. */
-            fail(p, p->cfg.starttls ? STP_FAIL_HOP_TLS : STP_FAIL_HOP_IDENTITY,
-                 "greeting was not 220");
+            /* The upstream refuses service: nothing can be set up here,
+             * perhaps at the next address. */
+            char why[160];
+            snprintf(why, sizeof(why), "greeting: %.*s", (int)len, line);
+            fail(p,
+                 p->cfg.fallback   ? STP_FAIL_UNREACHABLE
+                 : p->cfg.starttls ? STP_FAIL_HOP_TLS
+                                   : STP_FAIL_HOP_IDENTITY,
+                 p->cfg.fallback ? why : "greeting was not 220");
             return false;
         }
         advance(p);
@@ -161,13 +294,15 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             p->offers_starttls = true;
         if (code == 250 && !first && stp_ehlo_keyword_is(text, tl, "XCLIENT"))
             p->offers_xclient = true;
+        if (code == 250 && !first && stp_ehlo_keyword_is(text, tl, "AUTH"))
+            p->offers_auth |= auth_mechs(text, tl);
         if (!last)
             return true;
         /* A server that knows no EHLO (500, 502: RFC 821 only) offers no
          * STARTTLS either: opportunistic TLS goes on without it, and the
          * client's own EHLO then meets the same refusal. */
         if ((code == 500 || code == 502) && p->cfg.opportunistic &&
-            !p->tls_done && !p->cfg.xclient) {
+            !p->tls_done && !p->cfg.xclient && !p->cfg.auth) {
             p->plaintext = true;
             advance(p);
             return true;
@@ -175,6 +310,7 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         if (code != 250) {
             fail(p,
                  p->cfg.starttls && !p->tls_done ? STP_FAIL_HOP_TLS
+                 : p->cfg.auth                   ? STP_FAIL_HOP_AUTH
                                                  : STP_FAIL_HOP_IDENTITY,
                  "EHLO refused");
             return false;
@@ -187,10 +323,13 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
             /* This EHLO reply stands: XCLIENT (if offered) or READY. */
             p->plaintext = true;
         } else if (p->cfg.starttls && !p->tls_done) {
-            p->offers_xclient = false; /* forgotten at the TLS boundary */
+            /* forgotten at the TLS boundary */
+            p->offers_xclient = false;
+            p->offers_auth = 0;
             send_line(p, STP_UP_STARTTLS, "STARTTLS", "");
             return true;
         }
+        p->have_caps = true;
         if (p->cfg.xclient && !p->offers_xclient) {
             fail(p, STP_FAIL_HOP_IDENTITY, "XCLIENT not offered");
             return false;
@@ -213,6 +352,10 @@ static bool reply_line(struct stp_prelude *p, const char *line, size_t len,
         if (step_to(p, STP_UP_TLS))
             p->ops->start_tls(p->ctx);
         return false; /* the rest of the input belongs to TLS */
+    case STP_UP_AUTH:
+        if (!last)
+            return true;
+        return auth_reply(p, code, line, len);
     case STP_UP_XCLIENT:
         /* Postfix answers XCLIENT with a new greeting, for the client. */
         if (first && code == 220)

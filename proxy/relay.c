@@ -167,14 +167,15 @@ static void conn_closed(void *owner)
 
 static void close_upstream(struct stp_session *s)
 {
+    stp_hop_cancel(&s->hop);
     if (s->upstream_closed)
         return;
     s->upstream_closed = true;
     if (!s->upstream)
         return; /* never connected */
     /* The counts stop at close; the disconnect line may come later. */
-    s->upstream_in = stp_conn_bytes_in(s->upstream);
-    s->upstream_out = stp_conn_bytes_out(s->upstream);
+    s->upstream_in += stp_conn_bytes_in(s->upstream);
+    s->upstream_out += stp_conn_bytes_out(s->upstream);
     stp_conn_close(s->upstream, conn_closed);
     s->upstream = s->hop.conn = NULL; /* freed in its close callback */
 }
@@ -205,6 +206,7 @@ static void drain_and_close(struct stp_session *s,
     if (s->state >= STP_SS_DRAINING)
         return;
     session_reason(s, reason);
+    stp_hop_cancel(&s->hop); /* no new attempt while the reply drains */
     if (cut_upstream)
         close_upstream(s);
     transition(s, STP_SS_DRAINING);
@@ -656,26 +658,31 @@ static void hop_fail(void *ctx, enum stp_fail why, enum stp_close_reason r)
     engine_fail(ctx, why, r);
 }
 
-static const struct stp_hop_ops hop_ops = {hop_stage, hop_ready, hop_fail};
+/* Each address the hop tries gets a connection of its family; an earlier
+ * attempt's is closed (its bytes still count). */
+static int hop_connection(void *ctx, int family)
+{
+    struct stp_session *s = ctx;
+    if (s->upstream) {
+        s->upstream_in += stp_conn_bytes_in(s->upstream);
+        s->upstream_out += stp_conn_bytes_out(s->upstream);
+        stp_conn_close(s->upstream, conn_closed);
+        s->upstream = s->hop.conn = NULL;
+    }
+    int r = stp_conn_new(s->srv->loop, family, on_upstream, s, &s->upstream);
+    if (r < 0)
+        return r;
+    s->open_handles++;
+    s->hop.conn = s->upstream;
+    return 0;
+}
+
+static const struct stp_hop_ops hop_ops = {hop_stage, hop_ready, hop_fail,
+                                           hop_connection};
 
 static void start_upstream(struct stp_session *s)
 {
-    if (stp_hop_resolve(&s->hop, s->srv) < 0)
-        return; /* the hop reported it */
-    int r = stp_conn_new(s->srv->loop, s->hop.dst->ss_family, on_upstream, s,
-                         &s->upstream);
-    if (r < 0) {
-        stp_log(STP_LOG_WARN,
-                SID " event=upstream_error upstream=%s address=%s "
-                    "error=\"%s\"",
-                s->id, s->up->name, s->up->address_text, stp_strerror(r));
-        transition(s, STP_SS_CONNECTING);
-        engine_fail(s, STP_FAIL_UNREACHABLE, STP_CLOSE_UPSTREAM_UNREACHABLE);
-        return;
-    }
-    s->open_handles++;
-    s->hop.conn = s->upstream;
-    stp_hop_start(&s->hop);
+    stp_hop_start(&s->hop, s->srv);
 }
 
 static void on_timer(uv_timer_t *t)
@@ -741,7 +748,9 @@ static void session_begin(struct stp_session *s)
         if (lc->tls == STP_TLS_IMPLICIT)
             finish(s); /* a handshake just to refuse would cost more */
         else
-            s->proto->fail(s->engine, STP_FAIL_LIMIT);
+            s->proto->fail(s->engine, limit == STP_CLOSE_NOT_ALLOWED
+                                          ? STP_FAIL_DENIED
+                                          : STP_FAIL_LIMIT);
         return;
     }
     if (lc->tls == STP_TLS_IMPLICIT) {
@@ -791,6 +800,7 @@ static void session_setup(struct stp_session *s, uint64_t id)
         .require_tls = lc->require_tls,
         .tls_active = lc->tls == STP_TLS_IMPLICIT,
         .upstream_tls = s->up->tls != STP_TLS_NONE,
+        .upstream_auth = s->up->auth != STP_AUTH_NONE,
         .max_line = lc->max_line,
         .max_errors = lc->max_errors,
         .hostname = s->gen->cfg.hostname,
@@ -806,6 +816,9 @@ static void session_setup(struct stp_session *s, uint64_t id)
         .client = s->client,
         .client_addr = (const struct sockaddr *)&s->front.addr,
         .client_transparent = lc->transparent,
+        .loop = s->srv->loop,
+        .down_until = s->gen->up_down[s->up - s->gen->cfg.upstreams],
+        .entry = -1,
         .ops = &hop_ops,
         .ctx = s,
     };

@@ -23,10 +23,13 @@ static const unsigned legal_moves[STP_SS_COUNT] = {
     [STP_SS_PROXY_HEADER] = TO(STP_SS_TLS_ACCEPT) | TO(STP_SS_CONNECTING) |
                             ENDS,
     [STP_SS_TLS_ACCEPT] = TO(STP_SS_CONNECTING) | ENDS,
-    [STP_SS_CONNECTING] = TO(STP_SS_UPSTREAM_TLS) | TO(STP_SS_PRELUDE) |
-                          TO(STP_SS_RELAY) | ENDS,
-    [STP_SS_UPSTREAM_TLS] = TO(STP_SS_PRELUDE) | TO(STP_SS_RELAY) | ENDS,
-    [STP_SS_PRELUDE] = TO(STP_SS_UPSTREAM_TLS) | TO(STP_SS_RELAY) | ENDS,
+    /* Back to CONNECTING: the next address, when one gave no service. */
+    [STP_SS_CONNECTING] = TO(STP_SS_CONNECTING) | TO(STP_SS_UPSTREAM_TLS) |
+                          TO(STP_SS_PRELUDE) | TO(STP_SS_RELAY) | ENDS,
+    [STP_SS_UPSTREAM_TLS] = TO(STP_SS_CONNECTING) | TO(STP_SS_PRELUDE) |
+                            TO(STP_SS_RELAY) | ENDS,
+    [STP_SS_PRELUDE] = TO(STP_SS_CONNECTING) | TO(STP_SS_UPSTREAM_TLS) |
+                       TO(STP_SS_RELAY) | ENDS,
     [STP_SS_RELAY] = TO(STP_SS_STARTTLS) | ENDS,
     [STP_SS_STARTTLS] = TO(STP_SS_HANDSHAKE) | ENDS,
     [STP_SS_HANDSHAKE] = TO(STP_SS_RELAY) | ENDS,

@@ -58,6 +58,7 @@ const char *stp_close_reason_name(enum stp_close_reason r)
         [STP_CLOSE_PROXY_HEADER_INVALID] = "proxy_header_invalid",
         [STP_CLOSE_PROXY_HEADER_TIMEOUT] = "proxy_header_timeout",
         [STP_CLOSE_PROXY_NOT_ALLOWED] = "proxy_not_allowed",
+        [STP_CLOSE_NOT_ALLOWED] = "not_allowed",
         [STP_CLOSE_LOOP] = "loop",
     };
     return r < STP_CLOSE_COUNT && names[r] ? names[r] : "?";
@@ -283,6 +284,13 @@ static const char *local_reply(struct stp_smtp *s,
     if (s->cfg.require_tls && !s->tls && !allowed_before_tls(c)) {
         *why = "tls_required";
         return "530 5.7.0 Must issue a STARTTLS command first\r\n";
+    }
+    /* The proxy holds the next hop's login: a client neither sees AUTH
+     * nor reaches the account's own AUTH (Postfix's wording when SASL is
+     * off). */
+    if (c == STP_CMD_AUTH && s->cfg.upstream_auth) {
+        *why = "auth_by_proxy";
+        return "503 5.5.1 Error: authentication not enabled\r\n";
     }
     /* RFC 4954 4, Postfix smtpd_tls_auth_only: where TLS is offered, no
      * password crosses in clear, whatever the upstream would accept. */
@@ -601,6 +609,8 @@ static bool ehlo_flush(struct stp_smtp *s)
     unsigned flags = 0;
     if (s->cfg.offer_starttls && !s->tls)
         flags |= STP_EHLO_OFFER_STARTTLS | STP_EHLO_STRIP_AUTH;
+    if (s->cfg.upstream_auth)
+        flags |= STP_EHLO_STRIP_AUTH;
     /* REQUIRETLS promises TLS on every hop: offered only when both legs
      * are encrypted (a plaintext client leg is already a hop without). */
     if (!s->cfg.upstream_tls || !s->tls)
@@ -771,6 +781,11 @@ void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why)
         [STP_FAIL_HOP_LOOP] = {"421 4.4.6 %s Error: mail loop: the original "
                                "destination is this proxy\r\n",
                                STP_CLOSE_LOOP},
+        [STP_FAIL_HOP_AUTH] = {"421 4.7.0 %s Error: next hop refused the "
+                               "proxy's authentication\r\n",
+                               STP_CLOSE_NEXT_HOP},
+        [STP_FAIL_DENIED] = {"554 5.7.1 %s Error: access denied\r\n",
+                             STP_CLOSE_NOT_ALLOWED},
     };
     STP_ASSERT((size_t)why < STP_ARRAY_LEN(replies));
     reply_421_close(s, replies[why].text, replies[why].reason);

@@ -16,6 +16,7 @@ static void init(void *e, const struct stp_proto_cfg *cfg,
         .require_tls = cfg->require_tls,
         .tls_active = cfg->tls_active,
         .upstream_tls = cfg->upstream_tls,
+        .upstream_auth = cfg->upstream_auth,
         .lmtp = lmtp,
         .max_line = cfg->max_line,
         .max_errors = cfg->max_errors,
@@ -103,8 +104,8 @@ static int prelude_new(const struct stp_prelude_cfg *cfg,
                        bool lmtp)
 {
     *out = NULL;
-    if (!cfg->starttls && !cfg->identity)
-        return 0;
+    if (!cfg->starttls && !cfg->identity && !cfg->fallback && !cfg->auth)
+        return 0; /* the engine reads the greeting itself */
     char xclient[256];
     size_t xl = 0;
     /* Never carry on without the identity the upstream relies on. */
@@ -124,6 +125,10 @@ static int prelude_new(const struct stp_prelude_cfg *cfg,
         .ehlo_name = cfg->hostname,
         .lmtp = lmtp,
         .xclient = xl ? memcpy((char *)(p + 1), xclient, xl) : NULL,
+        .fallback = cfg->fallback,
+        .auth = cfg->auth,
+        .user = cfg->user,
+        .secret = cfg->secret,
     };
     stp_up_init(p, &pc, ops, ctx);
     *out = p;

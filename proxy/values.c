@@ -7,6 +7,7 @@
 #include <strings.h>
 
 #include "config.h"
+#include "config_parser.h"
 #include "stp.h"
 
 /* Decimal digits only: strtoul would accept blanks, signs and "0x". */
@@ -91,6 +92,73 @@ int stp_parse_hostport(const char *text, struct sockaddr_storage *ss)
         sin->sin_family = AF_INET;
         sin->sin_port = htons((uint16_t)port);
     }
+    return 0;
+}
+
+bool stp_valid_dns_name(const char *text)
+{
+    static const char ldh[] = "abcdefghijklmnopqrstuvwxyz"
+                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-";
+    size_t n = strlen(text);
+    if (n == 0 || n > 253)
+        return false;
+    const char *label = text, *last = text;
+    for (;;) {
+        size_t l = strcspn(label, ".");
+        if (l == 0 || l > 63 || label[0] == '-' || label[l - 1] == '-' ||
+            strspn(label, ldh) < l)
+            return false; /* "a..b", "a.", "-a", "a_b" */
+        last = label;
+        if (label[l] == '\0')
+            break;
+        label += l + 1;
+    }
+    /* "1.2.3", "10.1" or "0x7f.1" are no names: getaddrinfo() would take
+     * them as IPv4 addresses (inet_aton's forms), not what was meant. */
+    struct in_addr a;
+    return strspn(last, "0123456789") != strlen(last) && inet_aton(text, &a) == 0;
+}
+
+/* PORT: 1..65535, digits only. */
+static int parse_port(const char *text, uint16_t *port)
+{
+    uint64_t v;
+    if (stp_parse_uint(&text, 65535, &v) < 0 || *text != '\0' || v == 0)
+        return -EINVAL;
+    *port = (uint16_t)v;
+    return 0;
+}
+
+int stp_parse_hop(const char *text, size_t len, struct stp_hop_addr *out)
+{
+    char buf[256 + 8]; /* a 253-character name and a port */
+    memset(out, 0, sizeof(*out));
+    if (len == 0 || len >= sizeof(buf))
+        return -EINVAL;
+    memcpy(buf, text, len);
+    buf[len] = '\0';
+    char *colon = strrchr(buf, ':');
+    if (colon == NULL)
+        return -EINVAL;
+    *colon = '\0';
+    const char *host = buf;
+    bool v6 = buf[0] == '[';
+    struct in_addr a4;
+    if (v6 || inet_pton(AF_INET, buf, &a4) == 1) {
+        *colon = ':';
+        if (stp_parse_hostport(buf, &out->addr) < 0 ||
+            (out->port = stp_addr_port(&out->addr)) == 0)
+            return -EINVAL;
+        /* The host as written: before the ':', inside the brackets. */
+        host = buf + v6;
+        *(v6 ? colon - 1 : colon) = '\0';
+    } else if (!stp_valid_dns_name(buf) || parse_port(colon + 1, &out->port) < 0) {
+        return -EINVAL;
+    } else {
+        out->is_name = true;
+    }
+    if ((out->host = strdup(host)) == NULL)
+        return -ENOMEM;
     return 0;
 }
 

@@ -1,7 +1,9 @@
 /* libFuzzer target for the upstream prelude (stp_up_*).
  *
  * Input: one config byte (bit 0: STARTTLS, bit 1: XCLIENT, bits 2-3: which
- * EHLO name, bit 4: opportunistic, which implies STARTTLS), one seed byte for the read sizes, then the upstream's bytes.
+ * EHLO name, bit 4: opportunistic, which implies STARTTLS, bits 5-6: AUTH
+ * none, PLAIN, LOGIN, XOAUTH2, bit 7: another address is left), one seed
+ * byte for the read sizes, then the upstream's bytes.
  * The harness behaves like the session: the bytes arrive in reads of random
  * sizes (or of whole lines), unconsumed bytes stay buffered and are offered
  * again with the next read; when start_tls is requested, whatever is still
@@ -23,7 +25,12 @@
  *    opportunistic and STARTTLS was never sent (not offered: one EHLO);
  *    never ready in plaintext once STARTTLS was sent (no downgrade); ready
  *    with XCLIENT configured only after XCLIENT was sent;
- *  - FAIL_TLS only with STARTTLS configured;
+ *  - AUTH and its responses only when configured, after an EHLO, never
+ *    before TLS when STARTTLS is configured, the credentials only in
+ *    them; ready with AUTH configured only after it was sent; an empty
+ *    line only to answer XOAUTH2's error challenge;
+ *  - FAIL_TLS only with STARTTLS configured, FAIL_AUTH only with AUTH,
+ *    FAIL_UNREACHABLE only with another address left;
  *  - stp_up_input never consumes more than offered, and nothing once it
  *    is in the TLS, READY or FAILED step. */
 #include <stdbool.h>
@@ -32,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
 #include "prelude.h"
 #include "fuzz.h"
 
@@ -55,6 +63,9 @@ static const char *const names[4] = {
 };
 
 #define XCL "XCLIENT ADDR=IPV6:2001:db8::1 PORT=41234 NAME=[UNAVAILABLE]"
+/* dev / s3cret: the lines that may carry them */
+#define A_PLAIN "AUTH PLAIN AGRldgBzM2NyZXQ="
+#define A_XOA "AUTH XOAUTH2 dXNlcj1kZXYBYXV0aD1CZWFyZXIgczNjcmV0AQE="
 
 struct fz {
     struct stp_prelude p;
@@ -66,7 +77,8 @@ struct fz {
     int readies, fails, start_tls;
     bool tls_pending;  /* start_tls called, tls_done not yet */
     bool tls_done;
-    bool sent_starttls, sent_xclient;
+    bool sent_starttls, sent_xclient, sent_auth;
+    int auth_lines;        /* continuations sent */
     int ehlos;
     bool last_was_starttls; /* the last line sent was STARTTLS */
     char ubuf[BUF];
@@ -89,7 +101,10 @@ static void op_send(void *ctx, const char *line, size_t n)
     CHECK(!F.ended, "send after fail/ready");
     CHECK(!F.tls_pending, "send during the handshake");
     CHECK(F.in_call || F.tls_done, "send outside input/tls_done");
-    CHECK(n > 0 && n < 1024, "sent line empty or huge");
+    CHECK(n < 1024, "sent line huge");
+    CHECK(n > 0 || (F.cfg.auth == STP_AUTH_XOAUTH2 && F.sent_auth &&
+                    F.p.auth_challenged && F.auth_lines++ == 0),
+          "empty line, not the one answer to an XOAUTH2 challenge");
     CHECK(!memchr(line, '\r', n) && !memchr(line, '\n', n) &&
               !memchr(line, '\0', n),
           "sent line with CR/LF/NUL");
@@ -100,7 +115,8 @@ static void op_send(void *ctx, const char *line, size_t n)
         CHECK(F.ehlos <= (F.cfg.starttls ? 2 : 1), "too many EHLOs");
         CHECK(!F.cfg.starttls || (F.ehlos == 1) == !F.tls_done,
               "EHLO at the wrong time");
-        CHECK(F.cfg.starttls || F.cfg.xclient, "EHLO with nothing to do");
+        CHECK(F.cfg.starttls || F.cfg.xclient || F.cfg.auth,
+              "EHLO with nothing to do");
     } else if (n == 8 && memcmp(line, "STARTTLS", 8) == 0) {
         CHECK(F.cfg.starttls, "STARTTLS not configured");
         CHECK(!F.tls_done && !F.sent_starttls, "STARTTLS twice/after TLS");
@@ -114,7 +130,23 @@ static void op_send(void *ctx, const char *line, size_t n)
               "XCLIENT before TLS");
         CHECK(F.ehlos >= 1, "XCLIENT before EHLO");
         F.sent_xclient = true;
-    } else {
+    } else if (F.cfg.auth && !F.sent_auth &&
+               ((F.cfg.auth == STP_AUTH_PLAIN && n == strlen(A_PLAIN) &&
+                 memcmp(line, A_PLAIN, n) == 0) ||
+                (F.cfg.auth == STP_AUTH_LOGIN && n == 10 &&
+                 memcmp(line, "AUTH LOGIN", n) == 0) ||
+                (F.cfg.auth == STP_AUTH_XOAUTH2 && n == strlen(A_XOA) &&
+                 memcmp(line, A_XOA, n) == 0))) {
+        CHECK(!F.cfg.starttls || F.tls_done, "AUTH before TLS");
+        CHECK(F.ehlos >= 1, "AUTH before EHLO");
+        CHECK(!F.sent_xclient, "AUTH after XCLIENT");
+        F.sent_auth = true;
+    } else if (F.cfg.auth == STP_AUTH_LOGIN && F.sent_auth &&
+               ((F.auth_lines == 0 && n == 4 && memcmp(line, "ZGV2", 4) == 0) ||
+                (F.auth_lines == 1 && n == 8 &&
+                 memcmp(line, "czNjcmV0", 8) == 0))) {
+        F.auth_lines++;
+    } else if (n > 0) {
         CHECK(false, "unexpected line sent");
     }
 }
@@ -170,6 +202,8 @@ static void op_ready(void *ctx, const char *g, size_t n)
           "ready without the STARTTLS handshake");
     CHECK(!F.sent_starttls || F.tls_done, "ready after STARTTLS, without TLS");
     CHECK(!F.cfg.xclient || F.sent_xclient, "ready without XCLIENT sent");
+    CHECK(!F.cfg.auth || (F.sent_auth && F.p.authed),
+          "ready without AUTH accepted");
     CHECK(is_220_greeting(g, n), "greeting is not one 220 reply of CRLF lines");
     F.ended = true;
     F.readies++;
@@ -181,10 +215,12 @@ static void op_fail(void *ctx, enum stp_fail f, const char *reason)
     CHECK(!F.ended, "fail after fail/ready");
     CHECK(!F.tls_pending, "fail during the handshake");
     CHECK(f == STP_FAIL_HOP_TLS || f == STP_FAIL_HOP_IDENTITY ||
-              f == STP_FAIL_HOP_PROTOCOL,
+              f == STP_FAIL_HOP_PROTOCOL ||
+              (f == STP_FAIL_HOP_AUTH && F.cfg.auth) ||
+              (f == STP_FAIL_UNREACHABLE && F.cfg.fallback),
           "bad failure category");
     CHECK(reason && *reason, "fail without a reason");
-    CHECK(!strstr(reason, "illegal"), reason);
+    CHECK(strncmp(reason, "internal error", 14) != 0, reason); /* step_to */
 #if STRICT_FAIL_CATEGORY
     CHECK(f != STP_FAIL_HOP_TLS || F.cfg.starttls,
           "FAIL_TLS without STARTTLS configured");
@@ -268,6 +304,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     F.cfg.starttls = (c & 1) || F.cfg.opportunistic;
     F.cfg.xclient = (c & 2) ? XCL : NULL;
     F.cfg.ehlo_name = names[(c >> 2) & 3];
+    F.cfg.auth = (c >> 5) & 3; /* STP_AUTH_NONE .. STP_AUTH_XOAUTH2 */
+    F.cfg.fallback = c & 128;
+    F.cfg.user = "dev";
+    F.cfg.secret = "s3cret";
     F.ehlo_len = (size_t)snprintf(F.ehlo, sizeof(F.ehlo), "EHLO %s",
                                   F.cfg.ehlo_name);
     rng = 0x9e3779b9u ^ ((uint32_t)data[1] * 0x01000193u) ^ (uint32_t)(c << 8);

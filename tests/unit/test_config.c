@@ -2,6 +2,7 @@
  * the exact "FILE:LINE: message" of every class of error. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "secret.h"
 #include "stp.h"
 
 #include "checks.h"
@@ -327,8 +329,8 @@ static void test_errors(void)
          "t.ini:2: invalid value '30 s' for timeout_connect (expected a duration "
          "greater than 0 like 300s, 5m, 1h or 250ms)"},
         {"[upstream u]\naddress = 1.2.3.4:0\n",
-         "t.ini:2: invalid value '1.2.3.4:0' for address (expected a numeric "
-         "HOST:PORT such as 127.0.0.1:25 or [::1]:25)"},
+         "t.ini:2: invalid value '1.2.3.4:0' for address (expected HOST:PORT "
+         "such as 192.0.2.1:25, [2001:db8::1]:25 or mx.example.net:25)"},
         /* whole sections */
         {"[proxy]\n[listener a]\nupstream = up\n" UP,
          "t.ini:2: listener 'a' has no listen address"},
@@ -488,9 +490,19 @@ static void test_defaults(void)
         CHECK(l->line == 1);
         CHECK_STR(u->name, "up");
         CHECK_STR(u->address_text, "127.0.0.1:2525");
+        CHECK(u->n_addrs == 1 && !u->addrs[0].is_name &&
+              u->addrs[0].port == 2525);
+        CHECK_STR(u->addrs[0].host, "127.0.0.1");
         CHECK(u->tls == STP_TLS_NONE);
+        CHECK(u->server_name == NULL); /* each entry's host */
         CHECK(u->timeout_connect_ms == 30000);
+        CHECK(u->retry_after_ms == 30000);
+        CHECK(u->auth == STP_AUTH_NONE && u->line_auth == 0);
+        CHECK(u->username == NULL && u->password == NULL &&
+              u->password_file == NULL && u->token_file == NULL);
+        CHECK(u->helo_name == NULL); /* [proxy] hostname */
         CHECK(u->line == 4);
+        CHECK(l->allow == NULL && l->n_allow == 0 && l->line_allow == 0);
     }
     stp_config_free(&cfg);
     CHECK(is_zeroed(&cfg));
@@ -674,7 +686,8 @@ static void test_full(const char *cert, const char *key)
 
     const struct stp_upstream_cfg *u = &cfg.upstreams[0];
     CHECK_STR(u->name, "other");
-    stp_format_addr((const struct sockaddr *)&u->addr, buf, sizeof(buf));
+    CHECK(u->n_addrs == 1 && !u->addrs[0].is_name);
+    stp_format_addr((const struct sockaddr *)&u->addrs[0].addr, buf, sizeof(buf));
     CHECK_STR(buf, "[::1]:2526");
     CHECK(u->timeout_connect_ms == 30000);
     CHECK(u->line == 22);
@@ -801,13 +814,550 @@ static void test_tls_keys(const char *cert, const char *key)
     }
     const struct stp_upstream_cfg *up = &c.upstreams[0], *v = &c.upstreams[1];
     CHECK(up->tls == STP_TLS_NONE && up->verify && up->identity == STP_ID_NONE);
-    CHECK_STR(up->server_name, "::1");
+    CHECK(up->server_name == NULL); /* the entry's host, ::1, is checked */
     CHECK(v->tls == STP_TLS_IMPLICIT && !v->verify);
     CHECK_STR(v->server_name, "relay.example.net");
     CHECK(v->identity == STP_ID_PROXY_V2);
     CHECK(v->tlsp.min_version == STP_TLS_V1_3);
     CHECK_STR(v->cert, cert);
     stp_config_free(&c);
+}
+
+/* A loopback listener: its upstream may log in without allow =. */
+#define LST_LO "[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n"
+#define HOSTPORT_EXPECTED                                                      \
+    "(expected HOST:PORT such as 192.0.2.1:25, [2001:db8::1]:25 or "           \
+    "mx.example.net:25)"
+
+/* Each text is parsed as "t.ini" and must fail with exactly this message,
+ * leaving nothing behind. */
+struct bad_case {
+    const char *text;
+    const char *err;
+};
+
+static void check_bad(const struct bad_case *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct stp_config cfg;
+        char err[512] = "untouched";
+        int rc = stp_config_parse_string("t.ini", cases[i].text, &cfg, err,
+                                         sizeof(err));
+        CHECK(rc == -EINVAL);
+        CHECK_STR(err, cases[i].err);
+        CHECK(is_zeroed(&cfg));
+    }
+}
+
+/* address = A, B, ...: numeric entries parsed, names kept for the next hop
+ * to resolve, the text as written for logs. */
+static void test_address_lists(void)
+{
+    struct stp_config c;
+    char err[512] = "";
+    char buf[64];
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_A "[upstream up]\naddress = [2001:DB8::1]:587 ,mx.Example.net:25,"
+                    "\t192.0.2.1:2525 , localhost:26\n",
+              &c, err, sizeof(err)) == 0);
+    CHECK_STR(err, "");
+    const struct stp_upstream_cfg *u = &c.upstreams[0];
+    CHECK_STR(u->address_text, "[2001:DB8::1]:587 ,mx.Example.net:25,"
+                               "\t192.0.2.1:2525 , localhost:26");
+    CHECK(!u->original_dst && u->n_addrs == 4);
+    if (u->n_addrs == 4) {
+        CHECK_STR(u->addrs[0].host, "2001:DB8::1");
+        CHECK(!u->addrs[0].is_name && u->addrs[0].port == 587);
+        stp_format_addr((const struct sockaddr *)&u->addrs[0].addr, buf,
+                        sizeof(buf));
+        CHECK_STR(buf, "[2001:db8::1]:587");
+        CHECK_STR(u->addrs[1].host, "mx.Example.net"); /* as written */
+        CHECK(u->addrs[1].is_name && u->addrs[1].port == 25);
+        CHECK(u->addrs[1].addr.ss_family == AF_UNSPEC);
+        CHECK_STR(u->addrs[2].host, "192.0.2.1");
+        stp_format_addr((const struct sockaddr *)&u->addrs[2].addr, buf,
+                        sizeof(buf));
+        CHECK_STR(buf, "192.0.2.1:2525");
+        CHECK(!u->addrs[2].is_name && u->addrs[2].port == 2525);
+        CHECK_STR(u->addrs[3].host, "localhost");
+        CHECK(u->addrs[3].is_name && u->addrs[3].port == 26);
+    }
+    stp_config_free(&c);
+
+    /* Names a resolver takes as they are; nothing is looked up (-t works
+     * offline), so an unknown name loads. */
+    static const char *const names[] = {
+        "a:1", "localhost:65535", "xn--bcher-kva.example:25",
+        "a-b.c-d.e:25", "1a.example:25", "mx1.example.123a:25",
+        "no-such-host.invalid:25", "MX.EXAMPLE.NET:25",
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(names); i++) {
+        char text[512];
+        snprintf(text, sizeof(text), MINIMAL "[upstream v]\naddress = %s\n",
+                 names[i]);
+        int rc = stp_config_parse_string("t.ini", text, &c, err, sizeof(err));
+        if (rc != 0)
+            fprintf(stderr, "  refused %s: %s\n", names[i], err);
+        CHECK(rc == 0);
+        if (rc == 0)
+            CHECK(c.upstreams[1].n_addrs == 1 && c.upstreams[1].addrs[0].is_name);
+        stp_config_free(&c);
+    }
+    /* The longest label and the longest name. */
+    char *longest = with_run("[upstream up]\naddress = %s.example:25\n" LST_A,
+                             63, 'a');
+    CHECK(stp_config_parse_string("t.ini", longest, &c, err, sizeof(err)) == 0);
+    stp_config_free(&c);
+    free(longest);
+    char name[254];
+    for (int i = 0; i < 253; i++)
+        name[i] = i % 2 ? '.' : 'a'; /* a.a.a...a: 127 labels */
+    name[253] = '\0';
+    char text[1200];
+    snprintf(text, sizeof(text), LST_A "[upstream up]\naddress = %s:25\n", name);
+    CHECK(stp_config_parse_string("t.ini", text, &c, err, sizeof(err)) == 0);
+    CHECK(c.n_upstreams == 1 && c.upstreams[0].n_addrs == 1);
+    stp_config_free(&c);
+    snprintf(text, sizeof(text), LST_A "[upstream up]\naddress = a%s:25\n", name);
+    CHECK(stp_config_parse_string("t.ini", text, &c, err, sizeof(err)) < 0);
+    CHECK(strstr(err, "t.ini:5: invalid value 'aa.a.a") == err);
+
+    /* Sixteen entries, the most there may be. */
+    char list[600] = "";
+    for (int i = 1; i <= 16; i++)
+        snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s10.0.0.%d:25",
+                 i > 1 ? ", " : "", i);
+    snprintf(text, sizeof(text), LST_A "[upstream up]\naddress = %s\n", list);
+    CHECK(stp_config_parse_string("t.ini", text, &c, err, sizeof(err)) == 0);
+    CHECK(c.upstreams[0].n_addrs == 16);
+    stp_config_free(&c);
+    snprintf(text, sizeof(text), LST_A "[upstream up]\naddress = %s,a.test:1\n", list);
+    CHECK(stp_config_parse_string("t.ini", text, &c, err, sizeof(err)) == -EINVAL);
+    CHECK_STR(err, "t.ini:5: more than 16 entries in address");
+    CHECK(is_zeroed(&c));
+
+    /* The same host on another port is another entry. */
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_A "[upstream up]\naddress = mx.test:25, mx.test:587, "
+                    "192.0.2.1:25, 192.0.2.1:26\n",
+              &c, err, sizeof(err)) == 0);
+    CHECK(c.upstreams[0].n_addrs == 4);
+    stp_config_free(&c);
+
+    /* TLS with verify: each entry's host is the name checked. */
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_A "[upstream up]\naddress = mx.test:25, [::1]:25\ntls = starttls\n",
+              &c, err, sizeof(err)) == 0);
+    CHECK(c.upstreams[0].verify && c.upstreams[0].server_name == NULL);
+    stp_config_free(&c);
+
+    /* source = ADDRESS: numeric entries must be of its family; names are
+     * resolved to addresses of that family. */
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_A "[upstream up]\naddress = mx.test:25, 192.0.2.1:25\n"
+                    "source = 192.0.2.9\n",
+              &c, err, sizeof(err)) == 0);
+    CHECK(c.upstreams[0].line_source == 6);
+    stp_config_free(&c);
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_A "[upstream up]\naddress = mx.test:25\nsource = [::1]\n",
+              &c, err, sizeof(err)) == 0);
+    stp_config_free(&c);
+
+    static const struct bad_case bad[] = {
+#define ADDR(v) LST_A "[upstream up]\naddress = " v "\n"
+#define BAD_ENTRY(e) "t.ini:5: invalid value '" e "' for address " HOSTPORT_EXPECTED
+        {ADDR(""), "t.ini:5: empty value for address"},
+        {ADDR(","), "t.ini:5: empty entry in address (two ',' in a row or "
+                    "one at an end)"},
+        {ADDR("1.2.3.4:25,,1.2.3.5:25"), "t.ini:5: empty entry in address "
+                                         "(two ',' in a row or one at an end)"},
+        {ADDR("1.2.3.4:25 , "), "t.ini:5: empty entry in address (two ',' "
+                                "in a row or one at an end)"},
+        {ADDR(", 1.2.3.4:25"), "t.ini:5: empty entry in address (two ',' in "
+                               "a row or one at an end)"},
+        {ADDR("1.2.3.4:25, 1.2.3.4:25"),
+         "t.ini:5: duplicate entry '1.2.3.4:25' in address"},
+        {ADDR("[::1]:25,[0:0::1]:25"),
+         "t.ini:5: duplicate entry '[0:0::1]:25' in address"},
+        {ADDR("MX.example.net:25, 1.2.3.4:25, mx.EXAMPLE.net:25"),
+         "t.ini:5: duplicate entry 'mx.EXAMPLE.net:25' in address"},
+        {ADDR("original-destination, 1.2.3.4:25"),
+         "t.ini:5: original-destination cannot be part of a list in address"},
+        {ADDR("1.2.3.4:25, Original-Destination"),
+         "t.ini:5: original-destination cannot be part of a list in address"},
+        {ADDR("1.2.3.4:25, mx.test"), BAD_ENTRY("mx.test")},
+        {ADDR("mx.test:0"), BAD_ENTRY("mx.test:0")},
+        {ADDR("mx.test:65536"), BAD_ENTRY("mx.test:65536")},
+        {ADDR("mx.test:25x"), BAD_ENTRY("mx.test:25x")},
+        {ADDR("mx.test:+25"), BAD_ENTRY("mx.test:+25")},
+        {ADDR("mx.test:"), BAD_ENTRY("mx.test:")},
+        {ADDR("mx.test :25"), BAD_ENTRY("mx.test :25")},
+        {ADDR("[::1]:25 [::2]:25"), BAD_ENTRY("[::1]:25 [::2]:25")},
+        {ADDR("1.2.3.4:0"), BAD_ENTRY("1.2.3.4:0")},
+        {ADDR("[::1]:0"), BAD_ENTRY("[::1]:0")},
+        {ADDR("[::1]"), BAD_ENTRY("[::1]")},
+        {ADDR("::1:25"), BAD_ENTRY("::1:25")},
+        {ADDR("[1.2.3.4]:25"), BAD_ENTRY("[1.2.3.4]:25")},
+        {ADDR("[mx.test]:25"), BAD_ENTRY("[mx.test]:25")},
+        {ADDR("1.2.3.4:25:26"), BAD_ENTRY("1.2.3.4:25:26")},
+        /* numeric-looking names: a resolver would read them as IPv4 */
+        {ADDR("1.2.3:25"), BAD_ENTRY("1.2.3:25")},
+        {ADDR("256.1.1.1:25"), BAD_ENTRY("256.1.1.1:25")},
+        {ADDR("12345:25"), BAD_ENTRY("12345:25")},
+        {ADDR("0x7f.1:25"), BAD_ENTRY("0x7f.1:25")},
+        {ADDR("0x7f000001:25"), BAD_ENTRY("0x7f000001:25")},
+        {ADDR("mx.example.1:25"), BAD_ENTRY("mx.example.1:25")},
+        /* labels */
+        {ADDR("a..b:25"), BAD_ENTRY("a..b:25")},
+        {ADDR(".a:25"), BAD_ENTRY(".a:25")},
+        {ADDR("mx.test.:25"), BAD_ENTRY("mx.test.:25")},
+        {ADDR("-mx.test:25"), BAD_ENTRY("-mx.test:25")},
+        {ADDR("mx-.test:25"), BAD_ENTRY("mx-.test:25")},
+        {ADDR("mx.test-:25"), BAD_ENTRY("mx.test-:25")},
+        {ADDR("mx_1.test:25"), BAD_ENTRY("mx_1.test:25")},
+        {ADDR("m\xc3\xa9.test:25"), BAD_ENTRY("m\xc3\xa9.test:25")},
+        {ADDR("original-dst"), BAD_ENTRY("original-dst")},
+        /* source = ADDRESS against each numeric entry */
+        {LST_A "[upstream up]\naddress = mx.test:25, [::1]:25\n"
+               "source = 127.0.0.1\n",
+         "t.ini:6: source is not of the address family of [::1]:25"},
+        {LST_A "[upstream up]\naddress = [::1]:25, 10.0.0.1:25\n"
+               "source = ::1\n",
+         "t.ini:6: source is not of the address family of 10.0.0.1:25"},
+        {LST_A "[upstream up]\naddress = [::1]:25\naddress = [::2]:25\n",
+         "t.ini:6: duplicate key 'address'"},
+#undef ADDR
+#undef BAD_ENTRY
+    };
+    check_bad(bad, STP_ARRAY_LEN(bad));
+
+    /* A 64-character label. */
+    char *label64 = with_run(LST_A "[upstream up]\naddress = %s.test:25\n", 64, 'a');
+    CHECK(stp_config_parse_string("t.ini", label64, &c, err, sizeof(err)) == -EINVAL);
+    CHECK(strncmp(err, "t.ini:5: invalid value 'aaaa", 28) == 0);
+    free(label64);
+}
+
+static void test_retry_after(void)
+{
+    static const struct { const char *extra; uint64_t ms; } good[] = {
+        {"", 30000}, {"retry_after = 0\n", 0}, {"retry_after = 5m\n", 300000},
+        {"retry_after = 250ms\n", 250},
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(good); i++) {
+        struct stp_config c;
+        char err[256], text[256];
+        snprintf(text, sizeof(text), MINIMAL "%s", good[i].extra);
+        CHECK(stp_config_parse_string("t.ini", text, &c, err, sizeof(err)) == 0);
+        CHECK(c.n_upstreams == 1 && c.upstreams[0].retry_after_ms == good[i].ms);
+        stp_config_free(&c);
+    }
+    static const struct bad_case bad[] = {
+        {MINIMAL "retry_after = -1\n",
+         "t.ini:6: invalid value '-1' for retry_after (expected a duration "
+         "like 30s, 5m, 1h or 250ms, or 0)"},
+        {MINIMAL "retry_after = soon\n",
+         "t.ini:6: invalid value 'soon' for retry_after (expected a duration "
+         "like 30s, 5m, 1h or 250ms, or 0)"},
+        {LST_A "[upstream up]\nretry_after = 1s\naddress = 1.2.3.4:25\n"
+               "retry_after = 2s\n",
+         "t.ini:7: duplicate key 'retry_after'"},
+    };
+    check_bad(bad, STP_ARRAY_LEN(bad));
+}
+
+/* stp_read_secret: one final newline dropped, nothing else that would end
+ * up in a protocol line, and no byte of the content in a reason. */
+static void test_secret(const char *dir)
+{
+    static const struct {
+        const char *content;
+        size_t len;
+        const char *want; /* NULL: refused with WHY */
+        const char *why;
+    } cases[] = {
+        {"s3cret", 6, "s3cret", NULL},
+        {"s3cret\n", 7, "s3cret", NULL},
+        {"s3cret\r\n", 8, "s3cret", NULL},
+        {"pass word \xc3\xa9", 12, "pass word \xc3\xa9", NULL},
+        {"s3cret\n\n", 8, NULL, "contains a control character"},
+        {"s3cret\r", 7, NULL, "contains a control character"},
+        {"s3cret\r\r\n", 9, NULL, "contains a control character"},
+        {"s3c\0ret", 7, NULL, "contains a control character"},
+        {"s3c\tret", 7, NULL, "contains a control character"},
+        {"s3c\x7fret", 7, NULL, "contains a control character"},
+        {"s3c\nret\n", 8, NULL, "contains a control character"},
+        {"", 0, NULL, "empty"},
+        {"\n", 1, NULL, "empty"},
+        {"\r\n", 2, NULL, "empty"},
+    };
+    char path[512];
+    snprintf(path, sizeof(path), "%s/secret", dir);
+    for (size_t i = 0; i < STP_ARRAY_LEN(cases); i++) {
+        write_file(path, cases[i].content, cases[i].len);
+        char *got = (char *)"untouched", why[256] = "";
+        int rc = stp_read_secret(path, &got, why, sizeof(why));
+        if (cases[i].want != NULL) {
+            CHECK(rc == 0);
+            CHECK_STR(got, cases[i].want);
+            stp_secret_free(got);
+        } else {
+            CHECK(rc == -EINVAL && got == NULL);
+            CHECK(strncmp(why, cases[i].why, strlen(cases[i].why)) == 0);
+            CHECK(strstr(why, "s3c") == NULL);
+        }
+    }
+
+    /* 4096 bytes at most, the final newline included. */
+    char big[4098];
+    memset(big, 'a', sizeof(big));
+    write_file(path, big, 4096);
+    char *got = NULL, why[256] = "";
+    CHECK(stp_read_secret(path, &got, why, sizeof(why)) == 0);
+    CHECK(got != NULL && strlen(got) == 4096);
+    stp_secret_free(got);
+    big[4096] = '\n';
+    write_file(path, big, 4097);
+    CHECK(stp_read_secret(path, &got, why, sizeof(why)) == -EFBIG && got == NULL);
+    CHECK_STR(why, "longer than 4096 bytes");
+    write_file(path, big, 4098);
+    CHECK(stp_read_secret(path, &got, why, sizeof(why)) == -EFBIG);
+    unlink(path);
+    CHECK(stp_read_secret(path, &got, why, sizeof(why)) == -ENOENT && got == NULL);
+    CHECK_STR(why, "No such file or directory");
+    CHECK(stp_read_secret(dir, &got, why, sizeof(why)) == -EISDIR);
+    CHECK_STR(why, "Is a directory");
+    stp_secret_free(NULL);
+}
+
+/* auth =, username =, password_file =, token_file =, helo_name =. Run in
+ * DIR, so files have short names: pw, tok, empty (and none, missing). */
+static void test_auth(const char *dir)
+{
+    char err[512];
+    struct stp_config c;
+    int back = open(".", O_RDONLY | O_DIRECTORY);
+    CHECK(back >= 0 && chdir(dir) == 0);
+    write_file("pw", "s3cr3t-pw\n", 10);
+    write_file("tok", "not read at load", 16);
+    write_file("empty", "\n", 1);
+
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_LO "[upstream up]\naddress = smtp.example.net:587\n"
+                     "tls = starttls\nauth = PLAIN\nusername = user@example.net\n"
+                     "password_file = pw\nhelo_name = mx.example.net\n",
+              &c, err, sizeof(err)) == 0);
+    CHECK_STR(err, "");
+    const struct stp_upstream_cfg *u = &c.upstreams[0];
+    CHECK(u->auth == STP_AUTH_PLAIN && u->line_auth == 7);
+    CHECK_STR(u->username, "user@example.net");
+    CHECK_STR(u->password_file, "pw");
+    CHECK_STR(u->password, "s3cr3t-pw");
+    CHECK(u->token_file == NULL);
+    CHECK_STR(u->helo_name, "mx.example.net");
+    stp_config_free(&c);
+
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_LO "[upstream up]\naddress = 192.0.2.1:465\ntls = implicit\n"
+                     "auth = xoauth2\nusername = u\ntoken_file = tok\n"
+                     "client_identity = proxy-v2\n",
+              &c, err, sizeof(err)) == 0);
+    u = &c.upstreams[0];
+    CHECK(u->auth == STP_AUTH_XOAUTH2 && u->password == NULL);
+    CHECK_STR(u->token_file, "tok");
+    stp_config_free(&c);
+
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_LO "[upstream up]\naddress = 192.0.2.1:587\ntls = starttls\n"
+                     "auth = login\nusername = u\npassword_file = pw\n",
+              &c, err, sizeof(err)) == 0);
+    CHECK(c.upstreams[0].auth == STP_AUTH_LOGIN);
+    stp_config_free(&c);
+
+    /* Errors at the line of the key at fault. */
+#define AUP(keys) LST_LO "[upstream up]\naddress = 192.0.2.1:25\n" keys
+#define USER_EXPECTED                                                          \
+    "(expected a user name of 1 to 255 bytes without blanks or control "      \
+    "characters)"
+    static const struct bad_case bad[] = {
+        {AUP("auth = plain\nusername = u\npassword_file = pw\n"),
+         "t.ini:6: auth needs tls = starttls or implicit: the password would "
+         "cross in clear"},
+        {AUP("tls = none\nauth = login\nusername = u\npassword_file = pw\n"),
+         "t.ini:7: auth needs tls = starttls or implicit: the password would "
+         "cross in clear"},
+        {AUP("tls = opportunistic\nauth = login\nusername = u\n"
+             "password_file = pw\n"),
+         "t.ini:7: auth needs tls = starttls or implicit: with opportunistic, "
+         "a next hop that does not offer STARTTLS would get the password in "
+         "clear"},
+        {AUP("tls = starttls\nauth = plain\npassword_file = pw\n"),
+         "t.ini:7: auth = plain needs username"},
+        {AUP("tls = starttls\nauth = login\nusername = u\n"),
+         "t.ini:7: auth = login needs password_file"},
+        {AUP("tls = starttls\nauth = xoauth2\nusername = u\n"),
+         "t.ini:7: auth = xoauth2 needs token_file"},
+        {AUP("tls = starttls\nauth = xoauth2\nusername = u\ntoken_file = tok\n"
+             "password_file = pw\n"),
+         "t.ini:10: password_file is for auth = plain or login (xoauth2 takes "
+         "token_file)"},
+        {AUP("tls = starttls\nauth = plain\nusername = u\npassword_file = pw\n"
+             "token_file = tok\n"),
+         "t.ini:10: token_file is for auth = xoauth2 (plain and login take "
+         "password_file)"},
+        {AUP("username = u\n"),
+         "t.ini:6: username needs auth = plain, login or xoauth2"},
+        {AUP("auth = none\npassword_file = pw\n"),
+         "t.ini:7: password_file needs auth = plain, login or xoauth2"},
+        {AUP("tls = starttls\ntoken_file = tok\n"),
+         "t.ini:7: token_file needs auth = plain, login or xoauth2"},
+        {AUP("tls = implicit\nauth = plain\nusername = u\npassword_file = pw\n"
+             "client_identity = xclient\n"),
+         "t.ini:10: client_identity = xclient cannot be used with auth: "
+         "XCLIENT resets the session the proxy authenticated (use proxy-v1, "
+         "proxy-v2 or none)"},
+        {AUP("auth = cram-md5\n"), "t.ini:6: invalid value 'cram-md5' for "
+                                   "auth (expected none, plain, login or "
+                                   "xoauth2)"},
+        {AUP("username = a b\n"),
+         "t.ini:6: invalid value 'a b' for username " USER_EXPECTED},
+        {AUP("username = a\x01z\n"),
+         "t.ini:6: invalid value 'a\x01z' for username " USER_EXPECTED},
+        {AUP("username = a\x7fz\n"),
+         "t.ini:6: invalid value 'a\x7fz' for username " USER_EXPECTED},
+        {AUP("username =\n"), "t.ini:6: invalid value '' for username " USER_EXPECTED},
+        {AUP("password_file =\n"), "t.ini:6: empty value for password_file"},
+        {AUP("token_file =\n"), "t.ini:6: empty value for token_file"},
+        {AUP("helo_name = mx example\n"), "t.ini:6: invalid value 'mx "
+                                          "example' for helo_name (expected "
+                                          "a host name)"},
+        {AUP("tls = starttls\nauth = plain\nauth = login\n"),
+         "t.ini:8: duplicate key 'auth'"},
+        {AUP("tls = starttls\nauth = plain\nusername = u\n"
+             "password_file = none\n"),
+         "t.ini:9: cannot read password_file 'none': No such file or "
+         "directory"},
+        {AUP("tls = starttls\nauth = plain\nusername = u\n"
+             "password_file = empty\n"),
+         "t.ini:9: password_file 'empty': empty"},
+        {AUP("tls = starttls\nauth = xoauth2\nusername = u\ntoken_file = none\n"),
+         "t.ini:9: cannot read token_file 'none': No such file or directory"},
+        {AUP("tls = starttls\nauth = xoauth2\nusername = u\ntoken_file = .\n"),
+         "t.ini:9: cannot read token_file '.': Is a directory"},
+    };
+    check_bad(bad, STP_ARRAY_LEN(bad));
+#undef USER_EXPECTED
+
+    /* 255 bytes of user name, not 256. */
+    char *user = with_run(AUP("tls = starttls\nauth = plain\nusername = %s\n"
+                              "password_file = pw\n"), 255, 'u');
+    CHECK(stp_config_parse_string("t.ini", user, &c, err, sizeof(err)) == 0);
+    CHECK(c.n_upstreams == 1 && strlen(c.upstreams[0].username) == 255);
+    stp_config_free(&c);
+    free(user);
+    user = with_run(AUP("username = %s\n"), 256, 'u');
+    CHECK(stp_config_parse_string("t.ini", user, &c, err, sizeof(err)) == -EINVAL);
+    CHECK(strncmp(err, "t.ini:6: invalid value 'uuu", 27) == 0);
+    free(user);
+
+    /* A password of several lines is refused without being quoted. */
+    write_file("pw", "s3cr3t\nmore\n", 12);
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              AUP("tls = starttls\nauth = plain\nusername = u\npassword_file = pw\n"),
+              &c, err, sizeof(err)) == -EINVAL);
+    CHECK(strncmp(err, "t.ini:9: password_file 'pw': ", 29) == 0);
+    CHECK(strstr(err, "s3cr3t") == NULL && strstr(err, "more") == NULL);
+#undef AUP
+    unlink("pw");
+    unlink("tok");
+    unlink("empty");
+    CHECK(back >= 0 && fchdir(back) == 0);
+    close(back);
+}
+
+/* allow =: who may connect; required where a listener others can reach
+ * relays with the proxy's own account. Run in DIR, for the file pw. */
+static void test_allow(const char *dir)
+{
+    struct stp_config c;
+    char err[512] = "";
+    int back = open(".", O_RDONLY | O_DIRECTORY);
+    CHECK(back >= 0 && chdir(dir) == 0);
+    write_file("pw", "s3cr3t", 6);
+#define AUTH_UP                                                                \
+    "[upstream up]\naddress = 192.0.2.1:587\ntls = starttls\nauth = plain\n"  \
+    "username = u\npassword_file = pw\n"
+    CHECK(stp_config_parse_string(
+              "t.ini",
+              LST_A "allow = 10.0.0.0/8, 192.0.2.1 2001:db8::/32\n" AUTH_UP,
+              &c, err, sizeof(err)) == 0);
+    CHECK_STR(err, "");
+    const struct stp_listener_cfg *l = &c.listeners[0];
+    CHECK(l->n_allow == 3 && l->line_allow == 4);
+    struct sockaddr_storage ss = {0};
+    ss.ss_family = AF_INET;
+    inet_pton(AF_INET, "10.9.8.7", &((struct sockaddr_in *)&ss)->sin_addr);
+    CHECK(stp_cidr_match(l->allow, l->n_allow, &ss));
+    inet_pton(AF_INET, "192.0.2.2", &((struct sockaddr_in *)&ss)->sin_addr);
+    CHECK(!stp_cidr_match(l->allow, l->n_allow, &ss));
+    CHECK(l->n_proxy_from == 0); /* a list of its own */
+    stp_config_free(&c);
+
+    /* Loopback needs no allow =; without auth, nothing needs it. */
+    static const char *const ok[] = {
+        "[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n" AUTH_UP,
+        "[listener a]\nlisten = 127.8.9.10:25\nupstream = up\n" AUTH_UP,
+        "[listener a]\nlisten = [::1]:25\nupstream = up\n" AUTH_UP,
+        "[listener a]\nlisten = [::ffff:127.0.0.1]:25\nupstream = up\n" AUTH_UP,
+        LST_A "allow = 192.0.2.0/24\n" UP,
+        MINIMAL,
+    };
+    for (size_t i = 0; i < STP_ARRAY_LEN(ok); i++) {
+        int rc = stp_config_parse_string("t.ini", ok[i], &c, err, sizeof(err));
+        if (rc != 0)
+            fprintf(stderr, "  %s\n", err);
+        CHECK(rc == 0);
+        stp_config_free(&c);
+    }
+
+    static const struct bad_case bad[] = {
+        {LST_A AUTH_UP,
+         "t.ini:1: listener 'a' relays with the account of upstream 'up' "
+         "(auth = plain): allow = is needed on a non-loopback listen address"},
+        {"[listener a]\nlisten = [::]:25\nupstream = up\n" AUTH_UP,
+         "t.ini:1: listener 'a' relays with the account of upstream 'up' "
+         "(auth = plain): allow = is needed on a non-loopback listen address"},
+        {"[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n"
+         "[listener b]\nlisten = 192.0.2.7:25\nupstream = up\n" AUTH_UP,
+         "t.ini:4: listener 'b' relays with the account of upstream 'up' "
+         "(auth = plain): allow = is needed on a non-loopback listen address"},
+        {AUTH_UP "[listener b]\nlisten = [2001:db8::1]:25\nupstream = up\n",
+         "t.ini:7: listener 'b' relays with the account of upstream 'up' "
+         "(auth = plain): allow = is needed on a non-loopback listen address"},
+        {LST_A "allow = 10.0.0.0/33\n" UP,
+         "t.ini:4: invalid value '10.0.0.0/33' for allow (expected addresses "
+         "or CIDR blocks such as 10.0.0.0/8, 2001:db8::/32)"},
+        {LST_A "allow = mx.test\n" UP,
+         "t.ini:4: invalid value 'mx.test' for allow (expected addresses "
+         "or CIDR blocks such as 10.0.0.0/8, 2001:db8::/32)"},
+        {LST_A "allow = , \n" UP, "t.ini:4: empty value for allow"},
+        {LST_A "allow = ::1\nallow = ::2\n" UP, "t.ini:5: duplicate key 'allow'"},
+    };
+    check_bad(bad, STP_ARRAY_LEN(bad));
+#undef AUTH_UP
+    unlink("pw");
+    CHECK(back >= 0 && fchdir(back) == 0);
+    close(back);
 }
 
 int main(void)
@@ -836,6 +1386,11 @@ int main(void)
     test_tls_keys(cert, key);
     test_load(dir, cert, key);
     test_shipped_example();
+    test_address_lists();
+    test_retry_after();
+    test_secret(dir);
+    test_auth(dir);
+    test_allow(dir);
 
     unlink(cert);
     unlink(key);

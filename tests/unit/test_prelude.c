@@ -21,6 +21,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "config.h"
 #include "prelude.h"
 
 #include "unit.h"
@@ -34,6 +35,10 @@ static const char *fail_name(int f)
         return "FAIL_IDENTITY";
     case STP_FAIL_HOP_PROTOCOL:
         return "FAIL_PROTOCOL";
+    case STP_FAIL_HOP_AUTH:
+        return "FAIL_AUTH";
+    case STP_FAIL_UNREACHABLE:
+        return "FAIL_UNREACHABLE";
     }
     return "?";
 }
@@ -226,6 +231,10 @@ struct scen {
 #define CF_BOTH 3
 #define CF_LMTP 4
 #define CF_OPP 8 /* tls = opportunistic: STARTTLS only when offered */
+#define CF_FB 16 /* another address is left: a refusing greeting is one */
+#define CF_PLAIN 32 /* auth = plain, login, xoauth2 as dev / s3cret */
+#define CF_LOGIN 64
+#define CF_XOA 128
 
 #define NAME "proxy.example"
 #define XCL "XCLIENT ADDR=192.0.2.7 PORT=41234 NAME=[UNAVAILABLE]"
@@ -240,6 +249,12 @@ struct scen {
 #define E_NONE "250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
 #define GO "220 2.0.0 Ready to start TLS\r\n"
 #define NEWG "220 mx.example ESMTP after XCLIENT\r\n"
+#define E_AUTH "250-mx.example\r\n250-AUTH PLAIN LOGIN XOAUTH2\r\n250 8BITMIME\r\n"
+#define E_TLS_AUTH "250-mx.example\r\n250-AUTH PLAIN\r\n250 STARTTLS\r\n"
+#define OK235 "235 2.7.0 Authentication successful\r\n"
+#define NO535 "535 5.7.8 Error: authentication failed\r\n"
+#define A_PLAIN "AUTH PLAIN AGRldgBzM2NyZXQ=\r\n"      /* \0dev\0s3cret */
+#define A_XOA "AUTH XOAUTH2 dXNlcj1kZXYBYXV0aD1CZWFyZXIgczNjcmV0AQE=\r\n"
 
 /* Long lines, built at start-up. */
 static char line_2048[2100]; /* "250 xxx…\r\n": 2048 bytes with its CRLF */
@@ -569,6 +584,74 @@ static const struct scen scens[] = {
      CF_OPP | CF_XC,
      {U(GREET), U(E_BOTH), U("454 4.7.0 no\r\n")}, EHLO STLS, 0, FAILED,
      NULL, STP_FAIL_HOP_TLS, NULL},
+
+    /* --- another address left: a refusing greeting is unreachable --- */
+    {"fallback: 421 greeting is unreachable, quoted", CF_FB,
+     {U("421 4.3.2 busy\r\n")}, "", 0, FAILED, NULL, STP_FAIL_UNREACHABLE,
+     "greeting: 421 4.3.2 busy"},
+    {"fallback: 554 greeting with STARTTLS too", CF_FB | CF_TLS,
+     {U("554 5.7.1 no\r\n")}, "", 0, FAILED, NULL, STP_FAIL_UNREACHABLE,
+     "554"},
+    {"fallback: 220 greeting: ready, passed on", CF_FB, {U(GREET)}, "", 0,
+     READY, GREET, 0, NULL},
+
+    /* --- the proxy's own login (RFC 4954) --- */
+    {"plain: after STARTTLS, EHLO again, one round trip", CF_TLS | CF_PLAIN,
+     {U(GREET), U(E_TLS), U(GO), STEP(STP_UP_TLS), TLS, STEP(STP_UP_EHLO),
+      U(E_AUTH), STEP(STP_UP_AUTH), U(OK235), STEP(STP_UP_READY)},
+     EHLO STLS EHLO A_PLAIN, 1, READY, GREET, 0, NULL},
+    {"plain: implicit TLS: EHLO for the mechanisms first", CF_PLAIN,
+     {U(GREET), STEP(STP_UP_EHLO), U(E_AUTH), U(OK235)}, EHLO A_PLAIN, 0,
+     READY, GREET, 0, NULL},
+    {"plain: AUTH offered only before TLS does not count",
+     CF_TLS | CF_PLAIN,
+     {U(GREET), U(E_TLS_AUTH), U(GO), TLS, U(E_NONE)}, EHLO STLS EHLO, 1,
+     FAILED, NULL, STP_FAIL_HOP_AUTH, "AUTH PLAIN not offered"},
+    {"plain: mechanism not offered", CF_PLAIN,
+     {U(GREET), U("250-mx\r\n250 AUTH LOGIN\r\n")}, EHLO, 0, FAILED, NULL,
+     STP_FAIL_HOP_AUTH, "not offered"},
+    {"plain: old AUTH=PLAIN form counts", CF_PLAIN,
+     {U(GREET), U("250-mx\r\n250 AUTH=LOGIN PLAIN\r\n"), U(OK235)},
+     EHLO A_PLAIN, 0, READY, GREET, 0, NULL},
+    {"plain: AUTH in the name line does not count", CF_PLAIN,
+     {U(GREET), U("250-AUTH PLAIN\r\n250 8BITMIME\r\n")}, EHLO, 0, FAILED,
+     NULL, STP_FAIL_HOP_AUTH, "not offered"},
+    {"plain: 535 refused, quoted", CF_PLAIN,
+     {U(GREET), U(E_AUTH), U(NO535)}, EHLO A_PLAIN, 0, FAILED, NULL,
+     STP_FAIL_HOP_AUTH, "AUTH refused: 535 5.7.8"},
+    {"plain: 334 to an initial response is refused", CF_PLAIN,
+     {U(GREET), U(E_AUTH), U("334 \r\n")}, EHLO A_PLAIN, 0, FAILED, NULL,
+     STP_FAIL_HOP_AUTH, "AUTH refused: 334"},
+    {"plain: EHLO refused is an AUTH failure", CF_PLAIN,
+     {U(GREET), U("502 5.5.1 no\r\n")}, EHLO, 0, FAILED, NULL,
+     STP_FAIL_HOP_AUTH, "EHLO refused"},
+    {"login: user and password prompts", CF_LOGIN,
+     {U(GREET), U(E_AUTH), STEP(STP_UP_AUTH), U("334 VXNlcm5hbWU6\r\n"),
+      U("334 UGFzc3dvcmQ6\r\n"), U(OK235)},
+     EHLO "AUTH LOGIN\r\nZGV2\r\nczNjcmV0\r\n", 0, READY, GREET, 0, NULL},
+    {"login: a third prompt is refused", CF_LOGIN,
+     {U(GREET), U(E_AUTH), U("334 VXNlcm5hbWU6\r\n"),
+      U("334 UGFzc3dvcmQ6\r\n"), U("334 more\r\n")},
+     EHLO "AUTH LOGIN\r\nZGV2\r\nczNjcmV0\r\n", 0, FAILED, NULL,
+     STP_FAIL_HOP_AUTH, "AUTH refused: 334 more"},
+    {"login: 535 after the password", CF_LOGIN,
+     {U(GREET), U(E_AUTH), U("334 VXNlcm5hbWU6\r\n"),
+      U("334 UGFzc3dvcmQ6\r\n"), U(NO535)},
+     EHLO "AUTH LOGIN\r\nZGV2\r\nczNjcmV0\r\n", 0, FAILED, NULL,
+     STP_FAIL_HOP_AUTH, "535"},
+    {"xoauth2: initial response accepted", CF_TLS | CF_XOA,
+     {U(GREET), U(E_TLS), U(GO), TLS, U(E_AUTH), U(OK235)},
+     EHLO STLS EHLO A_XOA, 1, READY, GREET, 0, NULL},
+    {"xoauth2: error challenge, empty reply, final error decoded",
+     CF_XOA,
+     {U(GREET), U(E_AUTH), U("334 eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+      STEP(STP_UP_AUTH), U(NO535)},
+     EHLO A_XOA "\r\n", 0, FAILED, NULL, STP_FAIL_HOP_AUTH,
+     "535 5.7.8 Error: authentication failed ({\"status\":\"401\"})"},
+    {"xoauth2: 235 after an error challenge is still a failure", CF_XOA,
+     {U(GREET), U(E_AUTH), U("334 eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+      U(OK235)},
+     EHLO A_XOA "\r\n", 0, FAILED, NULL, STP_FAIL_HOP_AUTH, "235"},
 };
 
 enum feed_mode { F_WHOLE, F_SPLIT, F_BYTES };
@@ -586,6 +669,13 @@ static struct stp_up_cfg make_cfg(int bits)
         .ehlo_name = NAME,
         .xclient = (bits & CF_XC) ? XCL : NULL,
         .lmtp = bits & CF_LMTP,
+        .fallback = bits & CF_FB,
+        .auth = (bits & CF_PLAIN)   ? STP_AUTH_PLAIN
+                : (bits & CF_LOGIN) ? STP_AUTH_LOGIN
+                : (bits & CF_XOA)   ? STP_AUTH_XOAUTH2
+                                    : STP_AUTH_NONE,
+        .user = "dev",
+        .secret = "s3cret",
     };
     return c;
 }
