@@ -1932,7 +1932,9 @@ class AuthAioUpstream(AioUpstream):
                     "mechanism": mechanism, "login": bytes(auth_data.login),
                     "secret": bytes(auth_data.password), "ok": ok, "tls": tls})
                 outer.cond.notify_all()
-            return AuthResult(success=ok, auth_data=auth_data)
+            # handled=False: aiosmtpd then sends the 535 itself (its
+            # default, handled=True, sends nothing)
+            return AuthResult(success=ok, handled=False, auth_data=auth_data)
 
         kwargs = self.controller.SMTP_kwargs
         kwargs["authenticator"] = authenticator

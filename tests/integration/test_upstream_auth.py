@@ -303,7 +303,7 @@ def test_check_accepts_the_good_configurations(stp_bin, tmp_path, tls_files, pki
             (dict(base, auth="plain", password_file=pw), None),
             (dict(base, auth="login", password_file=pw, tls="implicit"), None),
             (dict(base, auth="xoauth2", token_file=tok, helo_name="out.example"), None),
-            (dict(base, auth="none"), {"listen": "192.0.2.1:2525"}),
+            (dict(base, auth="none", username=None), {"listen": "192.0.2.1:2525"}),
             (dict(base, auth="plain", password_file=pw),
              {"listen": "192.0.2.1:2525", "allow": "192.0.2.0/24, 127.0.0.1/32"})]):
         text, p = check(stp_bin, tmp_path, tls_files, up, listener, name="ok%d" % i)
