@@ -177,6 +177,42 @@ def test_localhost_name_reaches_a_server_on_ipv4_loopback_only(make_proxy, make_
     assert up4.wait_messages(2)[1]["content"] == h.dot_stuff(msg2)
 
 
+def test_every_address_of_a_name_is_tried_and_logged_numerically(make_aio, ns_proxies,
+                                                                 tls_files, tmp_path):
+    """localhost with both ::1 and 127.0.0.1, nothing on its port: both
+    addresses fail, each logged as a number, then the second entry delivers."""
+    if not has_ipv6_loopback():
+        pytest.skip("this host has no IPv6 loopback (::1)")
+    good = make_aio()
+    port = h.free_port()
+    with socket.socket(socket.AF_INET6) as s6:     # make sure ::1:PORT is closed too
+        try:
+            s6.bind(("::1", port))
+        except OSError:
+            pytest.skip("port %d taken on ::1" % port)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    text = base_config(tls_files, [("main", {"upstream": UP})],
+                       [(UP, {"address": "localhost:%d, %s" % (port, good.address),
+                              "tls": "none", "timeout_connect": "2s"})])
+    proxy = ns_proxies({"/etc/hosts": str(hosts)}, text)
+    msg, _ = deliver(proxy.port, "both-families-fail")
+    assert good.wait_messages(1)[0]["original_content"] == msg
+    got = sorted(e.get("address") for e in proxy.events("upstream_error")
+                 if e.get("upstream") == UP)
+    assert got == sorted(["127.0.0.1:%d" % port, "[::1]:%d" % port]), "\n".join(
+        e["_line"] for e in proxy.events("upstream_error"))
+
+
+def test_unresolvable_first_entry_falls_over_to_the_second(make_proxy, make_aio):
+    good = make_aio()
+    proxy = make_proxy("nonexistent.invalid:25, " + good.address)
+    msg, _ = deliver(proxy.port, "after-nxdomain")
+    assert good.wait_messages(1)[0]["original_content"] == msg
+    ev = proxy.wait_event("upstream_error", upstream=UP, address="nonexistent.invalid:25")
+    assert ev.get("error", "").startswith("cannot resolve nonexistent.invalid:"), ev["_line"]
+
+
 def test_unresolvable_name_passes_check_and_gets_the_client_a_421(make_proxy, stp_bin, tmp_path,
                                                                   tls_files):
     text = base_config(tls_files, [("main", {"upstream": UP})],
@@ -354,19 +390,18 @@ def test_all_entries_dead_gives_421_and_later_sessions_try_them_all(make_proxy, 
     assert len(hop_errors(proxy, d2.address)) == 2
 
 
-def test_entry_that_greets_220_is_healthy_again_at_once(make_proxy, make_aio):
+def test_entry_that_greets_220_is_healthy_again_at_once(make_proxy):
     """Entries B (never up) and A, both down: 421, both in penalty. A comes
     back; the next session tries all (all in penalty): B fails again, A greets
     220. From then on A is healthy: a third session goes straight to A and
     does not try B, which is still in penalty."""
     b = closed_port()
-    a = make_aio()
-    a.stop()                            # A down for the first session
-    proxy = make_proxy("%s, %s" % (b, a.address),
+    a_addr = closed_port()              # A down for the first session
+    proxy = make_proxy("%s, %s" % (b, a_addr),
                        upstream_opts={"timeout_connect": "1s", "retry_after": "30s"})
     refused_greeting(proxy.port)
-    assert len(hop_errors(proxy, b)) == 1 and len(hop_errors(proxy, a.address)) == 1
-    a2 = _aio_on_port(a.port)           # A is back, same port
+    assert len(hop_errors(proxy, b)) == 1 and len(hop_errors(proxy, a_addr)) == 1
+    a2 = _aio_on_port(int(a_addr.rsplit(":", 1)[1]))    # A is back
     try:
         msg, _ = deliver(proxy.port, "a-is-back")
         assert a2.wait_messages(1)[0]["original_content"] == msg
@@ -375,7 +410,7 @@ def test_entry_that_greets_220_is_healthy_again_at_once(make_proxy, make_aio):
         assert a2.wait_messages(2)[1]["original_content"] == msg
         assert len(hop_errors(proxy, b)) == 2, \
             "B was tried again: A's 220 did not make it healthy, or B's penalty was forgotten"
-        assert len(hop_errors(proxy, a.address)) == 1
+        assert len(hop_errors(proxy, a_addr)) == 1
     finally:
         a2.stop()
 

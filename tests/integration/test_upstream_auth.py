@@ -285,6 +285,8 @@ def test_check_refuses(stp_bin, tmp_path, tls_files, pki, case):
     text, p = check(stp_bin, tmp_path, tls_files, up, listener, name=case)
     assert p.returncode != 0, "-t accepted:\n%s\n%s" % (text, p.stdout)
     assert p.config_path + ":" in p.stdout, "no FILE:LINE in: %r" % p.stdout
+    if case == "non_loopback_listener_without_allow":
+        assert "allow" in p.stdout, "the error does not say what is missing: %r" % p.stdout
     if key:
         # auth-related refusals point at a line of the upstream section
         m = re.search(re.escape(p.config_path) + r":(\d+):", p.stdout)
@@ -308,3 +310,34 @@ def test_check_accepts_the_good_configurations(stp_bin, tmp_path, tls_files, pki
              {"listen": "192.0.2.1:2525", "allow": "192.0.2.0/24, 127.0.0.1/32"})]):
         text, p = check(stp_bin, tmp_path, tls_files, up, listener, name="ok%d" % i)
         assert p.returncode == 0, "-t refused:\n%s\n%s" % (text, p.stdout)
+
+
+class AuthOfferingRaw(h.RawUpstream):
+    """RawUpstream whose EHLO offers AUTH too: for replies to AUTH that
+    aiosmtpd cannot be made to give (replies={"AUTH": ...})."""
+
+    def _ehlo(self, w):
+        lines = super()._ehlo(w).split(b"\r\n")[:-1]      # "250-..." ... "250 last"
+        lines[-1] = b"250-" + lines[-1][4:]
+        return b"\r\n".join(lines + [b"250 AUTH PLAIN LOGIN XOAUTH2", b""])
+
+
+def test_temporary_auth_failure_454_gets_the_client_a_421(make_proxy, pki, tmp_path):
+    up = AuthOfferingRaw(tls="starttls", pair=pki.upstream, replies={
+        "AUTH": b"454 4.7.0 Temporary authentication failure\r\n"}).start()
+    try:
+        proxy = make_proxy(up, upstream_opts=auth_opts(
+            pki, "starttls", auth="plain", username=USER,
+            password_file=secret_file(tmp_path, "pw", PASSWORD)))
+        refused_client(proxy)
+        ev = proxy.wait_event("upstream_error", upstream="up")
+        assert ev.get("error", "").startswith(
+            "AUTH refused: 454 4.7.0 Temporary authentication failure"), ev["_line"]
+        up.wait_conns(1)
+        lines = [(l, t) for c in up.conns for l, t in c.lines]
+        auth = [(l, t) for l, t in lines if l.upper().startswith(b"AUTH")]
+        assert len(auth) == 1 and auth[0][1], "one AUTH, inside TLS: %r" % lines
+        assert not [l for l, _ in lines if l.upper().startswith((b"MAIL", b"RCPT", b"DATA"))]
+        assert_not_logged(proxy, PASSWORD)
+    finally:
+        up.stop()
