@@ -32,6 +32,8 @@ def assert_refused(proxy, source=None):
         assert rest == b"", "bytes after the 554: %r" % rest
     e = proxy.wait_event("reject", client=me)
     assert e.get("reason") == "not_allowed", e["_line"]
+    d = proxy.wait_event("disconnect", id=e["id"])
+    assert d.get("upstream_out") in ("0", None) and d.get("upstream_in") in ("0", None), d["_line"]
     return e
 
 
@@ -91,6 +93,8 @@ def test_implicit_tls_listener_closes_a_refused_client_without_a_byte(make_proxy
         assert closed_without_a_byte(s) == b""
     e = proxy.wait_event("reject", client=me)
     assert e.get("reason") == "not_allowed", e["_line"]
+    d = proxy.wait_event("disconnect", id=e["id"])
+    assert d.get("client_out") == "0", "bytes sent to a refused client: " + d["_line"]
 
     # and one that starts a handshake gets no ServerHello either
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
@@ -103,8 +107,10 @@ def test_implicit_tls_listener_closes_a_refused_client_without_a_byte(make_proxy
             raise AssertionError("the TLS handshake completed for a refused client")
         except (ssl_errors()) as ex:
             assert "handshake completed" not in str(ex)
-    proxy.wait_event("reject", client=me)
-    assert not [e for e in proxy.events("tls") if e.get("client") == me]
+    e = proxy.wait_event("reject", client=me)
+    assert not [t for t in proxy.events("tls") if t.get("id") == e["id"]], "handshake done"
+    d = proxy.wait_event("disconnect", id=e["id"])
+    assert d.get("client_out") == "0", "bytes sent to a refused client: " + d["_line"]
 
     c, _ = h.open_implicit(proxy.port, source=SECOND)
     with c:

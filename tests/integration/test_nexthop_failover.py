@@ -298,6 +298,23 @@ def test_only_candidate_554_greeting_is_relayed_verbatim(make_proxy, make_script
         assert g.raw == b"554 5.7.1 go away\r\n", g.raw
 
 
+@pytest.mark.parametrize("code,lines,raw", [
+    (421, ("4.3.2 too busy",), b"421 4.3.2 too busy\r\n"),
+    (554, ("5.7.1 go away", "5.7.1 and stay away"),
+     b"554-5.7.1 go away\r\n554 5.7.1 and stay away\r\n"),
+])
+def test_last_candidate_refusal_is_relayed_whole(make_proxy, make_scripted, code, lines, raw):
+    """The last candidate's non-220 greeting, a 421 or one of several
+    lines, reaches the client as it was sent (strict reading of "that
+    greeting is relayed")."""
+    last = make_scripted(greeting=lines, greeting_code=code)
+    proxy = make_proxy("%s, %s" % (closed_port(), last.address),
+                       upstream_opts={"timeout_connect": "1s"})
+    with h.SmtpConn(proxy.port) as c:
+        g = c.read_reply()
+        assert g.raw == raw, g.raw
+
+
 # --- retry_after --------------------------------------------------------------------------
 
 
