@@ -38,7 +38,7 @@
 #define CFG_DEFAULT_RETRY_AFTER_MS (30 * 1000)
 /* address = A, B, ...: each failed entry costs up to timeout_connect, so a
  * longer list only delays the client's 421. */
-#define CFG_MAX_ADDRS 16
+#define CFG_MAX_ADDRS STP_MAX_HOP_ADDRS
 
 enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
 

@@ -137,11 +137,8 @@ void stp_hop_free(struct stp_hop *h)
     h->own_dst = NULL;
     h->dst = NULL;
     release_prelude(h);
-    if (h->token) {
-        explicit_bzero(h->token, strlen(h->token));
-        free(h->token);
-        h->token = NULL;
-    }
+    stp_secret_free(h->token);
+    h->token = NULL;
 }
 
 static void try_next(struct stp_hop *h);

@@ -37,13 +37,18 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size)
         }
         for (int i = 0; i < cfg.n_upstreams; i++) {
             const struct stp_upstream_cfg *u = &cfg.upstreams[i];
-            /* original-destination has no host to default it to; it then
-             * needs one only to verify. */
-            CHECK(u->server_name != NULL || u->original_dst,
-                  "server_name defaults to the address's host");
-            CHECK(u->server_name != NULL || u->tls == STP_TLS_NONE ||
-                      !u->verify,
+            CHECK(u->original_dst == (u->n_addrs == 0),
+                  "an address list, or original-destination");
+            CHECK(u->n_addrs <= STP_MAX_HOP_ADDRS, "at most 16 entries");
+            for (int j = 0; j < u->n_addrs; j++)
+                CHECK(u->addrs[j].host && u->addrs[j].port != 0,
+                      "every entry has a host and a port");
+            CHECK(!u->original_dst || u->server_name != NULL ||
+                      u->tls == STP_TLS_NONE || !u->verify,
                   "verifying TLS always has a name to check");
+            CHECK(u->auth == STP_AUTH_NONE ||
+                      u->tls == STP_TLS_STARTTLS || u->tls == STP_TLS_IMPLICIT,
+                  "auth only over TLS");
         }
         stp_config_free(&cfg);
     } else {

@@ -64,7 +64,7 @@ static void test_keys(void)
     CHECK(c.listeners[0].transparent);
     CHECK(c.listeners[0].line_transparent == 4);
     CHECK(c.upstreams[0].original_dst);
-    CHECK(c.upstreams[0].addr.ss_family == AF_UNSPEC);
+    CHECK(c.upstreams[0].n_addrs == 0);
     CHECK_STR(c.upstreams[0].address_text, "original-destination");
     CHECK(c.upstreams[0].source == STP_SRC_CLIENT);
     CHECK(c.upstreams[0].line_source == 7);
@@ -108,8 +108,9 @@ static void test_keys(void)
          "t.ini:5: address = original-destination with tls and verify "
          "needs server_name"},
         {LST "[upstream up]\naddress = original-dst\n",
-         "t.ini:5: invalid value 'original-dst' for address (expected a "
-         "numeric HOST:PORT such as 127.0.0.1:25 or [::1]:25)"},
+         "t.ini:5: invalid value 'original-dst' for address (expected "
+         "HOST:PORT such as 192.0.2.1:25, [2001:db8::1]:25 or "
+         "mx.example.net:25)"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         err[0] = '\0';
