@@ -10,6 +10,8 @@ client socket is bound to it)."""
 import socket
 import time
 
+import pytest
+
 import stp_harness as h
 
 SECOND = ("127.0.0.2", 0)
@@ -17,13 +19,13 @@ SECOND = ("127.0.0.2", 0)
 
 def addr_of(sock):
     host, port = sock.getsockname()[:2]
-    return "%s:%d" % (host, port)
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
-def assert_refused(proxy, source=None):
+def assert_refused(proxy, source=None, host="127.0.0.1"):
     """A client from SOURCE gets 554 5.7.1 as its greeting, then the close;
     the proxy logs the reject. Returns the reject event."""
-    with h.SmtpConn(proxy.port, source=source) as c:
+    with h.SmtpConn(proxy.port, host=host, source=source) as c:
         me = addr_of(c.sock)
         g = c.read_reply()
         assert g.code == 554, "greeting to a client not allowed: %r" % g.raw
@@ -37,9 +39,9 @@ def assert_refused(proxy, source=None):
     return e
 
 
-def deliver(proxy, tag, source=None):
+def deliver(proxy, tag, source=None, host="127.0.0.1"):
     msg = h.sample_message(tag)
-    c = h.SmtpConn(proxy.port, source=source)
+    c = h.SmtpConn(proxy.port, host=host, source=source)
     with c:
         c.greeting()
         c.expect("EHLO client.test", 250)
@@ -73,6 +75,22 @@ def test_allow_list_with_several_prefixes(make_proxy, scripted):
     assert_refused(proxy, source=("127.0.0.4", 0))
     scripted.wait_messages(2)
     assert len(scripted.sessions) == 2
+
+
+def test_allow_on_an_ipv6_listener(make_proxy, make_scripted):
+    try:
+        with socket.socket(socket.AF_INET6) as s6:
+            s6.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this host has no IPv6 loopback (::1)")
+    up = make_scripted()
+    refusing = make_proxy(up, listen="[::1]:0", allow="127.0.0.0/8, ::2/128")
+    e = assert_refused(refusing, host="::1")
+    assert e["client"].startswith("[::1]:"), e["_line"]
+    allowing = make_proxy(up, listen="[::1]:0", allow="127.0.0.0/8, ::1/128")
+    msg = deliver(allowing, "ipv6-allowed", host="::1")
+    assert up.wait_messages(1)[0]["content"] == h.dot_stuff(msg)
+    assert len(up.sessions) == 1
 
 
 def test_without_allow_everyone_may_connect(make_proxy, scripted):

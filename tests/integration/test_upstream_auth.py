@@ -183,11 +183,13 @@ def test_xoauth2_wrong_token_gets_the_client_a_421(make_proxy, make_aio, pki, re
     assert_not_logged(proxy, TOKEN_A)
 
 
-def test_wrong_password_gets_the_client_a_421(make_proxy, make_aio, pki, relays, tmp_path):
+@pytest.mark.parametrize("mech,tls", [("plain", "starttls"), ("login", "implicit")])
+def test_wrong_password_gets_the_client_a_421(make_proxy, make_aio, pki, relays, tmp_path,
+                                              mech, tls):
     wrong = "not-the-password-5150"
-    up = relays(relay(make_aio, pki, "starttls", users={USER: PASSWORD}))
+    up = relays(relay(make_aio, pki, tls, users={USER: PASSWORD}))
     proxy = make_proxy(up, upstream_opts=auth_opts(
-        pki, "starttls", auth="plain", username=USER,
+        pki, tls, auth=mech, username=USER,
         password_file=secret_file(tmp_path, "pw", wrong)))
     refused_client(proxy)
     assert [(a["secret"], a["ok"]) for a in up.auth_attempts] == [(wrong.encode(), False)]
