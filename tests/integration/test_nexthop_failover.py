@@ -459,7 +459,9 @@ def test_slow_resolver_does_not_delay_other_sessions(ns_proxies, make_aio, tls_f
             tls_files,
             [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
             [("slow", {"address": "slow.example.test:25, %s" % good.address, "tls": "none"}),
-             ("fast", {"address": good.address, "tls": "none"})])
+             ("fast", {"address": good.address, "tls": "none"})],
+            # one worker: a lookup that blocked its loop would hold up b too
+            proxy_opts={"workers": "1"})
         proxy = ns_proxies({"/etc/resolv.conf": str(resolv)}, text, n_listeners=2)
 
         t0 = time.monotonic()
