@@ -176,6 +176,7 @@ struct upstream {
     bool bye_after_mail;   /* MAIL arrives: its 250, then close */
     bool pause_in_data;    /* stop reading once the 354 is sent */
     bool silent;           /* no greeting */
+    const char *greeting;  /* instead of UP_GREETING */
     bool xclient;          /* offers XCLIENT, answers it with a greeting */
     size_t close_in_data;  /* > 0: close once this much content came */
     bool stopped;          /* the listener is closed */
@@ -379,7 +380,7 @@ static void up_accept(uv_stream_t *server, int status)
     up->conn = c;
     up->accepted++;
     if (!up->silent)
-        up_send(c, UP_GREETING);
+        up_send(c, up->greeting ? up->greeting : UP_GREETING);
     uv_read_start((uv_stream_t *)&c->tcp, up_alloc, up_read);
 }
 
@@ -438,6 +439,10 @@ static void on_empty(struct stp_server *srv)
     p->empty = true;
 }
 
+/* Address entries tried before UP's (failover cases), "A, B, ": set by
+ * the case, cleared by world_end. */
+static const char *first_entries = "";
+
 /* A configuration: one listener at 127.0.0.1:0 in front of UP; the *_KEYS
  * are more lines for each section. NULL when it cannot be loaded. */
 static struct stp_gen *make_gen(const struct upstream *up,
@@ -464,10 +469,10 @@ static struct stp_gen *make_gen(const struct upstream *up,
             "%s"
             "\n"
             "[upstream up]\n"
-            "address = 127.0.0.1:%d\n"
+            "address = %s127.0.0.1:%d\n"
             "%s",
-            proxy_keys, listener_keys, ntohs(up->addr.sin_port),
-            upstream_keys);
+            proxy_keys, listener_keys, first_entries,
+            ntohs(up->addr.sin_port), upstream_keys);
     fclose(f);
     if (stp_gen_new(path, &g, err, sizeof(err)) < 0)
         failf("configuration: %s", err);
@@ -777,6 +782,7 @@ static void world_end(struct world *w)
     uv_timer_stop(&watchdog);
     uv_timer_stop(&nap_timer);
     uv_run(&loop, UV_RUN_DEFAULT);
+    first_entries = "";
     proxy_free(&w->px);
     client_free(&w->cl);
     client_free(&w->late);
@@ -1578,6 +1584,122 @@ static void test_upstream_never_greets(void)
     case_end();
 }
 
+/* A plaintext EHLO/QUIT through C, the upstream's words back. */
+static void short_session(struct client *c)
+{
+    client_expect_lit(c, UP_GREETING);
+    client_say(c, "EHLO client.test\r\nQUIT\r\n");
+    client_expect_lit(c, UP_EHLO UP_BYE);
+    client_expect_eof(c);
+}
+
+static void test_failover_refused(void)
+{
+    case_begin("failover: a refused first address, the second serves, "
+               "the client sees only it");
+    struct world w = {0};
+    struct upstream dead = {0};
+    upstream_start(&dead);
+    upstream_stop(&dead); /* its port is closed now */
+    char entries[64];
+    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
+             ntohs(dead.addr.sin_port));
+    first_entries = entries;
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        short_session(&w.cl);
+        same_bytes("upstream received", &w.up.rx, w.cl.sent.p, w.cl.sent.n);
+        same_bytes("client received", &w.cl.rx, w.up.tx.p, w.up.tx.n);
+        expect_no_session(&w);
+    }
+    world_end(&w);
+    upstream_free(&dead);
+    case_end();
+}
+
+static void test_failover_refusing_greeting(void)
+{
+    case_begin("failover: a 421 greeting is the next address, then the "
+               "entry is skipped for retry_after");
+    struct world w = {0};
+    struct upstream busy = {.greeting = "421 4.3.2 busy.test busy\r\n"};
+    upstream_start(&busy);
+    char entries[64];
+    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
+             ntohs(busy.addr.sin_port));
+    first_entries = entries;
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        short_session(&w.cl);
+        /* The refusing greeting never reached the client. */
+        same_bytes("client received", &w.cl.rx, w.up.tx.p, w.up.tx.n);
+        CHECK(busy.accepted == 1 && busy.rx.n == 0,
+              "the busy address: %d connections, got \"%s\"", busy.accepted,
+              esc(tail(&busy.rx, 0), busy.rx.n));
+        expect_no_session(&w);
+        /* A second session goes straight to the address that answers. */
+        if (client_connect(&w.late, &w.px.addr)) {
+            short_session(&w.late);
+            CHECK(busy.accepted == 1, "the skipped entry was tried again");
+            CHECK(w.up.accepted == 2, "%d sessions upstream", w.up.accepted);
+        }
+    }
+    upstream_stop(&busy); /* before the loop runs dry */
+    world_end(&w);
+    upstream_free(&busy);
+    case_end();
+}
+
+static void test_failover_silent(void)
+{
+    case_begin("failover: a silent first address, the second after "
+               "timeout_connect");
+    struct world w = {0};
+    struct upstream mute = {.silent = true};
+    upstream_start(&mute);
+    char entries[64];
+    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
+             ntohs(mute.addr.sin_port));
+    first_entries = entries;
+    w.upstream_keys = "timeout_connect = 300ms\n";
+    if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
+        uint64_t t0 = uv_now(&loop);
+        short_session(&w.cl);
+        CHECK(uv_now(&loop) - t0 >= 250, "served before the timeout");
+        CHECK(mute.accepted == 1, "%d connections to the silent address",
+              mute.accepted);
+        PUMP_UNTIL(!mute.conn, "the silent address's connection left open");
+        expect_no_session(&w);
+    }
+    upstream_stop(&mute); /* before the loop runs dry */
+    world_end(&w);
+    upstream_free(&mute);
+    case_end();
+}
+
+static void test_failover_all_dead(void)
+{
+    case_begin("failover: when no address answers, one 421");
+    struct world w = {0};
+    struct upstream busy = {.greeting = "554 5.3.2 busy.test no\r\n"};
+    upstream_start(&busy);
+    char entries[64];
+    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
+             ntohs(busy.addr.sin_port));
+    first_entries = entries;
+    if (world_start(&w, "tls = none\n")) {
+        upstream_stop(&w.up); /* the last one refuses connections */
+        if (client_connect(&w.cl, &w.px.addr)) {
+            client_expect_lit(&w.cl, "421 4.3.2 Service not available, "
+                                     "closing transmission channel\r\n");
+            client_expect_eof(&w.cl);
+            expect_no_session(&w);
+        }
+    }
+    upstream_stop(&busy); /* before the loop runs dry */
+    world_end(&w);
+    upstream_free(&busy);
+    case_end();
+}
+
 static void test_idle_timeout(void)
 {
     case_begin("an idle client: a 421 after timeout_idle, both sides closed");
@@ -2156,6 +2278,10 @@ int main(void)
     RUN(test_connection_limit);
     RUN(test_upstream_unreachable);
     RUN(test_upstream_never_greets);
+    RUN(test_failover_refused);
+    RUN(test_failover_refusing_greeting);
+    RUN(test_failover_silent);
+    RUN(test_failover_all_dead);
     RUN(test_idle_timeout);
     RUN(test_drain_timeout_cuts_message);
     RUN(test_reload_keeps_open_session);
