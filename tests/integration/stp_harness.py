@@ -1825,9 +1825,13 @@ class DnsBlackhole:
     resolver pointed at it waits for its own timeout. .queries keeps the
     query names asked (as text)."""
 
-    def __init__(self, host="127.0.0.54", port=53):
+    def __init__(self, host="127.0.0.153", port=53):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, port))
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.settimeout(0.2)
         self.host = host
         self.queries = []
