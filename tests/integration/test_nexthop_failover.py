@@ -390,6 +390,27 @@ def test_dead_entry_is_skipped_in_every_worker(make_proxy, make_scripted, make_a
     assert len(hop_errors(proxy, dead.address)) == 1
 
 
+def test_penalized_entry_is_skipped_even_when_the_others_fail(make_proxy, make_scripted):
+    """Strict reading of "skipped for retry_after ... unless all entries
+    are in that state": A failed (penalty), B is healthy; when B then fails
+    too, A is not tried (it is not the case that all entries were in
+    penalty when the session started): the client gets the 421 at once."""
+    a = make_scripted(greeting=())
+    b = make_scripted()
+    proxy = make_proxy("%s, %s" % (a.address, b.address),
+                       upstream_opts={"timeout_connect": "1s", "retry_after": "30s"})
+    msg, _ = deliver(proxy.port, "b-delivers")
+    assert b.wait_messages(1)[0]["content"] == h.dot_stuff(msg)
+    assert len(a.sessions) == 1
+    b.stop()                            # B refuses from now on
+    _, took = refused_greeting(proxy.port)
+    assert len(hop_errors(proxy, b.address)) == 1
+    assert len(a.sessions) == 1 and len(hop_errors(proxy, a.address)) == 1, \
+        "the entry in penalty was tried after the healthy one failed (%.2fs):\n%s" % (
+            took, "\n".join(e["_line"] for e in proxy.events("upstream_error")))
+    assert took < 0.9, took
+
+
 def test_all_entries_dead_gives_421_and_later_sessions_try_them_all(make_proxy, make_scripted):
     d1 = make_scripted(greeting=())
     d2 = make_scripted(greeting=())
