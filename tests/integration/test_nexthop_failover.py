@@ -213,6 +213,60 @@ def test_unresolvable_first_entry_falls_over_to_the_second(make_proxy, make_aio)
     assert ev.get("error", "").startswith("cannot resolve nonexistent.invalid:"), ev["_line"]
 
 
+class ScriptedAt(h.ScriptedUpstream):
+    """A ScriptedUpstream on a port chosen by the test (the same port on
+    several loopback addresses)."""
+
+    def __init__(self, host, port, **kw):
+        self._want_port = port
+        super().__init__(host=host, **kw)
+
+    def _listen(self, host="127.0.0.1"):
+        super()._listen(host)                   # port 0, then move to the one asked for
+        self.sock.close()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, self._want_port))
+        self.sock.listen(self.BACKLOG)
+        self.port = self._want_port
+        self.address = "%s:%d" % (host, self.port)
+
+
+def test_name_is_resolved_again_for_each_session(make_scripted, ns_proxies, tls_files,
+                                                 tmp_path, request):
+    """hop.test moves from 127.0.0.2 to 127.0.0.3 between two sessions (the
+    daemon's /etc/hosts is rewritten in place): the second session follows."""
+    first = make_scripted(host="127.0.0.2")
+    second = ScriptedAt("127.0.0.3", first.port).start()
+    request.addfinalizer(second.stop)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.2 hop.test\n")
+    text = base_config(tls_files, [("main", {"upstream": UP})],
+                       [(UP, {"address": "hop.test:%d" % first.port, "tls": "none"})])
+    proxy = ns_proxies({"/etc/hosts": str(hosts)}, text)
+    msg, _ = deliver(proxy.port, "to-dot-2")
+    assert first.wait_messages(1)[0]["content"] == h.dot_stuff(msg)
+    with open(hosts, "r+") as f:               # same inode: the bind mount sees it
+        f.seek(0)
+        f.write("127.0.0.1 localhost\n127.0.0.3 hop.test\n")
+        f.truncate()
+    msg, _ = deliver(proxy.port, "to-dot-3")
+    assert second.wait_messages(1)[0]["content"] == h.dot_stuff(msg)
+    assert len(first.messages) == 1
+
+
+def test_ipv6_literal_entry_is_logged_in_brackets(make_proxy, make_aio):
+    if not has_ipv6_loopback():
+        pytest.skip("this host has no IPv6 loopback (::1)")
+    good = make_aio()
+    port = h.free_port(socket.AF_INET6, "::1")
+    proxy = make_proxy("[::1]:%d, %s" % (port, good.address))
+    msg, _ = deliver(proxy.port, "after-v6-refused")
+    assert good.wait_messages(1)[0]["original_content"] == msg
+    assert len(hop_errors(proxy, "[::1]:%d" % port)) == 1, "\n".join(
+        e["_line"] for e in proxy.events("upstream_error"))
+
+
 def test_unresolvable_name_passes_check_and_gets_the_client_a_421(make_proxy, stp_bin, tmp_path,
                                                                   tls_files):
     text = base_config(tls_files, [("main", {"upstream": UP})],
