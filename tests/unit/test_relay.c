@@ -1584,6 +1584,15 @@ static void test_upstream_never_greets(void)
     case_end();
 }
 
+/* Start U (it is tried before the world's upstream) and name it first in
+ * the address list, its entry written into ENTRIES. */
+static void entry_before(struct upstream *u, char entries[64])
+{
+    upstream_start(u);
+    snprintf(entries, 64, "127.0.0.1:%d, ", ntohs(u->addr.sin_port));
+    first_entries = entries;
+}
+
 /* A plaintext EHLO/QUIT through C, the upstream's words back. */
 static void short_session(struct client *c)
 {
@@ -1599,12 +1608,9 @@ static void test_failover_refused(void)
                "the client sees only it");
     struct world w = {0};
     struct upstream dead = {0};
-    upstream_start(&dead);
-    upstream_stop(&dead); /* its port is closed now */
     char entries[64];
-    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
-             ntohs(dead.addr.sin_port));
-    first_entries = entries;
+    entry_before(&dead, entries);
+    upstream_stop(&dead); /* its port is closed now */
     if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
         short_session(&w.cl);
         same_bytes("upstream received", &w.up.rx, w.cl.sent.p, w.cl.sent.n);
@@ -1622,11 +1628,8 @@ static void test_failover_refusing_greeting(void)
                "entry is skipped for retry_after");
     struct world w = {0};
     struct upstream busy = {.greeting = "421 4.3.2 busy.test busy\r\n"};
-    upstream_start(&busy);
     char entries[64];
-    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
-             ntohs(busy.addr.sin_port));
-    first_entries = entries;
+    entry_before(&busy, entries);
     if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
         short_session(&w.cl);
         /* The refusing greeting never reached the client. */
@@ -1654,11 +1657,8 @@ static void test_failover_silent(void)
                "timeout_connect");
     struct world w = {0};
     struct upstream mute = {.silent = true};
-    upstream_start(&mute);
     char entries[64];
-    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
-             ntohs(mute.addr.sin_port));
-    first_entries = entries;
+    entry_before(&mute, entries);
     w.upstream_keys = "timeout_connect = 300ms\n";
     if (world_start(&w, "tls = none\n") && client_connect(&w.cl, &w.px.addr)) {
         uint64_t t0 = uv_now(&loop);
@@ -1680,11 +1680,8 @@ static void test_failover_all_dead(void)
     case_begin("failover: when no address answers, one 421");
     struct world w = {0};
     struct upstream busy = {.greeting = "554 5.3.2 busy.test no\r\n"};
-    upstream_start(&busy);
     char entries[64];
-    snprintf(entries, sizeof(entries), "127.0.0.1:%d, ",
-             ntohs(busy.addr.sin_port));
-    first_entries = entries;
+    entry_before(&busy, entries);
     if (world_start(&w, "tls = none\n")) {
         upstream_stop(&w.up); /* the last one refuses connections */
         if (client_connect(&w.cl, &w.px.addr)) {
