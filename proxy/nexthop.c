@@ -50,21 +50,20 @@ static uint64_t mono_ms(void)
     return uv_hrtime() / 1000000;
 }
 
-/* The order this session tries the entries in: those that have not failed
- * lately, as written, then the others (so they are tried only when all the
- * rest failed too). */
+/* The entries this session tries, as written: those that have not failed
+ * within retry_after; all of them when every one has (one may be back). */
 static void plan(struct stp_hop *h)
 {
     uint64_t now = mono_ms();
     h->n_order = h->next = 0;
     h->entry = -1;
-    for (int pass = 0; pass < 2; pass++)
-        for (int i = 0; i < h->up->n_addrs; i++) {
-            bool down = h->down_until &&
-                        __atomic_load_n(&h->down_until[i], __ATOMIC_RELAXED) > now;
-            if (down == (pass == 1))
-                h->order[h->n_order++] = (uint8_t)i;
-        }
+    for (int i = 0; i < h->up->n_addrs; i++)
+        if (!h->down_until ||
+            __atomic_load_n(&h->down_until[i], __ATOMIC_RELAXED) <= now)
+            h->order[h->n_order++] = (uint8_t)i;
+    if (h->n_order == 0)
+        for (int i = 0; i < h->up->n_addrs; i++)
+            h->order[h->n_order++] = (uint8_t)i;
 }
 
 /* The current entry answered (OK), or none of its addresses did. */
