@@ -237,6 +237,17 @@ static void on_resolved(uv_getaddrinfo_t *req, int status,
         unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
         return;
     }
+    const struct addrinfo *a = res;
+    while (a && !family_ok(h, a->ai_family))
+        a = a->ai_next;
+    if (!a) {
+        uv_freeaddrinfo(res);
+        char why[200];
+        snprintf(why, sizeof(why), "%s has no address of the family of "
+                 "source =", h->up->addrs[h->entry].host);
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
+        return;
+    }
     h->ai = h->ai_next = res;
     try_next(h);
 }

@@ -213,6 +213,23 @@ def test_unresolvable_first_entry_falls_over_to_the_second(make_proxy, make_aio)
     assert ev.get("error", "").startswith("cannot resolve nonexistent.invalid:"), ev["_line"]
 
 
+def test_name_without_an_address_of_the_source_family_is_logged(make_aio, ns_proxies,
+                                                                tls_files, tmp_path):
+    """source = 127.0.0.1 reaches only IPv4: a name with only an IPv6
+    address is a failed entry that says why, and the next one serves."""
+    good = make_aio()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 v6only.test\n")
+    text = base_config(tls_files, [("main", {"upstream": UP})],
+                       [(UP, {"address": "v6only.test:25, " + good.address,
+                              "tls": "none", "source": "127.0.0.1"})])
+    proxy = ns_proxies({"/etc/hosts": str(hosts)}, text)
+    msg, _ = deliver(proxy.port, "v4-source")
+    assert good.wait_messages(1)[0]["original_content"] == msg
+    ev = proxy.wait_event("upstream_error", upstream=UP, address="v6only.test:25")
+    assert "no address of the family of source" in ev.get("error", ""), ev["_line"]
+
+
 class ScriptedAt(h.ScriptedUpstream):
     """A ScriptedUpstream on a port chosen by the test (the same port on
     several loopback addresses)."""
