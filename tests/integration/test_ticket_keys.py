@@ -38,9 +38,11 @@ def keyfile(tmp_path):
 
 @pytest.fixture
 def replicas(make_proxy, scripted, keyfile):
-    """Two daemons with the same configuration and ticket key file."""
+    """Two daemons with the same configuration and ticket key file, two
+    workers each (they share the keys: TSan runs this suite)."""
     def make(**listener):
-        return [make_proxy(scripted, proxy_opts={"ticket_keys": keyfile}, **listener)
+        return [make_proxy(scripted, proxy_opts={"ticket_keys": keyfile, "workers": "2"},
+                           **listener)
                 for _ in range(2)]
     return make
 
