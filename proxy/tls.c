@@ -445,8 +445,8 @@ int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
     /* The listener and whether it asks for a certificate: tickets of a
      * listener that asks for none never open at one that requires one. */
     char label[256];
-    snprintf(label, sizeof(label), "%s verify_client=%d",
-             o->name ? o->name : "", c->verify ? (int)o->verify_client : 0);
+    snprintf(label, sizeof(label), "verify_client=%d %s",
+             c->verify ? (int)o->verify_client : 0, o->name ? o->name : "");
     if (!(c->tickets = stp_tickets_new(o->ticket_keys, label)) ||
         !(c->ctx = server_ctx(o, o->cert, o->key, c->tickets, e)))
         goto fail;

@@ -19,7 +19,7 @@
 struct stp_tickets {
     pthread_mutex_t mu;
     const struct stp_ticket_keys *shared; /* ticket_keys = FILE, or NULL */
-    uint8_t label[256];    /* the listener and its policy, sealed along */
+    uint8_t label[255];    /* the listener and its policy, sealed along */
     size_t label_len;
     uint8_t prefix[8];     /* key_name: this context's prefix, key generation */
     struct {
@@ -177,7 +177,7 @@ static const struct stp_tls_ident *ident_find(const struct stp_tickets *tk,
  * name fails to open: RFC 6066 section 3 forbids resuming it, and the PROXY
  * v2 authority would name a certificate this session never presented. */
 enum {
-    TICKET_AAD_MAX = WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ + 1 + 256 +
+    TICKET_AAD_MAX = WOLFSSL_TICKET_NAME_SZ + WOLFSSL_TICKET_IV_SZ + 1 + 255 +
                      255,
 };
 
@@ -185,7 +185,7 @@ static size_t ticket_aad(const struct stp_tickets *tk, uint8_t *aad,
                          const uint8_t *name, const uint8_t *iv,
                          const char *sni)
 {
-    size_t n = 0, label = STP_MIN(tk->label_len, 255);
+    size_t n = 0, label = tk->label_len; /* at most 255 */
     memcpy(aad, name, WOLFSSL_TICKET_NAME_SZ);
     n += WOLFSSL_TICKET_NAME_SZ;
     memcpy(aad + n, iv, WOLFSSL_TICKET_IV_SZ);

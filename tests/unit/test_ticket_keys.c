@@ -124,11 +124,11 @@ static void test_across_processes(void)
     struct stp_ticket_keys *old = keys_of(a);
     snprintf(text, sizeof(text), "%s\n%s\n", b, a);
     struct stp_ticket_keys *rotated = keys_of(text);
-    struct stp_tickets *p1 = stp_tickets_new(old, "main verify_client=0");
-    struct stp_tickets *p2 = stp_tickets_new(old, "main verify_client=0");
-    struct stp_tickets *p3 = stp_tickets_new(rotated, "main verify_client=0");
-    struct stp_tickets *own = stp_tickets_new(NULL, "main verify_client=0");
-    struct stp_tickets *other = stp_tickets_new(old, "submit verify_client=0");
+    struct stp_tickets *p1 = stp_tickets_new(old, "verify_client=0 main");
+    struct stp_tickets *p2 = stp_tickets_new(old, "verify_client=0 main");
+    struct stp_tickets *p3 = stp_tickets_new(rotated, "verify_client=0 main");
+    struct stp_tickets *own = stp_tickets_new(NULL, "verify_client=0 main");
+    struct stp_tickets *other = stp_tickets_new(old, "verify_client=0 submit");
     struct stp_tls_ident *got = NULL, who = {"/CN=client.test", "client.test"};
     struct ticket t, t2, t3, tid;
 
