@@ -185,6 +185,10 @@ struct stp_config {
     uint32_t max_connections;        /* default 10000, all listeners */
     uint64_t drain_timeout_ms;       /* default 30 s */
     char *user, *group;              /* drop privileges to these */
+    char *ticket_keys;               /* shared ticket key file (read by
+                                        stp_gen_new); line_ticket_keys: where
+                                        ticket_keys = is */
+    int line_ticket_keys;
     int line_user, line_group;       /* where user = and group = are */
     int line_proxy;                  /* [proxy], 0 without one */
     struct stp_listener_cfg *listeners;

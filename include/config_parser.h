@@ -99,6 +99,7 @@ enum key_id {
     K_UP_TOKEN_FILE,
     K_UP_HELO_NAME,
     K_ALLOW,
+    K_TICKET_KEYS,
     K_COUNT,
 };
 

@@ -13,6 +13,7 @@
 #include <pthread.h>
 
 struct stp_session;
+struct stp_ticket_keys;
 struct stp_tally;
 
 /* A configuration with its TLS contexts. Sessions hold a reference, so a
@@ -23,6 +24,9 @@ struct stp_gen {
     struct stp_config cfg;
     struct stp_tls_ctx **lst_tls; /* per listener; NULL for tls = none */
     struct stp_tls_ctx **up_tls;  /* per upstream; NULL for tls = none */
+    struct stp_ticket_keys *ticket_keys; /* ticket_keys = FILE as read for
+                                            this generation (a reload reads
+                                            it again), or NULL */
     uint64_t **up_down;           /* per upstream, per address entry: when
                                      a failed entry may be tried again
                                      (nexthop.c; atomics, all workers) */

@@ -22,7 +22,10 @@ struct stp_tls_io {
 int stp_tls_global_init(void);
 void stp_tls_global_cleanup(void);
 
+struct stp_ticket_keys;
+
 struct stp_tls_server_opts {
+    const char *name;             /* the listener's, binds its tickets */
     const char *cert, *key;       /* NULL: in-memory self-signed for CN */
     const char *cn;
     const struct stp_tls_params *params; /* versions, ciphers, groups */
@@ -30,6 +33,9 @@ struct stp_tls_server_opts {
     int n_sni;
     const char *client_ca;
     enum stp_verify_client verify_client;
+    /* Session-ticket keys shared with other processes (outlive the
+     * context); NULL: the context's own, random, renewed hourly. */
+    const struct stp_ticket_keys *ticket_keys;
 };
 
 struct stp_tls_client_opts {

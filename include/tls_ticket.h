@@ -17,8 +17,13 @@ struct stp_tls_ident {
 #define STP_TICKET_LIFETIME 300
 
 struct stp_tickets;
+struct stp_ticket_keys;
 
-struct stp_tickets *stp_tickets_new(void);
+/* SHARED: keys from ticket_keys = FILE (NULL: keys of its own), which must
+ * outlive the result. LABEL names the listener and its client-certificate
+ * policy: a ticket opens only under the label it was sealed with. */
+struct stp_tickets *stp_tickets_new(const struct stp_ticket_keys *shared,
+                                    const char *label);
 void stp_tickets_free(struct stp_tickets *tk);
 
 /* wolfSSL's ticket callback arguments: NAME, IV and MAC are filled; TICKET

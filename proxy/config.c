@@ -437,6 +437,11 @@ static int finish(struct parser *p)
     }
     if (c->n_listeners == 0)
         return stp_cfg_fail(p, p->line > 0 ? p->line : 1, "no listener defined");
+    /* Its content is the TLS layer's, read with the contexts (stp_gen_new). */
+    c->line_ticket_keys = p->proxy.key_line[K_TICKET_KEYS];
+    if (c->ticket_keys && stp_cfg_check_file(p, "ticket_keys", c->ticket_keys,
+                                             c->line_ticket_keys) < 0)
+        return p->rc;
     if (c->hostname == NULL) {
         char host[256];
         if (gethostname(host, sizeof(host)) < 0 || host[0] == '\0')
@@ -618,6 +623,7 @@ void stp_config_free(struct stp_config *cfg)
     free(cfg->hostname);
     free(cfg->user);
     free(cfg->group);
+    free(cfg->ticket_keys);
     free(cfg->path);
     memset(cfg, 0, sizeof(*cfg));
 }

@@ -459,6 +459,7 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_UP_HELO_NAME] = {SECT_UPSTREAM, "helo_name", set_hostname,
                         UPS(helo_name), 0},
     [K_ALLOW] = {SECT_LISTENER, "allow", set_cidrs, LST(allow), LST(n_allow)},
+    [K_TICKET_KEYS] = {SECT_PROXY, "ticket_keys", set_string, PRX(ticket_keys), 0},
 };
 
 /* sni.NAME = CERT KEY: one more certificate for a listener. */

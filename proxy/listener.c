@@ -12,6 +12,7 @@
 #include "log.h"
 #include "relay.h"
 #include "stp.h"
+#include "ticket_keys.h"
 #include "transparent.h"
 
 /* ---- generations ------------------------------------------------------------ */
@@ -26,6 +27,7 @@ static void gen_free(struct stp_gen *g)
         free(g->up_down[i]);
     free(g->lst_tls);
     free(g->up_tls);
+    stp_ticket_keys_free(g->ticket_keys); /* after the contexts using it */
     free(g->up_down);
     stp_config_free(&g->cfg);
     free(g);
@@ -60,13 +62,34 @@ static int tls_err_line(const struct stp_tls_err *e,
     return line > 0 ? line : section;
 }
 
+/* ticket_keys = FILE: a bad line is reported at its line in FILE. */
+static int gen_ticket_keys(struct stp_gen *g, char *err, size_t errlen)
+{
+    const struct stp_config *cfg = &g->cfg;
+    char why[384];
+    if (!cfg->ticket_keys)
+        return 0;
+    int r = stp_ticket_keys_load(cfg->ticket_keys, &g->ticket_keys, why,
+                                 sizeof(why));
+    if (r == -EINVAL)
+        snprintf(err, errlen, "%s", why);
+    else if (r < 0)
+        snprintf(err, errlen, "%s:%d: cannot read ticket_keys %s", cfg->path,
+                 cfg->line_ticket_keys, why);
+    return r;
+}
+
 static int gen_tls(struct stp_gen *g, char *err, size_t errlen)
 {
     const struct stp_config *cfg = &g->cfg;
     struct stp_tls_err e;
+    int r = gen_ticket_keys(g, err, errlen);
+    if (r < 0)
+        return r;
     for (int i = 0; i < cfg->n_listeners; i++) {
         const struct stp_listener_cfg *lc = &cfg->listeners[i];
         struct stp_tls_server_opts o = {
+            .name = lc->name, .ticket_keys = g->ticket_keys,
             .cert = lc->cert, .key = lc->key, .cn = cfg->hostname,
             .params = &lc->tlsp, .sni = lc->sni, .n_sni = lc->n_sni,
             .client_ca = lc->client_ca, .verify_client = lc->verify_client,

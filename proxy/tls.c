@@ -442,7 +442,12 @@ int stp_tls_ctx_new_server(const struct stp_tls_server_opts *o,
     for (int i = 0; i < c->n_groups; i++)
         c->groups[i] = (uint16_t)ids[i];
     c->verify = o->client_ca && o->verify_client != STP_VERIFY_CLIENT_NONE;
-    if (!(c->tickets = stp_tickets_new()) ||
+    /* The listener and whether it asks for a certificate: tickets of a
+     * listener that asks for none never open at one that requires one. */
+    char label[256];
+    snprintf(label, sizeof(label), "verify_client=%d %s",
+             c->verify ? (int)o->verify_client : 0, o->name ? o->name : "");
+    if (!(c->tickets = stp_tickets_new(o->ticket_keys, label)) ||
         !(c->ctx = server_ctx(o, o->cert, o->key, c->tickets, e)))
         goto fail;
     if (o->n_sni > 0) {

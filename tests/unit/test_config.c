@@ -346,6 +346,13 @@ static void test_errors(void)
          "t.ini:5: cannot read key '/nonexistent/k.pem': No such file or directory"},
         {LST_A "cert = /etc\nkey = /dev/null\n" UP,
          "t.ini:4: cannot read cert '/etc': Is a directory"},
+        /* its lines are read with the TLS contexts (test_ticket_keys.c) */
+        {"[proxy]\nticket_keys = /nonexistent/keys\n" LST_A UP,
+         "t.ini:2: cannot read ticket_keys '/nonexistent/keys': No such file "
+         "or directory"},
+        {"[proxy]\nticket_keys =\n" LST_A UP, "t.ini:2: empty value for ticket_keys"},
+        {LST_A "ticket_keys = /dev/null\n" UP,
+         "t.ini:4: unknown key 'ticket_keys' in [listener a]"},
         {LST_A "require_tls = yes\ntls = none\n" UP,
          "t.ini:4: require_tls = yes needs tls = starttls or implicit"},
         {MINIMAL "[listener b]\nlisten = 0.0.0.0:25\nupstream = up\n",
