@@ -658,6 +658,13 @@ static int check_auth(struct parser *p, struct stp_upstream_cfg *u,
                             "auth needs tls = starttls or implicit: with "
                             "opportunistic, a next hop that does not offer "
                             "STARTTLS would get the password in clear");
+    /* Anyone on the path could present a certificate and take the
+     * account: trust a private relay with ca_file instead. */
+    if (!u->verify)
+        return stp_cfg_fail(p, kl[K_UP_VERIFY] ? kl[K_UP_VERIFY] : kl[K_UP_AUTH],
+                            "auth needs verify = yes: an unverified next hop "
+                            "would be given the password (trust a private "
+                            "relay's certificate with ca_file)");
     if (u->identity == STP_ID_XCLIENT)
         return stp_cfg_fail(p, kl[K_UP_IDENTITY],
                             "client_identity = xclient cannot be used with "
@@ -731,16 +738,22 @@ int stp_cfg_end_upstream(struct parser *p, int i)
 }
 
 /* A listener whose upstream logs in with the proxy's account relays for
- * whoever connects: where others can connect, they must be named. */
+ * whoever connects: where others can connect, they must be named. A
+ * loopback socket is no such bound when a PROXY header or interception
+ * brings clients from anywhere to it. */
 int stp_cfg_check_link(struct parser *p, int i)
 {
     const struct stp_listener_cfg *l = &p->cfg->listeners[i];
     const struct stp_upstream_cfg *u = l->upstream;
-    if (u->auth == STP_AUTH_NONE || l->n_allow > 0 || is_loopback(&l->addr))
+    bool remote_clients = l->proxy_protocol != STP_PP_NO || l->transparent;
+    if (u->auth == STP_AUTH_NONE || l->n_allow > 0 ||
+        (is_loopback(&l->addr) && !remote_clients))
         return 0;
     return stp_cfg_fail(p, l->line,
                         "listener '%s' relays with the account of upstream "
-                        "'%s' (auth = %s): allow = is needed on a "
-                        "non-loopback listen address", l->name, u->name,
-                        auths[u->auth]);
+                        "'%s' (auth = %s): allow = is needed %s", l->name,
+                        u->name, auths[u->auth],
+                        remote_clients ? "where clients come through a PROXY "
+                                         "header or interception"
+                                       : "on a non-loopback listen address");
 }

@@ -4,6 +4,7 @@
  * path is tls = opportunistic with no STARTTLS in the EHLO reply; once
  * STARTTLS is offered, a refusal or a broken handshake is a failure, so
  * an attacker who breaks TLS gains nothing. */
+#define _GNU_SOURCE /* memmem */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -144,6 +145,48 @@ static void send_b64(struct stp_prelude *p, const char *verb,
     explicit_bzero(b64, sizeof(b64));
 }
 
+/* The initial response of PLAIN or XOAUTH2 into RAW (SASL_MAX + 1 bytes):
+ * its length, or -1 when it does not fit. */
+static int sasl_response(const struct stp_prelude *p, char *raw)
+{
+    int n = p->cfg.auth == STP_AUTH_PLAIN
+                ? snprintf(raw, SASL_MAX + 1, "%c%s%c%s", 0, p->cfg.user, 0,
+                           p->cfg.secret)
+                : snprintf(raw, SASL_MAX + 1, "user=%s\001auth=Bearer %s\001\001",
+                           p->cfg.user, p->cfg.secret);
+    return n < 0 || n > SASL_MAX ? -1 : n;
+}
+
+/* Every copy of S (N bytes) in the text T becomes "***". */
+static void blank_out(char *t, const char *s, size_t n)
+{
+    char *at;
+    /* Searched after each mark: the secret may be made of asterisks. The
+     * text never grows: a secret under 3 bytes is left (its base64 is
+     * not). */
+    while (n >= 3 && (at = memmem(t, strlen(t), s, n)) != NULL) {
+        memmove(at + 3, at + n, strlen(at + n) + 1);
+        memcpy(at, "***", 3);
+        t = at + 3;
+    }
+}
+
+/* A relay may quote what it was sent: the secret, raw or as sent, never
+ * reaches a log line through its reply. */
+static void redact(const struct stp_prelude *p, char *t)
+{
+    char raw[SASL_MAX + 1], b64[STP_B64_LEN(SASL_MAX) + 1];
+    size_t sl = strlen(p->cfg.secret);
+    /* Longest first: the others may be inside it. */
+    int n = p->cfg.auth == STP_AUTH_LOGIN ? -1 : sasl_response(p, raw);
+    if (n > 0)
+        blank_out(t, b64, stp_b64_encode(raw, (size_t)n, b64));
+    blank_out(t, b64, stp_b64_encode(p->cfg.secret, sl, b64));
+    blank_out(t, p->cfg.secret, sl);
+    explicit_bzero(raw, sizeof(raw));
+    explicit_bzero(b64, sizeof(b64));
+}
+
 /* AUTH with the initial response where the mechanism has one (RFC 4954 4):
  * one round trip for PLAIN and XOAUTH2. */
 static void send_auth(struct stp_prelude *p)
@@ -165,12 +208,8 @@ static void send_auth(struct stp_prelude *p)
         return;
     }
     char raw[SASL_MAX + 1];
-    int n = m == STP_AUTH_PLAIN
-                ? snprintf(raw, sizeof(raw), "%c%s%c%s", 0, p->cfg.user, 0,
-                           p->cfg.secret)
-                : snprintf(raw, sizeof(raw), "user=%s\001auth=Bearer %s\001\001",
-                           p->cfg.user, p->cfg.secret);
-    if (n < 0 || (size_t)n >= sizeof(raw))
+    int n = sasl_response(p, raw);
+    if (n < 0)
         fail(p, STP_FAIL_HOP_AUTH, "credentials too long");
     else
         send_b64(p, m == STP_AUTH_PLAIN ? "AUTH PLAIN " : "AUTH XOAUTH2 ", raw,
@@ -242,11 +281,12 @@ static bool auth_reply(struct stp_prelude *p, int code, const char *line,
         send_line(p, STP_UP_AUTH, "", "");
         return p->step != STP_UP_FAILED;
     }
-    char why[400];
+    char why[STP_MAX_REPLY_LINE + 200];
     snprintf(why, sizeof(why), "AUTH refused: %.*s%s%s%s", (int)len, line,
              p->auth_challenged ? " (" : "",
              p->auth_challenged ? p->challenge : "",
              p->auth_challenged ? ")" : "");
+    redact(p, why);
     fail(p, STP_FAIL_HOP_AUTH, why);
     return false;
 }

@@ -29,6 +29,7 @@
  *    before TLS when STARTTLS is configured, the credentials only in
  *    them; ready with AUTH configured only after it was sent; an empty
  *    line only to answer XOAUTH2's error challenge;
+ *  - a failure's reason (logged) never holds the secret, raw or base64;
  *  - FAIL_TLS only with STARTTLS configured, FAIL_AUTH only with AUTH,
  *    FAIL_UNREACHABLE only with another address left;
  *  - stp_up_input never consumes more than offered, and nothing once it
@@ -220,6 +221,10 @@ static void op_fail(void *ctx, enum stp_fail f, const char *reason)
               (f == STP_FAIL_UNREACHABLE && F.cfg.fallback),
           "bad failure category");
     CHECK(reason && *reason, "fail without a reason");
+    /* The reason is logged: never the secret, raw or as it was sent. */
+    CHECK(!strstr(reason, "s3cret") && !strstr(reason, "czNjcmV0") &&
+              !strstr(reason, &A_PLAIN[11]) && !strstr(reason, &A_XOA[13]),
+          "the secret in a failure reason");
     CHECK(strncmp(reason, "internal error", 14) != 0, reason); /* step_to */
 #if STRICT_FAIL_CATEGORY
     CHECK(f != STP_FAIL_HOP_TLS || F.cfg.starttls,

@@ -1344,6 +1344,24 @@ static void test_allow(const char *dir)
         {"[listener a]\nlisten = [::]:25\nupstream = up\n" AUTH_UP,
          "t.ini:1: listener 'a' relays with the account of upstream 'up' "
          "(auth = plain): allow = is needed on a non-loopback listen address"},
+        /* Loopback, but the clients are anyone a load balancer or an
+         * interception brings. */
+        {"[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n"
+         "proxy_protocol = v2\nproxy_protocol_from = 127.0.0.1\n" AUTH_UP,
+         "t.ini:1: listener 'a' relays with the account of upstream 'up' "
+         "(auth = plain): allow = is needed where clients come through a "
+         "PROXY header or interception"},
+        {"[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n"
+         "transparent = yes\n" AUTH_UP,
+         "t.ini:1: listener 'a' relays with the account of upstream 'up' "
+         "(auth = plain): allow = is needed where clients come through a "
+         "PROXY header or interception"},
+        {"[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n"
+         "[upstream up]\naddress = 192.0.2.1:587\ntls = starttls\n"
+         "verify = no\nauth = plain\nusername = u\npassword_file = pw\n",
+         "t.ini:7: auth needs verify = yes: an unverified next hop would be "
+         "given the password (trust a private relay's certificate with "
+         "ca_file)"},
         {"[listener a]\nlisten = 127.0.0.1:25\nupstream = up\n"
          "[listener b]\nlisten = 192.0.2.7:25\nupstream = up\n" AUTH_UP,
          "t.ini:4: listener 'b' relays with the account of upstream 'up' "
