@@ -56,6 +56,7 @@ struct stp_hop {
     bool client_transparent;            /* came in on a transparent
                                            listener */
     uv_loop_t *loop;                    /* for name lookups */
+    const struct stp_server *srv;       /* its listeners: never a hop */
     uint64_t *down_until;               /* per entry of up->addrs: skipped
                                            until then (ms, monotonic);
                                            shared by the workers */

@@ -191,6 +191,13 @@ static void connect_to(struct stp_hop *h)
     release_prelude(h);
     /* The setup deadline starts again for each address. */
     enter(h, STP_HOP_CONNECTING);
+    /* A name (or an address) that leads back to this proxy would take a
+     * connection per hop until a limit: the next address instead. */
+    if (!h->up->original_dst && stp_tp_is_own(h->srv, h->dst)) {
+        attempt_failed(h, STP_FAIL_HOP_LOOP, STP_CLOSE_LOOP,
+                       "this is the proxy's own listener");
+        return;
+    }
     int r = h->ops->connection(h->ctx, h->dst->ss_family);
     if (r < 0) {
         unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
@@ -521,6 +528,7 @@ static void original_destination(struct stp_hop *h,
 
 void stp_hop_start(struct stp_hop *h, const struct stp_server *srv)
 {
+    h->srv = srv;
     if (h->up->original_dst) {
         h->entry = -1;
         original_destination(h, srv);

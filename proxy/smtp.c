@@ -778,8 +778,8 @@ void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why)
         [STP_FAIL_SHUTDOWN] = {"421 4.3.2 Service shutting down, closing "
                                "transmission channel\r\n",
                                STP_CLOSE_SHUTDOWN},
-        [STP_FAIL_HOP_LOOP] = {"421 4.4.6 %s Error: mail loop: the original "
-                               "destination is this proxy\r\n",
+        [STP_FAIL_HOP_LOOP] = {"421 4.4.6 %s Error: mail loop: the next hop "
+                               "is this proxy\r\n",
                                STP_CLOSE_LOOP},
         [STP_FAIL_HOP_AUTH] = {"421 4.7.0 %s Error: next hop refused the "
                                "proxy's authentication\r\n",

@@ -230,6 +230,34 @@ def test_name_without_an_address_of_the_source_family_is_logged(make_aio, ns_pro
     assert "no address of the family of source" in ev.get("error", ""), ev["_line"]
 
 
+def test_name_leading_back_to_the_proxy_is_never_connected(make_aio, ns_proxies, tls_files,
+                                                            tmp_path):
+    """self.test is the proxy's own listener address: one connect line (the
+    client's), a 421 4.4.6 when nothing else is left, and with a second
+    entry the message goes there."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost self.test\n")
+    port = h.free_port()
+    text = base_config(tls_files, [("main", {"upstream": UP, "listen": "127.0.0.1:%d" % port})],
+                       [(UP, {"address": "self.test:%d" % port, "tls": "none"})])
+    proxy = ns_proxies({"/etc/hosts": str(hosts)}, text)
+    g, _ = refused_greeting(proxy.port)
+    assert g.raw.startswith(b"421 4.4.6"), g.raw
+    ev = proxy.wait_event("upstream_error", upstream=UP, address="127.0.0.1:%d" % port)
+    assert "own listener" in ev.get("error", ""), ev["_line"]
+    assert len(proxy.events("connect")) == 1, "the proxy connected to itself"
+
+    good = make_aio()
+    port2 = h.free_port()
+    text = base_config(tls_files, [("main", {"upstream": UP, "listen": "127.0.0.1:%d" % port2})],
+                       [(UP, {"address": "self.test:%d, %s" % (port2, good.address),
+                              "tls": "none"})])
+    proxy = ns_proxies({"/etc/hosts": str(hosts)}, text)
+    msg, _ = deliver(proxy.port, "not-to-itself")
+    assert good.wait_messages(1)[0]["original_content"] == msg
+    assert len(proxy.events("connect")) == 1
+
+
 class ScriptedAt(h.ScriptedUpstream):
     """A ScriptedUpstream on a port chosen by the test (the same port on
     several loopback addresses)."""
