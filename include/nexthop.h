@@ -20,6 +20,7 @@
 
 struct addrinfo;
 struct stp_lookup;
+struct stp_addrs;
 
 enum stp_hop_stage {
     STP_HOP_CONNECTING,
@@ -66,8 +67,10 @@ struct stp_hop {
     uint8_t order[STP_MAX_HOP_ADDRS];   /* entries, in the order tried */
     int n_order, next;                  /* ... and the next one's place */
     int entry;                          /* the one being tried, -1: none */
-    struct stp_lookup *lookup;          /* a name being resolved */
-    struct addrinfo *ai, *ai_next;      /* a name's addresses, the next */
+    struct stp_lookup *lookup;          /* the name lookup it waits for */
+    struct stp_hop *next_waiter;        /* ... with these other hops */
+    struct stp_addrs *addrs;            /* a name's addresses (shared) */
+    struct addrinfo *ai_next;           /* ... the next to try */
     char *token;                        /* xoauth2: read for this session */
     enum stp_close_reason last_reason;  /* of the last failed attempt */
     int attempts;

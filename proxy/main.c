@@ -48,6 +48,18 @@ static void close_signals(struct stp_workers *ws)
         uv_close((uv_handle_t *)&sigs[i], NULL);
 }
 
+/* Name lookups run on libuv's thread pool (4 threads by default), and a
+ * worker holds one thread per name being looked up: 4 more per worker
+ * keep other names going while a few resolvers are slow. Read once, at the
+ * pool's first use; UV_THREADPOOL_SIZE in the environment wins. */
+static void pool_size(int n_workers)
+{
+    char v[16];
+    int n = 4 + 4 * n_workers;
+    snprintf(v, sizeof(v), "%d", n > 1024 ? 1024 : n);
+    setenv("UV_THREADPOOL_SIZE", v, 0);
+}
+
 /* SIGHUP: read the file again; the workers switch to it, or nothing changes
  * if it is broken. */
 static void reload(void)
@@ -241,6 +253,7 @@ int main(int argc, char **argv)
     }
     int n = gen->cfg.workers > 0 ? gen->cfg.workers
                                  : (int)uv_available_parallelism();
+    pool_size(n);
     if (stp_workers_init(&workers, loop, gen, n, err, sizeof(err)) < 0) {
         fprintf(stderr, "%s\n", err);
         return 1;

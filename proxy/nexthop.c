@@ -8,6 +8,7 @@
 #include <netdb.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "identity.h"
 #include "log.h"
@@ -18,11 +19,27 @@
 
 #define SID "id=%016" PRIx64
 
-/* A name being resolved on libuv's thread pool. A session that ends or
- * gives up first leaves it behind (HOP NULL): it frees itself. */
+/* A name being resolved on libuv's thread pool. A worker looks a name up
+ * once at a time, however many sessions wait for it: a slow resolver holds
+ * one pool thread per name and worker, not one per session, so the pool
+ * (main.c sizes it) has threads left for other names. */
 struct stp_lookup {
     uv_getaddrinfo_t req;
-    struct stp_hop *hop;
+    struct stp_hop *waiters;        /* linked through next_waiter */
+    struct stp_lookup *next;        /* in_flight */
+    bool listed;                    /* in in_flight: new sessions join it */
+    uint16_t port;
+    char host[256];
+};
+
+/* This worker's lookups under way (each worker is a thread with its own
+ * loop, and lookups complete on the loop that started them). */
+static __thread struct stp_lookup *in_flight;
+
+/* One lookup's addresses, shared by the sessions that waited for it. */
+struct stp_addrs {
+    unsigned refs;
+    struct addrinfo *res;
 };
 
 void stp_hop_fail(struct stp_hop *h, enum stp_fail why, const char *detail)
@@ -104,13 +121,44 @@ static void log_attempt(const struct stp_hop *h, const char *detail)
             h->id, h->up->name, a, stp_log_esc(e, sizeof(e), detail));
 }
 
+static void unlist(struct stp_lookup *l)
+{
+    for (struct stp_lookup **pp = &in_flight; l->listed && *pp;
+         pp = &(*pp)->next)
+        if (*pp == l) {
+            *pp = l->next;
+            l->listed = false;
+        }
+}
+
+/* H waits no more. A lookup nobody waits for is cancelled if it has not
+ * started (it then completes with UV_ECANCELED, unlisted so that no new
+ * session joins it); one already running is left to finish. */
 static void abandon_lookup(struct stp_hop *h)
 {
-    if (!h->lookup)
+    struct stp_lookup *l = h->lookup;
+    if (!l)
         return;
-    h->lookup->hop = NULL;
-    uv_cancel((uv_req_t *)&h->lookup->req);
+    for (struct stp_hop **pp = &l->waiters; *pp; pp = &(*pp)->next_waiter)
+        if (*pp == h) {
+            *pp = h->next_waiter;
+            break;
+        }
     h->lookup = NULL;
+    h->next_waiter = NULL;
+    if (!l->waiters && uv_cancel((uv_req_t *)&l->req) == 0)
+        unlist(l);
+}
+
+static void release_addrs(struct stp_hop *h)
+{
+    struct stp_addrs *a = h->addrs;
+    h->addrs = NULL;
+    h->ai_next = NULL;
+    if (a && --a->refs == 0) {
+        uv_freeaddrinfo(a->res);
+        free(a);
+    }
 }
 
 void stp_hop_cancel(struct stp_hop *h)
@@ -129,9 +177,7 @@ static void release_prelude(struct stp_hop *h)
 void stp_hop_free(struct stp_hop *h)
 {
     abandon_lookup(h);
-    if (h->ai)
-        uv_freeaddrinfo(h->ai);
-    h->ai = h->ai_next = NULL;
+    release_addrs(h);
     free(h->own_dst);
     h->own_dst = NULL;
     h->dst = NULL;
@@ -225,69 +271,100 @@ static bool family_ok(const struct stp_hop *h, int family)
            h->up->source_addr.ss_family == family;
 }
 
+/* The lookup H waited for is done: its addresses (shared, A), or STATUS. */
+static void resolved(struct stp_hop *h, int status, struct stp_addrs *a)
+{
+    const struct stp_hop_addr *e = &h->up->addrs[h->entry];
+    char why[320];
+    const struct addrinfo *ai = a ? a->res : NULL;
+    while (ai && !family_ok(h, ai->ai_family))
+        ai = ai->ai_next;
+    if (status < 0 || !ai) {
+        if (status < 0)
+            snprintf(why, sizeof(why), "cannot resolve %s: %s", e->host,
+                     uv_strerror(status));
+        else
+            snprintf(why, sizeof(why),
+                     "%s has no address of the family of source =", e->host);
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
+        return;
+    }
+    a->refs++;
+    h->addrs = a;
+    h->ai_next = a->res;
+    try_next(h);
+}
+
 static void on_resolved(uv_getaddrinfo_t *req, int status,
                         struct addrinfo *res)
 {
     struct stp_lookup *l = req->data;
-    struct stp_hop *h = l->hop;
+    unlist(l);
+    struct stp_hop *w = l->waiters;
     free(l);
-    if (!h) {
-        if (res)
-            uv_freeaddrinfo(res);
-        return;
-    }
-    h->lookup = NULL;
-    if (status < 0) {
-        char why[200];
-        snprintf(why, sizeof(why), "cannot resolve %s: %s",
-                 h->up->addrs[h->entry].host, uv_strerror(status));
-        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
-        return;
-    }
-    const struct addrinfo *a = res;
-    while (a && !family_ok(h, a->ai_family))
-        a = a->ai_next;
-    if (!a) {
+    struct stp_addrs *a = NULL;
+    if (status == 0 && !(a = malloc(sizeof(*a))))
+        status = UV_ENOMEM;
+    if (a)
+        *a = (struct stp_addrs){.refs = 1, .res = res}; /* ours, for now */
+    else if (res)
         uv_freeaddrinfo(res);
-        char why[200];
-        snprintf(why, sizeof(why), "%s has no address of the family of "
-                 "source =", h->up->addrs[h->entry].host);
-        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
-        return;
+    /* Each waiter goes on by itself; none can end another's session, and
+     * sessions are freed only in close callbacks. */
+    while (w) {
+        struct stp_hop *h = w;
+        w = h->next_waiter;
+        h->next_waiter = NULL;
+        h->lookup = NULL;
+        resolved(h, status, a);
     }
-    h->ai = h->ai_next = res;
-    try_next(h);
+    if (a && --a->refs == 0) {
+        uv_freeaddrinfo(a->res);
+        free(a);
+    }
 }
 
-/* Look up the current entry's name, off the event loop; the setup deadline
- * bounds the wait. */
+/* Look up the current entry's name off the event loop, or wait for this
+ * worker's lookup of it under way; the setup deadline bounds the wait. */
 static void resolve(struct stp_hop *h)
 {
     const struct stp_hop_addr *e = &h->up->addrs[h->entry];
     h->dst = NULL;
     enter(h, STP_HOP_CONNECTING);
-    char port[8];
-    snprintf(port, sizeof(port), "%u", e->port);
-    struct addrinfo hints = {
-        .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-        .ai_protocol = IPPROTO_TCP, .ai_flags = AI_NUMERICSERV,
-    };
-    struct stp_lookup *l = malloc(sizeof(*l));
-    int r = l ? 0 : -ENOMEM;
-    if (l) {
-        l->hop = h;
-        l->req.data = l;
-        r = uv_getaddrinfo(h->loop, &l->req, on_resolved, e->host, port,
-                           &hints);
+    struct stp_lookup *l = in_flight;
+    while (l && !(l->port == e->port && strcasecmp(l->host, e->host) == 0))
+        l = l->next;
+    int r = 0;
+    if (!l) {
+        char port[8];
+        snprintf(port, sizeof(port), "%u", e->port);
+        struct addrinfo hints = {
+            .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+            .ai_protocol = IPPROTO_TCP, .ai_flags = AI_NUMERICSERV,
+        };
+        l = calloc(1, sizeof(*l));
+        r = l ? 0 : -ENOMEM;
+        if (l) {
+            l->req.data = l;
+            l->port = e->port;
+            snprintf(l->host, sizeof(l->host), "%s", e->host);
+            r = uv_getaddrinfo(h->loop, &l->req, on_resolved, e->host, port,
+                               &hints);
+        }
+        if (r < 0) {
+            free(l);
+            char why[320];
+            snprintf(why, sizeof(why), "cannot resolve %s: %s", e->host,
+                     uv_strerror(r));
+            unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
+            return;
+        }
+        l->next = in_flight;
+        l->listed = true;
+        in_flight = l;
     }
-    if (r < 0) {
-        free(l);
-        char why[200];
-        snprintf(why, sizeof(why), "cannot resolve %s: %s", e->host,
-                 uv_strerror(r));
-        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
-        return;
-    }
+    h->next_waiter = l->waiters;
+    l->waiters = h;
     h->lookup = l;
 }
 
@@ -312,10 +389,7 @@ static void try_next(struct stp_hop *h)
             connect_to(h);
             return;
         }
-        if (h->ai) {
-            uv_freeaddrinfo(h->ai);
-            h->ai = NULL;
-        }
+        release_addrs(h);
         /* Every address of the entry failed (or it had none). */
         entry_health(h, false);
         if (h->next >= h->n_order) {

@@ -563,7 +563,9 @@ def _aio_on_port(port):
 # --- a slow resolver ----------------------------------------------------------------------
 
 
-def test_slow_resolver_does_not_delay_other_sessions(ns_proxies, make_aio, tls_files, tmp_path):
+@pytest.fixture
+def blackhole_dns():
+    """A DNS server that never answers, on a loopback address of its own."""
     if os.geteuid() != 0:
         pytest.skip("needs root for a private mount namespace")
     # not 127.0.0.53/54: systemd-resolved has those
@@ -576,50 +578,97 @@ def test_slow_resolver_does_not_delay_other_sessions(ns_proxies, make_aio, tls_f
             why = e
     if dns is None:
         pytest.skip("cannot bind a loopback address on port 53: %s" % why)
-    try:
-        resolv = tmp_path / "resolv.conf"
-        resolv.write_text("nameserver %s\noptions timeout:3 attempts:1\n" % dns.host)
-        good = make_aio()
-        plain = {"tls": "none", "require_tls": None}
-        text = base_config(
-            tls_files,
-            [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
-            [("slow", {"address": "slow.example.test:25, %s" % good.address, "tls": "none"}),
-             ("fast", {"address": good.address, "tls": "none"})],
-            # one worker: a lookup that blocked its loop would hold up b too
-            proxy_opts={"workers": "1"})
-        # names through resolv.conf only (no nss-resolve, nscd or the like)
-        nss = tmp_path / "nsswitch.conf"
-        nss.write_text("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n")
-        proxy = ns_proxies({"/etc/resolv.conf": str(resolv), "/etc/nsswitch.conf": str(nss)},
-                           text, n_listeners=2)
+    yield dns
+    dns.stop()
 
-        t0 = time.monotonic()
-        waiting = [h.SmtpConn(proxy.ports["a"], timeout=20) for _ in range(3)]
-        try:
-            assert h.wait_until(lambda: "slow.example.test" in dns.queries, 3), \
-                "the resolver never asked %s for slow.example.test: %r" % (dns.host, dns.queries)
-            for i in range(5):
-                msg, took = deliver(proxy.ports["b"], "fast-%d" % i, tls=False)
-                assert took < 0.5, "session %d on listener b waited %.2fs for its greeting " \
-                                   "behind the slow resolver" % (i, took)
-            assert len(good.wait_messages(5)) == 5
-            assert time.monotonic() - t0 < 2.5, "listener b's sessions were held up"
-            for i, c in enumerate(waiting):
-                c.greeting()
-                c.expect("EHLO client.test", 250)
-                h.send_message(c, h.sample_message("slow-%d" % i))
-                c.expect("QUIT", 221)
-            assert time.monotonic() - t0 >= 2.5, "the A sessions did not wait for DNS at all"
-        finally:
-            for c in waiting:
-                c.close()
-        got = good.wait_messages(8)
-        assert sorted(e["original_content"] for e in got[5:]) == sorted(
-            h.sample_message("slow-%d" % i) for i in range(3))
-        errs = [e for e in proxy.events("upstream_error") if e.get("upstream") == "slow"
-                and e.get("address") == "slow.example.test:25"]
-        assert len(errs) >= 1, proxy.log_tail()
-        assert "cannot resolve slow.example.test" in errs[0].get("error", ""), errs[0]["_line"]
+
+def slow_resolver_binds(tmp_path, dns, hosts="127.0.0.1 localhost\n"):
+    """/etc files for a daemon whose names go to DNS (a timeout of 3 s)
+    unless HOSTS names them: no nss-resolve, nscd or the like."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver %s\noptions timeout:3 attempts:1\n" % dns.host)
+    nss = tmp_path / "nsswitch.conf"
+    nss.write_text("passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n")
+    etc_hosts = tmp_path / "hosts"
+    etc_hosts.write_text(hosts)
+    return {"/etc/resolv.conf": str(resolv), "/etc/nsswitch.conf": str(nss),
+            "/etc/hosts": str(etc_hosts)}
+
+
+def test_slow_resolver_does_not_delay_other_sessions(ns_proxies, make_aio, tls_files, tmp_path,
+                                                     blackhole_dns):
+    dns = blackhole_dns
+    good = make_aio()
+    plain = {"tls": "none", "require_tls": None}
+    text = base_config(
+        tls_files,
+        [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
+        [("slow", {"address": "slow.example.test:25, %s" % good.address, "tls": "none"}),
+         ("fast", {"address": good.address, "tls": "none"})],
+        # one worker: a lookup that blocked its loop would hold up b too
+        proxy_opts={"workers": "1"})
+    proxy = ns_proxies(slow_resolver_binds(tmp_path, dns), text, n_listeners=2)
+
+    t0 = time.monotonic()
+    waiting = [h.SmtpConn(proxy.ports["a"], timeout=20) for _ in range(3)]
+    try:
+        assert h.wait_until(lambda: "slow.example.test" in dns.queries, 3), \
+            "the resolver never asked %s for slow.example.test: %r" % (dns.host, dns.queries)
+        for i in range(5):
+            msg, took = deliver(proxy.ports["b"], "fast-%d" % i, tls=False)
+            assert took < 0.5, "session %d on listener b waited %.2fs for its greeting " \
+                               "behind the slow resolver" % (i, took)
+        assert len(good.wait_messages(5)) == 5
+        assert time.monotonic() - t0 < 2.5, "listener b's sessions were held up"
+        for i, c in enumerate(waiting):
+            c.greeting()
+            c.expect("EHLO client.test", 250)
+            h.send_message(c, h.sample_message("slow-%d" % i))
+            c.expect("QUIT", 221)
+        assert time.monotonic() - t0 >= 2.5, "the A sessions did not wait for DNS at all"
     finally:
-        dns.stop()
+        for c in waiting:
+            c.close()
+    got = good.wait_messages(8)
+    assert sorted(e["original_content"] for e in got[5:]) == sorted(
+        h.sample_message("slow-%d" % i) for i in range(3))
+    errs = [e for e in proxy.events("upstream_error") if e.get("upstream") == "slow"
+            and e.get("address") == "slow.example.test:25"]
+    assert len(errs) >= 1, proxy.log_tail()
+    assert "cannot resolve slow.example.test" in errs[0].get("error", ""), errs[0]["_line"]
+
+
+def test_many_sessions_on_a_slow_name_leave_other_names_resolving(ns_proxies, make_aio,
+                                                                 tls_files, tmp_path,
+                                                                 blackhole_dns):
+    """Eight sessions wait for slow.example.test: they share one lookup, so
+    libuv's thread pool still looks up fast.test (from /etc/hosts) at once.
+    Found by an outside attack: four waiting sessions took the whole pool,
+    and a healthy name timed out and was put in penalty."""
+    dns = blackhole_dns
+    good = make_aio()
+    plain = {"tls": "none", "require_tls": None}
+    text = base_config(
+        tls_files,
+        [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
+        [("slow", {"address": "slow.example.test:%d" % good.port, "tls": "none"}),
+         ("fast", {"address": "fast.test:%d" % good.port, "tls": "none"})],
+        proxy_opts={"workers": "1"})
+    binds = slow_resolver_binds(tmp_path, dns, "127.0.0.1 localhost fast.test\n")
+    proxy = ns_proxies(binds, text, n_listeners=2)
+    waiting = [h.SmtpConn(proxy.ports["a"], timeout=20) for _ in range(8)]
+    try:
+        assert h.wait_until(lambda: "slow.example.test" in dns.queries, 3), dns.queries
+        time.sleep(0.3)     # every one of them is waiting now
+        msg, took = deliver(proxy.ports["b"], "fast-name", tls=False)
+        assert took < 1.0, "a name from /etc/hosts waited %.2fs behind the slow one" % took
+        assert good.wait_messages(1)[0]["original_content"] == msg
+        for c in waiting:
+            g = c.read_reply()
+            assert g.code == 421, g.raw
+    finally:
+        for c in waiting:
+            c.close()
+    asked = dns.queries.count("slow.example.test")
+    assert asked <= 4, "%d queries for one name: the sessions did not share a lookup" % asked
+    assert not [e for e in proxy.events("upstream_error") if e.get("upstream") == "fast"]
