@@ -128,6 +128,7 @@ static void unlist(struct stp_lookup *l)
         if (*pp == l) {
             *pp = l->next;
             l->listed = false;
+            return;
         }
 }
 

@@ -1675,6 +1675,33 @@ static void test_failover_silent(void)
     case_end();
 }
 
+static void test_name_lookup(void)
+{
+    case_begin("a name: looked up off the loop, its addresses tried in "
+               "turn, two sessions at once");
+    struct world w = {0};
+    char entries[64];
+    /* localhost is ::1 (nobody there) and 127.0.0.1 (the upstream). */
+    if (world_start(&w, "tls = none\n")) {
+        snprintf(entries, sizeof(entries), "localhost:%d, ",
+                 ntohs(w.up.addr.sin_port));
+        first_entries = entries;
+        proxy_stop(&w.px);
+        uv_run(&loop, UV_RUN_NOWAIT);
+        proxy_free(&w.px);
+        if (proxy_start(&w.px, &w.up, "drain_timeout = 5s\n",
+                        "tls = none\n", "", false) &&
+            client_connect(&w.cl, &w.px.addr) &&
+            client_connect(&w.late, &w.px.addr)) {
+            short_session(&w.cl);
+            short_session(&w.late);
+            CHECK(w.up.accepted == 2, "%d sessions upstream", w.up.accepted);
+        }
+    }
+    world_end(&w);
+    case_end();
+}
+
 static void test_failover_all_dead(void)
 {
     case_begin("failover: when no address answers, one 421");
@@ -2279,6 +2306,7 @@ int main(void)
     RUN(test_failover_refusing_greeting);
     RUN(test_failover_silent);
     RUN(test_failover_all_dead);
+    RUN(test_name_lookup);
     RUN(test_idle_timeout);
     RUN(test_drain_timeout_cuts_message);
     RUN(test_reload_keeps_open_session);
