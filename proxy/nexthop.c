@@ -247,7 +247,11 @@ static void connect_to(struct stp_hop *h)
     }
     int r = h->ops->connection(h->ctx, h->dst->ss_family);
     if (r < 0) {
-        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
+        /* Out of descriptors or memory here: no fault of the next hop,
+         * which is not put in penalty for it. */
+        char e[96];
+        snprintf(e, sizeof(e), "no connection: %s", stp_strerror(r));
+        stp_hop_fail(h, STP_FAIL_UNREACHABLE, e);
         return;
     }
     const char *why = "";
