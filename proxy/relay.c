@@ -188,7 +188,7 @@ static void close_upstream(struct stp_session *s)
 static void log_disconnect(struct stp_session *s)
 {
     const struct stp_tls *t = stp_conn_tls(s->client);
-    char tls[700] = "tls=none cipher=none", engine[256] = "";
+    char tls[700] = "tls=none cipher=none", engine[512] = "";
     if (t) {
         /* The client's choices: quoted and escaped (stp_log_esc). */
         const char *sni = stp_tls_sni(t);

@@ -537,14 +537,13 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
                 if (s->pend_count)
                     return off;
                 s->skipping = true;
-                if (s->phase != STP_PH_AUTH)
-                    s->sent[STP_ST_UNKNOWN]++;
                 if (s->phase == STP_PH_AUTH) {
                     /* The upstream waits for a SASL response: cancel, and
                      * its 501 answers the client. */
                     client_command(s, "*", 1);
                     break;
                 }
+                s->sent[STP_ST_UNKNOWN]++;
                 reject(s, "reason=line_too_long",
                        "500 5.5.2 Error: line too long\r\n");
                 break;
@@ -864,7 +863,11 @@ void stp_smtp_summary(const struct stp_smtp *s, char *buf, size_t cap)
                                s->sent[i])
                     : snprintf(buf + o, cap - o, "%s=%" PRIu32 "/%" PRIu32 " ",
                                names[i], s->accepted[i], s->sent[i]);
-        o += n > 0 ? (size_t)n : 0;
+        if (n < 0 || (size_t)n >= cap - o) {
+            buf[o] = '\0'; /* no half a count */
+            return;
+        }
+        o += (size_t)n;
     }
     if (o < cap)
         snprintf(buf + o, cap - o, "messages=%" PRIu32 " rejected=%" PRIu32,

@@ -2102,6 +2102,23 @@ static void test_names(void)
               "reason %d has no name", r);
     case_end();
 
+    case_begin("summary: a count that does not fit is left out whole");
+    {
+        struct stp_smtp e;
+        memset(&e, 0, sizeof(e));
+        e.sent[STP_ST_EHLO] = e.accepted[STP_ST_EHLO] = 2;
+        e.sent[STP_ST_RCPT] = 3;
+        e.accepted[STP_ST_RCPT] = 1;
+        char b[64];
+        stp_smtp_summary(&e, b, sizeof(b));
+        CHECK(strcmp(b, "ehlo=2 rcpt=1/3 messages=0 rejected=0") == 0, "%s", b);
+        stp_smtp_summary(&e, b, 12);
+        CHECK(strcmp(b, "ehlo=2 ") == 0, "cut: \"%s\"", b);
+        stp_smtp_summary(&e, b, 1);
+        CHECK(b[0] == 0, "cap 1: \"%s\"", b);
+    }
+    case_end();
+
     case_begin("init state");
     struct stp_smtp_cfg cfg = DEF;
     memset(&R, 0, sizeof(R));
