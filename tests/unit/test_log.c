@@ -184,6 +184,38 @@ static void test_long(void)
     case_end();
 }
 
+/* Bodies of random tokens from the bytes that matter to the converter
+ * (blanks, '=', quotes, backslashes, x and hex digits, control and 8-bit
+ * bytes), at random rooms: always valid JSON, always in bounds. */
+static void test_random(void)
+{
+    static const char alphabet[] = "ab= \"\\x0f\x01\xff" "evnt";
+    static const char *const starts[] = {"", "event=", "event=\"", "id=1 "};
+    static char body[3000], out[20000];
+    unsigned seed = 12345;
+    case_begin("random bodies, random rooms");
+    for (int i = 0; i < 20000 && cur_ok; i++) {
+        const char *st = starts[i % 4];
+        size_t n = strlen(st);
+        memcpy(body, st, n);
+        seed = seed * 1103515245u + 12345u;
+        size_t len = n + (seed >> 16) % (i < 19000 ? 60 : 2900);
+        for (; n < len; n++) {
+            seed = seed * 1103515245u + 12345u;
+            body[n] = alphabet[(seed >> 16) % (sizeof(alphabet) - 1)];
+        }
+        seed = seed * 1103515245u + 12345u;
+        size_t cap = STP_LOG_JSON_MIN + (seed >> 16) % 4000;
+        memset(out, 'X', cap + 1);
+        size_t k = stp_log_json(out, cap, TS, "info", body, n, i % 7 == 0);
+        int keys;
+        CHECK(k < cap && out[k] == '\0' && out[cap] == 'X', "bounds: %s",
+              esc(body, n));
+        CHECK(json_valid(out, &keys), "body %s\n-> %s", esc(body, n), out);
+    }
+    case_end();
+}
+
 /* stp_log itself: one write, one JSON object, one newline; text again
  * when switched back. */
 static void test_stp_log(void)
@@ -236,6 +268,7 @@ int main(void)
     signal(SIGALRM, on_alarm);
     test_cases();
     test_long();
+    test_random();
     test_stp_log();
     return unit_summary();
 }
