@@ -176,6 +176,8 @@ struct stp_listener_cfg {
 struct stp_config {
     char *path;
     enum stp_log_level log_level;    /* default info */
+    enum stp_log_format log_format;  /* default text; applied as soon as
+                                        the file is read */
     int workers;                     /* event-loop threads, 1..256, default
                                         1; 0 is "auto": one per CPU
                                         (uv_available_parallelism()) at

@@ -46,6 +46,7 @@ enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
  * checks done at the end of a section at the line of the key concerned. */
 enum key_id {
     K_LOG_LEVEL,
+    K_LOG_FORMAT,
     K_WORKERS,
     K_HOSTNAME,
     K_LISTEN,

@@ -140,6 +140,10 @@ struct stp_proto {
     void (*status)(const void *e, struct stp_proto_status *st);
     /* The client half-closed; BUFFERED client bytes are still unread. */
     enum stp_eof_verdict (*client_eof)(const void *e, size_t buffered);
+    /* The engine's part of the session's disconnect line: key=value pairs
+     * (what the client asked for, what the upstream accepted) into BUF,
+     * NUL-terminated, CAP > 0. Optional. */
+    void (*summary)(const void *e, char *buf, size_t cap);
 
     /* The prelude, when the upstream leg needs one (STARTTLS spoken by the
      * proxy, in-band identity). prelude_new: 0 with *out NULL when none

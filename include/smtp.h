@@ -147,6 +147,17 @@ enum stp_pend {
 
 #define STP_SMTP_MAX_PENDING 64
 
+/* The commands the summary line counts, in Postfix's words and order
+ * (smtpd's "disconnect ... ehlo=1 mail=1 rcpt=0/1"). LMTP's LHLO is ehlo;
+ * VRFY, EXPN, HELP, ETRN, XCLIENT, XFORWARD and lines that are no command
+ * (too long, a bad byte) are unknown. */
+enum stp_stat {
+    STP_ST_EHLO = 0, STP_ST_HELO, STP_ST_STARTTLS, STP_ST_AUTH, STP_ST_MAIL,
+    STP_ST_RCPT, STP_ST_DATA, STP_ST_BDAT, STP_ST_RSET, STP_ST_NOOP,
+    STP_ST_QUIT, STP_ST_UNKNOWN, STP_ST_COUNT,
+    STP_ST_NONE = 0xff, /* a reply the summary does not count (ours) */
+};
+
 struct stp_smtp {
     struct stp_smtp_cfg cfg;
     const struct stp_proto_actions *ops;
@@ -167,7 +178,15 @@ struct stp_smtp {
     enum stp_dot_state dot;
     uint64_t chunk_left;
     uint8_t pend[STP_SMTP_MAX_PENDING];
+    uint8_t pend_stat[STP_SMTP_MAX_PENDING]; /* enum stp_stat of each */
     unsigned pend_head, pend_count;
+    /* The summary: commands sent and those the upstream (or, for
+     * STARTTLS, the proxy) accepted; messages accepted and refused after
+     * their content. */
+    uint32_t sent[STP_ST_COUNT], accepted[STP_ST_COUNT];
+    uint32_t messages, rejected;
+    bool delivered;      /* LMTP: a recipient's delivery of this message
+                            was accepted */
     /* The upstream reply being assembled. Only an EHLO reply is held, in a
      * buffer that exists only while it is assembled (a session is idle most
      * of its life and should not carry it). */
@@ -220,6 +239,11 @@ static inline bool stp_smtp_replies_due(const struct stp_smtp *s)
 {
     return s->pend_count > 0;
 }
+
+/* "ehlo=2 starttls=1 mail=1 rcpt=1/2 data=1 quit=1 messages=1 rejected=0"
+ * into BUF (CAP > 0): only the commands sent, as ACCEPTED/SENT where some
+ * were refused, as Postfix writes them; messages and rejected always. */
+void stp_smtp_summary(const struct stp_smtp *s, char *buf, size_t cap);
 
 /* The relay gives up for WHY: the 421 that says so, then close. */
 void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why);

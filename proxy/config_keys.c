@@ -375,6 +375,8 @@ static int set_duration_or_0(struct parser *p, const struct key_def *k,
 
 const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_LOG_LEVEL] = {SECT_PROXY, "log_level", set_log_level, PRX(log_level), 0},
+    [K_LOG_FORMAT] = {SECT_PROXY, "log_format", set_enum, PRX(log_format), 0,
+                      (const char *const[]){"text", "json", NULL}, "text or json"},
     [K_WORKERS] = {SECT_PROXY, "workers", set_workers, PRX(workers), 0},
     [K_HOSTNAME] = {SECT_PROXY, "hostname", set_hostname, PRX(hostname), 0},
     [K_LISTEN] = {SECT_LISTENER, "listen", set_addr, LST(listen_text), LST(addr)},

@@ -147,6 +147,10 @@ int stp_gen_new(const char *path, struct stp_gen **out, char *err,
         free(g);
         return r;
     }
+    /* The lines about this configuration (its certificates, its
+     * listeners) are already in its format. A reload that fails after
+     * this point keeps the new format: every line is still whole. */
+    stp_log_set_format(g->cfg.log_format);
     g->lst_tls = calloc((size_t)g->cfg.n_listeners + 1, sizeof(*g->lst_tls));
     g->up_tls = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_tls));
     g->up_down = calloc((size_t)g->cfg.n_upstreams + 1, sizeof(*g->up_down));

@@ -13,11 +13,17 @@
 
 /* Set by the main thread on reload, read by every worker: atomic. */
 static _Atomic int log_level = STP_LOG_INFO;
+static _Atomic int log_format = STP_LOG_TEXT;
 static const char *const level_names[] = {"error", "warn", "info", "debug"};
 
 void stp_log_set_level(enum stp_log_level level)
 {
     atomic_store_explicit(&log_level, (int)level, memory_order_relaxed);
+}
+
+void stp_log_set_format(enum stp_log_format format)
+{
+    atomic_store_explicit(&log_format, (int)format, memory_order_relaxed);
 }
 
 enum stp_log_level stp_log_get_level(void)
@@ -41,14 +47,15 @@ void stp_log(enum stp_log_level level, const char *fmt, ...)
 {
     if (level > stp_log_get_level())
         return;
-    char line[2048];
+    char line[2048], ts[40];
     struct timeval tv;
     struct tm tm;
     gettimeofday(&tv, NULL);
     gmtime_r(&tv.tv_sec, &tm);
-    int n = (int)strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-    n += snprintf(line + n, sizeof(line) - (size_t)n, ".%03dZ %s ",
-                  (int)(tv.tv_usec / 1000), level_names[level]);
+    size_t t = strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(ts + t, sizeof(ts) - t, ".%03dZ", (int)(tv.tv_usec / 1000));
+    int n = snprintf(line, sizeof(line), "%s %s ", ts, level_names[level]);
+    int body = n;
     va_list ap;
     va_start(ap, fmt);
     int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
@@ -56,15 +63,28 @@ void stp_log(enum stp_log_level level, const char *fmt, ...)
     if (m < 0)
         return;
     n += m;
-    if ((size_t)n > sizeof(line) - 2)
+    bool cut = (size_t)n > sizeof(line) - 2;
+    if (cut)
         n = (int)sizeof(line) - 2;
     /* Values from peers are escaped by the callers (stp_log_esc); this is
      * the backstop: whatever slipped through, one call is one line. */
     for (int i = 0; i < n; i++)
         if ((unsigned char)line[i] < 0x20 || line[i] == 0x7f)
             line[i] = '?';
-    line[n++] = '\n';
-    ssize_t w = write(STDERR_FILENO, line, (size_t)n);
+    ssize_t w;
+    if (atomic_load_explicit(&log_format, memory_order_relaxed) ==
+        STP_LOG_JSON) {
+        /* Room for any line we write (a byte is at most 6 in JSON); what
+         * still does not fit is cut, as valid JSON. */
+        char js[6 * sizeof(line) + 256];
+        size_t k = stp_log_json(js, sizeof(js) - 1, ts, level_names[level],
+                                line + body, (size_t)(n - body), cut);
+        js[k++] = '\n';
+        w = write(STDERR_FILENO, js, k);
+    } else {
+        line[n++] = '\n';
+        w = write(STDERR_FILENO, line, (size_t)n);
+    }
     (void)w;
 }
 

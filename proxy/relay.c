@@ -42,6 +42,8 @@ struct stp_session {
     int client_err, upstream_err; /* a write failed inside the engine */
     enum stp_close_reason reason; /* first cause wins: session_reason */
     uint64_t upstream_in, upstream_out; /* its counts, kept at its close */
+    char up_addr[64];          /* the address relayed to, once set up */
+    char up_tls[16];           /* ... and its TLS version */
     uint64_t start_ms;
     struct stp_clock clock;    /* the deadlines are computed from it */
     struct stp_front front;    /* who the client is, its tallies */
@@ -180,19 +182,49 @@ static void close_upstream(struct stp_session *s)
     s->upstream = s->hop.conn = NULL; /* freed in its close callback */
 }
 
+/* The session in one line, as Postfix's "disconnect" line: who, over
+ * what, to where, what the engine counted, then the long-standing keys in
+ * their old order, so nobody has to join lines by id. */
+static void log_disconnect(struct stp_session *s)
+{
+    const struct stp_tls *t = stp_conn_tls(s->client);
+    char tls[700] = "tls=none cipher=none", engine[512] = "";
+    if (t) {
+        /* The client's choices: quoted and escaped (stp_log_esc). */
+        const char *sni = stp_tls_sni(t);
+        char cn[128], esni[300], ecn[300];
+        bool cert = stp_tls_peer_cn(t, cn, sizeof(cn));
+        snprintf(tls, sizeof(tls), "tls=%s cipher=%s%s%s%s%s%s%s",
+                 stp_tls_version(t), stp_tls_cipher(t), sni ? " sni=\"" : "",
+                 sni ? stp_log_esc(esni, sizeof(esni), sni) : "",
+                 sni ? "\"" : "", cert ? " client_cert=\"" : "",
+                 cert ? stp_log_esc(ecn, sizeof(ecn), cn) : "",
+                 cert ? "\"" : "");
+    }
+    if (s->proto->summary)
+        s->proto->summary(s->engine, engine, sizeof(engine));
+    stp_log(STP_LOG_INFO,
+            SID " event=disconnect client=%s listener=%s %s upstream=%s "
+                "upstream_address=%s upstream_tls=%s%s%s reason=%s "
+                "client_in=%" PRIu64 " client_out=%" PRIu64
+                " upstream_in=%" PRIu64 " upstream_out=%" PRIu64
+                " duration_ms=%" PRIu64,
+            s->id, s->front.peer[0] ? s->front.peer : "unknown",
+            s->lcfg->name, tls, s->up->name,
+            s->up_addr[0] ? s->up_addr : "none",
+            s->up_tls[0] ? s->up_tls : "none", engine[0] ? " " : "", engine,
+            stp_close_reason_name(s->reason), stp_conn_bytes_in(s->client),
+            stp_conn_bytes_out(s->client), s->upstream_in, s->upstream_out,
+            now_ms(s) - s->start_ms);
+}
+
 static void finish(struct stp_session *s)
 {
     if (s->state == STP_SS_CLOSED)
         return;
     transition(s, STP_SS_CLOSED);
     close_upstream(s);
-    stp_log(STP_LOG_INFO,
-            SID " event=disconnect reason=%s client_in=%" PRIu64
-                " client_out=%" PRIu64 " upstream_in=%" PRIu64
-                " upstream_out=%" PRIu64 " duration_ms=%" PRIu64,
-            s->id, stp_close_reason_name(s->reason),
-            stp_conn_bytes_in(s->client), stp_conn_bytes_out(s->client),
-            s->upstream_in, s->upstream_out, now_ms(s) - s->start_ms);
+    log_disconnect(s);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, handle_closed);
     stp_conn_close(s->client, conn_closed);
@@ -646,6 +678,13 @@ static void hop_ready(void *ctx, const char *greeting, size_t n)
 {
     struct stp_session *s = ctx;
     transition(s, STP_SS_RELAY);
+    /* For the disconnect line: where the hop got to, after any failover. */
+    if (s->hop.dst)
+        stp_format_addr((const struct sockaddr *)s->hop.dst, s->up_addr,
+                        sizeof(s->up_addr));
+    const struct stp_tls *ut = s->upstream ? stp_conn_tls(s->upstream) : NULL;
+    snprintf(s->up_tls, sizeof(s->up_tls), "%s",
+             ut ? stp_tls_version(ut) : "none");
     if (s->proto->upstream_leg)
         s->proto->upstream_leg(s->engine, s->hop.tls_done);
     /* The engine greets the client as if the upstream had just said it. */

@@ -118,6 +118,7 @@ void stp_smtp_init(struct stp_smtp *s, const struct stp_smtp_cfg *cfg,
     s->ctx = ctx;
     s->tls = cfg->tls_active;
     s->pend[0] = STP_PEND_GREETING;
+    s->pend_stat[0] = STP_ST_NONE;
     s->pend_count = 1;
     enter(s, STP_PH_GREETING);
 }
@@ -183,12 +184,15 @@ static void reject(struct stp_smtp *s, const char *detail, const char *text)
     reply(s, text);
 }
 
-static bool pend_push(struct stp_smtp *s, enum stp_pend kind)
+/* STAT: which command the reply answers, for the summary. */
+static bool pend_push(struct stp_smtp *s, enum stp_pend kind,
+                      enum stp_stat stat)
 {
     if (s->pend_count == STP_SMTP_MAX_PENDING)
         return false;
-    s->pend[(s->pend_head + s->pend_count) % STP_SMTP_MAX_PENDING] =
-        (uint8_t)kind;
+    unsigned i = (s->pend_head + s->pend_count) % STP_SMTP_MAX_PENDING;
+    s->pend[i] = (uint8_t)kind;
+    s->pend_stat[i] = (uint8_t)stat;
     s->pend_count++;
     return true;
 }
@@ -202,10 +206,32 @@ static enum stp_pend pend_pop(struct stp_smtp *s)
 }
 
 static void forward_line(struct stp_smtp *s, const char *p, size_t n,
-                         enum stp_pend kind)
+                         enum stp_pend kind, enum stp_stat stat)
 {
     s->ops->to_upstream(s->ctx, STP_FWD_LINE, p, n);
-    pend_push(s, kind);
+    pend_push(s, kind, stat);
+}
+
+static enum stp_stat stat_of(enum stp_cmd c)
+{
+    switch (c) {
+    case STP_CMD_EHLO: case STP_CMD_LHLO: return STP_ST_EHLO;
+    case STP_CMD_HELO: return STP_ST_HELO;
+    case STP_CMD_STARTTLS: return STP_ST_STARTTLS;
+    case STP_CMD_AUTH: return STP_ST_AUTH;
+    case STP_CMD_MAIL: return STP_ST_MAIL;
+    case STP_CMD_RCPT: return STP_ST_RCPT;
+    case STP_CMD_DATA: return STP_ST_DATA;
+    case STP_CMD_BDAT: return STP_ST_BDAT;
+    case STP_CMD_RSET: return STP_ST_RSET;
+    case STP_CMD_NOOP: return STP_ST_NOOP;
+    case STP_CMD_QUIT: return STP_ST_QUIT;
+    case STP_CMD_UNKNOWN: case STP_CMD_VRFY: case STP_CMD_EXPN:
+    case STP_CMD_HELP: case STP_CMD_ETRN: case STP_CMD_XCLIENT:
+    case STP_CMD_XFORWARD:
+        break;
+    }
+    return STP_ST_UNKNOWN;
 }
 
 /* Forward a command as "VERB" or "VERB SP ARGS": never the client's leading
@@ -214,7 +240,7 @@ static void forward_cmd(struct stp_smtp *s, const char *line, size_t len,
                         const struct stp_cmdline *cl, enum stp_pend kind)
 {
     if (cl->canonical) {
-        forward_line(s, line, len, kind);
+        forward_line(s, line, len, kind, stat_of(cl->cmd));
         return;
     }
     char buf[STP_MAX_LINE_MAX];
@@ -226,7 +252,7 @@ static void forward_cmd(struct stp_smtp *s, const char *line, size_t len,
         memcpy(buf + n, cl->arg, cl->arg_len);
         n += cl->arg_len;
     }
-    forward_line(s, buf, n, kind);
+    forward_line(s, buf, n, kind, stat_of(cl->cmd));
 }
 
 /* RFC 3207 section 4: before TLS, a server requiring it answers 530 to all but
@@ -333,7 +359,8 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     bool bad = memchr(line, '\r', len) || memchr(line, '\0', len);
     if (s->phase == STP_PH_AUTH) {
         /* A SASL response, not a command; a bad one cancels the exchange. */
-        forward_line(s, bad ? "*" : line, bad ? 1 : len, STP_PEND_AUTH);
+        forward_line(s, bad ? "*" : line, bad ? 1 : len, STP_PEND_AUTH,
+                     STP_ST_AUTH);
         s->waiting = true;
         enter(s, STP_PH_COMMAND);
         return true;
@@ -341,6 +368,7 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     if (bad) {
         if (s->pend_count)
             return false;
+        s->sent[STP_ST_UNKNOWN]++;
         reject(s, "reason=bad_character",
                "500 5.5.2 Error: bad character in command\r\n");
         return true;
@@ -357,6 +385,9 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     if (text) {
         if (s->pend_count)
             return false;
+        s->sent[stat_of(c)]++;
+        if (text[0] == '2')
+            s->accepted[stat_of(c)]++; /* STARTTLS's 220 */
         if (why) {
             char detail[96];
             snprintf(detail, sizeof(detail), "cmd=%s reason=%s",
@@ -383,6 +414,7 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
     }
     if (s->pend_count == STP_SMTP_MAX_PENDING)
         return false;
+    s->sent[stat_of(c)]++;
     switch (c) {
     case STP_CMD_EHLO:
         forward_cmd(s, line, len, &cl, STP_PEND_EHLO);
@@ -409,7 +441,7 @@ static bool client_command(struct stp_smtp *s, const char *line, size_t len)
         /* BDAT LAST ends the transaction whatever its reply, as the end of
          * DATA does. */
         forward_line(s, buf, (size_t)n,
-                     last ? STP_PEND_DATA_END : STP_PEND_BDAT);
+                     last ? STP_PEND_DATA_END : STP_PEND_BDAT, STP_ST_BDAT);
         if (s->chunk_left > 0)
             enter(s, STP_PH_CHUNK);
         break;
@@ -468,7 +500,7 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
                 s->ops->to_upstream(s->ctx, STP_FWD_RAW, q, used);
             off += used;
             if (r == STP_DOT_END) {
-                pend_push(s, STP_PEND_DATA_END);
+                pend_push(s, STP_PEND_DATA_END, STP_ST_DATA);
                 enter(s, STP_PH_COMMAND);
             } else if (used < left) {
                 return off; /* a held-back CR waits for its next byte */
@@ -511,6 +543,7 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
                     client_command(s, "*", 1);
                     break;
                 }
+                s->sent[STP_ST_UNKNOWN]++;
                 reject(s, "reason=line_too_long",
                        "500 5.5.2 Error: line too long\r\n");
                 break;
@@ -529,13 +562,30 @@ size_t stp_smtp_client_input(struct stp_smtp *s, const char *p, size_t n)
     return off;
 }
 
+/* The reply to the end of a message (of DATA or BDAT LAST) is in. */
+static void count_message(struct stp_smtp *s, bool ok)
+{
+    if (ok)
+        s->messages++;
+    else
+        s->rejected++;
+    s->delivered = false;
+}
+
 /* An upstream reply is complete: act on what it answered. */
-static void reply_done(struct stp_smtp *s, enum stp_pend kind, int code)
+static void reply_done(struct stp_smtp *s, enum stp_pend kind,
+                       enum stp_stat stat, int code)
 {
     /* LMTP's replies after the message are delivery results, one per
      * recipient, not the client's errors. */
     bool delivery = kind == STP_PEND_DATA_END && s->cfg.lmtp;
     bool ok = code >= 200 && code < 300;
+    /* DATA's 354 and AUTH's 334 are not yet an acceptance: the reply
+     * after the content, or after the last SASL step, is. */
+    if (stat < STP_ST_COUNT && (ok || (delivery && s->delivered)))
+        s->accepted[stat]++;
+    if (kind == STP_PEND_DATA_END)
+        count_message(s, ok || (delivery && s->delivered));
     if (kind != STP_PEND_GREETING && kind != STP_PEND_RSET_INTERNAL &&
         kind != STP_PEND_QUIT && !delivery) {
         count_reply(s, code);
@@ -713,21 +763,27 @@ long stp_smtp_upstream_input(struct stp_smtp *s, const char *p, size_t n)
             continue;
         if (kind == STP_PEND_DATA_END && lmtp_more(s)) {
             /* One reply per recipient the upstream accepted; the session
-             * goes on after the last. */
+             * goes on after the last. One delivery makes it a message. */
+            if (code >= 200 && code < 300)
+                s->delivered = true;
             if (code == 421) {
+                count_message(s, s->delivered);
                 s->reply_421 = true;
                 close_session(s, STP_CLOSE_UPSTREAM_421, false);
                 break;
             }
             continue;
         }
+        enum stp_stat stat = (enum stp_stat)s->pend_stat[s->pend_head];
         pend_pop(s);
         if (code == 421) {
+            if (kind == STP_PEND_DATA_END)
+                count_message(s, s->delivered);
             s->reply_421 = true;
             close_session(s, STP_CLOSE_UPSTREAM_421, false);
             break;
         }
-        reply_done(s, kind, code);
+        reply_done(s, kind, stat, code);
     }
     return (long)off;
 }
@@ -749,7 +805,7 @@ void stp_smtp_tls_started(struct stp_smtp *s)
      * client's EHLO after TLS resets the rest. Skipping RSET then saves a
      * round trip on every session. */
     if (open_tx)
-        forward_line(s, "RSET", 4, STP_PEND_RSET_INTERNAL);
+        forward_line(s, "RSET", 4, STP_PEND_RSET_INTERNAL, STP_ST_NONE);
 }
 
 void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why)
@@ -789,4 +845,31 @@ void stp_smtp_fail(struct stp_smtp *s, enum stp_fail why)
     };
     STP_ASSERT((size_t)why < STP_ARRAY_LEN(replies));
     reply_421_close(s, replies[why].text, replies[why].reason);
+}
+
+void stp_smtp_summary(const struct stp_smtp *s, char *buf, size_t cap)
+{
+    static const char *const names[STP_ST_COUNT] = {
+        "ehlo", "helo", "starttls", "auth", "mail", "rcpt",
+        "data", "bdat", "rset", "noop", "quit", "unknown",
+    };
+    size_t o = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < STP_ST_COUNT && o < cap; i++) {
+        if (!s->sent[i])
+            continue;
+        int n = s->accepted[i] == s->sent[i]
+                    ? snprintf(buf + o, cap - o, "%s=%" PRIu32 " ", names[i],
+                               s->sent[i])
+                    : snprintf(buf + o, cap - o, "%s=%" PRIu32 "/%" PRIu32 " ",
+                               names[i], s->accepted[i], s->sent[i]);
+        if (n < 0 || (size_t)n >= cap - o) {
+            buf[o] = '\0'; /* no half a count */
+            return;
+        }
+        o += (size_t)n;
+    }
+    if (o < cap)
+        snprintf(buf + o, cap - o, "messages=%" PRIu32 " rejected=%" PRIu32,
+                 s->messages, s->rejected);
 }

@@ -97,6 +97,11 @@ static enum stp_eof_verdict client_eof(const void *e, size_t buffered)
     return STP_EOF_WAIT;
 }
 
+static void summary(const void *e, char *buf, size_t cap)
+{
+    stp_smtp_summary(e, buf, cap);
+}
+
 /* ---- the prelude ------------------------------------------------------------ */
 
 static int prelude_new(const struct stp_prelude_cfg *cfg,
@@ -160,7 +165,7 @@ static void prelude_free(void *pre) { free(pre); }
     .size = sizeof(struct stp_smtp), .free = engine_free,                      \
     .client_input = client_input, .upstream_input = upstream_input,            \
     .tls_started = tls_started, .fail = fail, .upstream_leg = upstream_leg,    \
-    .status = status, .client_eof = client_eof,                                \
+    .status = status, .client_eof = client_eof, .summary = summary,            \
     .prelude_input = prelude_input,                                            \
     .prelude_tls_done = prelude_tls_done, .prelude_free = prelude_free
 

@@ -366,6 +366,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         }
     }
+    /* The summary never has more accepted than sent: every acceptance is
+     * a reply to one command the client sent. */
+    char sum[512];
+    stp_smtp_summary(&F.s, sum, sizeof(sum));
+    CHECK(strstr(sum, " messages=") || strncmp(sum, "messages=", 9) == 0,
+          "summary without its message totals");
+    for (int st = 0; st < STP_ST_COUNT; st++)
+        CHECK(F.s.accepted[st] <= F.s.sent[st], "more accepted than sent");
     stp_smtp_free(&F.s);
     return 0;
 }

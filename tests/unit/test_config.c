@@ -264,6 +264,8 @@ static void test_errors(void)
         /* values */
         {"[proxy]\nlog_level = loud\n", "t.ini:2: invalid value 'loud' for "
                                         "log_level (expected error, warn, info or debug)"},
+        {"[proxy]\nlog_format = yaml\n", "t.ini:2: invalid value 'yaml' for "
+                                         "log_format (expected text or json)"},
         {"[proxy]\nworkers = 257\n", "t.ini:2: invalid value '257' for workers "
                                      "(expected a number from 1 to 256 or auto)"},
         {"[proxy]\nworkers = 0\n", "t.ini:2: invalid value '0' for workers "
@@ -477,6 +479,7 @@ static void test_defaults(void)
     CHECK_STR(err, "");
     CHECK_STR(cfg.path, "t.ini");
     CHECK(cfg.log_level == STP_LOG_INFO);
+    CHECK(cfg.log_format == STP_LOG_TEXT);
     CHECK(cfg.workers == 1);
     gethostname(host, sizeof(host) - 1);
     CHECK_STR(cfg.hostname, host[0] ? host : "localhost");
@@ -562,6 +565,14 @@ static void test_defaults(void)
     CHECK(stp_config_parse_string("t.ini", "[proxy]\nworkers = 4\n" MINIMAL,
                                   &cfg, err, sizeof(err)) == 0);
     CHECK(cfg.workers == 4);
+    stp_config_free(&cfg);
+    CHECK(stp_config_parse_string("t.ini", "[proxy]\nlog_format = JSON\n"
+                                  MINIMAL, &cfg, err, sizeof(err)) == 0);
+    CHECK(cfg.log_format == STP_LOG_JSON);
+    stp_config_free(&cfg);
+    CHECK(stp_config_parse_string("t.ini", "[proxy]\nlog_format = text\n"
+                                  MINIMAL, &cfg, err, sizeof(err)) == 0);
+    CHECK(cfg.log_format == STP_LOG_TEXT);
     stp_config_free(&cfg);
 }
 

@@ -998,6 +998,8 @@ struct scen {
     int start_tls;
     bool reject;        /* at least one "reject" event */
     bool up_err;        /* upstream_input returned < 0 */
+    const char *summary; /* the engine's summary at the end; NULL: don't
+                            check */
 };
 
 #define HOST "proxy.test"
@@ -1794,6 +1796,70 @@ static const struct scen scens[] = {
     {"shutdown after QUIT was answered", DEF,
      {U(GREET), C("QUIT\r\n"), U("221 2.0.0 Bye\r\n"), SHUTDOWN}, "QUIT\r\n",
      NULL, "", GREET "221 2.0.0 Bye\r\n", STP_CLOSE_QUIT, 0},
+
+    /* --- the summary for the disconnect line (Postfix's counts) --- */
+    {.name = "summary: STARTTLS, pipelined envelope, a refused RCPT",
+     .cfg = DEF,
+     .steps = {U(GREET), C("EHLO c\r\n"), U(EHLO_UP), C("STARTTLS\r\n"), TLS,
+               C("EHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<x>\r\n"
+                 "DATA\r\n"),
+               U(EHLO_UP), U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" R550 R354),
+               C("hi\r\n.\r\nQUIT\r\n"), U(OK250 "221 2.0.0 Bye\r\n")},
+     .up = "EHLO c\r\nEHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\n"
+           "RCPT TO:<x>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n",
+     .cli = GREET EHLO_PLAIN R220 EHLO_TLS "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+            R550 R354 OK250 "221 2.0.0 Bye\r\n",
+     .close = STP_CLOSE_QUIT, .cut = -1, .start_tls = 1,
+     .summary = "ehlo=2 starttls=1 mail=1 rcpt=1/2 data=1 quit=1 "
+                "messages=1 rejected=0"},
+    {.name = "summary: BDAT and DATA messages the upstream rejects",
+     .cfg = DEF,
+     .steps = {U(GREET), C("EHLO c\r\n"), U(EHLO_CHUNK_UP),
+               C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 5\r\nhelloBDAT 0 LAST\r\n"),
+               U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 5 octets\r\n"
+                 "554 5.7.1 Rejected\r\n"),
+               C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"),
+               U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" R354),
+               C("x\r\n.\r\nRSET\r\nNOOP\r\nVRFY u\r\nQUIT\r\n"),
+               U("554 5.7.1 Spam\r\n" OK250 OK250 "252 2.0.0 u\r\n"
+                 "221 2.0.0 Bye\r\n")},
+     .up = "EHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 5\r\nhello"
+           "BDAT 0 LAST\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\nx\r\n.\r\n"
+           "RSET\r\nNOOP\r\nVRFY u\r\nQUIT\r\n",
+     .cli = GREET EHLO_CHUNK_PLAIN "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+            "250 2.0.0 5 octets\r\n554 5.7.1 Rejected\r\n"
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" R354 "554 5.7.1 Spam\r\n" OK250
+            OK250 "252 2.0.0 u\r\n221 2.0.0 Bye\r\n",
+     .close = STP_CLOSE_QUIT, .cut = -1,
+     .summary = "ehlo=1 mail=2 rcpt=2 data=0/1 bdat=1/2 rset=1 noop=1 quit=1 "
+                "unknown=1 messages=0 rejected=2"},
+    {.name = "summary: commands the proxy refuses count as sent, not accepted",
+     .cfg = CFG(true, true, false, false),
+     .steps = {U(GREET), C("EHLO c\r\nMAIL FROM:<a>\r\nXCLIENT ADDR=1.2.3.4\r\n"
+                           "STARTTLS x\r\n"),
+               U(EHLO_UP), CD(d_long), U(OK250)},
+     .up = "EHLO c\r\nNOOP\r\n",
+     .cli = GREET EHLO_PLAIN R530 R550X R501TLS R500LONG OK250,
+     .close = NO_CLOSE, .cut = -1, .reject = true,
+     .summary = "ehlo=1 starttls=0/1 mail=0/1 noop=1 unknown=0/2 "
+                "messages=0 rejected=0"},
+    {.name = "summary: LMTP, one delivery of two makes a message",
+     .cfg = LMTP,
+     .steps = {U(GREET), C("LHLO c\r\n"), U(EHLO_CHUNK_UP),
+               C("MAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nRCPT TO:<d>\r\n"
+                 "DATA\r\n"),
+               U("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no\r\n"
+                 "250 2.1.5 Ok\r\n"),
+               U(R354), C("hi\r\n.\r\nNOOP\r\n"), U("250 2.0.0 <b> Saved\r\n"),
+               U("452 4.2.2 <d> over quota\r\n"), U(OK250)},
+     .up = "LHLO c\r\nMAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\n"
+           "RCPT TO:<d>\r\nDATA\r\nhi\r\n.\r\nNOOP\r\n",
+     .cli = GREET "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+            "250 STARTTLS\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no\r\n"
+            "250 2.1.5 Ok\r\n" R354
+            "250 2.0.0 <b> Saved\r\n452 4.2.2 <d> over quota\r\n" OK250,
+     .close = NO_CLOSE, .cut = -1,
+     .summary = "ehlo=1 mail=1 rcpt=2/3 data=1 noop=1 messages=1 rejected=0"},
 };
 
 /* How a run splits the two byte streams. */
@@ -1966,6 +2032,15 @@ static bool run_scen(const struct scen *sc, enum feed_mode mode, size_t split)
         failf("%s: no \"reject\" event", where);
         ok = false;
     }
+    if (sc->summary) {
+        char sum[256];
+        stp_proto_smtp.summary(&R.s, sum, sizeof(sum));
+        if (strcmp(sum, sc->summary) != 0) {
+            failf("%s: summary \"%s\", want \"%s\"", where, sum,
+                  sc->summary);
+            ok = false;
+        }
+    }
     if (sc->up_err != (R.up_err > 0)) {
         failf("%s: upstream_input error returns: %d, want %s", where, R.up_err,
               sc->up_err ? "some" : "none");
@@ -2025,6 +2100,23 @@ static void test_names(void)
     for (int r = 0; r < STP_CLOSE_COUNT; r++)
         CHECK(strcmp(stp_close_reason_name((enum stp_close_reason)r), "?"),
               "reason %d has no name", r);
+    case_end();
+
+    case_begin("summary: a count that does not fit is left out whole");
+    {
+        struct stp_smtp e;
+        memset(&e, 0, sizeof(e));
+        e.sent[STP_ST_EHLO] = e.accepted[STP_ST_EHLO] = 2;
+        e.sent[STP_ST_RCPT] = 3;
+        e.accepted[STP_ST_RCPT] = 1;
+        char b[64];
+        stp_smtp_summary(&e, b, sizeof(b));
+        CHECK(strcmp(b, "ehlo=2 rcpt=1/3 messages=0 rejected=0") == 0, "%s", b);
+        stp_smtp_summary(&e, b, 12);
+        CHECK(strcmp(b, "ehlo=2 ") == 0, "cut: \"%s\"", b);
+        stp_smtp_summary(&e, b, 1);
+        CHECK(b[0] == 0, "cap 1: \"%s\"", b);
+    }
     case_end();
 
     case_begin("init state");
