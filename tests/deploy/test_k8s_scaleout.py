@@ -6,7 +6,8 @@ probes on the [admin] port, the grace period above drain_timeout. What podman
 runs (ConfigMap, Deployment) is played with `podman kube play`: two replicas
 with one ticket-key Secret deliver mail to a mail server in a pod of its own,
 answer /healthz, /readyz and /metrics, and resume each other's TLS sessions
-(Python ssl, TLS 1.3 and 1.2; openssl s_client -sess_out / -sess_in).
+(Python ssl, TLS 1.3 and 1.2; openssl s_client -sess_out / -sess_in), and
+through a rotation of the key file plus SIGHUP (README's procedure).
 
 The YAML played is the committed one with only these changes: the test's
 image tags, names with a random suffix, 2 replicas, the upstream address (the
@@ -315,6 +316,7 @@ def scaleout(proxy_image, legacy_image, tls_pair, tmp_path):
             h.podman("kube", "play", str(secrets_file), cwd=str(cwd))
         h.podman("kube", "play", str(dep_file), timeout=300, cwd=str(cwd))
         yield {"pods": pods, "containers": [p + "-starttls-proxy" for p in pods],
+               "tickets": None if secrets_file else host_dirs["tickets"] + "/ticket.keys",
                "ips": [pod_ip(p) for p in pods], "admin": admin_port(ini),
                "mta": mta_pod + "-mta"}
     finally:
@@ -423,3 +425,52 @@ def test_two_replicas_deliver_and_resume_each_others_sessions(scaleout, tls_pair
     assert "New, TLSv1.3" in out and os.path.getsize(sess) > 0, out
     out = s_client(ip2, tls_pair["cert"], "-sess_in", sess)
     assert "Reused, TLSv1.3" in out, out + "\n" + logs(played)
+
+
+def rewrite_keys(played, text):
+    """Replace the replicas' key file as the kubelet swaps a Secret's files,
+    SIGHUP every replica, wait until each has reloaded."""
+    keys, new = played["tickets"], played["tickets"] + ".new"
+    with open(new, "wb") as f:
+        f.write(text)
+    os.chown(new, 0, 10025)
+    os.chmod(new, 0o440)
+    os.replace(new, keys)
+    counts = [h.container_logs(c).count("event=reload status=ok") for c in played["containers"]]
+    for ctr in played["containers"]:
+        h.podman("kill", "--signal", "HUP", ctr)
+    for ctr, n in zip(played["containers"], counts):
+        assert h.wait_until(
+            lambda: h.container_logs(ctr).count("event=reload status=ok") > n, 15), logs(played)
+
+
+def test_ticket_key_rotation_with_sighup(scaleout, tls_pair):
+    """README's rotation: a new key on the first line of the Secret's file,
+    the old one below, SIGHUP every replica: a session sealed before resumes
+    on the other replica, and so does one sealed after; the old line dropped
+    and SIGHUP again: only the one sealed after."""
+    played = scaleout
+    if played["tickets"] is None:
+        pytest.skip("Secret volumes (podman 4.4+): the test cannot rewrite their files")
+    wait_ready(played)
+    ip1, ip2 = played["ips"]
+    ctx = ssl.create_default_context(cafile=tls_pair["cert"])
+    before, _, _ = tls_client(ip1, ctx)
+
+    old_key = open(played["tickets"], "rb").read()
+    new_key = base64.b64encode(os.urandom(80)) + b"\n"
+    rewrite_keys(played, new_key + old_key)
+    _, reused, _ = tls_client(ip2, ctx, before)
+    assert reused, "a ticket of the old key not resumed after the rotation\n" + logs(played)
+    after, reused, _ = tls_client(ip2, ctx)
+    assert not reused
+    _, reused, _ = tls_client(ip1, ctx, after)
+    assert reused, "a ticket of the new key not resumed on the other replica\n" + logs(played)
+
+    # The new key seals: with the old one gone, only tickets sealed after
+    # the rotation open.
+    rewrite_keys(played, new_key)
+    _, reused, _ = tls_client(ip1, ctx, before)
+    assert not reused, "a ticket of the dropped key still resumed"
+    _, reused, _ = tls_client(ip1, ctx, after)
+    assert reused, "a ticket of the new key not resumed\n" + logs(played)
