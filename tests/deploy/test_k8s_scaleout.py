@@ -22,6 +22,7 @@ import base64
 import configparser
 import os
 import re
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -474,3 +475,36 @@ def test_ticket_key_rotation_with_sighup(scaleout, tls_pair):
     assert not reused, "a ticket of the dropped key still resumed"
     _, reused, _ = tls_client(ip1, ctx, after)
     assert reused, "a ticket of the new key not resumed\n" + logs(played)
+
+
+def test_a_stopped_replica_drains_while_the_other_serves(scaleout, tls_pair):
+    """What the kubelet's SIGTERM does to a replica (after preStop): /readyz
+    503 at once (the Service drops it), /healthz still 200 (no restart while
+    it drains), the transaction under way finishes and is delivered; the
+    other replica stays ready."""
+    played = scaleout
+    wait_ready(played)
+    ip1, ip2 = played["ips"]
+    ctr2 = played["containers"][1]
+    ctx = ssl.create_default_context(cafile=tls_pair["cert"])
+    ctx.check_hostname = False      # smtplib names the address; the chain is checked
+    subject = "drain-" + os.urandom(8).hex()
+    with smtplib.SMTP(ip2, 25, timeout=30) as c:
+        c.ehlo("client.example.org")
+        c.starttls(context=ctx)
+        c.ehlo("client.example.org")
+        assert c.mail("b@example.org")[0] == 250
+        assert c.rcpt("a@example.net")[0] == 250
+        h.podman("kill", "--signal", "TERM", ctr2)
+        assert h.wait_until(lambda: http_get(ip2, played["admin"], "/readyz")[0] == 503, 10), \
+            "/readyz of the draining replica: %r\n%s" \
+            % (http_get(ip2, played["admin"], "/readyz"), logs(played))
+        assert http_get(ip2, played["admin"], "/healthz")[0] == 200
+        assert http_get(ip1, played["admin"], "/readyz")[0] == 200
+        code, _ = c.data("Subject: %s\r\n\r\ndrained\r\n" % subject)
+        assert code == 250, logs(played)
+        try:
+            c.quit()
+        except smtplib.SMTPServerDisconnected:
+            pass            # the drain's 421 and close may come first
+    assert subject in delivered(played)
