@@ -93,16 +93,7 @@ def make_proxy(stp_bin, tls_files, tmp_path):
         return p
 
     yield make
-    errors = []
-    for p in made:
-        if p.exit_code is not None:     # the test stopped it on purpose
-            continue
-        try:
-            p.check_and_stop()
-        except BaseException as e:      # pytest.fail raises a BaseException subclass
-            errors.append(str(e))
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    h.stop_proxies(made)
 
 
 @pytest.fixture
