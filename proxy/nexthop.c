@@ -12,7 +12,9 @@
 
 #include "hop_addrs.h"
 #include "identity.h"
+#include "listener.h"
 #include "log.h"
+#include "metrics.h"
 #include "nexthop.h"
 #include "secret.h"
 #include "tls.h"
@@ -25,6 +27,12 @@ void stp_hop_fail(struct stp_hop *h, enum stp_fail why, const char *detail)
     if (h->failed)
         return;
     h->failed = true;
+    /* The attempt under way failed (a failover's were counted already). */
+    stp_mx_upstream(h->srv ? h->srv->metrics : NULL, h->up->metrics_slot,
+                    false);
+    if (why == STP_FAIL_HOP_AUTH)
+        stp_mx_auth(h->srv ? h->srv->metrics : NULL, h->up->metrics_slot,
+                    false);
     char e[256]; /* may quote what the next hop said or presented */
     stp_log(STP_LOG_WARN, SID " event=upstream_error upstream=%s error=\"%s\"",
             h->id, h->up->name, stp_log_esc(e, sizeof(e), detail));
@@ -112,6 +120,8 @@ static void attempt_failed(struct stp_hop *h, enum stp_fail why,
 {
     if (h->failed)
         return;
+    stp_mx_upstream(h->srv ? h->srv->metrics : NULL, h->up->metrics_slot,
+                    false);
     log_attempt(h, detail);
     stp_addrs_abandon(h);
     h->last_reason = reason;
@@ -242,6 +252,8 @@ static void act_ready(void *ctx, const char *greeting, size_t n)
                 : h->up->auth == STP_AUTH_LOGIN ? "LOGIN"
                                                 : "XOAUTH2",
                 h->up->username);
+    if (h->up->auth != STP_AUTH_NONE)
+        stp_mx_auth(h->srv->metrics, h->up->metrics_slot, true);
     h->prelude_ready = true; /* freed once the prelude has returned */
     h->ops->ready(h->ctx, greeting, n);
 }
