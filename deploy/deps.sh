@@ -13,12 +13,13 @@ demo="postfix swaks libnet-ssleay-perl libio-socket-ssl-perl"
 # TLS auditors (testssl.sh, sslscan), the fuzzers' clang, and for deploy/:
 # podman with what it needs without recommends, debootstrap for a local base
 # image, and systemd for the unit's analysis; nftables, iproute2 and
-# util-linux's setpriv for the transparent (TPROXY/REDIRECT) tests.
+# util-linux's setpriv for the transparent (TPROXY/REDIRECT) tests;
+# prometheus for promtool, which lints a real /metrics scrape.
 test="$demo curl openssl python3 python3-pytest python3-aiosmtpd python3-yaml \
   python3-cryptography procps bsdextrautils clang libclang-rt-14-dev \
   testssl.sh sslscan stunnel4 haproxy dovecot-core dovecot-lmtpd \
   podman runc netavark aardvark-dns iptables catatonit debootstrap systemd \
-  nftables iproute2 util-linux"
+  nftables iproute2 util-linux prometheus"
 want=$build
 case "${1:-}" in
   --demo) want="$build $demo" ;;

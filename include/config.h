@@ -132,6 +132,8 @@ struct stp_upstream_cfg {
     struct sockaddr_storage source_addr; /* STP_SRC_ADDRESS, port 0 */
     int line_source;                 /* where source = is, 0: absent */
     int line;                        /* where the section starts */
+    int metrics_slot;                /* its name's counters (metrics.c),
+                                        set before the workers see it */
 };
 
 struct stp_listener_cfg {
@@ -171,6 +173,7 @@ struct stp_listener_cfg {
                                         connections for any address */
     int line_transparent;            /* where transparent = is */
     int line;
+    int metrics_slot;                /* as the upstream's */
 };
 
 struct stp_config {
@@ -193,6 +196,11 @@ struct stp_config {
     int line_ticket_keys;
     int line_user, line_group;       /* where user = and group = are */
     int line_proxy;                  /* [proxy], 0 without one */
+    char *admin_listen;              /* [admin] listen = HOST:PORT (the
+                                        metrics and health endpoints), or
+                                        NULL: none. Read at start only */
+    struct sockaddr_storage admin_addr;
+    int line_admin;                  /* [admin], 0 without one */
     struct stp_listener_cfg *listeners;
     int n_listeners;
     struct stp_upstream_cfg *upstreams;

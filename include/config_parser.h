@@ -40,7 +40,8 @@
  * longer list only delays the client's 421. */
 #define CFG_MAX_ADDRS STP_MAX_HOP_ADDRS
 
-enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM };
+enum sect_kind { SECT_NONE, SECT_PROXY, SECT_LISTENER, SECT_UPSTREAM,
+                 SECT_ADMIN };
 
 /* One id per key; also indexes key_line[] to find duplicates and to report
  * checks done at the end of a section at the line of the key concerned. */
@@ -101,6 +102,7 @@ enum key_id {
     K_UP_HELO_NAME,
     K_ALLOW,
     K_TICKET_KEYS,
+    K_ADMIN_LISTEN,
     K_COUNT,
 };
 
@@ -119,6 +121,7 @@ struct parser {
     int idx;               /* current listener / upstream */
     struct sect_state proxy;
     int proxy_line;
+    struct sect_state admin;
     struct sect_state *lst_state, *up_state; /* parallel to cfg arrays */
     char *err;
     size_t errlen;

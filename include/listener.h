@@ -15,6 +15,7 @@
 struct stp_session;
 struct stp_ticket_keys;
 struct stp_tally;
+struct stp_mx;
 
 /* A configuration with its TLS contexts. Sessions hold a reference, so a
  * reload never changes what an open session runs on. Shared by the workers:
@@ -117,6 +118,7 @@ struct stp_server {
     bool stopping;
     uv_timer_t drain_timer;
     void (*on_empty)(struct stp_server *srv); /* stopping, last session gone */
+    struct stp_mx *metrics;          /* this worker's counters, or NULL */
 };
 
 /* Load and check everything a configuration needs, bind nothing: also the

@@ -8,6 +8,9 @@
 #include <uv.h>
 
 #include "listener.h"
+#include "metrics.h"
+
+struct stp_admin;
 
 struct stp_worker;
 
@@ -19,9 +22,13 @@ struct stp_workers {
     struct stp_gen *gen;         /* the generation last handed out */
     uv_async_t done;             /* on the main loop: a worker finished */
     void (*on_all_done)(struct stp_workers *ws);
+    struct stp_metrics metrics;  /* each worker's counters */
+    struct stp_admin *admin;     /* [admin]: on the main loop, or NULL */
+    bool draining;               /* stopped accepting: /readyz says 503 */
+    uint64_t reloads_ok, reloads_failed; /* SIGHUPs (main.c counts) */
 };
 
-/* Bind the listeners and create N workers listening on them (nothing runs
+/* Bind the listeners (and the [admin] endpoints) and create N workers listening on them (nothing runs
  * yet, so this can happen before privileges are dropped). ERR gets
  * "FILE:LINE: message", e.g. for an address another process holds. */
 int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,

@@ -82,6 +82,9 @@ static void *section_obj(struct parser *p, struct sect_state **state)
     case SECT_UPSTREAM:
         *state = &p->up_state[p->idx];
         return &p->cfg->upstreams[p->idx];
+    case SECT_ADMIN:
+        *state = &p->admin;
+        return p->cfg;
     case SECT_NONE:
         break;
     }
@@ -96,7 +99,7 @@ static const char *section_label(struct parser *p, char *buf, size_t len)
     else if (p->sect == SECT_UPSTREAM)
         snprintf(buf, len, "upstream %s", p->cfg->upstreams[p->idx].name);
     else
-        snprintf(buf, len, "proxy");
+        snprintf(buf, len, p->sect == SECT_ADMIN ? "admin" : "proxy");
     return buf;
 }
 
@@ -135,6 +138,9 @@ static int end_section(struct parser *p)
         return stp_cfg_end_listener(p, p->idx);
     if (p->sect == SECT_UPSTREAM)
         return stp_cfg_end_upstream(p, p->idx);
+    if (p->sect == SECT_ADMIN && !p->admin.key_line[K_ADMIN_LISTEN])
+        return stp_cfg_fail(p, p->cfg->line_admin,
+                            "[admin] needs listen = HOST:PORT");
     return 0;
 }
 static bool valid_name(const char *s)
@@ -258,6 +264,13 @@ static int begin_section(struct parser *p, char *line)
         p->proxy_line = p->line;
         p->cfg->line_proxy = p->line;
         p->sect = SECT_PROXY;
+        return 0;
+    }
+    if (klen == 5 && strncmp(kind, "admin", klen) == 0 && *name == '\0') {
+        if (p->cfg->line_admin != 0)
+            return stp_cfg_fail(p, p->line, "duplicate section [admin]");
+        p->cfg->line_admin = p->line;
+        p->sect = SECT_ADMIN;
         return 0;
     }
     if (klen == 8 && strncmp(kind, "listener", klen) == 0)
@@ -580,6 +593,7 @@ int stp_config_load(const char *path, struct stp_config *out, char *err,
 
 void stp_config_free(struct stp_config *cfg)
 {
+    free(cfg->admin_listen);
     for (int i = 0; i < cfg->n_listeners; i++) {
         struct stp_listener_cfg *l = &cfg->listeners[i];
         free(l->name);

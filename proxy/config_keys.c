@@ -379,6 +379,8 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
                       (const char *const[]){"text", "json", NULL}, "text or json"},
     [K_WORKERS] = {SECT_PROXY, "workers", set_workers, PRX(workers), 0},
     [K_HOSTNAME] = {SECT_PROXY, "hostname", set_hostname, PRX(hostname), 0},
+    [K_ADMIN_LISTEN] = {SECT_ADMIN, "listen", set_addr, PRX(admin_listen),
+                        PRX(admin_addr)},
     [K_LISTEN] = {SECT_LISTENER, "listen", set_addr, LST(listen_text), LST(addr)},
     [K_TLS] = {SECT_LISTENER, "tls", set_enum, LST(tls), 0, tls_modes,
                "starttls, implicit or none"},

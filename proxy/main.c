@@ -71,6 +71,7 @@ static void reload(void)
     if (r == 0)
         r = stp_workers_reload(&workers, g, err, sizeof(err));
     if (r < 0) {
+        workers.reloads_failed++; /* for /metrics */
         stp_gen_unref(g);
         /* Out of memory, say, a path may fail without a word of its own. */
         if (err[0] == '\0')
@@ -86,6 +87,7 @@ static void reload(void)
     if (want != workers.n)
         stp_log(STP_LOG_WARN, "event=reload msg=\"workers changes only on "
                               "restart\" workers=%d", workers.n);
+    workers.reloads_ok++;
     stp_log_set_level(g->cfg.log_level);
     stp_log(STP_LOG_INFO, "event=reload status=ok listeners=%d sessions=%u",
             g->cfg.n_listeners, stp_workers_sessions(&workers));

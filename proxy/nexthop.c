@@ -10,8 +10,11 @@
 #include <string.h>
 #include <strings.h>
 
+#include "hop_addrs.h"
 #include "identity.h"
+#include "listener.h"
 #include "log.h"
+#include "metrics.h"
 #include "nexthop.h"
 #include "secret.h"
 #include "tls.h"
@@ -19,34 +22,17 @@
 
 #define SID "id=%016" PRIx64
 
-/* A name being resolved on libuv's thread pool. A worker looks a name up
- * once at a time, however many sessions wait for it: a slow resolver holds
- * one pool thread per name and worker, not one per session, so the pool
- * (main.c sizes it) has threads left for other names. */
-struct stp_lookup {
-    uv_getaddrinfo_t req;
-    struct stp_hop *waiters;        /* linked through next_waiter */
-    struct stp_lookup *next;        /* in_flight */
-    bool listed;                    /* in in_flight: new sessions join it */
-    uint16_t port;
-    char host[256];
-};
-
-/* This worker's lookups under way (each worker is a thread with its own
- * loop, and lookups complete on the loop that started them). */
-static __thread struct stp_lookup *in_flight;
-
-/* One lookup's addresses, shared by the sessions that waited for it. */
-struct stp_addrs {
-    unsigned refs;
-    struct addrinfo *res;
-};
-
 void stp_hop_fail(struct stp_hop *h, enum stp_fail why, const char *detail)
 {
     if (h->failed)
         return;
     h->failed = true;
+    /* The attempt under way failed (a failover's were counted already). */
+    stp_mx_upstream(h->srv ? h->srv->metrics : NULL, h->up->metrics_slot,
+                    false);
+    if (why == STP_FAIL_HOP_AUTH)
+        stp_mx_auth(h->srv ? h->srv->metrics : NULL, h->up->metrics_slot,
+                    false);
     char e[256]; /* may quote what the next hop said or presented */
     stp_log(STP_LOG_WARN, SID " event=upstream_error upstream=%s error=\"%s\"",
             h->id, h->up->name, stp_log_esc(e, sizeof(e), detail));
@@ -61,42 +47,6 @@ static void enter(struct stp_hop *h, enum stp_hop_stage stage)
 }
 
 /* ---- addresses ------------------------------------------------------------- */
-
-static uint64_t mono_ms(void)
-{
-    return uv_hrtime() / 1000000;
-}
-
-/* The entries this session tries, as written: those that have not failed
- * within retry_after; all of them when every one has (one may be back). */
-static void plan(struct stp_hop *h)
-{
-    uint64_t now = mono_ms();
-    h->n_order = h->next = 0;
-    h->entry = -1;
-    for (int i = 0; i < h->up->n_addrs; i++)
-        if (!h->down_until ||
-            __atomic_load_n(&h->down_until[i], __ATOMIC_RELAXED) <= now)
-            h->order[h->n_order++] = (uint8_t)i;
-    if (h->n_order == 0)
-        for (int i = 0; i < h->up->n_addrs; i++)
-            h->order[h->n_order++] = (uint8_t)i;
-}
-
-/* The current entry answered (OK), or none of its addresses did. */
-static void entry_health(struct stp_hop *h, bool ok)
-{
-    if (h->entry < 0 || !h->down_until || (!ok && !h->up->retry_after_ms))
-        return;
-    __atomic_store_n(&h->down_until[h->entry],
-                     ok ? 0 : mono_ms() + h->up->retry_after_ms,
-                     __ATOMIC_RELAXED);
-}
-
-static bool more_left(const struct stp_hop *h)
-{
-    return h->ai_next || h->next < h->n_order;
-}
 
 /* What the logs call the attempt: the address, or the name being looked
  * up. */
@@ -121,51 +71,10 @@ static void log_attempt(const struct stp_hop *h, const char *detail)
             h->id, h->up->name, a, stp_log_esc(e, sizeof(e), detail));
 }
 
-static void unlist(struct stp_lookup *l)
-{
-    for (struct stp_lookup **pp = &in_flight; l->listed && *pp;
-         pp = &(*pp)->next)
-        if (*pp == l) {
-            *pp = l->next;
-            l->listed = false;
-            return;
-        }
-}
-
-/* H waits no more. A lookup nobody waits for is cancelled if it has not
- * started (it then completes with UV_ECANCELED, unlisted so that no new
- * session joins it); one already running is left to finish. */
-static void abandon_lookup(struct stp_hop *h)
-{
-    struct stp_lookup *l = h->lookup;
-    if (!l)
-        return;
-    for (struct stp_hop **pp = &l->waiters; *pp; pp = &(*pp)->next_waiter)
-        if (*pp == h) {
-            *pp = h->next_waiter;
-            break;
-        }
-    h->lookup = NULL;
-    h->next_waiter = NULL;
-    if (!l->waiters && uv_cancel((uv_req_t *)&l->req) == 0)
-        unlist(l);
-}
-
-static void release_addrs(struct stp_hop *h)
-{
-    struct stp_addrs *a = h->addrs;
-    h->addrs = NULL;
-    h->ai_next = NULL;
-    if (a && --a->refs == 0) {
-        uv_freeaddrinfo(a->res);
-        free(a);
-    }
-}
-
 void stp_hop_cancel(struct stp_hop *h)
 {
     h->failed = true;
-    abandon_lookup(h);
+    stp_addrs_abandon(h);
 }
 
 static void release_prelude(struct stp_hop *h)
@@ -177,8 +86,7 @@ static void release_prelude(struct stp_hop *h)
 
 void stp_hop_free(struct stp_hop *h)
 {
-    abandon_lookup(h);
-    release_addrs(h);
+    stp_addrs_free(h);
     free(h->own_dst);
     h->own_dst = NULL;
     h->dst = NULL;
@@ -188,6 +96,7 @@ void stp_hop_free(struct stp_hop *h)
 }
 
 static void try_next(struct stp_hop *h);
+static void connect_to(struct stp_hop *h);
 
 /* No address is left, or there was only one: the session fails. */
 static void give_up(struct stp_hop *h, enum stp_fail why,
@@ -211,14 +120,16 @@ static void attempt_failed(struct stp_hop *h, enum stp_fail why,
 {
     if (h->failed)
         return;
+    stp_mx_upstream(h->srv ? h->srv->metrics : NULL, h->up->metrics_slot,
+                    false);
     log_attempt(h, detail);
-    abandon_lookup(h);
+    stp_addrs_abandon(h);
     h->last_reason = reason;
-    if (!h->up->original_dst && more_left(h)) {
+    if (!h->up->original_dst && stp_addrs_more(h)) {
         try_next(h);
         return;
     }
-    entry_health(h, false);
+    stp_addrs_health(h, false);
     give_up(h, why, reason);
 }
 
@@ -233,7 +144,7 @@ static void unreachable(struct stp_hop *h, enum stp_close_reason reason,
 static void connect_to(struct stp_hop *h)
 {
     h->attempts++;
-    h->fallback = !h->up->original_dst && more_left(h);
+    h->fallback = !h->up->original_dst && stp_addrs_more(h);
     h->tls_done = h->tls_pending = h->prelude_ready = h->spoke = false;
     release_prelude(h);
     /* The setup deadline starts again for each address. */
@@ -269,152 +180,35 @@ static void connect_to(struct stp_hop *h)
         unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, stp_strerror(r));
 }
 
-/* With source = ADDRESS only that family can be reached. */
-static bool family_ok(const struct stp_hop *h, int family)
-{
-    return h->up->source != STP_SRC_ADDRESS ||
-           h->up->source_addr.ss_family == family;
-}
-
-/* The lookup H waited for is done: its addresses (shared, A), or STATUS. */
-static void resolved(struct stp_hop *h, int status, struct stp_addrs *a)
-{
-    const struct stp_hop_addr *e = &h->up->addrs[h->entry];
-    char why[320];
-    const struct addrinfo *ai = a ? a->res : NULL;
-    while (ai && !family_ok(h, ai->ai_family))
-        ai = ai->ai_next;
-    if (status < 0 || !ai) {
-        if (status < 0)
-            snprintf(why, sizeof(why), "cannot resolve %s: %s", e->host,
-                     uv_strerror(status));
-        else
-            snprintf(why, sizeof(why),
-                     "%s has no address of the family of source =", e->host);
-        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
-        return;
-    }
-    a->refs++;
-    h->addrs = a;
-    h->ai_next = a->res;
-    try_next(h);
-}
-
-static void on_resolved(uv_getaddrinfo_t *req, int status,
-                        struct addrinfo *res)
-{
-    struct stp_lookup *l = req->data;
-    unlist(l);
-    struct stp_hop *w = l->waiters;
-    free(l);
-    struct stp_addrs *a = NULL;
-    if (status == 0 && !(a = malloc(sizeof(*a))))
-        status = UV_ENOMEM;
-    if (a)
-        *a = (struct stp_addrs){.refs = 1, .res = res}; /* ours, for now */
-    else if (res)
-        uv_freeaddrinfo(res);
-    /* Each waiter goes on by itself; none can end another's session, and
-     * sessions are freed only in close callbacks. */
-    while (w) {
-        struct stp_hop *h = w;
-        w = h->next_waiter;
-        h->next_waiter = NULL;
-        h->lookup = NULL;
-        resolved(h, status, a);
-    }
-    if (a && --a->refs == 0) {
-        uv_freeaddrinfo(a->res);
-        free(a);
-    }
-}
-
-/* Look up the current entry's name off the event loop, or wait for this
- * worker's lookup of it under way; the setup deadline bounds the wait. */
-static void resolve(struct stp_hop *h)
-{
-    const struct stp_hop_addr *e = &h->up->addrs[h->entry];
-    h->dst = NULL;
-    enter(h, STP_HOP_CONNECTING);
-    struct stp_lookup *l = in_flight;
-    while (l && !(l->port == e->port && strcasecmp(l->host, e->host) == 0))
-        l = l->next;
-    int r = 0;
-    if (!l) {
-        char port[8];
-        snprintf(port, sizeof(port), "%u", e->port);
-        struct addrinfo hints = {
-            .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-            .ai_protocol = IPPROTO_TCP, .ai_flags = AI_NUMERICSERV,
-        };
-        l = calloc(1, sizeof(*l));
-        r = l ? 0 : -ENOMEM;
-        if (l) {
-            l->req.data = l;
-            l->port = e->port;
-            snprintf(l->host, sizeof(l->host), "%s", e->host);
-            r = uv_getaddrinfo(h->loop, &l->req, on_resolved, e->host, port,
-                               &hints);
-        }
-        if (r < 0) {
-            free(l);
-            char why[320];
-            snprintf(why, sizeof(why), "cannot resolve %s: %s", e->host,
-                     uv_strerror(r));
-            unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
-            return;
-        }
-        l->next = in_flight;
-        l->listed = true;
-        in_flight = l;
-    }
-    h->next_waiter = l->waiters;
-    l->waiters = h;
-    h->lookup = l;
-}
-
-/* The next address of the current name, else the next entry; the failure
- * once none is left. */
+/* The next address, the lookup of the next name, or the failure once none
+ * is left. */
 static void try_next(struct stp_hop *h)
 {
-    while (!h->failed) {
-        struct addrinfo *a = h->ai_next;
-        if (a) {
-            h->ai_next = a->ai_next;
-            if (!family_ok(h, a->ai_family) ||
-                a->ai_addrlen > sizeof(*h->own_dst))
-                continue;
-            if (!h->own_dst && !(h->own_dst = malloc(sizeof(*h->own_dst)))) {
-                stp_hop_fail(h, STP_FAIL_UNREACHABLE, "out of memory");
-                return;
-            }
-            memset(h->own_dst, 0, sizeof(*h->own_dst));
-            memcpy(h->own_dst, a->ai_addr, a->ai_addrlen);
-            h->dst = h->own_dst;
-            connect_to(h);
-            return;
-        }
-        release_addrs(h);
-        /* Every address of the entry failed (or it had none). */
-        entry_health(h, false);
-        if (h->next >= h->n_order) {
-            give_up(h, STP_FAIL_UNREACHABLE,
-                    h->last_reason ? h->last_reason
-                                   : STP_CLOSE_UPSTREAM_UNREACHABLE);
-            return;
-        }
-        h->entry = h->order[h->next++];
-        const struct stp_hop_addr *e = &h->up->addrs[h->entry];
-        if (e->is_name) {
-            resolve(h);
-            return;
-        }
-        if (!family_ok(h, e->addr.ss_family))
-            continue;
-        h->dst = &e->addr;
+    char why[320];
+    switch (stp_addrs_next(h, why, sizeof(why))) {
+    case STP_ADDR_CONNECT:
         connect_to(h);
-        return;
+        break;
+    case STP_ADDR_LOOKUP:
+        enter(h, STP_HOP_CONNECTING); /* the setup deadline bounds it */
+        break;
+    case STP_ADDR_FAILED:
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
+        break;
+    case STP_ADDR_NONE:
+        give_up(h, STP_FAIL_UNREACHABLE,
+                h->last_reason ? h->last_reason
+                               : STP_CLOSE_UPSTREAM_UNREACHABLE);
+        break;
     }
+}
+
+void stp_hop_resolved(struct stp_hop *h, const char *why)
+{
+    if (why)
+        unreachable(h, STP_CLOSE_UPSTREAM_UNREACHABLE, why);
+    else
+        try_next(h);
 }
 
 /* ---- the prelude's actions ------------------------------------------------ */
@@ -458,6 +252,8 @@ static void act_ready(void *ctx, const char *greeting, size_t n)
                 : h->up->auth == STP_AUTH_LOGIN ? "LOGIN"
                                                 : "XOAUTH2",
                 h->up->username);
+    if (h->up->auth != STP_AUTH_NONE)
+        stp_mx_auth(h->srv->metrics, h->up->metrics_slot, true);
     h->prelude_ready = true; /* freed once the prelude has returned */
     h->ops->ready(h->ctx, greeting, n);
 }
@@ -529,7 +325,7 @@ static void begin(struct stp_hop *h)
         return;
     }
     if (!h->prelude) {
-        entry_health(h, true);
+        stp_addrs_health(h, true);
         h->ops->ready(h->ctx, NULL, 0);
         return;
     }
@@ -613,7 +409,7 @@ void stp_hop_start(struct stp_hop *h, const struct stp_server *srv)
         original_destination(h, srv);
         return;
     }
-    plan(h);
+    stp_addrs_plan(h);
     try_next(h);
 }
 
@@ -632,17 +428,17 @@ static void prelude_input(struct stp_hop *h)
     }
     if (h->retry) {
         h->retry = false;
-        if (more_left(h)) {
+        if (stp_addrs_more(h)) {
             try_next(h);
         } else {
-            entry_health(h, false);
+            stp_addrs_health(h, false);
             give_up(h, STP_FAIL_UNREACHABLE, STP_CLOSE_UPSTREAM_UNREACHABLE);
         }
     } else if (h->tls_pending) {
         h->tls_pending = false;
         start_tls(h);
     } else if (h->prelude_ready) {
-        entry_health(h, true);
+        stp_addrs_health(h, true);
         release_prelude(h);
     }
 }

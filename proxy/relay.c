@@ -10,6 +10,7 @@
 
 #include "listener.h"
 #include "log.h"
+#include "metrics.h"
 #include "nexthop.h"
 #include "front.h"
 #include "relay.h"
@@ -45,6 +46,8 @@ struct stp_session {
     char up_addr[64];          /* the address relayed to, once set up */
     char up_tls[16];           /* ... and its TLS version */
     uint64_t start_ms;
+    uint64_t tls_start_ns;     /* the client handshake's start */
+    bool counted;              /* opened in the metrics: closed at finish */
     struct stp_clock clock;    /* the deadlines are computed from it */
     struct stp_front front;    /* who the client is, its tallies */
     struct stp_session *prev, *next;
@@ -93,6 +96,8 @@ static void transition(struct stp_session *s, enum stp_sstate to)
      * steps. */
     if (to == STP_SS_CONNECTING)
         s->clock.setup_ms = s->clock.state_ms;
+    if (to == STP_SS_HANDSHAKE || to == STP_SS_TLS_ACCEPT)
+        s->tls_start_ns = uv_hrtime();
     s->state = to;
 }
 
@@ -218,13 +223,35 @@ static void log_disconnect(struct stp_session *s)
             now_ms(s) - s->start_ms);
 }
 
+/* The session's counters, once it is over (the byte counts too: nothing is
+ * counted per read). */
+static void count_closed(struct stp_session *s, bool in_handshake)
+{
+    struct stp_mx *mx = s->srv->metrics;
+    int slot = s->lcfg->metrics_slot;
+    if (!s->counted)
+        return;
+    if (in_handshake)
+        stp_mx_handshake(mx, slot, false, 0);
+    const uint64_t bytes[STP_MX_DIRS] = {
+        [STP_MX_CLIENT_IN] = stp_conn_bytes_in(s->client),
+        [STP_MX_CLIENT_OUT] = stp_conn_bytes_out(s->client),
+        [STP_MX_UPSTREAM_IN] = s->upstream_in,
+        [STP_MX_UPSTREAM_OUT] = s->upstream_out,
+    };
+    stp_mx_closed(mx, slot, s->reason, now_ms(s) - s->start_ms, bytes);
+}
+
 static void finish(struct stp_session *s)
 {
     if (s->state == STP_SS_CLOSED)
         return;
+    bool in_handshake = s->state == STP_SS_HANDSHAKE ||
+                        s->state == STP_SS_TLS_ACCEPT;
     transition(s, STP_SS_CLOSED);
     close_upstream(s);
     log_disconnect(s);
+    count_closed(s, in_handshake);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, handle_closed);
     stp_conn_close(s->client, conn_closed);
@@ -560,6 +587,8 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
         resume(s);
         break;
     case STP_IO_TLS_READY:
+        stp_mx_handshake(s->srv->metrics, s->lcfg->metrics_slot, true,
+                         uv_hrtime() - s->tls_start_ns);
         if (s->state == STP_SS_TLS_ACCEPT) {
             /* Implicit TLS: only now is there someone to connect for. */
             log_client_tls(s, "tls");
@@ -678,6 +707,7 @@ static void hop_ready(void *ctx, const char *greeting, size_t n)
 {
     struct stp_session *s = ctx;
     transition(s, STP_SS_RELAY);
+    stp_mx_upstream(s->srv->metrics, s->up->metrics_slot, true);
     /* For the disconnect line: where the hop got to, after any failover. */
     if (s->hop.dst)
         stp_format_addr((const struct sockaddr *)s->hop.dst, s->up_addr,
@@ -911,6 +941,8 @@ int stp_session_accept(struct stp_listener *lst)
         return STP_ACCEPT_FAILED;
     }
     s->front.conn = s->client;
+    s->counted = true;
+    stp_mx_opened(srv->metrics, lc->metrics_slot);
     enum stp_close_reason why;
     enum stp_front_verdict v = stp_front_open(&s->front, &why);
     s->id = s->hop.id = s->front.id;

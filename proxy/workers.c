@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "admin.h"
 #include "io.h"
 #include "log.h"
 #include "workers.h"
@@ -81,8 +82,44 @@ static void on_worker_done(uv_async_t *a)
             return;
     }
     uv_close((uv_handle_t *)&ws->done, NULL);
+    stp_admin_close(ws->admin); /* the main loop may end now */
+    ws->admin = NULL;
     if (ws->on_all_done)
         ws->on_all_done(ws);
+}
+
+/* The admin endpoints' view of the process. */
+static bool admin_ready(void *ctx)
+{
+    struct stp_workers *ws = ctx;
+    return !ws->draining;
+}
+
+static int admin_metrics(void *ctx, FILE *out)
+{
+    struct stp_workers *ws = ctx;
+    struct stp_mx_process p = {
+        .version = STP_VERSION, .draining = ws->draining, .workers = ws->n,
+        .reloads_ok = ws->reloads_ok, .reloads_failed = ws->reloads_failed,
+    };
+    return stp_metrics_render(&ws->metrics, &p, out);
+}
+
+static const struct stp_admin_ops admin_ops = {admin_ready, admin_metrics};
+
+/* Bound with the listeners, before privileges are dropped. */
+static int admin_start(struct stp_workers *ws, uv_loop_t *loop,
+                       const struct stp_config *c, char *err, size_t errlen)
+{
+    char why[128];
+    if (!c->admin_listen)
+        return 0;
+    int r = stp_admin_start(&ws->admin, loop, &c->admin_addr, &admin_ops, ws,
+                            why, sizeof(why));
+    if (r < 0)
+        snprintf(err, errlen, "%s:%d: [admin]: cannot listen on %s: %s",
+                 c->path, c->line_admin, c->admin_listen, why);
+    return r;
 }
 
 int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
@@ -96,8 +133,13 @@ int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
     }
     ws->gen = gen;
     stp_gen_ref(gen);
+    if (stp_metrics_init(&ws->metrics, n) < 0) {
+        snprintf(err, errlen, "%s:0: out of memory", gen->cfg.path);
+        return -ENOMEM;
+    }
+    stp_metrics_map(&ws->metrics, &gen->cfg);
     int r = stp_sockets_bind(&ws->sockets, gen, err, errlen);
-    if (r < 0)
+    if (r < 0 || (r = admin_start(ws, main_loop, &gen->cfg, err, errlen)) < 0)
         return r;
     ws->n = n;
     uv_async_init(main_loop, &ws->done, on_worker_done);
@@ -118,6 +160,7 @@ int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
         w->async.data = w;
         r = stp_server_start(&w->srv, &w->loop, gen, &ws->shared, i, fds);
         w->srv.on_empty = on_empty;
+        w->srv.metrics = &ws->metrics.w[i];
         if (r < 0) {
             snprintf(err, errlen, "%s:0: worker %d cannot listen (see the "
                      "log)", gen->cfg.path, i);
@@ -199,6 +242,12 @@ int stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen,
         stp_sockets_keep_only(&ws->sockets, ws->gen);
         return -ENOMEM;
     }
+    const char *was = ws->gen->cfg.admin_listen, *now = gen->cfg.admin_listen;
+    if ((was || now) && (!was || !now || strcmp(was, now) != 0))
+        stp_log(STP_LOG_WARN, "event=reload msg=\"[admin] changes only on "
+                              "restart\" admin=%s", was ? was : "none");
+    /* Before any worker can see GEN. */
+    stp_metrics_map(&ws->metrics, &gen->cfg);
     for (int i = 0; i < ws->n; i++)
         post(&ws->w[i], CMD_RELOAD, gen, fds[i]);
     free(fds);
@@ -214,6 +263,7 @@ void stp_workers_stop(struct stp_workers *ws, bool force)
     /* Our descriptors too, or the kernel would keep completing connections
      * that no worker accepts any more. */
     stp_sockets_close(&ws->sockets);
+    ws->draining = true;
     for (int i = 0; i < ws->n; i++)
         post(&ws->w[i], force ? CMD_FORCE : CMD_STOP, NULL, NULL);
 }
@@ -241,4 +291,5 @@ void stp_workers_free(struct stp_workers *ws)
     stp_sockets_close(&ws->sockets);
     stp_gen_unref(ws->gen);
     stp_shared_free(&ws->shared);
+    stp_metrics_free(&ws->metrics);
 }

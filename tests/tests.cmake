@@ -62,6 +62,8 @@ if(STP_FUZZ)
       set(dict config.dict)
     elseif(name STREQUAL "fuzz_proxy_header")
       set(dict proxy_header.dict)
+    elseif(name STREQUAL "fuzz_http")
+      set(dict http.dict)
     endif()
     add_test(NAME fuzz_${name}
       COMMAND ${name} -max_total_time=30 -timeout=5

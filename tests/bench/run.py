@@ -29,6 +29,13 @@ prints a second table, starttls-proxy / baseline, with the ratios taken round
 by round; --no-stunnel leaves stunnel out.
 
   tests/bench/run.py --quick --baseline /tmp/stp-baseline-build/starttls-proxy --no-stunnel
+
+The admin endpoints' cost: --admin gives starttls-proxy an [admin] section
+and scrapes its /metrics once per second while it runs; --admin-compare runs
+the same binary twice in the same rounds, with --admin ("starttls-proxy")
+and without [admin] ("baseline"), stunnel left out:
+
+  tests/bench/run.py --quick --rounds 4 --only rounds --admin-compare
 """
 
 import argparse
@@ -42,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -253,12 +261,52 @@ class StarttlsProxy(Daemon):
     _accepted = {}
 
     def __init__(self, workdir, binary, cert, key, upstream_port, workers="1",
-                 name="starttls-proxy"):
+                 name="starttls-proxy", admin=False):
         super().__init__(workdir)
         self.name = name    # "baseline" for --baseline: its log files and errors
         self.binary, self.cert, self.key = binary, cert, key
         self.upstream_port = upstream_port
         self.workers = workers
+        self.admin = admin  # [admin] on, /metrics scraped once per second
+        self.admin_port = None
+        self.scrapes, self.scrape_errors = 0, []
+        self._scraper = None
+        self._stop_scraping = threading.Event()
+
+    def start(self):
+        if self.admin:
+            self.admin_port = free_port()
+        super().start()
+        if self.admin:
+            self._stop_scraping.clear()
+            self._scraper = threading.Thread(target=self._scrape_loop, daemon=True)
+            self._scraper.start()
+        return self
+
+    def _scrape_loop(self):
+        # As Prometheus would: one connection per scrape, the whole body read.
+        while not self._stop_scraping.wait(1.0):
+            try:
+                with socket.create_connection(("127.0.0.1", self.admin_port), timeout=5) as s:
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    data = b""
+                    while True:
+                        d = s.recv(65536)
+                        if not d:
+                            break
+                        data += d
+                if not data.startswith(b"HTTP/1.1 200 "):
+                    raise OSError("status %r" % data[:20])
+                self.scrapes += 1
+            except OSError as e:
+                self.scrape_errors.append(str(e))
+
+    def stop(self):
+        if self._scraper:
+            self._stop_scraping.set()
+            self._scraper.join(10)
+            self._scraper = None
+        super().stop()
 
     def config(self, port, extra):
         sect = {"proxy": [], "listener": []}
@@ -282,8 +330,9 @@ timeout_idle = 600s
 [upstream sink]
 address = 127.0.0.1:%d
 tls = none
-""" % (self.workers, "\n".join(sect["proxy"]), port, self.cert, self.key,
-       "\n".join(sect["listener"]), self.upstream_port)
+%s""" % (self.workers, "\n".join(sect["proxy"]), port, self.cert, self.key,
+       "\n".join(sect["listener"]), self.upstream_port,
+       "\n[admin]\nlisten = 127.0.0.1:%d\n" % (self.admin_port or 0) if self.admin else "")
 
     def accepted(self):
         # Per binary: a baseline build may know fewer keys than the proxy.
@@ -443,6 +492,7 @@ class Bench:
         self.workdir = tempfile.mkdtemp(prefix="stp-bench-", dir=args.workdir)
         self.loadgen = Loadgen(args.loadgen, self.workdir)
         self.daemons = []
+        self.admin_daemons = []   # with --admin: their scrape counts
         self.results = {}   # metric -> {"starttls-proxy": [..], "stunnel": [..], "baseline": [..]}
         # The servers of this run, in the order of round 1 (later rounds rotate).
         self.names = ["starttls-proxy"]
@@ -482,8 +532,10 @@ class Bench:
 
     def server(self, name):
         if name == "starttls-proxy":
-            return StarttlsProxy(self.workdir, self.args.proxy, self.cert, self.key,
-                                 self.sink.port, self.args.workers)
+            d = StarttlsProxy(self.workdir, self.args.proxy, self.cert, self.key,
+                              self.sink.port, self.args.workers, admin=self.args.admin)
+            self.admin_daemons.append(d)
+            return d
         if name == "baseline":
             return StarttlsProxy(self.workdir, self.args.baseline, self.cert, self.key,
                                  self.sink.port, self.args.workers, name="baseline")
@@ -800,6 +852,11 @@ def main():
                          "run in the same rounds; adds a table starttls-proxy / baseline")
     ap.add_argument("--no-stunnel", action="store_true",
                     help="leave stunnel out (with --baseline: proxy against baseline only)")
+    ap.add_argument("--admin", action="store_true",
+                    help="give starttls-proxy an [admin] section and scrape /metrics once per second")
+    ap.add_argument("--admin-compare", action="store_true",
+                    help="the same binary with --admin and as a baseline without [admin], "
+                         "stunnel left out: the cost of the metrics")
     ap.add_argument("--rounds", type=int, help="rounds for metrics 1-3 (quick 2, full 5)")
     ap.add_argument("--rss-rounds", type=int, help="rounds for metric 4 (quick 1, full 3)")
     ap.add_argument("--bulk-mib", type=int,
@@ -813,6 +870,11 @@ def main():
     ap.add_argument("--no-wait", action="store_true",
                     help="start at once even with many sockets of an earlier run in TIME_WAIT")
     args = ap.parse_args()
+    if args.admin_compare:
+        if args.baseline:
+            ap.error("--admin-compare uses the proxy binary as its own baseline")
+        args.admin = args.no_stunnel = True
+        args.baseline = args.proxy
     if args.no_stunnel and not args.baseline:
         ap.error("--no-stunnel leaves nothing to compare against: give --baseline PATH")
     if args.baseline:
@@ -890,9 +952,17 @@ def main():
     if not args.no_stunnel:
         print()
         print(bench.table())
+    if args.admin:
+        n = sum(d.scrapes for d in bench.admin_daemons)
+        errs = [e for d in bench.admin_daemons for e in d.scrape_errors]
+        print("[admin] on for starttls-proxy: %d scrapes of /metrics, %d failed%s" % (
+            n, len(errs), (" (first: %s)" % errs[0]) if errs else ""))
+        if errs:
+            bench.errors.append("%d scrapes failed" % len(errs))
     if args.baseline:
         print()
-        print("starttls-proxy against the baseline build, same rounds:")
+        print("starttls-proxy against the baseline %s, same rounds:" % (
+            "(the same binary without [admin])" if args.admin_compare else "build"))
         print()
         print(bench.baseline_table())
     for name in bench.names:

@@ -1,6 +1,7 @@
 /* libFuzzer target for the configuration parser: any text either loads into
  * a consistent configuration or fails with one "FILE:LINE: message", and
  * nothing leaks either way (ASan's leak check runs with the fuzzer). */
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,17 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size)
                       l->upstream < cfg.upstreams + cfg.n_upstreams,
                   "the upstream points into the configuration");
             CHECK(l->max_line >= 512 && l->max_line <= 8192, "max_line range");
+            /* Relaying as an account: only for clients named, or on a
+             * loopback socket nobody reaches from elsewhere. */
+            CHECK(l->upstream->auth == STP_AUTH_NONE || l->n_allow > 0 ||
+                      (l->proxy_protocol == STP_PP_NO && !l->transparent &&
+                       ((l->addr.ss_family == AF_INET &&
+                         ((const unsigned char *)&((const struct sockaddr_in *)
+                                                       &l->addr)->sin_addr)[0] == 127) ||
+                        l->addr.ss_family == AF_INET6)),
+                  "auth without allow where anyone can connect");
+            CHECK(l->upstream->auth == STP_AUTH_NONE || l->upstream->verify,
+                  "auth to an unverified next hop");
             CHECK(!l->require_tls || l->tls != STP_TLS_NONE,
                   "require_tls needs TLS");
             CHECK((l->cert == NULL) == (l->key == NULL), "cert and key pair");

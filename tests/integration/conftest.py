@@ -55,7 +55,8 @@ def make_proxy(stp_bin, tls_files, tmp_path):
     """Factory: make_proxy(upstream, **listener options) -> running Proxy.
 
     UPSTREAM is an object with .address or an "IP:PORT" string. Listener
-    options override the defaults below (a value of None removes the key).
+    options override the defaults below (a value of None removes the key);
+    admin=True adds [admin] listen = 127.0.0.1:0.
     extra_listeners=[(name, opts)] adds listeners; proxy_opts overrides the
     [proxy] section; env adds to the daemon's environment. Listener "main"
     is at 127.0.0.1:0 (extra ones should be too): the kernel picks a free
@@ -67,7 +68,7 @@ def make_proxy(stp_bin, tls_files, tmp_path):
     made = []
 
     def make(upstream, extra_listeners=(), proxy_opts=None, upstream_opts=None, env=None,
-             **listener):
+             admin=False, **listener):
         addr = upstream if isinstance(upstream, str) else upstream.address
         opts = {
             "listen": "127.0.0.1:0",
@@ -86,6 +87,8 @@ def make_proxy(stp_bin, tls_files, tmp_path):
         uopts.update(upstream_opts or {})
         listeners = [("main", opts)] + list(extra_listeners)
         text = h.render_config(popts, listeners, [("up", uopts)])
+        if admin:   # the kernel picks the port: event=admin_listening says it
+            text += "\n[admin]\nlisten = 127.0.0.1:0\n"
         workdir = str(tmp_path / ("proxy%d" % len(made)))
         p = h.Proxy(stp_bin, workdir, text, n_listeners=len(listeners), env=env)
         made.append(p)
@@ -93,16 +96,7 @@ def make_proxy(stp_bin, tls_files, tmp_path):
         return p
 
     yield make
-    errors = []
-    for p in made:
-        if p.exit_code is not None:     # the test stopped it on purpose
-            continue
-        try:
-            p.check_and_stop()
-        except BaseException as e:      # pytest.fail raises a BaseException subclass
-            errors.append(str(e))
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    h.stop_proxies(made)
 
 
 @pytest.fixture

@@ -1989,3 +1989,34 @@ class AuthAioUpstream(AioUpstream):
         with self.cond:
             return [l for c in self.conns for l, _ in c.lines
                     if l.split(b" ", 1)[0].upper() == b"AUTH"]
+
+
+def stop_proxies(made):
+    """A factory fixture's teardown: each Proxy still running must exit 0 on
+    SIGTERM with no sanitizer report in its log; the failures all together."""
+    errors = []
+    for p in made:
+        if p.exit_code is not None:     # the test stopped it on purpose
+            continue
+        try:
+            p.check_and_stop()
+        except BaseException as e:      # pytest.fail raises a BaseException subclass
+            errors.append(str(e))
+    if errors:
+        pytest.fail("\n\n".join(errors), pytrace=False)
+
+
+def cert_session(proxy, up, ctx, session=None, subject=b"resumed"):
+    """An implicit-TLS session offering SESSION: a message, NOOP (the ticket
+    is in by then), QUIT. Returns (reused, the session, the PROXY v2 TLVs
+    the upstream got, the proxy's tls event)."""
+    c, _ = open_implicit(proxy.port, ctx, session=session)
+    with c:
+        sid = proxy.session_id_for(c.sock)
+        n = len(up.wait_messages(0))
+        send_message(c, b"Subject: " + subject + b"\r\n\r\nbody\r\n")
+        c.expect("NOOP", 250)
+        out = (c.sock.session_reused, c.sock.session)
+        c.expect("QUIT", 221)
+    tlv = up.wait_messages(n + 1)[n]["proxy"]["tlv"]
+    return out + (tlv, proxy.wait_event("tls", id=sid))

@@ -100,16 +100,7 @@ def ns_proxies(stp_bin, tmp_path):
         return p
 
     yield make
-    errors = []
-    for p in made:
-        if p.exit_code is not None:
-            continue
-        try:
-            p.check_and_stop()
-        except BaseException as e:
-            errors.append(str(e))
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    h.stop_proxies(made)
 
 
 def base_config(tls_files, listeners, upstreams, proxy_opts=None):
@@ -595,18 +586,22 @@ def slow_resolver_binds(tmp_path, dns, hosts="127.0.0.1 localhost\n"):
             "/etc/hosts": str(etc_hosts)}
 
 
+def slow_and_fast(tls_files, slow, fast):
+    """Listener a to upstream "slow" at SLOW, b to "fast" at FAST, plaintext;
+    one worker: a lookup that blocked its loop would hold up b too."""
+    plain = {"tls": "none", "require_tls": None}
+    return base_config(
+        tls_files,
+        [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
+        [("slow", {"address": slow, "tls": "none"}), ("fast", {"address": fast, "tls": "none"})],
+        proxy_opts={"workers": "1"})
+
+
 def test_slow_resolver_does_not_delay_other_sessions(ns_proxies, make_aio, tls_files, tmp_path,
                                                      blackhole_dns):
     dns = blackhole_dns
     good = make_aio()
-    plain = {"tls": "none", "require_tls": None}
-    text = base_config(
-        tls_files,
-        [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
-        [("slow", {"address": "slow.example.test:25, %s" % good.address, "tls": "none"}),
-         ("fast", {"address": good.address, "tls": "none"})],
-        # one worker: a lookup that blocked its loop would hold up b too
-        proxy_opts={"workers": "1"})
+    text = slow_and_fast(tls_files, "slow.example.test:25, %s" % good.address, good.address)
     proxy = ns_proxies(slow_resolver_binds(tmp_path, dns), text, n_listeners=2)
 
     t0 = time.monotonic()
@@ -647,13 +642,8 @@ def test_many_sessions_on_a_slow_name_leave_other_names_resolving(ns_proxies, ma
     and a healthy name timed out and was put in penalty."""
     dns = blackhole_dns
     good = make_aio()
-    plain = {"tls": "none", "require_tls": None}
-    text = base_config(
-        tls_files,
-        [("a", dict(plain, upstream="slow")), ("b", dict(plain, upstream="fast"))],
-        [("slow", {"address": "slow.example.test:%d" % good.port, "tls": "none"}),
-         ("fast", {"address": "fast.test:%d" % good.port, "tls": "none"})],
-        proxy_opts={"workers": "1"})
+    text = slow_and_fast(tls_files, "slow.example.test:%d" % good.port,
+                         "fast.test:%d" % good.port)
     binds = slow_resolver_binds(tmp_path, dns, "127.0.0.1 localhost fast.test\n")
     proxy = ns_proxies(binds, text, n_listeners=2)
     waiting = [h.SmtpConn(proxy.ports["a"], timeout=20) for _ in range(8)]

@@ -195,21 +195,6 @@ def test_key_file_readable_by_others_is_a_warning_and_never_logged(make_proxy, s
     assert key not in text and key[:16] not in text
 
 
-def cert_session(proxy, up, ctx, session=None):
-    """An implicit-TLS session with a message: (reused, session, the PROXY v2
-    TLVs the upstream got, the proxy's tls event)."""
-    c, _ = h.open_implicit(proxy.port, ctx, session=session)
-    with c:
-        sid = proxy.session_id_for(c.sock)
-        n = len(up.wait_messages(0))
-        h.send_message(c, b"Subject: ticket\r\n\r\nbody\r\n")
-        c.expect("NOOP", 250)
-        out = (c.sock.session_reused, c.sock.session)
-        c.expect("QUIT", 221)
-    tlv = up.wait_messages(n + 1)[n]["proxy"]["tlv"]
-    return out + (tlv, proxy.wait_event("tls", id=sid))
-
-
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
                          ids=["TLSv1.2", "TLSv1.3"])
 def test_a_ticket_does_not_carry_the_client_certificate_across_processes(
@@ -222,14 +207,14 @@ def test_a_ticket_does_not_carry_the_client_certificate_across_processes(
     ctx = h.client_tls_context()
     ctx.maximum_version = version
     ctx.load_cert_chain(pki.client.cert, pki.client.key)
-    reused, sess, tlv, _ = cert_session(a, up, ctx)
+    reused, sess, tlv, _ = h.cert_session(a, up, ctx)
     assert not reused
     # On A, the ticket resumes with the identity A verified (CERT_SESS only).
-    reused, sess_a, tlv, ev = cert_session(a, up, ctx, sess)
+    reused, sess_a, tlv, ev = h.cert_session(a, up, ctx, sess)
     assert reused and tlv.get("SSL_CLIENT") == 0x05, tlv
     # On B: a full handshake, the certificate sent and verified again
     # (PP2_CLIENT_SSL | CERT_CONN | CERT_SESS), never resumed without it.
-    reused, _, tlv, ev = cert_session(b, up, ctx, sess_a)
+    reused, _, tlv, ev = h.cert_session(b, up, ctx, sess_a)
     assert not reused, "B resumed a ticket whose identity it never verified"
     assert tlv.get("SSL_CLIENT") == 0x07 and tlv.get("SSL_VERIFY") == 0, tlv
     assert tlv.get("SSL_CN") == b"client.test", tlv
@@ -237,8 +222,8 @@ def test_a_ticket_does_not_carry_the_client_certificate_across_processes(
     # Without a certificate, the same listeners do resume across processes.
     plain = h.client_tls_context()
     plain.maximum_version = version
-    _, sess, _, _ = cert_session(a, up, plain)
-    reused, _, tlv, ev = cert_session(b, up, plain, sess)
+    _, sess, _, _ = h.cert_session(a, up, plain)
+    reused, _, tlv, ev = h.cert_session(b, up, plain, sess)
     assert reused and tlv.get("SSL_CLIENT") == 0x01, tlv
     assert "client_cert" not in ev, ev["_line"]
 

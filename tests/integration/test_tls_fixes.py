@@ -259,22 +259,6 @@ def test_client_hello_in_tiny_records_is_accepted(make_proxy, scripted, pki, siz
 # --- the client certificate of a resumed session ----------------------------------------------
 
 
-def cert_session(proxy, up, ctx, session=None):
-    """An implicit-TLS session offering SESSION: a message, NOOP (the ticket
-    is in by then), QUIT. Returns (reused, the session, the PROXY v2 TLVs
-    the upstream got, the proxy's tls event)."""
-    c, _ = h.open_implicit(proxy.port, ctx, session=session)
-    with c:
-        sid = proxy.session_id_for(c.sock)
-        n = len(up.wait_messages(0))
-        h.send_message(c, b"Subject: resumed\r\n\r\nbody\r\n")
-        c.expect("NOOP", 250)
-        out = (c.sock.session_reused, c.sock.session)
-        c.expect("QUIT", 221)
-    tlv = up.wait_messages(n + 1)[n]["proxy"]["tlv"]
-    return out + (tlv, proxy.wait_event("tls", id=sid))
-
-
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
                          ids=["TLSv1.2", "TLSv1.3"])
 def test_resumed_session_keeps_the_verified_client_certificate(make_proxy, make_aio, pki,
@@ -286,13 +270,13 @@ def test_resumed_session_keeps_the_verified_client_certificate(make_proxy, make_
     ctx = h.client_tls_context()
     ctx.maximum_version = version
     ctx.load_cert_chain(pki.client.cert, pki.client.key)
-    reused, sess, tlv, ev = cert_session(proxy, up, ctx)
+    reused, sess, tlv, ev = h.cert_session(proxy, up, ctx)
     assert not reused
     # full handshake: PP2_CLIENT_SSL | CERT_CONN | CERT_SESS, verified
     assert tlv.get("SSL_CLIENT") == 0x07 and tlv.get("SSL_VERIFY") == 0, tlv
     assert tlv.get("SSL_CN") == b"client.test", tlv
     for _ in range(2):
-        reused, sess, tlv, ev = cert_session(proxy, up, ctx, sess)
+        reused, sess, tlv, ev = h.cert_session(proxy, up, ctx, sess)
         assert reused, "not resumed"
         # resumed: the certificate came with the session, not this connection
         assert tlv.get("SSL_CLIENT") == 0x05 and tlv.get("SSL_VERIFY") == 0, tlv
@@ -306,8 +290,8 @@ def test_resumed_session_without_certificate_reports_none(make_proxy, make_aio, 
                            verify_client="optional",
                            upstream_opts={"client_identity": "proxy-v2"})
     ctx = h.client_tls_context()
-    _, sess, _, _ = cert_session(proxy, up, ctx)
-    reused, _, tlv, ev = cert_session(proxy, up, ctx, sess)
+    _, sess, _, _ = h.cert_session(proxy, up, ctx)
+    reused, _, tlv, ev = h.cert_session(proxy, up, ctx, sess)
     assert reused
     assert tlv.get("SSL_CLIENT") == 0x01 and "SSL_CN" not in tlv, tlv
     assert "client_cert" not in ev, ev["_line"]
@@ -408,9 +392,9 @@ def test_tls_1_2_session_id_resumption_never_loses_the_certificate(make_proxy, m
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_TICKET
     ctx.load_cert_chain(pki.client.cert, pki.client.key)
-    _, sess, _, _ = cert_session(proxy, up, ctx)
+    _, sess, _, _ = h.cert_session(proxy, up, ctx)
     assert not sess.has_ticket
-    reused, _, tlv, ev = cert_session(proxy, up, ctx, sess)
+    reused, _, tlv, ev = h.cert_session(proxy, up, ctx, sess)
     assert not reused
     assert tlv.get("SSL_CLIENT") == 0x07 and tlv.get("SSL_CN") == b"client.test", tlv
     assert "client.test" in ev.get("client_cert", ""), ev["_line"]

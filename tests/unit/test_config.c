@@ -218,6 +218,13 @@ static void test_errors(void)
         {MINIMAL "[listener a]\n", "t.ini:6: duplicate listener 'a'"},
         {MINIMAL "[upstream up]\n", "t.ini:6: duplicate upstream 'up'"},
         {"[proxy]\n[proxy]\n", "t.ini:2: duplicate section [proxy]"},
+        {MINIMAL "[admin]\nlisten = 127.0.0.1:9925\n[admin]\n",
+         "t.ini:8: duplicate section [admin]"},
+        {MINIMAL "[admin]\n", "t.ini:6: [admin] needs listen = HOST:PORT"},
+        {MINIMAL "[admin]\nlisten = localhost:9925\n",
+         "t.ini:7: invalid value 'localhost:9925' for listen (expected a numeric "
+         "HOST:PORT such as 127.0.0.1:25 or [::1]:25)"},
+        {MINIMAL "[admin]\nport = 1\n", "t.ini:7: unknown key 'port' in [admin]"},
         {"[proxy] x\n", "t.ini:1: unexpected text after section header"},
         {"listen = 1.2.3.4:25\n", "t.ini:1: key 'listen' outside of a section"},
         /* keys */
