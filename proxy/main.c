@@ -14,14 +14,17 @@
 #include "stp.h"
 #include "tls.h"
 #include "transparent.h"
+#include "upgrade.h"
 #include "workers.h"
 
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
 
 static struct stp_workers workers;
+/* Draining: after SIGTERM or SIGINT, or once an upgrade handed over. */
+static bool stopping;
 /* Every signal the proxy handles. USR1 is what log rotation sends daemons
- * (we log to stderr: nothing to reopen) and USR2 is kept for a binary
- * upgrade: neither may take the default action, which kills. */
+ * (we log to stderr: nothing to reopen) and USR2 starts a binary upgrade:
+ * neither may take the default action, which kills. */
 static const int handled[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
 static uv_signal_t sigs[STP_ARRAY_LEN(handled)];
 static const char *config_path = DEFAULT_CONFIG;
@@ -37,13 +40,15 @@ static void usage(FILE *f)
             "Runs in the foreground and logs to stderr. SIGHUP reloads the\n"
             "configuration; SIGTERM or SIGINT stops accepting and lets open\n"
             "sessions finish (up to drain_timeout); a second one stops at "
-            "once. SIGUSR1 and SIGUSR2 are ignored.\n",
+            "once. SIGUSR2 starts this binary again on the same sockets\n"
+            "and drains once it is accepting. SIGUSR1 is ignored.\n",
             DEFAULT_CONFIG);
 }
 
 static void close_signals(struct stp_workers *ws)
 {
     (void)ws;
+    stp_upgrade_abort();
     for (size_t i = 0; i < STP_ARRAY_LEN(sigs); i++)
         uv_close((uv_handle_t *)&sigs[i], NULL);
 }
@@ -92,12 +97,36 @@ static void reload(void)
     stp_gen_unref(g); /* the workers took their own references */
 }
 
+/* The new process is accepting on our sockets (STATUS 0): we stop and
+ * drain. Otherwise we go on serving (upgrade.c said why). */
+static void upgrade_done(int status, int new_pid)
+{
+    if (status < 0 || stopping)
+        return;
+    stopping = true;
+    stp_log(STP_LOG_INFO, "event=stopping signal=USR2 sessions=%u "
+            "mode=handover new_pid=%d", stp_workers_sessions(&workers),
+            new_pid);
+    stp_workers_handover(&workers);
+}
+
+static void upgrade(void)
+{
+    const char *why = stopping ? "stopping" : "an upgrade is under way";
+    if (!stopping && stp_upgrade_start(uv_default_loop(), &workers.sockets,
+                                       upgrade_done) != -EALREADY)
+        return;
+    stp_log(STP_LOG_WARN, "event=upgrade status=ignored reason=\"%s\"", why);
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
-    static bool stopping;
-    if (signum == SIGUSR1 || signum == SIGUSR2) {
-        stp_log(STP_LOG_INFO, "event=signal signal=%s action=ignored",
-                signum == SIGUSR1 ? "USR1" : "USR2");
+    if (signum == SIGUSR1) {
+        stp_log(STP_LOG_INFO, "event=signal signal=USR1 action=ignored");
+        return;
+    }
+    if (signum == SIGUSR2) {
+        upgrade();
         return;
     }
     if (signum == SIGHUP) {
@@ -108,6 +137,7 @@ static void on_signal(uv_signal_t *h, int signum)
     stp_log(STP_LOG_INFO, "event=stopping signal=%s sessions=%u mode=%s",
             strsignal(signum), stp_workers_sessions(&workers),
             stopping ? "now" : "drain");
+    stp_upgrade_abort(); /* the operator asked us to stop, not to switch */
     stp_workers_stop(&workers, stopping);
     stopping = true;
 }
@@ -194,6 +224,7 @@ int main(int argc, char **argv)
     };
     bool test = false;
     int o;
+    stp_upgrade_init(argv); /* before getopt reorders it */
     while ((o = getopt_long(argc, argv, "c:thV", opts, NULL)) != -1) {
         switch (o) {
         case 'c': config_path = optarg; break;
@@ -222,6 +253,7 @@ int main(int argc, char **argv)
         stp_gen_unref(gen);
     if (r < 0) {
         fprintf(stderr, "%s\n", err);
+        stp_upgrade_fail(err);
         return 1;
     }
     stp_log_set_level(gen->cfg.log_level);
@@ -254,18 +286,27 @@ int main(int argc, char **argv)
     int n = gen->cfg.workers > 0 ? gen->cfg.workers
                                  : (int)uv_available_parallelism();
     pool_size(n);
-    if (stp_workers_init(&workers, loop, gen, n, err, sizeof(err)) < 0) {
+    /* Started by an upgrade: the sockets are bound already (perhaps to a
+     * port we could no longer bind ourselves). */
+    struct stp_sockets inherited = {0};
+    if (stp_upgrade_inherit(&inherited, err, sizeof(err)) < 0 ||
+        stp_workers_init(&workers, loop, gen, n, &inherited, err,
+                         sizeof(err)) < 0) {
         fprintf(stderr, "%s\n", err);
+        stp_upgrade_fail(err);
         return 1;
     }
-    if (drop_privileges(&gen->cfg, &id) < 0)
+    if (drop_privileges(&gen->cfg, &id) < 0) {
+        stp_upgrade_fail("cannot drop privileges (see the log)");
         return 1;
+    }
     workers.on_all_done = close_signals;
     stp_gen_unref(gen); /* the workers hold it */
     if (stp_workers_run(&workers) < 0)
         return 1;
     stp_log(STP_LOG_INFO, "event=started version=%s pid=%d workers=%d",
             STP_VERSION, (int)getpid(), n);
+    stp_upgrade_ready();
 
     uv_run(loop, UV_RUN_DEFAULT);
 
