@@ -27,8 +27,9 @@ void stp_upgrade_init(char **argv);
 /* In a process started by an upgrade: the sockets handed over, into S (left
  * empty otherwise), and the pipe remembered. ERR on a malformed hand-over. */
 int stp_upgrade_inherit(struct stp_sockets *s, char *err, size_t errlen);
-/* The new process is accepting: tell the old one. */
-void stp_upgrade_ready(void);
+/* The new process is accepting: tell the old one. False when no upgrade
+ * started us. */
+bool stp_upgrade_ready(void);
 /* The new process cannot start: tell the old one why (MSG), before exiting. */
 void stp_upgrade_fail(const char *msg);
 

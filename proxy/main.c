@@ -11,6 +11,7 @@
 #include "config.h"
 #include "listener.h"
 #include "log.h"
+#include "notify.h"
 #include "stp.h"
 #include "tls.h"
 #include "transparent.h"
@@ -104,6 +105,10 @@ static void upgrade_done(int status, int new_pid)
     if (status < 0 || stopping)
         return;
     stopping = true;
+    /* Under systemd (Type=notify) the service follows the new process. */
+    char m[64];
+    snprintf(m, sizeof(m), "MAINPID=%d\nREADY=1", new_pid);
+    stp_notify(m);
     stp_log(STP_LOG_INFO, "event=stopping signal=USR2 sessions=%u "
             "mode=handover new_pid=%d", stp_workers_sessions(&workers),
             new_pid);
@@ -138,6 +143,8 @@ static void on_signal(uv_signal_t *h, int signum)
             strsignal(signum), stp_workers_sessions(&workers),
             stopping ? "now" : "drain");
     stp_upgrade_abort(); /* the operator asked us to stop, not to switch */
+    if (!stopping)
+        stp_notify("STOPPING=1");
     stp_workers_stop(&workers, stopping);
     stopping = true;
 }
@@ -306,7 +313,10 @@ int main(int argc, char **argv)
         return 1;
     stp_log(STP_LOG_INFO, "event=started version=%s pid=%d workers=%d",
             STP_VERSION, (int)getpid(), n);
-    stp_upgrade_ready();
+    /* A successor is not systemd's main process until the old one says
+     * so (upgrade_done). */
+    if (!stp_upgrade_ready())
+        stp_notify("READY=1");
 
     uv_run(loop, UV_RUN_DEFAULT);
 

@@ -72,7 +72,12 @@ static void say(const char *text)
     pipe_fd = -1;
 }
 
-void stp_upgrade_ready(void) { say("ready\n"); }
+bool stp_upgrade_ready(void)
+{
+    bool successor = pipe_fd >= 0;
+    say("ready\n");
+    return successor;
+}
 
 void stp_upgrade_fail(const char *msg)
 {

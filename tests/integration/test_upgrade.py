@@ -99,7 +99,8 @@ def launch(stp_bin, tmp_path, make_scripted):
     must hold no sanitizer report."""
     made, successors = [], []
 
-    def start(upstream, workers=1, binary=None, proxy_opts=None, workdir=None, **listener):
+    def start(upstream, workers=1, binary=None, proxy_opts=None, workdir=None, env=None,
+              **listener):
         opts = {"listen": "127.0.0.1:0", "tls": "none", "upstream": "up",
                 "timeout_idle": "30s"}
         opts.update(listener)
@@ -107,7 +108,8 @@ def launch(stp_bin, tmp_path, make_scripted):
         popts.update(proxy_opts or {})
         text = h.render_config(popts, [("main", opts)],
                                [("up", {"address": upstream.address, "tls": "none"})])
-        p = h.Proxy(binary or stp_bin, workdir or str(tmp_path / ("proxy%d" % len(made))), text)
+        p = h.Proxy(binary or stp_bin, workdir or str(tmp_path / ("proxy%d" % len(made))), text,
+                    env=env)
         made.append(p)
         p.start()
         p.successors = successors
@@ -431,3 +433,50 @@ def test_after_dropping_root_the_new_process_keeps_port_below_1024(launch, make_
         assert ehlo_quit(port) == "ok"
     finally:
         os.unlink(binary)   # the directory keeps the log for a post-mortem
+
+
+class NotifySocket:
+    """A stand-in for systemd's notification socket: each datagram with the
+    pid of its sender (SO_PASSCRED)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+        self.sock.settimeout(5)
+
+    def recv(self):
+        """(sender pid, text)."""
+        msg, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        pid = None
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = int.from_bytes(data[:4], "little")
+        return pid, msg.decode()
+
+    def pending(self, wait=0.3):
+        self.sock.settimeout(wait)
+        try:
+            return self.recv()
+        except socket.timeout:
+            return None
+        finally:
+            self.sock.settimeout(5)
+
+
+def test_systemd_notify_follows_the_new_main_process(launch, make_scripted, tmp_path):
+    """Type=notify: READY=1 at start; on the hand-over the old (main)
+    process names the new one with MAINPID=; the new one sends nothing of
+    its own until it is the main process; STOPPING=1 on SIGTERM."""
+    ns = NotifySocket(str(tmp_path / "notify"))
+    up = make_scripted()
+    proxy = launch(up, env={"NOTIFY_SOCKET": ns.path})
+    assert ns.recv() == (proxy.pid, "READY=1")
+    new = upgraded(proxy)
+    assert ns.recv() == (proxy.pid, "MAINPID=%d\nREADY=1" % new.pid)
+    assert wait_old_exit(proxy) == 0
+    assert ns.pending() is None, "the old process said more, or the new one spoke"
+    assert ehlo_quit(proxy.port) == "ok"
+    assert new.stop() == 0
+    assert ns.recv() == (new.pid, "STOPPING=1")
