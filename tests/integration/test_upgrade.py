@@ -390,6 +390,38 @@ def test_a_second_sigusr2_during_an_upgrade_is_ignored(launch, make_scripted, st
     assert ehlo_quit(proxy.port) == "ok"
 
 
+def test_a_new_process_never_ready_is_killed_after_30s(launch, make_scripted, stp_bin,
+                                                       tmp_path):
+    binary = str(tmp_path / "starttls-proxy")
+    shutil.copy(stp_bin, binary)
+    up = make_scripted()
+    proxy = launch(up, binary=binary)
+    wrapper(binary, "exec sleep 120", stp_bin)     # starts, never says ready
+    t0 = time.monotonic()
+    ev = sigusr2(proxy, timeout=45)
+    assert ev["status"] == "failed" and "not ready within 30 s" in ev["reason"], ev
+    assert 29 < time.monotonic() - t0 < 40
+    stuck = int(ev["new_pid"])
+    assert h.wait_until(lambda: not os.path.exists("/proc/%d" % stuck), 5), "not killed"
+    assert proxy.alive() and ehlo_quit(proxy.port) == "ok"
+
+
+def test_sigterm_during_an_upgrade_stops_both(launch, make_scripted, stp_bin, tmp_path):
+    binary = str(tmp_path / "starttls-proxy")
+    shutil.copy(stp_bin, binary)
+    up = make_scripted()
+    proxy = launch(up, binary=binary)
+    wrapper(binary, "sleep 2", stp_bin)
+    os.kill(proxy.pid, signal.SIGUSR2)
+    started = proxy.wait_event("upgrade", status="started")
+    assert proxy.stop() == 0
+    ev = proxy.wait_event("upgrade", status="failed")
+    assert ev["reason"] == "stopping"
+    pid = int(started["new_pid"])
+    assert h.wait_until(lambda: not os.path.exists("/proc/%d" % pid) or
+                        Successor(proxy, pid)._reap() is not None, 10), "new process left running"
+
+
 def free_low_port():
     for port in range(700, 1000):
         s = socket.socket()
