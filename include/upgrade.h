@@ -13,8 +13,9 @@
 #include "listener.h"
 
 /* The environment a new process finds: its sockets, "FD=ADDR=NAME" joined
- * by ';' (ADDR as configured, NAME with '%', ';' and '=' as %XX), and the
- * descriptor of the pipe to the old process. */
+ * by ';' (ADDR as configured, HOST:0 included, and the listener's name: the
+ * two that tell sockets apart, as in listener.c), and the descriptor of the
+ * pipe to the old process. */
 #define STP_UPGRADE_ENV_FDS "STP_INHERIT_FDS"
 #define STP_UPGRADE_ENV_PIPE "STP_UPGRADE_PIPE"
 /* How long the new process has to load its configuration and accept. */

@@ -95,14 +95,6 @@ void stp_upgrade_fail(const char *msg)
     say(line);
 }
 
-static int hexval(char c)
-{
-    return c >= '0' && c <= '9'   ? c - '0'
-           : c >= 'a' && c <= 'f' ? c - 'a' + 10
-           : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                  : -1;
-}
-
 /* One "FD=ADDR=NAME" entry (LEN bytes at E) into S->v[S->n]. */
 static int inherit_one(struct stp_sockets *s, const char *e, size_t len)
 {
@@ -129,16 +121,6 @@ static int inherit_one(struct stp_sockets *s, const char *e, size_t len)
     socklen_t ol = sizeof(on);
     if (getsockopt(sk.fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &ol) < 0 || !on)
         return -ENOTSOCK;
-    char *out = name;
-    for (const char *c = name; *c; c++) {
-        if (*c == '%' && hexval(c[1]) >= 0 && hexval(c[2]) >= 0) {
-            *out++ = (char)(hexval(c[1]) * 16 + hexval(c[2]));
-            c += 2;
-        } else {
-            *out++ = *c;
-        }
-    }
-    *out = '\0';
     if (!(sk.name = strdup(name)))
         return -ENOMEM;
     /* Ours now, and not for whatever we start in turn. */
@@ -280,7 +262,9 @@ static void on_timeout(uv_timer_t *t)
 /* "FD=ADDR=NAME;..." for the sockets of S, at descriptors 3, 4, ... */
 static char *fds_env(const struct stp_sockets *s)
 {
-    size_t cap = strlen(STP_UPGRADE_ENV_FDS) + 2 + (size_t)s->n * 400;
+    size_t cap = strlen(STP_UPGRADE_ENV_FDS) + 2;
+    for (int i = 0; i < s->n; i++)
+        cap += 80 + strlen(s->v[i].name);
     char *v = malloc(cap);
     if (!v)
         return NULL;
@@ -289,13 +273,9 @@ static char *fds_env(const struct stp_sockets *s)
         char addr[64];
         stp_format_addr((const struct sockaddr *)&s->v[i].addr, addr,
                         sizeof(addr));
-        at += (size_t)snprintf(v + at, cap - at, "%s%d=%s=", i ? ";" : "",
-                               3 + i, addr);
-        for (const char *c = s->v[i].name; *c && at + 4 < cap; c++)
-            at += (size_t)(strchr("%;=", *c)
-                               ? snprintf(v + at, cap - at, "%%%02X",
-                                          (unsigned char)*c)
-                               : snprintf(v + at, cap - at, "%c", *c));
+        /* A name is letters, digits, '_', '.', '-' (config.c): no ';'. */
+        at += (size_t)snprintf(v + at, cap - at, "%s%d=%s=%s", i ? ";" : "",
+                               3 + i, addr, s->v[i].name);
     }
     return v;
 }

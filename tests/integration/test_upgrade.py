@@ -100,16 +100,17 @@ def launch(stp_bin, tmp_path, make_scripted):
     made, successors = [], []
 
     def start(upstream, workers=1, binary=None, proxy_opts=None, workdir=None, env=None,
-              **listener):
+              extra_listeners=(), **listener):
         opts = {"listen": "127.0.0.1:0", "tls": "none", "upstream": "up",
                 "timeout_idle": "30s"}
         opts.update(listener)
         popts = {"log_level": "debug", "hostname": "proxy.test", "workers": str(workers)}
         popts.update(proxy_opts or {})
-        text = h.render_config(popts, [("main", opts)],
+        listeners = [("main", opts)] + [(n, dict(opts, **o)) for n, o in extra_listeners]
+        text = h.render_config(popts, listeners,
                                [("up", {"address": upstream.address, "tls": "none"})])
         p = h.Proxy(binary or stp_bin, workdir or str(tmp_path / ("proxy%d" % len(made))), text,
-                    env=env)
+                    n_listeners=len(listeners), env=env)
         made.append(p)
         p.start()
         p.successors = successors
@@ -332,6 +333,29 @@ def test_bad_configuration_at_upgrade_time_leaves_the_old_process_serving(launch
     upgraded(proxy)
     assert wait_old_exit(proxy) == 0
     assert ehlo_quit(proxy.port) == "ok"
+
+
+def test_port_zero_listeners_keep_their_own_sockets_by_name(launch, make_scripted):
+    """Three listeners at 127.0.0.1:0, one socket each: the new process
+    matches them by name,
+    each keeps its port and inode; one removed from the file is closed."""
+    odd = "b.2-x"
+    up = make_scripted()
+    proxy = launch(up, extra_listeners=[(odd, {}), ("gone", {})])
+    ports = dict(proxy.ports)
+    assert len(set(ports.values())) == 3, ports
+    inodes = {n: listen_inode(p) for n, p in ports.items()}
+    hu.write_config(proxy, hu.remove_section(proxy.config_text, "[listener gone]"))
+    new = upgraded(proxy)
+    assert wait_old_exit(proxy) == 0
+    for name in ("main", odd):
+        assert listen_inode(ports[name]) == inodes[name], name
+        assert inodes[name] in socket_inodes(new.pid)
+        assert ehlo_quit(ports[name]) == "ok"
+    assert listen_inode(ports["gone"]) is None
+    assert inodes["gone"] not in socket_inodes(new.pid)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", ports["gone"]), timeout=3).close()
 
 
 def wrapper(path, body, real):
