@@ -21,8 +21,11 @@
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
 
 static struct stp_workers workers;
-/* Draining: after SIGTERM or SIGINT, or once an upgrade handed over. */
+/* Draining: after SIGTERM or SIGINT, or once an upgrade handed over (then
+ * SIGHUP and SIGUSR2 no longer apply). */
 static bool stopping;
+/* A SIGTERM or SIGINT came: the next one ends every session at once. */
+static bool told_to_stop;
 /* Every signal the proxy handles. USR1 is what log rotation sends daemons
  * (we log to stderr: nothing to reopen) and USR2 starts a binary upgrade:
  * neither may take the default action, which kills. */
@@ -141,12 +144,14 @@ static void on_signal(uv_signal_t *h, int signum)
     }
     stp_log(STP_LOG_INFO, "event=stopping signal=%s sessions=%u mode=%s",
             strsignal(signum), stp_workers_sessions(&workers),
-            stopping ? "now" : "drain");
+            told_to_stop ? "now" : "drain");
     stp_upgrade_abort(); /* the operator asked us to stop, not to switch */
     if (!stopping)
         stp_notify("STOPPING=1");
-    stp_workers_stop(&workers, stopping);
-    stopping = true;
+    /* After a hand-over too, the first one drains as usual (systemctl stop
+     * sends it to every process of the service). */
+    stp_workers_stop(&workers, told_to_stop);
+    stopping = told_to_stop = true;
 }
 
 /* Who the process becomes once its sockets are bound. Resolved before
@@ -278,6 +283,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s needs CAP_NET_ADMIN (run as root, or grant it: "
                 "AmbientCapabilities=CAP_NET_ADMIN, --cap-add NET_ADMIN)\n",
                 what);
+        stp_upgrade_fail("a transparent listener needs CAP_NET_ADMIN");
         stp_gen_unref(gen);
         return 1;
     }

@@ -314,6 +314,30 @@ def test_a_session_greeted_by_the_old_process_is_not_sent_away(launch, make_scri
     assert wait_old_exit(proxy) == 0
 
 
+def test_sigterm_to_the_old_process_after_the_hand_over_drains_it_as_usual(launch,
+                                                                           make_scripted):
+    """The old process is draining its own way (no 421); a SIGTERM then (as
+    systemctl stop sends to every process) is a first SIGTERM: a message
+    under way finishes, then the 421."""
+    up = make_scripted()
+    proxy = launch(up)
+    c = h.SmtpConn(proxy.port)
+    c.greeting(220)
+    c.expect("EHLO client.test", 250)
+    c.begin_data()
+    c.send(b"Subject: t\r\n\r\nfirst\r\n")
+    upgraded(proxy)
+    os.kill(proxy.pid, signal.SIGTERM)
+    proxy.wait_event("stopping", signal="Terminated", mode="drain")
+    assert c.pending(0.3) == b"", "a reply mid-message"
+    c.send(b"second\r\n.\r\n")
+    r = c.read_reply()
+    assert r.code == 250, r.raw
+    assert c.read_reply().raw == hu.SHUTTING_DOWN
+    c.close()
+    assert wait_old_exit(proxy) == 0
+
+
 def test_bad_configuration_at_upgrade_time_leaves_the_old_process_serving(launch, make_scripted):
     up = make_scripted()
     proxy = launch(up)
