@@ -161,6 +161,10 @@ int stp_server_adopt(struct stp_server *srv, struct stp_gen *gen, int *fds);
 /* Stop accepting; sessions end at their next command boundary, all of them
  * after the drain timeout or at once with FORCE. */
 void stp_server_stop(struct stp_server *srv, bool force);
+/* An upgrade: another process accepts on our sockets now. Stop accepting and
+ * let the sessions end by themselves (a client just accepted is greeted and
+ * served, not sent away with a 421); the drain timeout ends the rest. */
+void stp_server_handover(struct stp_server *srv);
 void stp_server_free(struct stp_server *srv);
 /* A session ended: when stopping and none are left, call on_empty. */
 void stp_server_check_empty(struct stp_server *srv);

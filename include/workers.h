@@ -28,11 +28,15 @@ struct stp_workers {
     uint64_t reloads_ok, reloads_failed; /* SIGHUPs (main.c counts) */
 };
 
-/* Bind the listeners (and the [admin] endpoints) and create N workers listening on them (nothing runs
- * yet, so this can happen before privileges are dropped). ERR gets
+/* Bind the listeners (and the [admin] endpoints) and create N workers
+ * listening on them (nothing runs yet, so this can happen before privileges
+ * are dropped). INHERITED (or NULL), sockets another process bound (an
+ * upgrade), is taken over: those GEN has are not bound again, the others
+ * are closed. ERR gets
  * "FILE:LINE: message", e.g. for an address another process holds. */
 int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
-                     struct stp_gen *gen, int n, char *err, size_t errlen);
+                     struct stp_gen *gen, int n, struct stp_sockets *inherited,
+                     char *err, size_t errlen);
 int stp_workers_run(struct stp_workers *ws);
 /* Bind what GEN adds, then hand every worker GEN (each takes its own
  * reference) with its sockets; the addresses GEN dropped are closed. On
@@ -41,6 +45,8 @@ int stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen,
                        char *err, size_t errlen);
 /* Stop listening at once (the sockets close); the workers drain. */
 void stp_workers_stop(struct stp_workers *ws, bool force);
+/* An upgrade succeeded: stop accepting, sessions end by themselves. */
+void stp_workers_handover(struct stp_workers *ws);
 unsigned stp_workers_sessions(struct stp_workers *ws);
 /* After the main loop ended: join and free. */
 void stp_workers_free(struct stp_workers *ws);

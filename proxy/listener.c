@@ -434,8 +434,12 @@ int *stp_sockets_dup(const struct stp_sockets *s, const struct stp_gen *g)
         STP_ASSERT(k >= 0); /* stp_sockets_bind(g) came first */
         /* dup(), which ThreadSanitizer follows (not fcntl's F_DUPFD): a
          * descriptor number reused by another worker is then not taken for
-         * that worker's socket. The proxy never execs: no CLOEXEC needed. */
-        if ((fds[i] = dup(s->v[k].fd)) < 0) {
+         * that worker's socket. CLOEXEC, as the original has: an upgrade
+         * hands the new process the main thread's sockets, not these. */
+        if ((fds[i] = dup(s->v[k].fd)) < 0 ||
+            fcntl(fds[i], F_SETFD, FD_CLOEXEC) < 0) {
+            if (fds[i] >= 0)
+                close(fds[i]);
             stp_fds_free(fds, i);
             return NULL;
         }
@@ -669,16 +673,27 @@ static void on_drain_timeout(uv_timer_t *t)
     stp_sessions_shutdown(srv, true);
 }
 
+static void stop_accepting(struct stp_server *srv)
+{
+    if (srv->stopping)
+        return;
+    srv->stopping = true;
+    for (struct stp_listener *l = srv->listeners; l; l = l->next)
+        listener_close(l);
+    uv_timer_start(&srv->drain_timer, on_drain_timeout,
+                   srv->gen->cfg.drain_timeout_ms, 0);
+}
+
 void stp_server_stop(struct stp_server *srv, bool force)
 {
-    if (!srv->stopping) {
-        srv->stopping = true;
-        for (struct stp_listener *l = srv->listeners; l; l = l->next)
-            listener_close(l);
-        uv_timer_start(&srv->drain_timer, on_drain_timeout,
-                       srv->gen->cfg.drain_timeout_ms, 0);
-    }
+    stop_accepting(srv);
     stp_sessions_shutdown(srv, force);
+    stp_server_check_empty(srv);
+}
+
+void stp_server_handover(struct stp_server *srv)
+{
+    stop_accepting(srv);
     stp_server_check_empty(srv);
 }
 

@@ -11,17 +11,24 @@
 #include "config.h"
 #include "listener.h"
 #include "log.h"
+#include "notify.h"
 #include "stp.h"
 #include "tls.h"
 #include "transparent.h"
+#include "upgrade.h"
 #include "workers.h"
 
 #define DEFAULT_CONFIG "/etc/starttls-proxy/starttls-proxy.ini"
 
 static struct stp_workers workers;
+/* Draining: after SIGTERM or SIGINT, or once an upgrade handed over (then
+ * SIGHUP and SIGUSR2 no longer apply). */
+static bool stopping;
+/* A SIGTERM or SIGINT came: the next one ends every session at once. */
+static bool told_to_stop;
 /* Every signal the proxy handles. USR1 is what log rotation sends daemons
- * (we log to stderr: nothing to reopen) and USR2 is kept for a binary
- * upgrade: neither may take the default action, which kills. */
+ * (we log to stderr: nothing to reopen) and USR2 starts a binary upgrade:
+ * neither may take the default action, which kills. */
 static const int handled[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
 static uv_signal_t sigs[STP_ARRAY_LEN(handled)];
 static const char *config_path = DEFAULT_CONFIG;
@@ -37,13 +44,15 @@ static void usage(FILE *f)
             "Runs in the foreground and logs to stderr. SIGHUP reloads the\n"
             "configuration; SIGTERM or SIGINT stops accepting and lets open\n"
             "sessions finish (up to drain_timeout); a second one stops at "
-            "once. SIGUSR1 and SIGUSR2 are ignored.\n",
+            "once. SIGUSR2 starts this binary again on the same sockets\n"
+            "and drains once it is accepting. SIGUSR1 is ignored.\n",
             DEFAULT_CONFIG);
 }
 
 static void close_signals(struct stp_workers *ws)
 {
     (void)ws;
+    stp_upgrade_abort();
     for (size_t i = 0; i < STP_ARRAY_LEN(sigs); i++)
         uv_close((uv_handle_t *)&sigs[i], NULL);
 }
@@ -94,12 +103,40 @@ static void reload(void)
     stp_gen_unref(g); /* the workers took their own references */
 }
 
+/* The new process is accepting on our sockets (STATUS 0): we stop and
+ * drain. Otherwise we go on serving (upgrade.c said why). */
+static void upgrade_done(int status, int new_pid)
+{
+    if (status < 0 || stopping)
+        return;
+    stopping = true;
+    /* Under systemd (Type=notify) the service follows the new process. */
+    char m[64];
+    snprintf(m, sizeof(m), "MAINPID=%d\nREADY=1", new_pid);
+    stp_notify(m);
+    stp_log(STP_LOG_INFO, "event=stopping signal=USR2 sessions=%u "
+            "mode=handover new_pid=%d", stp_workers_sessions(&workers),
+            new_pid);
+    stp_workers_handover(&workers);
+}
+
+static void upgrade(void)
+{
+    const char *why = stopping ? "stopping" : "an upgrade is under way";
+    if (!stopping && stp_upgrade_start(uv_default_loop(), &workers.sockets,
+                                       upgrade_done) != -EALREADY)
+        return;
+    stp_log(STP_LOG_WARN, "event=upgrade status=ignored reason=\"%s\"", why);
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
-    static bool stopping;
-    if (signum == SIGUSR1 || signum == SIGUSR2) {
-        stp_log(STP_LOG_INFO, "event=signal signal=%s action=ignored",
-                signum == SIGUSR1 ? "USR1" : "USR2");
+    if (signum == SIGUSR1) {
+        stp_log(STP_LOG_INFO, "event=signal signal=USR1 action=ignored");
+        return;
+    }
+    if (signum == SIGUSR2) {
+        upgrade();
         return;
     }
     if (signum == SIGHUP) {
@@ -109,9 +146,14 @@ static void on_signal(uv_signal_t *h, int signum)
     }
     stp_log(STP_LOG_INFO, "event=stopping signal=%s sessions=%u mode=%s",
             strsignal(signum), stp_workers_sessions(&workers),
-            stopping ? "now" : "drain");
-    stp_workers_stop(&workers, stopping);
-    stopping = true;
+            told_to_stop ? "now" : "drain");
+    stp_upgrade_abort(); /* the operator asked us to stop, not to switch */
+    if (!stopping)
+        stp_notify("STOPPING=1");
+    /* After a hand-over too, the first one drains as usual (systemctl stop
+     * sends it to every process of the service). */
+    stp_workers_stop(&workers, told_to_stop);
+    stopping = told_to_stop = true;
 }
 
 /* Who the process becomes once its sockets are bound. Resolved before
@@ -196,6 +238,7 @@ int main(int argc, char **argv)
     };
     bool test = false;
     int o;
+    stp_upgrade_init(argv); /* before getopt reorders it */
     while ((o = getopt_long(argc, argv, "c:thV", opts, NULL)) != -1) {
         switch (o) {
         case 'c': config_path = optarg; break;
@@ -224,6 +267,7 @@ int main(int argc, char **argv)
         stp_gen_unref(gen);
     if (r < 0) {
         fprintf(stderr, "%s\n", err);
+        stp_upgrade_fail(err);
         return 1;
     }
     stp_log_set_level(gen->cfg.log_level);
@@ -241,6 +285,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s needs CAP_NET_ADMIN (run as root, or grant it: "
                 "AmbientCapabilities=CAP_NET_ADMIN, --cap-add NET_ADMIN)\n",
                 what);
+        stp_upgrade_fail("a transparent listener needs CAP_NET_ADMIN");
         stp_gen_unref(gen);
         return 1;
     }
@@ -256,18 +301,30 @@ int main(int argc, char **argv)
     int n = gen->cfg.workers > 0 ? gen->cfg.workers
                                  : (int)uv_available_parallelism();
     pool_size(n);
-    if (stp_workers_init(&workers, loop, gen, n, err, sizeof(err)) < 0) {
+    /* Started by an upgrade: the sockets are bound already (perhaps to a
+     * port we could no longer bind ourselves). */
+    struct stp_sockets inherited = {0};
+    if (stp_upgrade_inherit(&inherited, err, sizeof(err)) < 0 ||
+        stp_workers_init(&workers, loop, gen, n, &inherited, err,
+                         sizeof(err)) < 0) {
         fprintf(stderr, "%s\n", err);
+        stp_upgrade_fail(err);
         return 1;
     }
-    if (drop_privileges(&gen->cfg, &id) < 0)
+    if (drop_privileges(&gen->cfg, &id) < 0) {
+        stp_upgrade_fail("cannot drop privileges (see the log)");
         return 1;
+    }
     workers.on_all_done = close_signals;
     stp_gen_unref(gen); /* the workers hold it */
     if (stp_workers_run(&workers) < 0)
         return 1;
     stp_log(STP_LOG_INFO, "event=started version=%s pid=%d workers=%d",
             STP_VERSION, (int)getpid(), n);
+    /* A successor is not systemd's main process until the old one says
+     * so (upgrade_done). */
+    if (!stp_upgrade_ready())
+        stp_notify("READY=1");
 
     uv_run(loop, UV_RUN_DEFAULT);
 

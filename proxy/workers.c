@@ -13,7 +13,7 @@
 #include "log.h"
 #include "workers.h"
 
-enum { CMD_RELOAD = 1, CMD_STOP = 2, CMD_FORCE = 4 };
+enum { CMD_RELOAD = 1, CMD_STOP = 2, CMD_FORCE = 4, CMD_HANDOVER = 8 };
 
 struct stp_worker {
     struct stp_workers *ws;
@@ -47,6 +47,8 @@ static void on_command(uv_async_t *a)
     }
     if (cmd & (CMD_STOP | CMD_FORCE))
         stp_server_stop(&w->srv, cmd & CMD_FORCE);
+    else if (cmd & CMD_HANDOVER)
+        stp_server_handover(&w->srv);
 }
 
 /* The worker's last session ended while stopping: let its loop run out. */
@@ -123,9 +125,14 @@ static int admin_start(struct stp_workers *ws, uv_loop_t *loop,
 }
 
 int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
-                     struct stp_gen *gen, int n, char *err, size_t errlen)
+                     struct stp_gen *gen, int n, struct stp_sockets *inherited,
+                     char *err, size_t errlen)
 {
     memset(ws, 0, sizeof(*ws));
+    if (inherited) {
+        ws->sockets = *inherited;
+        *inherited = (struct stp_sockets){0};
+    }
     if (stp_shared_init(&ws->shared) < 0 ||
         !(ws->w = calloc((size_t)n, sizeof(*ws->w)))) {
         snprintf(err, errlen, "%s:0: out of memory", gen->cfg.path);
@@ -141,6 +148,7 @@ int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
     int r = stp_sockets_bind(&ws->sockets, gen, err, errlen);
     if (r < 0 || (r = admin_start(ws, main_loop, &gen->cfg, err, errlen)) < 0)
         return r;
+    stp_sockets_keep_only(&ws->sockets, gen); /* inherited, no longer used */
     ws->n = n;
     uv_async_init(main_loop, &ws->done, on_worker_done);
     ws->done.data = ws;
@@ -266,6 +274,13 @@ void stp_workers_stop(struct stp_workers *ws, bool force)
     ws->draining = true;
     for (int i = 0; i < ws->n; i++)
         post(&ws->w[i], force ? CMD_FORCE : CMD_STOP, NULL, NULL);
+}
+
+void stp_workers_handover(struct stp_workers *ws)
+{
+    stp_sockets_close(&ws->sockets); /* the new process keeps them open */
+    for (int i = 0; i < ws->n; i++)
+        post(&ws->w[i], CMD_HANDOVER, NULL, NULL);
 }
 
 unsigned stp_workers_sessions(struct stp_workers *ws)
