@@ -22,12 +22,18 @@ struct stp_admin_ops {
     int (*metrics)(void *ctx, FILE *out);     /* /metrics: the body */
 };
 
-/* Listen on ADDR (bound now, so before privileges are dropped). ERR says
- * why not. */
+/* Listen on ADDR (bound now, so before privileges are dropped), or on FD
+ * (>= 0: a socket an upgrade handed over, taken when it is bound to ADDR,
+ * closed otherwise). ERR says why not. */
 int stp_admin_start(struct stp_admin **out, uv_loop_t *loop,
-                    const struct sockaddr_storage *addr,
+                    const struct sockaddr_storage *addr, int fd,
                     const struct stp_admin_ops *ops, void *ctx, char *err,
                     size_t errlen);
+/* Its listening socket, for an upgrade to hand over: the descriptor (-1:
+ * none) and, into *ADDR, the address it was configured with. */
+int stp_admin_socket(const struct stp_admin *a, struct sockaddr_storage *addr);
+/* The name an upgrade gives that socket (no listener can have it). */
+#define STP_ADMIN_SOCKET_NAME "[admin]"
 /* Stop listening and close every connection; freed in the last close
  * callback. NULL is fine. */
 void stp_admin_close(struct stp_admin *a);

@@ -9,6 +9,7 @@
 
 #include "listener.h"
 #include "metrics.h"
+#include "upgrade.h"
 
 struct stp_admin;
 
@@ -47,6 +48,10 @@ int stp_workers_reload(struct stp_workers *ws, struct stp_gen *gen,
 void stp_workers_stop(struct stp_workers *ws, bool force);
 /* An upgrade succeeded: stop accepting, sessions end by themselves. */
 void stp_workers_handover(struct stp_workers *ws);
+/* SIGUSR2: start our binary again and hand it the listening sockets and
+ * [admin]'s (upgrade.h). */
+int stp_workers_upgrade(struct stp_workers *ws, uv_loop_t *loop,
+                        stp_upgrade_done done);
 unsigned stp_workers_sessions(struct stp_workers *ws);
 /* After the main loop ended: join and free. */
 void stp_workers_free(struct stp_workers *ws);

@@ -5,6 +5,8 @@
  * callback. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "admin.h"
 #include "config.h"
@@ -24,6 +26,7 @@ struct stp_admin {
     int n_conns;
     int refs;          /* the listening handle and every connection */
     bool closing;
+    struct sockaddr_storage addr; /* as configured, for an upgrade */
 };
 
 struct conn {
@@ -279,8 +282,31 @@ static void listener_closed(uv_handle_t *h)
     admin_unref(h->data);
 }
 
+/* Is FD bound to ADDR? Port 0 in ADDR: whichever port the kernel gave. */
+static bool bound_to(int fd, const struct sockaddr_storage *addr)
+{
+    struct sockaddr_storage ss = {0};
+    socklen_t len = sizeof(ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+        return false;
+    if (stp_addr_port(addr) == 0 && ss.ss_family == AF_INET)
+        ((struct sockaddr_in *)&ss)->sin_port = 0;
+    else if (stp_addr_port(addr) == 0 && ss.ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)&ss)->sin6_port = 0;
+    return stp_same_addr(&ss, addr);
+}
+
+int stp_admin_socket(const struct stp_admin *a, struct sockaddr_storage *addr)
+{
+    uv_os_fd_t fd;
+    if (!a || a->closing || uv_fileno((const uv_handle_t *)&a->tcp, &fd) < 0)
+        return -1;
+    *addr = a->addr;
+    return fd;
+}
+
 int stp_admin_start(struct stp_admin **out, uv_loop_t *loop,
-                    const struct sockaddr_storage *addr,
+                    const struct sockaddr_storage *addr, int fd,
                     const struct stp_admin_ops *ops, void *ctx, char *err,
                     size_t errlen)
 {
@@ -294,9 +320,15 @@ int stp_admin_start(struct stp_admin **out, uv_loop_t *loop,
     a->ops = ops;
     a->ctx = ctx;
     a->refs = 1;
+    a->addr = *addr;
     uv_tcp_init(loop, &a->tcp);
     a->tcp.data = a;
-    int r = uv_tcp_bind(&a->tcp, (const struct sockaddr *)addr, 0);
+    if (fd >= 0 && !bound_to(fd, addr)) {
+        close(fd); /* [admin] moved: the old address is not ours now */
+        fd = -1;
+    }
+    int r = fd >= 0 ? uv_tcp_open(&a->tcp, fd)
+                    : uv_tcp_bind(&a->tcp, (const struct sockaddr *)addr, 0);
     if (r == 0)
         r = uv_listen((uv_stream_t *)&a->tcp, 64, on_connection);
     if (r < 0) {

@@ -123,8 +123,8 @@ static void upgrade_done(int status, int new_pid)
 static void upgrade(void)
 {
     const char *why = stopping ? "stopping" : "an upgrade is under way";
-    if (!stopping && stp_upgrade_start(uv_default_loop(), &workers.sockets,
-                                       upgrade_done) != -EALREADY)
+    if (!stopping && stp_workers_upgrade(&workers, uv_default_loop(),
+                                         upgrade_done) != -EALREADY)
         return;
     stp_log(STP_LOG_WARN, "event=upgrade status=ignored reason=\"%s\"", why);
 }

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "admin.h"
 #include "io.h"
@@ -109,15 +110,35 @@ static int admin_metrics(void *ctx, FILE *out)
 
 static const struct stp_admin_ops admin_ops = {admin_ready, admin_metrics};
 
-/* Bound with the listeners, before privileges are dropped. */
+/* An upgrade hands over [admin]'s socket with the listeners': out of S
+ * (it is no listener's), its descriptor, or -1. */
+static int take_admin_socket(struct stp_sockets *s)
+{
+    for (int i = 0; i < s->n; i++) {
+        if (strcmp(s->v[i].name, STP_ADMIN_SOCKET_NAME) != 0)
+            continue;
+        int fd = s->v[i].fd;
+        free(s->v[i].name);
+        s->v[i] = s->v[--s->n];
+        return fd;
+    }
+    return -1;
+}
+
+/* Bound with the listeners, before privileges are dropped; or taken over
+ * from the process an upgrade replaces. */
 static int admin_start(struct stp_workers *ws, uv_loop_t *loop,
                        const struct stp_config *c, char *err, size_t errlen)
 {
     char why[128];
-    if (!c->admin_listen)
+    int fd = take_admin_socket(&ws->sockets);
+    if (!c->admin_listen) {
+        if (fd >= 0)
+            close(fd);
         return 0;
-    int r = stp_admin_start(&ws->admin, loop, &c->admin_addr, &admin_ops, ws,
-                            why, sizeof(why));
+    }
+    int r = stp_admin_start(&ws->admin, loop, &c->admin_addr, fd, &admin_ops,
+                            ws, why, sizeof(why));
     if (r < 0)
         snprintf(err, errlen, "%s:%d: [admin]: cannot listen on %s: %s",
                  c->path, c->line_admin, c->admin_listen, why);
@@ -145,8 +166,8 @@ int stp_workers_init(struct stp_workers *ws, uv_loop_t *main_loop,
         return -ENOMEM;
     }
     stp_metrics_map(&ws->metrics, &gen->cfg);
-    int r = stp_sockets_bind(&ws->sockets, gen, err, errlen);
-    if (r < 0 || (r = admin_start(ws, main_loop, &gen->cfg, err, errlen)) < 0)
+    int r = admin_start(ws, main_loop, &gen->cfg, err, errlen);
+    if (r < 0 || (r = stp_sockets_bind(&ws->sockets, gen, err, errlen)) < 0)
         return r;
     stp_sockets_keep_only(&ws->sockets, gen); /* inherited, no longer used */
     ws->n = n;
@@ -279,8 +300,29 @@ void stp_workers_stop(struct stp_workers *ws, bool force)
 void stp_workers_handover(struct stp_workers *ws)
 {
     stp_sockets_close(&ws->sockets); /* the new process keeps them open */
+    /* The new process answers /readyz now: ours would say 503. */
+    stp_admin_close(ws->admin);
+    ws->admin = NULL;
     for (int i = 0; i < ws->n; i++)
         post(&ws->w[i], CMD_HANDOVER, NULL, NULL);
+}
+
+int stp_workers_upgrade(struct stp_workers *ws, uv_loop_t *loop,
+                        stp_upgrade_done done)
+{
+    /* The listeners' sockets, and [admin]'s under a name no listener has. */
+    struct stp_sockets all = {
+        calloc((size_t)ws->sockets.n + 1, sizeof(*all.v)), ws->sockets.n};
+    if (!all.v)
+        return -ENOMEM;
+    memcpy(all.v, ws->sockets.v, (size_t)ws->sockets.n * sizeof(*all.v));
+    struct sockaddr_storage addr;
+    int fd = stp_admin_socket(ws->admin, &addr);
+    if (fd >= 0)
+        all.v[all.n++] = (struct stp_socket){addr, STP_ADMIN_SOCKET_NAME, fd};
+    int r = stp_upgrade_start(loop, &all, done);
+    free(all.v); /* the entries are ws's */
+    return r;
 }
 
 unsigned stp_workers_sessions(struct stp_workers *ws)

@@ -100,7 +100,7 @@ def launch(stp_bin, tmp_path, make_scripted):
     made, successors = [], []
 
     def start(upstream, workers=1, binary=None, proxy_opts=None, workdir=None, env=None,
-              extra_listeners=(), **listener):
+              extra_listeners=(), admin=False, **listener):
         opts = {"listen": "127.0.0.1:0", "tls": "none", "upstream": "up",
                 "timeout_idle": "30s"}
         opts.update(listener)
@@ -109,6 +109,8 @@ def launch(stp_bin, tmp_path, make_scripted):
         listeners = [("main", opts)] + [(n, dict(opts, **o)) for n, o in extra_listeners]
         text = h.render_config(popts, listeners,
                                [("up", {"address": upstream.address, "tls": "none"})])
+        if admin:
+            text += "\n[admin]\nlisten = 127.0.0.1:0\n"
         p = h.Proxy(binary or stp_bin, workdir or str(tmp_path / ("proxy%d" % len(made))), text,
                     n_listeners=len(listeners), env=env)
         made.append(p)
@@ -297,6 +299,55 @@ def test_upgrade_under_a_connect_loop_loses_nothing(launch, make_scripted, worke
     assert listen_inode(port) == inode
     assert inode in socket_inodes(new.pid)
     assert ehlo_quit(port) == "ok"
+
+
+def http_get(port, path):
+    """The status code of GET PATH on 127.0.0.1:PORT, or the error."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET %s HTTP/1.0\r\n\r\n" % path.encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return int(data.split(b" ", 2)[1])
+    except OSError as e:
+        return "error: %s" % e
+
+
+def test_the_admin_socket_is_handed_over_too(launch, make_scripted):
+    """[admin] is a listening socket like the others: the new process takes
+    it over (it could not bind it while the old one holds it), scrapes are
+    answered throughout, and the old process stops answering at the
+    hand-over (its /readyz would say 503)."""
+    up = make_scripted()
+    proxy = launch(up, admin=True)
+    port = int(proxy.wait_event("admin_listening")["addr"].rsplit(":", 1)[1])
+    inode = listen_inode(port)
+    assert http_get(port, "/healthz") == 200 and inode in socket_inodes(proxy.pid)
+
+    codes, stop = [], threading.Event()
+
+    def scrape():
+        while not stop.is_set():
+            codes.append(http_get(port, "/readyz"))
+            time.sleep(0.01)
+    t = threading.Thread(target=scrape)
+    t.start()
+    try:
+        time.sleep(0.3)
+        new = upgraded(proxy)
+        assert wait_old_exit(proxy) == 0
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        t.join()
+    assert codes and all(c == 200 for c in codes), [c for c in codes if c != 200][:5]
+    assert listen_inode(port) == inode and inode in socket_inodes(new.pid)
+    assert http_get(port, "/metrics") == 200
+    assert ehlo_quit(proxy.port) == "ok"
 
 
 def test_a_session_greeted_by_the_old_process_is_not_sent_away(launch, make_scripted):
