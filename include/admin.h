@@ -2,7 +2,8 @@
  * (GET or HEAD /metrics, /healthz, /readyz). One response per connection,
  * then Connection: close. Requests are bounded in size (STP_ADMIN_MAX_HEAD)
  * and time (STP_ADMIN_TIMEOUT_MS), connections in number
- * (STP_ADMIN_MAX_CONNS, more are closed at accept). */
+ * (STP_ADMIN_MAX_CONNS, STP_ADMIN_MAX_PER_IP from one address: more are
+ * closed at accept). */
 #ifndef STP_ADMIN_H
 #define STP_ADMIN_H
 
@@ -14,6 +15,9 @@
 #define STP_ADMIN_MAX_HEAD 8192
 #define STP_ADMIN_TIMEOUT_MS 10000
 #define STP_ADMIN_MAX_CONNS 64
+/* From one client address: a client that holds connections open cannot
+ * take them all, and the orchestrator's probes still get in. */
+#define STP_ADMIN_MAX_PER_IP 8
 
 struct stp_admin;
 

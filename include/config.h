@@ -245,6 +245,7 @@ bool stp_cidr_match(const struct stp_cidr *v, int n,
 
 /* The port of an AF_INET or AF_INET6 address, in host order. */
 uint16_t stp_addr_port(const struct sockaddr_storage *ss);
+void stp_addr_set_port(struct sockaddr_storage *ss, uint16_t port);
 
 /* The same family, address and port. */
 /* Would binding both fail: the same port, and one address covers the other

@@ -27,6 +27,9 @@ struct stp_admin {
     int refs;          /* the listening handle and every connection */
     bool closing;
     struct sockaddr_storage addr; /* as configured, for an upgrade */
+    uv_tcp_t spare;    /* takes a connection to refuse, without memory */
+    bool spare_busy;   /* closing the last one it took */
+    bool pending;      /* a connection waits for the spare */
 };
 
 struct conn {
@@ -39,6 +42,7 @@ struct conn {
     struct conn *prev, *next;
     int handles;
     bool answered, closing;
+    struct sockaddr_storage peer;
     char *resp;
     size_t n;
     char head[STP_ADMIN_MAX_HEAD];
@@ -217,33 +221,51 @@ static void on_timeout(uv_timer_t *t)
         respond_text(c, 400, "request timeout\n", false);
 }
 
-struct refused {
-    uv_tcp_t tcp;
-    struct stp_admin *a;
-};
+static void refuse(struct stp_admin *a);
 
-static void refused_closed(uv_handle_t *h)
+static void spare_closed(uv_handle_t *h)
 {
-    struct refused *r = h->data;
-    admin_unref(r->a);
-    free(r);
+    struct stp_admin *a = h->data;
+    a->spare_busy = false;
+    if (a->pending && !a->closing) {
+        a->pending = false;
+        refuse(a);
+    }
+    admin_unref(a);
 }
 
 /* Over the limit, or out of memory for a connection: taken and closed, as
- * libuv stops watching a listening socket whose connection is not taken. */
+ * libuv stops watching a listening socket whose connection is not taken.
+ * The spare handle needs no memory; while it closes the last one, the next
+ * waits (and libuv with it). */
 static void refuse(struct stp_admin *a)
 {
-    struct refused *r = malloc(sizeof(*r));
-    if (!r)
+    if (a->spare_busy) {
+        a->pending = true;
         return;
-    r->a = a;
+    }
+    a->spare_busy = true;
     a->refs++;
-    uv_tcp_init(a->loop, &r->tcp);
-    r->tcp.data = r;
-    if (uv_accept((uv_stream_t *)&a->tcp, (uv_stream_t *)&r->tcp) == 0)
-        uv_tcp_close_reset(&r->tcp, refused_closed);
+    uv_tcp_init(a->loop, &a->spare);
+    a->spare.data = a;
+    if (uv_accept((uv_stream_t *)&a->tcp, (uv_stream_t *)&a->spare) == 0)
+        uv_tcp_close_reset(&a->spare, spare_closed);
     else
-        uv_close((uv_handle_t *)&r->tcp, refused_closed);
+        uv_close((uv_handle_t *)&a->spare, spare_closed);
+}
+
+/* Connections open from C's address, C included. */
+static int from_same_address(const struct stp_admin *a, const struct conn *c)
+{
+    int n = 0;
+    struct sockaddr_storage x = c->peer, y;
+    stp_addr_set_port(&x, 0);
+    for (const struct conn *o = a->conns; o; o = o->next) {
+        y = o->peer;
+        stp_addr_set_port(&y, 0);
+        n += !o->closing && stp_same_addr(&x, &y);
+    }
+    return n;
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -269,7 +291,10 @@ static void on_connection(uv_stream_t *server, int status)
     uv_tcp_init(a->loop, &c->tcp);
     uv_timer_init(a->loop, &c->timer);
     c->tcp.data = c->timer.data = c;
+    int len = sizeof(c->peer);
     if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0 ||
+        uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->peer, &len) < 0 ||
+        from_same_address(a, c) > STP_ADMIN_MAX_PER_IP ||
         uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) < 0) {
         conn_close(c);
         return;
@@ -289,10 +314,8 @@ static bool bound_to(int fd, const struct sockaddr_storage *addr)
     socklen_t len = sizeof(ss);
     if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
         return false;
-    if (stp_addr_port(addr) == 0 && ss.ss_family == AF_INET)
-        ((struct sockaddr_in *)&ss)->sin_port = 0;
-    else if (stp_addr_port(addr) == 0 && ss.ss_family == AF_INET6)
-        ((struct sockaddr_in6 *)&ss)->sin6_port = 0;
+    if (stp_addr_port(addr) == 0)
+        stp_addr_set_port(&ss, 0);
     return stp_same_addr(&ss, addr);
 }
 

@@ -115,18 +115,26 @@ static void *grow(void *arr, int n, size_t size)
 int stp_cfg_check_file(struct parser *p, const char *what, const char *path,
                       int line)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO without a writer would hold the main loop (a
+     * reload) in open(), and the read that follows later too. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     int e = fd < 0 ? errno : 0;
     struct stat st;
+    bool regular = true;
     if (fd >= 0) {
         if (fstat(fd, &st) < 0)
             e = errno;
         else if (S_ISDIR(st.st_mode))
             e = EISDIR;
+        else
+            regular = !S_ISFIFO(st.st_mode) && !S_ISSOCK(st.st_mode);
         close(fd);
     }
     if (e != 0)
         return stp_cfg_fail(p, line, "cannot read %s '%s': %s", what, path, strerror(e));
+    if (!regular)
+        return stp_cfg_fail(p, line, "%s '%s' is a FIFO or a socket, not a "
+                            "file", what, path);
     return 0;
 }
 

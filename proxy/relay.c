@@ -617,7 +617,9 @@ static void on_client(struct stp_conn *c, enum stp_io_event ev, int err)
         if (handshake) {
             char e[256];
             stp_log(STP_LOG_INFO, SID " event=tls_error error=\"%s\"", s->id,
-                    stp_log_esc(e, sizeof(e), stp_conn_error_text(c, err)));
+                    ev == STP_IO_EOF ? "connection closed"
+                                     : stp_log_esc(e, sizeof(e),
+                                                   stp_conn_error_text(c, err)));
         }
         session_reason(s, ev == STP_IO_EOF ? STP_CLOSE_CLIENT_EOF
                           : handshake      ? STP_CLOSE_TLS_HANDSHAKE

@@ -268,6 +268,14 @@ uint16_t stp_addr_port(const struct sockaddr_storage *ss)
                      : ((const struct sockaddr_in6 *)ss)->sin6_port);
 }
 
+void stp_addr_set_port(struct sockaddr_storage *ss, uint16_t port)
+{
+    if (ss->ss_family == AF_INET)
+        ((struct sockaddr_in *)ss)->sin_port = htons(port);
+    else if (ss->ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)ss)->sin6_port = htons(port);
+}
+
 /* Family, address and port: what bind() is given, whatever else the structs
  * carry. */
 bool stp_same_addr(const struct sockaddr_storage *a,

@@ -59,3 +59,31 @@ def test_listener_survives_a_period_without_memory(make_proxy, aio, tmp_path):
         c.expect("QUIT", 221)
     assert len(aio.wait_messages(1)) == 1
     h.wait_until(lambda: fds(proxy.proc.pid) == before, 5)
+
+
+def test_admin_endpoints_survive_a_period_without_memory(make_proxy, aio, tmp_path):
+    """A connection [admin] cannot allocate for is still taken and closed
+    (a spare handle): libuv stops watching a listening socket whose
+    connection is left, and /healthz stayed dead after memory came back.
+    Found by an outside attack."""
+    flag = str(tmp_path / "fail")
+    proxy = make_proxy(aio, tls="none", require_tls=None, admin=True,
+                       env={"LD_PRELOAD": shim(), "STP_FAILALLOC_FLAG": flag})
+    port = int(proxy.wait_event("admin_listening")["addr"].rsplit(":", 1)[1])
+
+    def healthz():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                return s.recv(100)
+        except OSError:
+            return b""
+    assert healthz().startswith(b"HTTP/1.1 200")
+    open(flag, "w").close()
+    try:
+        for _ in range(5):
+            assert not healthz().startswith(b"HTTP/1.1 200")
+    finally:
+        os.unlink(flag)
+    assert h.wait_until(lambda: healthz().startswith(b"HTTP/1.1 200"), 5), \
+        "[admin] does not answer now that memory is back"

@@ -184,22 +184,31 @@ def test_a_slow_request_gets_400_after_10_s_and_is_closed(admin_proxy):
     assert get(port, "/healthz")[0] == 200
 
 
+def refused_at_accept(port, source="127.0.0.1"):
+    """Is a request from SOURCE closed without an answer (reset at accept:
+    connect() itself may already see it)?"""
+    try:
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                         source_address=(source, 0))
+        try:
+            extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            got = extra.recv(100)
+        finally:
+            extra.close()
+    except (ConnectionResetError, BrokenPipeError):
+        got = b""
+    return got == b""
+
+
 def test_more_than_64_admin_connections_are_closed_at_accept(admin_proxy):
     proxy, port = admin_proxy
-    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(64)]
+    # 8 from each of 8 addresses: the per-address cap is not what stops them
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5,
+                                     source_address=("127.0.0.%d" % (2 + i % 8), 0))
+            for i in range(64)]
     try:
         time.sleep(0.3)
-        # reset at accept: connect() itself may already see the reset
-        try:
-            extra = socket.create_connection(("127.0.0.1", port), timeout=5)
-            try:
-                extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
-                got = extra.recv(100)
-            finally:
-                extra.close()
-        except (ConnectionResetError, BrokenPipeError):
-            got = b""
-        assert got == b"", got
+        assert refused_at_accept(port, "127.0.0.10")
         # the mail path is not affected
         with hu.tls_session(proxy.port) as c:
             c.expect("NOOP", 250)
@@ -207,6 +216,23 @@ def test_more_than_64_admin_connections_are_closed_at_accept(admin_proxy):
         for s in held:
             s.close()
     assert h.wait_until(lambda: status_or_none(port, "/healthz") == 200, 5)
+
+
+def test_one_address_cannot_take_the_admin_endpoints(admin_proxy):
+    """At most 8 connections from one address: a client holding them open
+    (slowly sending, reconnecting at each timeout) cannot keep the
+    orchestrator's probes out. Found by an outside attack."""
+    proxy, port = admin_proxy
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5,
+                                     source_address=("127.0.0.2", 0)) for _ in range(60)]
+    try:
+        time.sleep(0.3)
+        assert refused_at_accept(port, "127.0.0.2")
+        assert get(port, "/readyz")[0] == 200
+        assert get(port, "/healthz")[0] == 200
+    finally:
+        for s in held:
+            s.close()
 
 
 def status_or_none(port, path):

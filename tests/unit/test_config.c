@@ -1403,6 +1403,25 @@ static void test_allow(const char *dir)
     close(back);
 }
 
+/* A FIFO without a writer held -t and a reload in open(). */
+static void test_fifo(const char *dir)
+{
+    char path[256], text[512], err[512] = "", want[512];
+    snprintf(path, sizeof(path), "%s/fifo", dir);
+    CHECK(mkfifo(path, 0600) == 0);
+    snprintf(text, sizeof(text),
+             "[listener a]\nlisten = 0.0.0.0:25\nupstream = up\ncert = %s\n"
+             "key = /dev/null\n[upstream up]\naddress = 127.0.0.1:2525\n",
+             path);
+    struct stp_config c;
+    CHECK(stp_config_parse_string("t.ini", text, &c, err, sizeof(err)) ==
+          -EINVAL);
+    snprintf(want, sizeof(want), "t.ini:4: cert '%s' is a FIFO or a socket, "
+             "not a file", path);
+    CHECK_STR(err, want);
+    unlink(path);
+}
+
 int main(void)
 {
     char dir[] = "/tmp/stp-test-config-XXXXXX";
@@ -1434,6 +1453,7 @@ int main(void)
     test_secret(dir);
     test_auth(dir);
     test_allow(dir);
+    test_fifo(dir);
 
     unlink(cert);
     unlink(key);
