@@ -53,14 +53,7 @@ bool stp_up_step_may(enum stp_up_step from, enum stp_up_step to)
            (to == STP_UP_FAILED || (step_moves[from] & TO(to)));
 }
 
-static void fail(struct stp_prelude *p, enum stp_fail f,
-                 const char *reason)
-{
-    if (p->step == STP_UP_FAILED)
-        return; /* reported once */
-    p->step = STP_UP_FAILED;
-    p->ops->fail(p->ctx, f, reason);
-}
+static void fail(struct stp_prelude *p, enum stp_fail f, const char *reason);
 
 /* The one place the step changes (but failing), checked against the table:
  * a move it does not allow is a bug, which fails the prelude (and stops a
@@ -187,6 +180,22 @@ static void redact(const struct stp_prelude *p, char *t)
     explicit_bzero(b64, sizeof(b64));
 }
 
+/* Report the failure, once. Its reason may quote the upstream, which is
+ * logged: with a login configured, never with the secret in it. */
+static void fail(struct stp_prelude *p, enum stp_fail f, const char *reason)
+{
+    if (p->step == STP_UP_FAILED)
+        return;
+    p->step = STP_UP_FAILED;
+    char t[STP_MAX_REPLY_LINE + 200];
+    if (p->cfg.auth != STP_AUTH_NONE) {
+        snprintf(t, sizeof(t), "%s", reason);
+        redact(p, t);
+        reason = t;
+    }
+    p->ops->fail(p->ctx, f, reason);
+}
+
 /* AUTH with the initial response where the mechanism has one (RFC 4954 4):
  * one round trip for PLAIN and XOAUTH2. */
 static void send_auth(struct stp_prelude *p)
@@ -286,8 +295,7 @@ static bool auth_reply(struct stp_prelude *p, int code, const char *line,
              p->auth_challenged ? " (" : "",
              p->auth_challenged ? p->challenge : "",
              p->auth_challenged ? ")" : "");
-    redact(p, why);
-    fail(p, STP_FAIL_HOP_AUTH, why);
+    fail(p, STP_FAIL_HOP_AUTH, why); /* redacted there */
     return false;
 }
 
