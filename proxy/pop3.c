@@ -576,17 +576,19 @@ static long status_line(struct stp_pop3 *s, const char *line, size_t len)
             say(s, buf);
             return 0;
         }
-    } else if (ok && (kind == STP_P3P_CAPA || kind == STP_P3P_AUTH_LIST ||
-                      kind == STP_P3P_MULTI)) {
-        s->in_body = true; /* popped at its end */
-        s->body_capa = kind != STP_P3P_MULTI;
-        s->body = STP_P3B_BOL;
-    } else {
-        pend_pop(s);
     }
+    bool body = ok && (kind == STP_P3P_CAPA || kind == STP_P3P_AUTH_LIST ||
+                       kind == STP_P3P_MULTI);
+    if (kind != STP_P3P_GREETING && !body)
+        pend_pop(s);
     relay_status(s, line, len);
     if (kind == STP_P3P_GREETING)
         return 0;
+    if (body) {
+        s->in_body = true; /* popped at its end */
+        s->body_capa = kind != STP_P3P_MULTI;
+        s->body = STP_P3B_BOL;
+    }
     if (ok)
         s->accepted[stat]++;
     if (kind == STP_P3P_AUTH) {
