@@ -153,7 +153,10 @@ static void pend_pop(struct stp_pop3 *s)
 
 /* One row per verb: what the summary counts, how its response is framed
  * (with and without an argument), whether it is a login. */
-enum { F_LOGIN = 1 << 0 }; /* never in clear where TLS is offered */
+enum {
+    F_LOGIN = 1 << 0,    /* never in clear where TLS is offered */
+    F_IDENTITY = 1 << 1, /* says who the client is: only the proxy may */
+};
 
 static const struct p3_cmd {
     const char *verb;
@@ -178,6 +181,9 @@ static const struct p3_cmd {
     {"QUIT", STP_P3S_QUIT, STP_P3P_QUIT, STP_P3P_QUIT, 0},
     /* RFC 6856: LANG alone lists the languages. */
     {"LANG", STP_P3S_OTHER, STP_P3P_MULTI, STP_P3P_SINGLE, 0},
+    /* Dovecot's XCLIENT (login_trusted_networks), which would let any
+     * client behind the proxy pose as any address. */
+    {"XCLIENT", STP_P3S_OTHER, STP_P3P_SINGLE, STP_P3P_SINGLE, F_IDENTITY},
 };
 static const struct p3_cmd unknown_cmd = {"", STP_P3S_OTHER, STP_P3P_SINGLE,
                                           STP_P3P_SINGLE, 0};
@@ -307,7 +313,8 @@ static bool client_line(struct stp_pop3 *s, const char *line, size_t len)
     struct p3_line pl;
     parse_line(line, len, &pl);
     /* With require_tls = no a login in clear is the operator's choice. */
-    bool here = bad || s->local || pl.cmd->stat == STP_P3S_STLS;
+    bool here = bad || s->local || pl.cmd->stat == STP_P3S_STLS ||
+                (pl.cmd->flags & F_IDENTITY);
     if (here) {
         /* The proxy's reply comes after every reply owed before it. */
         if (owed(s))
@@ -318,6 +325,10 @@ static bool client_line(struct stp_pop3 *s, const char *line, size_t len)
                    "-ERR Bad character in command\r\n");
         } else if (pl.cmd->stat == STP_P3S_STLS) {
             stls(s, &pl);
+        } else if (pl.cmd->flags & F_IDENTITY) {
+            s->sent[STP_P3S_OTHER]++;
+            reject(s, "cmd=XCLIENT reason=client_identity_command",
+                   "-ERR [SYS/PERM] Insufficient authorization\r\n");
         } else {
             answer_locally(s, &pl);
         }

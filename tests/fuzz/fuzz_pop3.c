@@ -69,6 +69,8 @@ static void op_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
     CHECK(!(F.local && !F.tls), "forwarded before TLS with require_tls");
     CHECK(F.s.phase == STP_P3_SASL || !verb_is(p, n, "STLS"),
           "STLS forwarded");
+    CHECK(F.s.phase == STP_P3_SASL || !verb_is(p, n, "XCLIENT"),
+          "XCLIENT forwarded");
 }
 
 static bool capa_names(const char *p, size_t n, const char *kw)
@@ -221,7 +223,8 @@ static const char *const client_lines[] = {
     "STAT\r\n", "LIST\r\n", "LIST 1\r\n", "UIDL\r\n", "UIDL 1\r\n",
     "RETR 1\r\n", "TOP 1 0\r\n", "DELE 1\r\n", "RSET\r\n", "NOOP\r\n",
     "QUIT\r\n", "LANG\r\n", " user\tbob\r\n", "STLS\r\nUSER x\r\nPASS y\r\n",
-    "USER a\rPASS b\r\n", "\r\n", "\n", "\r",
+    "USER a\rPASS b\r\n", "\r\n", "\n", "\r", "XCLIENT ADDR=6.6.6.6\r\n",
+    "\txclient ADDR=6.6.6.6\r\n",
 };
 
 static const char *const upstream_lines[] = {

@@ -360,6 +360,11 @@ static const struct scen scens[] = {
      CFG_IMPLICIT, {U(UGREET), C("  user\talice\r\nPASS  two  spaces\r\n")},
      "user alice\r\nPASS  two  spaces\r\n", UGREET, NO_CLOSE, 0, false, false,
      NULL},
+    {"XCLIENT is the proxy's alone: refused, never forwarded", CFG_IMPLICIT,
+     {U(UGREET), C("XCLIENT ADDR=6.6.6.6\r\n xclient\tADDR=6.6.6.6\r\n")},
+     "", UGREET "-ERR [SYS/PERM] Insufficient authorization\r\n"
+                "-ERR [SYS/PERM] Insufficient authorization\r\n",
+     NO_CLOSE, 0, true, false, NULL},
     {"a bare CR in a command is refused locally", CFG_IMPLICIT,
      {U(UGREET), C("USER a\rPASS b\r\n")}, "",
      UGREET "-ERR Bad character in command\r\n", NO_CLOSE, 0, true, false,
