@@ -467,7 +467,7 @@ def dovecot_lmtp(tmp_path):
 
 # ---- POP3: Dovecot's pop3d beside its LMTP server (protocol = pop3 tests) ----
 
-def pop3_dovecot(base_dir=None, ssl_pair=None, extra_conf=""):
+def pop3_dovecot(base_dir=None, ssl_pair=None, extra_conf="", haproxy=False):
     """A DovecotLmtp (not started) whose instance also serves POP3 on
     127.0.0.1:<.pop3_port> (.pop3_address): plaintext USER/PASS allowed
     (disable_plaintext_auth = no), any password for any user@example.net
@@ -475,8 +475,10 @@ def pop3_dovecot(base_dir=None, ssl_pair=None, extra_conf=""):
     With ssl_pair its CAPA offers STLS (ssl = yes). LMTP stays: start()'s
     readiness check uses it; pop3_start() also waits for the POP3 greeting.
     auth_verbose and login lines name every login attempt in the log
-    (pop3_login_lines)."""
+    (pop3_login_lines). haproxy: the POP3 listener wants a PROXY header
+    from 127.0.0.0/8 (the client's address then shows as rip=)."""
     port = h.free_port()
+    trusted = "haproxy_trusted_networks = 127.0.0.0/8\n" if haproxy else ""
     conf = f"""\
 disable_plaintext_auth = no
 auth_mechanisms = plain login
@@ -487,13 +489,14 @@ service pop3-login {{
   inet_listener pop3 {{
     address = 127.0.0.1
     port = {port}
+    haproxy = {"yes" if haproxy else "no"}
   }}
   inet_listener pop3s {{
     port = 0
   }}
 }}
 """
-    d = DovecotLmtp(base_dir, ssl_pair=ssl_pair, extra_conf=conf + extra_conf)
+    d = DovecotLmtp(base_dir, ssl_pair=ssl_pair, extra_conf=trusted + conf + extra_conf)
     with open(d.config_path) as f:
         text = f.read()
     with open(d.config_path, "w") as f:
@@ -503,13 +506,16 @@ service pop3-login {{
     return d
 
 
-def pop3_start(d):
-    """Start D (from pop3_dovecot) and wait for its POP3 greeting."""
+def pop3_start(d, haproxy=False):
+    """Start D (from pop3_dovecot) and wait for its POP3 greeting (HAPROXY:
+    after a PROXY v1 header of our own)."""
     d.start()
 
     def greets():
         try:
             with socket.create_connection(("127.0.0.1", d.pop3_port), timeout=2) as s:
+                if haproxy:
+                    s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\n")
                 ok = s.recv(512).startswith(b"+OK")
                 s.sendall(b"QUIT\r\n")
                 s.recv(512)

@@ -283,3 +283,24 @@ def test_client_xclient_never_reaches_dovecot(make_proxy, dovecot_pop3):
     log = dovecot_pop3.log_text()
     assert "Login: user=<%s>" % USER in log, log
     assert "6.6.6.6" not in log, log
+
+
+def test_proxy_v2_gives_dovecot_the_client_address(make_proxy, tmp_path):
+    d = pop3_start(pop3_dovecot(tmp_path, haproxy=True), haproxy=True)
+    try:
+        pop3_fill(d, USER, [MSG_PLAIN])
+        proxy = pop3_proxy(make_proxy, d, tls="implicit",
+                           upstream_opts={"client_identity": "proxy-v2"})
+        ctx = h.client_tls_context()
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10,
+                                       source_address=("127.0.0.2", 0))
+        with ctx.wrap_socket(raw, server_hostname="proxy.test") as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"+OK")
+            s.sendall(("USER %s\r\nPASS pw\r\nQUIT\r\n" % USER).encode())
+            assert [f.readline()[:3] for _ in range(3)] == [b"+OK"] * 3
+        assert h.wait_until(lambda: any("Login:" in l for l in pop3_login_lines(d)), 10)
+        login = [l for l in pop3_login_lines(d) if "Login:" in l][0]
+        assert "rip=127.0.0.2" in login, login
+    finally:
+        d.cleanup()
