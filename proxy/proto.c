@@ -2,10 +2,13 @@
  * the loop that offers buffered input to it. */
 #include "config.h"
 #include "proto.h"
+#include "pop3.h"
 #include "smtp.h"
 
 const struct stp_proto *stp_proto_of(enum stp_protocol p)
 {
+    if (p == STP_PROTO_POP3)
+        return &stp_proto_pop3;
     return p == STP_PROTO_LMTP ? &stp_proto_lmtp : &stp_proto_smtp;
 }
 

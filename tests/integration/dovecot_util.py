@@ -463,3 +463,103 @@ def dovecot_lmtp(tmp_path):
         yield d.start()
     finally:
         d.cleanup()
+
+
+# ---- POP3: Dovecot's pop3d beside its LMTP server (protocol = pop3 tests) ----
+
+def pop3_dovecot(base_dir=None, ssl_pair=None, extra_conf="", haproxy=False):
+    """A DovecotLmtp (not started) whose instance also serves POP3 on
+    127.0.0.1:<.pop3_port> (.pop3_address): plaintext USER/PASS allowed
+    (disable_plaintext_auth = no), any password for any user@example.net
+    (the static passdb), the mailbox <workdir>/home/<local part>/Maildir.
+    With ssl_pair its CAPA offers STLS (ssl = yes). LMTP stays: start()'s
+    readiness check uses it; pop3_start() also waits for the POP3 greeting.
+    auth_verbose and login lines name every login attempt in the log
+    (pop3_login_lines). haproxy: the POP3 listener wants a PROXY header
+    from 127.0.0.0/8 (the client's address then shows as rip=)."""
+    port = h.free_port()
+    trusted = "haproxy_trusted_networks = 127.0.0.0/8\n" if haproxy else ""
+    conf = f"""\
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_verbose = yes
+pop3_uidl_format = %08Xu%08Xv
+service pop3-login {{
+  chroot =
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {port}
+    haproxy = {"yes" if haproxy else "no"}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+"""
+    d = DovecotLmtp(base_dir, ssl_pair=ssl_pair, extra_conf=trusted + conf + extra_conf)
+    with open(d.config_path) as f:
+        text = f.read()
+    with open(d.config_path, "w") as f:
+        f.write(text.replace("protocols = lmtp\n", "protocols = lmtp pop3\n"))
+    d.pop3_port = port
+    d.pop3_address = "127.0.0.1:%d" % port
+    return d
+
+
+def pop3_start(d, haproxy=False):
+    """Start D (from pop3_dovecot) and wait for its POP3 greeting (HAPROXY:
+    after a PROXY v1 header of our own)."""
+    d.start()
+
+    def greets():
+        try:
+            with socket.create_connection(("127.0.0.1", d.pop3_port), timeout=2) as s:
+                if haproxy:
+                    s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\n")
+                ok = s.recv(512).startswith(b"+OK")
+                s.sendall(b"QUIT\r\n")
+                s.recv(512)
+                return ok
+        except OSError:
+            return False
+    if not h.wait_until(greets, START_TIMEOUT):
+        pytest.fail("dovecot pop3 did not greet on %s:\n%s" % (d.pop3_address, d.log_text()),
+                    pytrace=False)
+    return d
+
+
+def pop3_fill(d, user, messages):
+    """Put MESSAGES (bytes, CRLF line ends, as POP3 serves them) into USER's
+    Maildir/new, in order, readable by Dovecot; returns their paths."""
+    md = d.maildir(user)
+    for sub in ("new", "cur", "tmp"):
+        os.makedirs(os.path.join(md, sub), exist_ok=True)
+    paths = []
+    base = int(time.time())
+    for i, raw in enumerate(messages):
+        p = os.path.join(md, "new", "%d.M%dP%d.pop3test,S=%d" % (base, i + 1, os.getpid(),
+                                                                 len(raw)))
+        with open(p, "wb") as f:
+            f.write(raw)
+        paths.append(p)
+    for root, dirs, files in os.walk(os.path.dirname(md)):
+        for n in [root] + [os.path.join(root, x) for x in files]:
+            os.chown(n, d.uid, d.gid)
+    return paths
+
+
+def pop3_login_lines(d):
+    """Dovecot's pop3-login session lines ("Login: user=<...>", "Disconnected
+    (no auth attempts ...)", "Aborted login (auth failed ...)")."""
+    return [l for l in d.log_text().splitlines() if "pop3-login:" in l]
+
+
+@pytest.fixture
+def pop3_dovecot_server(tmp_path):
+    """A started pop3_dovecot() instance (plaintext POP3). At teardown:
+    stopped, conf and logs copied into tmp_path, work directory removed."""
+    d = pop3_dovecot(tmp_path)
+    try:
+        yield pop3_start(d)
+    finally:
+        d.cleanup()
