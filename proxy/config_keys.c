@@ -190,7 +190,7 @@ static int set_enum(struct parser *p, const struct key_def *k, void *obj,
  * own. */
 static const char *const tls_modes[] = {"none", "starttls", "implicit",
                                         "opportunistic", NULL};
-static const char *const protocols[] = {"smtp", "lmtp", NULL};
+static const char *const protocols[] = {"smtp", "lmtp", "imap", NULL};
 static const char *const versions[] = {"1.0", "1.1", "1.2", "1.3", NULL};
 _Static_assert(STP_ARRAY_LEN(tls_modes) == STP_TLS_OPPORTUNISTIC + 2,
                "a name for every TLS mode");
@@ -434,7 +434,7 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_MAX_ERRORS] = {SECT_LISTENER, "max_errors", set_count,
                       LST(max_errors), 0},
     [K_PROTOCOL] = {SECT_LISTENER, "protocol", set_enum, LST(protocol), 0,
-                    protocols, "smtp or lmtp"},
+                    protocols, "smtp, lmtp or imap"},
     [K_TIMEOUT_HANDSHAKE] = {SECT_LISTENER, "timeout_handshake", set_duration,
                              LST(timeout_handshake_ms), 0},
     [K_TIMEOUT_COMMAND] = {SECT_LISTENER, "timeout_command", set_duration,
@@ -750,6 +750,18 @@ int stp_cfg_check_link(struct parser *p, int i)
     const struct stp_listener_cfg *l = &p->cfg->listeners[i];
     const struct stp_upstream_cfg *u = l->upstream;
     bool remote_clients = l->proxy_protocol != STP_PP_NO || l->transparent;
+    /* The upstream's STARTTLS, XCLIENT and AUTH are spoken by the SMTP
+     * prelude only. */
+    if (l->protocol == STP_PROTO_IMAP &&
+        (u->tls == STP_TLS_STARTTLS || u->tls == STP_TLS_OPPORTUNISTIC ||
+         u->identity == STP_ID_XCLIENT || u->auth != STP_AUTH_NONE))
+        return stp_cfg_fail(p, l->line,
+                            "listener '%s': upstream '%s' %s is not available "
+                            "for protocol = imap", l->name, u->name,
+                            u->auth != STP_AUTH_NONE ? "auth"
+                            : u->identity == STP_ID_XCLIENT
+                                ? "client_identity = xclient"
+                                : "tls = starttls/opportunistic");
     if (u->auth == STP_AUTH_NONE || l->n_allow > 0 ||
         (is_loopback(&l->addr) && !remote_clients))
         return 0;
