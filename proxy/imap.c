@@ -153,6 +153,19 @@ int stp_imap_cap_edit(const char *in, size_t n, char *out, size_t cap,
     return (int)o;
 }
 
+/* Atoms and single spaces only. Clients split a list on any white space
+ * (imaplib), the proxy on SP: a TAB would hide a STARTTLS from it. No atom
+ * holds a brace: an edit could make or hide the literal a line ends with. */
+static bool cap_text_ok(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if ((c < 0x21 && c != ' ') || c > 0x7e || c == '{' || c == '}')
+            return false;
+    }
+    return true;
+}
+
 static bool word_is(const char *p, size_t n, const char *w)
 {
     size_t k = strlen(w);
@@ -173,6 +186,8 @@ static bool relay_edited(struct stp_imap *s, const char *l, size_t len)
         size_t wl = len - (size_t)(w - l);
         if (l[0] == '*' && sp == l + 1 && word_is(w, wl, "CAPABILITY")) {
             size_t head = (size_t)(w - l) + 10;
+            if (!cap_text_ok(l + head, len - head))
+                return false;
             memcpy(out, l, head);
             o = head;
             out[o++] = ' ';
@@ -188,12 +203,15 @@ static bool relay_edited(struct stp_imap *s, const char *l, size_t len)
             const char *sp2 = memchr(w, ' ', wl);
             const char *code = sp2 ? sp2 + 1 : NULL;
             size_t cl = code ? len - (size_t)(code - l) : 0;
-            const char *end = code && cl > 12 &&
-                                      strncasecmp(code, "[CAPABILITY ", 12) == 0
-                                  ? memchr(code, ']', cl)
-                                  : NULL;
+            bool is_cap = code && cl > 12 &&
+                          strncasecmp(code, "[CAPABILITY ", 12) == 0;
+            const char *end = is_cap ? memchr(code, ']', cl) : NULL;
+            if (is_cap && !end)
+                return false; /* where would a client end the list? */
             if (end) {
                 size_t head = (size_t)(code - l) + 12;
+                if (!cap_text_ok(l + head, (size_t)(end - l) - head))
+                    return false;
                 memcpy(out, l, head);
                 o = head;
                 int r = stp_imap_cap_edit(l + head, (size_t)(end - l) - head,

@@ -64,6 +64,8 @@ if(STP_FUZZ)
       set(dict proxy_header.dict)
     elseif(name STREQUAL "fuzz_http")
       set(dict http.dict)
+    elseif(name STREQUAL "fuzz_imap")
+      set(dict imap.dict)
     endif()
     add_test(NAME fuzz_${name}
       COMMAND ${name} -max_total_time=30 -timeout=5
