@@ -53,6 +53,7 @@ struct stp_imap {
     bool bye_sent;       /* the client already got a "* BYE" */
     bool in_idle;        /* IDLE accepted, DONE not yet sent */
     bool logout;         /* LOGOUT forwarded: its tag closes */
+    bool in_append;      /* the command under way is an APPEND */
     uint8_t after;       /* enum stp_imap_after, in WAIT_CONT */
     uint8_t tag_len, logout_len;
     char tag[STP_IMAP_MAX_TAG];        /* the command awaiting "+" */
@@ -86,11 +87,11 @@ int stp_imap_cap_edit(const char *in, size_t n, char *out, size_t cap,
                       bool add_starttls);
 
 /* The literal announced at the end of a client line (no terminator):
- * 0: none; 1: *N octets follow, *NONSYNC for "{n+}"; -1: something the
- * proxy and the upstream could read differently (refuse the line). CONT:
- * the line continues a command after a literal. */
+ * 0: none; 1: *N octets follow, *NONSYNC for "{n+}", *BINARY for "~{n}";
+ * -1: something the proxy and the upstream could read differently (refuse
+ * the line). */
 int stp_imap_line_literal(const char *l, size_t len, uint64_t *n,
-                          bool *nonsync);
+                          bool *nonsync, bool *binary);
 
 extern const struct stp_proto stp_proto_imap;
 

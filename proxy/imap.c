@@ -250,8 +250,9 @@ static bool atom_char(unsigned char c)
 }
 
 int stp_imap_line_literal(const char *l, size_t len, uint64_t *n,
-                          bool *nonsync)
+                          bool *nonsync, bool *binary)
 {
+    *binary = false;
     bool quoted = false;
     for (size_t i = 0; i < len; i++) {
         if (quoted && l[i] == '\\') {
@@ -282,8 +283,10 @@ int stp_imap_line_literal(const char *l, size_t len, uint64_t *n,
     if (v > UINT32_MAX)
         return -1;
     i--; /* at "{" */
-    if (i > 0 && l[i - 1] == '~')
+    if (i > 0 && l[i - 1] == '~') {
+        *binary = true;
         i--;
+    }
     /* A literal starts an argument; "x{3}" is read otherwise by some. */
     if (i > 0 && l[i - 1] != ' ' && l[i - 1] != '(')
         return -1;
@@ -381,8 +384,9 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     bool quiet = s->pending == 0 && s->up_lit == 0 && !s->up_cont;
     bool bad = memchr(q, '\0', len) || memchr(q, '\r', len);
     uint64_t lit = 0;
-    bool nonsync = false;
-    int lr = bad ? -1 : stp_imap_line_literal(q, len, &lit, &nonsync);
+    bool nonsync = false, binary = false;
+    int lr = bad ? -1
+                 : stp_imap_line_literal(q, len, &lit, &nonsync, &binary);
 
     if (s->phase == STP_IM_CONT_LINE) {
         /* A SASL response or IDLE's DONE: data, forwarded whole. */
@@ -403,7 +407,7 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     if (s->cont) {
         /* The rest of a command after a literal (the upstream has the
          * beginning): it cannot be refused alone. */
-        if (lr < 0) {
+        if (lr < 0 || (lr == 1 && binary && !s->in_append)) {
             bye_close(s, "Invalid command line.", STP_CLOSE_CLIENT_ERROR);
             return true;
         }
@@ -431,6 +435,11 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     const char *text = NULL, *why = NULL;
     bool starttls = false, local_ok = false;
     enum stp_imap_stat st = cmd_ok ? stat_of(cmd, cl) : STP_IS_OTHER;
+    /* Dovecot reads "~{n}" as a literal only where APPEND takes a
+     * message; elsewhere its octets would be commands to it and data to
+     * the proxy. */
+    if (lr == 1 && binary && st != STP_IS_APPEND)
+        lr = -1;
     if (bad || lr < 0 || !cmd_ok) {
         text = "BAD Error in IMAP command received by proxy.";
         why = bad ? "bad_character" : lr < 0 ? "ambiguous_literal"
@@ -474,7 +483,10 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     if (text) {
         if (!quiet)
             return false;
-        if (lr == 1 && nonsync && !local_ok) {
+        /* Also a marker the proxy will not read as one ("x{3+}"): the
+         * client may. */
+        bool nonsync_tail = len >= 2 && q[len - 1] == '}' && q[len - 2] == '+';
+        if (((lr == 1 && nonsync) || (lr < 0 && nonsync_tail)) && !local_ok) {
             /* The client sends the octets unasked: they cannot be told
              * from commands. */
             if (s->ops->event)
@@ -519,6 +531,7 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
         !(cl == 4 && strncasecmp(cmd, "NOOP", 4) == 0))
         s->plain_state = true;
     forward(s, q, used);
+    s->in_append = st == STP_IS_APPEND;
     if (st == STP_IS_LOGOUT) {
         s->logout = true;
         memcpy(s->logout_tag, q, tl);

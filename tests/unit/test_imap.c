@@ -226,6 +226,10 @@ static const struct scen scens[] = {
      {U(UGREET), C("a LOGIN {5+}\r\nalice t STARTTLS\r\n")}, "",
      GREET "* BYE Literal on a refused command.\r\n", STP_CLOSE_CLIENT_ERROR,
      0, false, NULL},
+    {"a non-sync marker the proxy does not read closes too", STARTTLS_REQ,
+     {U(UGREET), PRE, C("a SELECT x{3+}\r\nabc\r\n")}, "",
+     GREET TLSOK "* BYE Literal on a refused command.\r\n",
+     STP_CLOSE_CLIENT_ERROR, 1, false, NULL},
     {"pre-TLS LOGOUT", STARTTLS_REQ,
      {U(UGREET), C("z LOGOUT\r\n")}, "",
      GREET "* BYE Logging out.\r\nz OK Logout completed.\r\n",
@@ -294,10 +298,10 @@ static const struct scen scens[] = {
      NULL, GREET TLSOK "m OK\r\n", NO_CLOSE, 1, false, NULL},
     {"ambiguous literals refused", STARTTLS_REQ,
      {U(UGREET), PRE, C("a SELECT x{3}\r\nb SELECT \"x {3}\r\n"),
-      C("c SELECT {99999999999}\r\n")},
+      C("c SELECT {99999999999}\r\nd SEARCH TEXT ~{3}\r\n")},
      "",
-     GREET TLSOK "a " BADSYN "b " BADSYN "c " BADSYN, NO_CLOSE, 1, false,
-     NULL},
+     GREET TLSOK "a " BADSYN "b " BADSYN "c " BADSYN "d " BADSYN, NO_CLOSE,
+     1, false, NULL},
     {"FETCH literal holding a CAPABILITY line is relayed as is",
      STARTTLS_REQ,
      {U(UGREET), PRE, C("f FETCH 1 BODY[]\r\n"),
@@ -551,8 +555,9 @@ static void test_line_literal(void)
     case_begin("line literal");
     for (size_t i = 0; i < STP_ARRAY_LEN(cases); i++) {
         uint64_t n = 0;
-        bool ns = false;
-        int r = stp_imap_line_literal(cases[i].l, strlen(cases[i].l), &n, &ns);
+        bool ns = false, bin = false;
+        int r = stp_imap_line_literal(cases[i].l, strlen(cases[i].l), &n, &ns,
+                                      &bin);
         CHECK(r == cases[i].r && (r != 1 || (n == cases[i].n &&
                                              ns == cases[i].nonsync)),
               "line_literal(\"%s\") = %d n=%llu", cases[i].l, r,
