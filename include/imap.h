@@ -54,6 +54,10 @@ struct stp_imap {
     bool in_idle;        /* IDLE accepted, DONE not yet sent */
     bool logout;         /* LOGOUT forwarded: its tag closes */
     bool in_append;      /* the command under way is an APPEND */
+    bool held;           /* a "{n+}" went upstream as "{n}": the client's
+                            octets wait for the upstream's "+" */
+    bool discard;        /* the upstream refused the command: the client's
+                            rest of it (octets, lines) is dropped */
     uint8_t after;       /* enum stp_imap_after, in WAIT_CONT */
     uint8_t tag_len, logout_len;
     char tag[STP_IMAP_MAX_TAG];        /* the command awaiting "+" */

@@ -355,22 +355,30 @@ static void forward(struct stp_imap *s, const char *p, size_t n)
 
 /* The line's literal, after the line went to the upstream (or, for a
  * continuation line, was refused with it). */
-static void open_literal(struct stp_imap *s, uint64_t n, bool nonsync,
-                         const char *tag, size_t tl)
+/* Forward a command line that announces a literal. A non-synchronizing
+ * one goes upstream as synchronizing ("{n+}" -> "{n}"), and the client's
+ * octets, already on their way, wait here for the upstream's "+": had the
+ * upstream refused the line part-way (Dovecot stops at the first bad
+ * argument and reads on after the line end), it would read them as
+ * commands while the proxy counted them as data. Its tagged reply instead
+ * of "+" ends the command, and the octets the client sends for it are
+ * dropped. */
+static void forward_literal_line(struct stp_imap *s, const char *q,
+                                 size_t len, size_t used, uint64_t n,
+                                 bool nonsync)
 {
     if (nonsync) {
-        s->lit_left = n;
-        s->cont = true;
-        if (n > 0)
-            enter(s, STP_IM_LITERAL);
-        return;
+        char buf[STP_MAX_LINE_MAX + 2];
+        STP_ASSERT(len >= 2 && len - 1 <= sizeof(buf));
+        memcpy(buf, q, len - 2);
+        buf[len - 2] = '}';
+        s->ops->to_upstream(s->ctx, STP_FWD_LINE, buf, len - 1);
+    } else {
+        forward(s, q, used);
     }
-    /* The client sends it after the upstream's "+"; a tagged reply
-     * instead ends the command. */
+    s->held = nonsync;
     s->lit_next = n;
     s->after = STP_IMA_LITERAL;
-    memcpy(s->tag, tag, tl);
-    s->tag_len = (uint8_t)tl;
     enter(s, STP_IM_WAIT_CONT);
 }
 
@@ -406,15 +414,28 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
 
     if (s->cont) {
         /* The rest of a command after a literal (the upstream has the
-         * beginning): it cannot be refused alone. */
-        if (lr < 0 || (lr == 1 && binary && !s->in_append)) {
+         * beginning): it cannot be refused alone. After a literal comes a
+         * space, a ")" or the line end, or the upstream reads otherwise. */
+        if (lr < 0 || (lr == 1 && binary && !s->in_append) ||
+            (len > 0 && q[0] != ' ' && q[0] != ')')) {
             bye_close(s, "Invalid command line.", STP_CLOSE_CLIENT_ERROR);
             return true;
         }
-        forward(s, q, used);
         s->cont = false;
+        if (s->discard) {
+            /* The upstream refused the command: the rest is dropped, and
+             * a non-synchronizing literal with it. */
+            s->discard = lr == 1 && nonsync;
+            s->cont = s->discard;
+            s->lit_left = s->discard ? lit : 0;
+            if (s->lit_left)
+                enter(s, STP_IM_LITERAL);
+            return true;
+        }
         if (lr == 1)
-            open_literal(s, lit, nonsync, s->tag, s->tag_len);
+            forward_literal_line(s, q, len, used, lit, nonsync);
+        else
+            forward(s, q, used);
         return true;
     }
 
@@ -530,7 +551,6 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     if (!s->tls && st != STP_IS_CAPABILITY &&
         !(cl == 4 && strncasecmp(cmd, "NOOP", 4) == 0))
         s->plain_state = true;
-    forward(s, q, used);
     s->in_append = st == STP_IS_APPEND;
     if (st == STP_IS_LOGOUT) {
         s->logout = true;
@@ -540,10 +560,13 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     memcpy(s->tag, q, tl);
     s->tag_len = (uint8_t)tl;
     if (lr == 1) {
-        open_literal(s, lit, nonsync, q, tl);
-    } else if (st == STP_IS_AUTHENTICATE || st == STP_IS_IDLE) {
-        s->after = st == STP_IS_IDLE ? STP_IMA_IDLE : STP_IMA_SASL;
-        enter(s, STP_IM_WAIT_CONT);
+        forward_literal_line(s, q, len, used, lit, nonsync);
+    } else {
+        forward(s, q, used);
+        if (st == STP_IS_AUTHENTICATE || st == STP_IS_IDLE) {
+            s->after = st == STP_IS_IDLE ? STP_IMA_IDLE : STP_IMA_SASL;
+            enter(s, STP_IM_WAIT_CONT);
+        }
     }
     return true;
 }
@@ -564,7 +587,8 @@ size_t stp_imap_client_input(struct stp_imap *s, const char *p, size_t n)
             return off;
         case STP_IM_LITERAL: {
             size_t k = (size_t)STP_MIN((uint64_t)left, s->lit_left);
-            forward(s, q, k);
+            if (!s->discard)
+                forward(s, q, k);
             s->lit_left -= k;
             off += k;
             if (s->lit_left == 0)
@@ -679,6 +703,11 @@ static long response(struct stp_imap *s, const char *l, size_t len)
                 s->lit_left = s->lit_next;
                 s->cont = true;
                 enter(s, s->lit_left ? STP_IM_LITERAL : STP_IM_COMMAND);
+                if (s->held) {
+                    /* asked for by the proxy, not by the client */
+                    s->held = false;
+                    return 0;
+                }
                 break;
             case STP_IMA_IDLE:
                 s->in_idle = true;
@@ -720,9 +749,14 @@ static long response(struct stp_imap *s, const char *l, size_t len)
     if (mine && (s->phase == STP_IM_WAIT_CONT ||
                  (s->phase == STP_IM_CONT_LINE && !s->in_idle))) {
         /* The command ended without (more) continuation. */
-        s->cont = false;
+        bool held = s->phase == STP_IM_WAIT_CONT &&
+                    s->after == STP_IMA_LITERAL && s->held;
+        s->cont = held;
+        s->discard = held;
+        s->held = false;
         s->in_idle = false;
-        enter(s, STP_IM_COMMAND);
+        s->lit_left = held ? s->lit_next : 0;
+        enter(s, s->lit_left ? STP_IM_LITERAL : STP_IM_COMMAND);
     }
     if (s->logout && tl == s->logout_len && memcmp(l, s->logout_tag, tl) == 0)
         close_session(s, STP_CLOSE_QUIT, false);
@@ -763,6 +797,10 @@ long stp_imap_upstream_input(struct stp_imap *s, const char *p, size_t n)
             if (!proxy_only(s))
                 s->ops->to_client(s->ctx, q, used);
             rc = 0;
+        } else if (lr && len > 0 && q[0] == '+') {
+            /* A continuation request is text, never data: a client may
+             * read it so or not. */
+            return upstream_error(s, "reason=literal_in_continuation");
         } else if (s->phase == STP_IM_GREETING) {
             if (lr)
                 return upstream_error(s, "reason=bad_greeting");
@@ -784,7 +822,7 @@ void stp_imap_tls_started(struct stp_imap *s)
     if (s->phase == STP_IM_CLOSED)
         return;
     s->tls = true;
-    s->cont = s->partial = false;
+    s->cont = s->partial = s->discard = s->held = false;
     s->errors = 0;
     enter(s, STP_IM_COMMAND);
 }

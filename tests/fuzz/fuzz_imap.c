@@ -8,7 +8,7 @@
  *  - nothing reaches the upstream or the client after close;
  *  - with require_tls, before TLS, nothing at all is forwarded;
  *  - forwards are slices of the buffer being offered (the client's own
- *    bytes, never the proxy's);
+ *    bytes), or a client's "{n+}" line rewritten as "{n}";
  *  - after start_tls no client byte is consumed until tls_started;
  *  - the client, reading as imaplib does (a line ending in {n} announces n
  *    octets), sees no STARTTLS, LOGINDISABLED, COMPRESS=* or AUTH=*-PLUS in
@@ -187,16 +187,26 @@ static void op_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
     CHECK(!F.closed, "to_upstream after close");
     CHECK(!F.up_gone, "to_upstream after the upstream was cut");
     CHECK(!F.tls_pending, "to_upstream between start_tls and tls_started");
-    CHECK(kind == STP_FWD_RAW, "a line of the proxy's own went upstream");
-    CHECK(F.in_base && p >= F.in_base && p + n <= F.in_base + F.in_len,
-          "FWD_RAW outside the offered buffer");
+    if (kind == STP_FWD_LINE) {
+        /* only a client's "{n+}" line, made "{n}" */
+        CHECK(n > 0 && p[n - 1] == '}' && !memchr(p, '\r', n) &&
+                  !memchr(p, '\n', n) && !memchr(p, '\0', n),
+              "a line of the proxy's own went upstream");
+    } else {
+        CHECK(F.in_base && p >= F.in_base && p + n <= F.in_base + F.in_len,
+              "FWD_RAW outside the offered buffer");
+    }
     CHECK(!proxy_only(), "bytes forwarded before TLS with require_tls");
+    if (getenv("FZ_DUMP"))
+        fprintf(stderr, "[up]%.*s\n", (int)n, p);
 }
 
 static void op_to_client(void *ctx, const char *p, size_t n)
 {
     (void)ctx;
     CHECK(!F.closed, "to_client after close");
+    if (getenv("FZ_DUMP"))
+        fprintf(stderr, "[cli %d]%.*s\n", F.e.phase, (int)n, p);
     read_bytes(&F.cli, p, n, true);
 }
 

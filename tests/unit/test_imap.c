@@ -62,8 +62,14 @@ static void op_to_upstream(void *ctx, enum stp_fwd kind, const char *p,
     (void)ctx;
     if (R.closes && !R.cut)
         violation("to_upstream after close");
-    if (kind != STP_FWD_RAW)
-        violation("IMAP forwards the client's own bytes only");
+    if (kind == STP_FWD_LINE) {
+        /* only a "{n+}" line made "{n}" */
+        if (memchr(p, '\r', n) || memchr(p, '\n', n) || !n || p[n - 1] != '}')
+            violation("FWD_LINE that is no literal line: \"%s\"", esc(p, n));
+        append(R.up, &R.up_len, p, n);
+        append(R.up, &R.up_len, "\r\n", 2);
+        return;
+    }
     if (!R.in_base || p < R.in_base || p + n > R.in_base + R.in_len)
         violation("FWD_RAW outside the client buffer");
     append(R.up, &R.up_len, p, n);
@@ -286,15 +292,21 @@ static const struct scen scens[] = {
      "b APPEND INBOX {99999}\r\nc NOOP\r\n",
      GREET TLSOK "b NO [TOOBIG] too big\r\nc OK\r\n", NO_CLOSE, 1, false,
      NULL},
-    {"non-sync literals and a line that goes on", STARTTLS_REQ,
+    {"non-sync literals go as sync, the line goes on", STARTTLS_REQ,
      {U(UGREET), PRE,
       C("m APPEND INBOX {10+}\r\ne LOGOUT\r\n {4+}\r\nab\r\n\r\nn NOOP\r\n"),
-      U("m OK\r\nn OK\r\n")},
-     "m APPEND INBOX {10+}\r\ne LOGOUT\r\n {4+}\r\nab\r\n\r\nn NOOP\r\n",
+      U("+ OK\r\n"), U("+ OK\r\n"), U("m OK\r\nn OK\r\n")},
+     "m APPEND INBOX {10}\r\ne LOGOUT\r\n {4}\r\nab\r\n\r\nn NOOP\r\n",
      GREET TLSOK "m OK\r\nn OK\r\n", NO_CLOSE, 1, false, NULL},
+    {"a refused non-sync literal's octets are dropped", STARTTLS_REQ,
+     {U(UGREET), PRE,
+      C("b APPEND INBOX {5+}\r\nhello {3+}\r\nabc\r\nc NOOP\r\n"),
+      U("b NO [TOOBIG] no\r\n"), U("c OK\r\n")},
+     "b APPEND INBOX {5}\r\nc NOOP\r\n",
+     GREET TLSOK "b NO [TOOBIG] no\r\nc OK\r\n", NO_CLOSE, 1, false, NULL},
     {"binary literal ~{n}", STARTTLS_REQ,
      {U(UGREET), PRE, C("m APPEND INBOX ~{3+}\r\n\0\r\n\r\n"),
-      U("m OK\r\n")},
+      U("+ OK\r\n"), U("m OK\r\n")},
      NULL, GREET TLSOK "m OK\r\n", NO_CLOSE, 1, false, NULL},
     {"ambiguous literals refused", STARTTLS_REQ,
      {U(UGREET), PRE, C("a SELECT x{3}\r\nb SELECT \"x {3}\r\n"),
@@ -342,6 +354,13 @@ static const struct scen scens[] = {
      NO_CLOSE, 0, false, NULL},
     {"an injected tagged response is an upstream error", IMPLICIT,
      {U(UGREET "x OK injected\r\n")}, "",
+     "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] Dovecot ready.\r\n"
+     "* BYE " HOST " upstream protocol error\r\n",
+     STP_CLOSE_UPSTREAM_PROTO, 0, true, NULL},
+    {"a continuation announcing a literal is an upstream error", IMPLICIT,
+     {U(UGREET), C("b APPEND x {1+}\r\nz\r\n"),
+      U("+ OK {23}\r\n* CAPABILITY STARTTLS\r\n")},
+     "b APPEND x {1}\r\n",
      "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] Dovecot ready.\r\n"
      "* BYE " HOST " upstream protocol error\r\n",
      STP_CLOSE_UPSTREAM_PROTO, 0, true, NULL},
@@ -549,7 +568,7 @@ static void test_line_literal(void)
         {"a LOGIN \"{5}\" {3}", 1, 3, false},
         {"a NOOP", 0, 0, false},
         {"a NOOP }", 0, 0, false},
-        {"{3}", 1, 3, false},
+        {"{3}", 1, 3, false}, /* a continuation: checked by the caller */
         {"a FETCH 1 (BODY[] {2}", 1, 2, false},
     };
     case_begin("line literal");
@@ -589,6 +608,9 @@ static void test_status(void)
     CHECK(st.replies_due && !st.idle, "reply due");
     add(false, S("a OK\r\n"));
     add(true, S("b APPEND x {4+}\r\nab"));
+    stp_imap_status(&R.e, &st);
+    CHECK(st.replies_due && !st.content, "a held literal waits for +");
+    add(false, S("+ OK\r\n"));
     stp_imap_status(&R.e, &st);
     CHECK(st.content && !st.idle, "content");
     add(true, S("cd\r\n"));
