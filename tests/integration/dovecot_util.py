@@ -477,12 +477,16 @@ class DovecotImap(DovecotLmtp):
     passwd-file), Maildir under <workdir>/home/<user>, COMPRESS=DEFLATE on
     (imap_zlib), IDLE notifications every second. ssl_pair as for
     DovecotLmtp makes it offer STARTTLS too (so that stripping is real).
+    haproxy=True: the listener wants a PROXY header (v1 or v2) from
+    127.0.0.0/8 first, and refuses connections without one.
     The log (log_text()) has auth_verbose and auth_debug lines: a LOGIN that
     reached Dovecot shows there."""
 
-    def __init__(self, base_dir=None, ssl_pair=None, parent=None, extra_conf="", port=None):
+    def __init__(self, base_dir=None, ssl_pair=None, parent=None, extra_conf="", port=None,
+                 haproxy=False):
         super().__init__(base_dir, ssl_pair=ssl_pair, xclient=False, parent=parent,
                          port=port)
+        self.haproxy = haproxy
         w = self.workdir
         with open(os.path.join(w, "imap-users"), "w") as f:
             for user, pw in IMAP_USERS.items():
@@ -495,6 +499,7 @@ class DovecotImap(DovecotLmtp):
         head = head.replace("login_trusted_networks = \n", "")
         conf = head + f"""\
 disable_plaintext_auth = no
+{"haproxy_trusted_networks = 127.0.0.0/8" if haproxy else ""}
 auth_mechanisms = plain login
 auth_verbose = yes
 auth_debug = yes
@@ -516,6 +521,7 @@ service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
     port = {self.port}
+    haproxy = {"yes" if haproxy else "no"}
   }}
   inet_listener imaps {{
     port = 0
@@ -555,6 +561,8 @@ service auth-worker {{
                     rc, h.read_text(out_path), self.log_text())
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if self.haproxy:
+                        s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\n")
                     banner = s.recv(512)
                     if banner.startswith(b"* OK") and self.proc.poll() is None:
                         s.sendall(b"a LOGOUT\r\n")

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import stp_harness as h
-from dovecot_util import dovecot_imap  # noqa: F401 (fixture)
+from dovecot_util import DovecotImap, dovecot_imap  # noqa: F401 (fixture)
 
 # CRLF, a line longer than 998 octets, 8-bit, and lines that would be
 # commands if a literal were read as anything but data.
@@ -372,11 +372,41 @@ def test_upstream_preauth_is_refused(make_proxy, tls):
     assert up.received == b""
 
 
+@pytest.mark.parametrize("version", ["proxy-v1", "proxy-v2"])
+def test_proxy_header_to_dovecot(make_proxy, tmp_path, tls_files, version):
+    """client_identity = proxy-v1|v2 works for imap: this Dovecot refuses
+    a connection that does not start with a PROXY header."""
+    d = DovecotImap(tmp_path / "dovecot", ssl_pair=tls_files, haproxy=True)
+    d.start()
+    try:
+        proxy = imap_proxy(make_proxy, d, upstream_opts={"client_identity": version})
+        m = imaplib.IMAP4("127.0.0.1", proxy.port, timeout=10)
+        m.starttls(ssl_context=h.client_tls_context())
+        m.login("alice", "secret")
+        assert m.select("INBOX")[0] == "OK"
+        m.logout()
+        # and without a header, this Dovecot says nothing
+        with socket.create_connection(("127.0.0.1", d.port), timeout=3) as raw:
+            raw.sendall(b"a CAPABILITY\r\n")
+            try:
+                got = raw.recv(512)
+            except OSError:
+                got = b""
+        assert not got.startswith(b"* OK"), got
+    finally:
+        d.cleanup()
+
+
 @pytest.mark.parametrize("up_opts, words", [
     ({"tls": "starttls"}, "tls = starttls/opportunistic"),
+    ({"tls": "opportunistic"}, "tls = starttls/opportunistic"),
     ({"client_identity": "xclient"}, "client_identity = xclient"),
+    ({"tls": "implicit", "auth": "plain", "username": "u", "password_file": "PW"}, "auth"),
 ])
 def test_config_refuses_smtp_only_upstream_features(stp_bin, tls_files, tmp_path, up_opts, words):
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    up_opts = {k: (str(pw) if v == "PW" else v) for k, v in up_opts.items()}
     opts = {"listen": "127.0.0.1:0", "protocol": "imap", "upstream": "up",
             "cert": tls_files["cert"], "key": tls_files["key"]}
     uopts = {"address": "127.0.0.1:143"}
