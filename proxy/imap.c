@@ -888,9 +888,10 @@ enum stp_eof_verdict stp_imap_client_eof(const struct stp_imap *s,
         return STP_EOF_WAIT;
     if (s->phase == STP_IM_WAIT_CONT)
         return STP_EOF_CUT;
-    /* IDLE can only end with a DONE that will never come. */
-    if (s->in_idle && s->pending == 1 && buffered == 0)
-        return STP_EOF_CLOSE;
+    /* IDLE can only end with a DONE that will never come; a SASL
+     * exchange with a response that will not either. */
+    if (s->phase == STP_IM_CONT_LINE && buffered == 0)
+        return s->in_idle && s->pending == 1 ? STP_EOF_CLOSE : STP_EOF_CUT;
     if (s->pending == 0 || s->phase == STP_IM_GREETING)
         return STP_EOF_CLOSE;
     return STP_EOF_WAIT;

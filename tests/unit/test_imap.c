@@ -620,6 +620,11 @@ static void test_status(void)
     stp_imap_status(&R.e, &st);
     CHECK(st.idle && !st.replies_due, "IDLE is idle");
     CHECK(stp_imap_client_eof(&R.e, 0) == STP_EOF_CLOSE, "eof in IDLE");
+    add(true, S("DONE\r\n"));
+    add(false, S("i OK\r\n"));
+    add(true, S("a AUTHENTICATE PLAIN\r\n"));
+    add(false, S("+ \r\n"));
+    CHECK(stp_imap_client_eof(&R.e, 0) == STP_EOF_CUT, "eof in a SASL exchange");
     CHECK(!R.viol[0], "%s", R.viol);
     case_end();
 }
