@@ -17,7 +17,7 @@ demo="postfix swaks libnet-ssleay-perl libio-socket-ssl-perl"
 # prometheus for promtool, which lints a real /metrics scrape.
 test="$demo curl openssl python3 python3-pytest python3-aiosmtpd python3-yaml \
   python3-cryptography procps bsdextrautils clang libclang-rt-14-dev \
-  testssl.sh sslscan stunnel4 haproxy dovecot-core dovecot-lmtpd dovecot-pop3d \
+  testssl.sh sslscan stunnel4 haproxy dovecot-core dovecot-lmtpd dovecot-pop3d dovecot-imapd \
   podman runc netavark aardvark-dns iptables catatonit debootstrap systemd \
   nftables iproute2 util-linux prometheus"
 want=$build

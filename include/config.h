@@ -22,6 +22,7 @@ const char *stp_tls_mode_name(enum stp_tls_mode m);
 enum stp_protocol {
     STP_PROTO_SMTP = 0,
     STP_PROTO_LMTP,     /* RFC 2033: LHLO, a reply per recipient */
+    STP_PROTO_IMAP,     /* RFC 9051, proxy/imap.c */
     STP_PROTO_POP3,     /* RFC 1939, STLS (RFC 2595) */
 };
 

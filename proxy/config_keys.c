@@ -190,7 +190,7 @@ static int set_enum(struct parser *p, const struct key_def *k, void *obj,
  * own. */
 static const char *const tls_modes[] = {"none", "starttls", "implicit",
                                         "opportunistic", NULL};
-static const char *const protocols[] = {"smtp", "lmtp", "pop3", NULL};
+static const char *const protocols[] = {"smtp", "lmtp", "imap", "pop3", NULL};
 static const char *const versions[] = {"1.0", "1.1", "1.2", "1.3", NULL};
 _Static_assert(STP_ARRAY_LEN(tls_modes) == STP_TLS_OPPORTUNISTIC + 2,
                "a name for every TLS mode");
@@ -434,7 +434,7 @@ const struct key_def stp_cfg_keys[K_COUNT] = {
     [K_MAX_ERRORS] = {SECT_LISTENER, "max_errors", set_count,
                       LST(max_errors), 0},
     [K_PROTOCOL] = {SECT_LISTENER, "protocol", set_enum, LST(protocol), 0,
-                    protocols, "smtp, lmtp or pop3"},
+                    protocols, "smtp, lmtp, imap or pop3"},
     [K_TIMEOUT_HANDSHAKE] = {SECT_LISTENER, "timeout_handshake", set_duration,
                              LST(timeout_handshake_ms), 0},
     [K_TIMEOUT_COMMAND] = {SECT_LISTENER, "timeout_command", set_duration,
@@ -750,9 +750,9 @@ int stp_cfg_check_link(struct parser *p, int i)
     const struct stp_listener_cfg *l = &p->cfg->listeners[i];
     const struct stp_upstream_cfg *u = l->upstream;
     bool remote_clients = l->proxy_protocol != STP_PP_NO || l->transparent;
-    /* The POP3 engine has no prelude: the proxy speaks neither STLS nor
-     * XCLIENT nor a login to a POP3 upstream (yet). */
-    if (l->protocol == STP_PROTO_POP3) {
+    /* The IMAP and POP3 engines have no prelude: the proxy speaks neither
+     * STARTTLS/STLS nor XCLIENT nor a login to their upstreams (yet). */
+    if (l->protocol == STP_PROTO_IMAP || l->protocol == STP_PROTO_POP3) {
         const int *ukl = p->up_state[u - p->cfg->upstreams].key_line;
         const char *what = NULL, *hint = "";
         int line = 0;
@@ -772,8 +772,8 @@ int stp_cfg_check_link(struct parser *p, int i)
         if (what)
             return stp_cfg_fail(p, line ? line : l->line,
                                 "upstream '%s': %s is not available for "
-                                "protocol = pop3 (listener '%s')%s", u->name,
-                                what, l->name, hint);
+                                "protocol = %s (listener '%s')%s", u->name,
+                                what, protocols[l->protocol], l->name, hint);
     }
     if (u->auth == STP_AUTH_NONE || l->n_allow > 0 ||
         (is_loopback(&l->addr) && !remote_clients))

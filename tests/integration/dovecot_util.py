@@ -465,6 +465,145 @@ def dovecot_lmtp(tmp_path):
         d.cleanup()
 
 
+# ---- IMAP ---------------------------------------------------------------------
+
+IMAP_USERS = {"alice": "secret", "bob": "secret"}
+
+
+class DovecotImap(DovecotLmtp):
+    """Dovecot's imapd on 127.0.0.1:PORT, unprivileged, as a plaintext IMAP
+    upstream: LOGIN/AUTHENTICATE PLAIN allowed without TLS
+    (disable_plaintext_auth = no), users alice and bob (password "secret",
+    passwd-file), Maildir under <workdir>/home/<user>, COMPRESS=DEFLATE on
+    (imap_zlib), IDLE notifications every second. ssl_pair as for
+    DovecotLmtp makes it offer STARTTLS too (so that stripping is real).
+    haproxy=True: the listener wants a PROXY header (v1 or v2) from
+    127.0.0.0/8 first, and refuses connections without one.
+    The log (log_text()) has auth_verbose and auth_debug lines: a LOGIN that
+    reached Dovecot shows there."""
+
+    def __init__(self, base_dir=None, ssl_pair=None, parent=None, extra_conf="", port=None,
+                 haproxy=False):
+        super().__init__(base_dir, ssl_pair=ssl_pair, xclient=False, parent=parent,
+                         port=port)
+        self.haproxy = haproxy
+        w = self.workdir
+        with open(os.path.join(w, "imap-users"), "w") as f:
+            for user, pw in IMAP_USERS.items():
+                f.write("%s:{PLAIN}%s:%d:%d::%s/home/%s::\n"
+                        % (user, pw, self.uid, self.gid, w, user))
+        with open(self.config_path) as f:
+            conf = f.read()
+        head = conf[:conf.index("passdb {")]
+        head = head.replace("protocols = lmtp", "protocols = imap")
+        head = head.replace("login_trusted_networks = \n", "")
+        conf = head + f"""\
+disable_plaintext_auth = no
+{"haproxy_trusted_networks = 127.0.0.0/8" if haproxy else ""}
+auth_mechanisms = plain login
+auth_verbose = yes
+auth_debug = yes
+mail_plugins = $mail_plugins zlib
+imap_idle_notify_interval = 1 secs
+protocol imap {{
+  mail_plugins = $mail_plugins imap_zlib
+}}
+passdb {{
+  driver = passwd-file
+  args = {w}/imap-users
+}}
+userdb {{
+  driver = passwd-file
+  args = {w}/imap-users
+}}
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.port}
+    haproxy = {"yes" if haproxy else "no"}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service auth-worker {{
+  user = $default_internal_user
+}}
+""" + extra_conf
+        with open(self.config_path, "w") as f:
+            f.write(conf)
+        for n in (self.config_path, os.path.join(w, "imap-users")):
+            os.chown(n, self.uid, self.gid)
+
+    def _start_once(self):
+        binary = dovecot_binary()
+        kw = {}
+        if os.geteuid() == 0:
+            kw = dict(user=self.uid, group=self.gid, extra_groups=[])
+        out_path = os.path.join(self.workdir, "stdout.log")
+        self._out = open(out_path, "ab")
+        self.proc = subprocess.Popen(
+            [binary, "-F", "-c", self.config_path],
+            stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._out,
+            cwd=self.workdir, start_new_session=True, **kw)
+        self.exit_code = None
+        deadline = time.monotonic() + START_TIMEOUT
+        last = None
+        while time.monotonic() < deadline:
+            rc = self.proc.poll()
+            if rc is not None:
+                self.stop()
+                return "dovecot exited with %d at start-up:\n%s%s" % (
+                    rc, h.read_text(out_path), self.log_text())
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if self.haproxy:
+                        s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\n")
+                    banner = s.recv(512)
+                    if banner.startswith(b"* OK") and self.proc.poll() is None:
+                        s.sendall(b"a LOGOUT\r\n")
+                        s.recv(512)
+                        return None
+                    last = banner
+            except OSError as e:
+                last = e
+            time.sleep(0.05)
+        self.stop()
+        return "dovecot did not answer on %s within %ss (%r):\n%s%s" % (
+            self.address, START_TIMEOUT, last, h.read_text(out_path), self.log_text())
+
+    def imap_messages(self, user, mailbox="INBOX"):
+        """The stored messages of USER's MAILBOX, as bytes, in UID order
+        (read from the Maildir: new/ and cur/, Dovecot's names sort by
+        delivery)."""
+        base = os.path.join(self.workdir, "home", user, "Maildir")
+        if mailbox != "INBOX":
+            base = os.path.join(base, "." + mailbox)
+        out = []
+        for sub in ("cur", "new"):
+            d = os.path.join(base, sub)
+            if os.path.isdir(d):
+                for name in os.listdir(d):
+                    out.append((name, os.path.join(d, name)))
+        out.sort()
+        res = []
+        for _, path in out:
+            with open(path, "rb") as f:
+                res.append(f.read())
+        return res
+
+
+@pytest.fixture
+def dovecot_imap(tmp_path, tls_files):
+    """A started DovecotImap offering STARTTLS and COMPRESS=DEFLATE. At
+    teardown: stopped, conf and logs copied into tmp_path, removed."""
+    d = DovecotImap(tmp_path, ssl_pair=tls_files)
+    try:
+        yield d.start()
 # ---- POP3: Dovecot's pop3d beside its LMTP server (protocol = pop3 tests) ----
 
 def pop3_dovecot(base_dir=None, ssl_pair=None, extra_conf="", haproxy=False):
