@@ -604,6 +604,10 @@ def dovecot_imap(tmp_path, tls_files):
     d = DovecotImap(tmp_path, ssl_pair=tls_files)
     try:
         yield d.start()
+    finally:
+        d.cleanup()
+
+
 # ---- POP3: Dovecot's pop3d beside its LMTP server (protocol = pop3 tests) ----
 
 def pop3_dovecot(base_dir=None, ssl_pair=None, extra_conf="", haproxy=False):
