@@ -155,6 +155,11 @@ struct stp_proto {
     void (*prelude_free)(void *pre);
 };
 
+/* A phase move an engine's own table does not allow: a bug, reported as an
+ * event "bug" (debug builds stop); the engine stays where it is. */
+void stp_proto_illegal_move(const struct stp_proto_actions *ops, void *ctx,
+                            const char *from, const char *to);
+
 enum stp_protocol;
 /* The engine for a listener's `protocol =`. */
 const struct stp_proto *stp_proto_of(enum stp_protocol p);

@@ -47,9 +47,8 @@ static void enter(struct stp_imap *s, enum stp_imap_phase ph)
     bool ok = ph == STP_IM_CLOSED ||
               (s->phase < STP_IM_CLOSED && (phase_moves[s->phase] & TO(ph)));
     if (!ok) {
-        if (s->ops->event)
-            s->ops->event(s->ctx, "bug", "reason=illegal_imap_phase_move");
-        STP_ASSERT(!"illegal phase move");
+        stp_proto_illegal_move(s->ops, s->ctx, stp_imap_phase_name(s->phase),
+                               stp_imap_phase_name(ph));
         return;
     }
     if (s->ops->phase)

@@ -42,14 +42,8 @@ static void enter(struct stp_pop3 *s, enum stp_pop3_phase ph)
     if (s->phase == STP_P3_CLOSED || ph == s->phase)
         return;
     if (!stp_pop3_phase_may(s->phase, ph)) {
-        char d[64];
-        snprintf(d, sizeof(d), "msg=\"illegal phase move\" from=%s to=%s",
-                 stp_pop3_phase_name(s->phase), stp_pop3_phase_name(ph));
-        if (s->ops->event)
-            s->ops->event(s->ctx, "bug", d);
-#ifndef NDEBUG
-        STP_ASSERT(!"illegal phase move");
-#endif
+        stp_proto_illegal_move(s->ops, s->ctx, stp_pop3_phase_name(s->phase),
+                               stp_pop3_phase_name(ph));
         return;
     }
     if (s->ops->phase)

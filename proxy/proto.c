@@ -1,10 +1,13 @@
 /* The relay's side of the protocol seam: which engine a listener runs, and
  * the loop that offers buffered input to it. */
+#include <stdio.h>
+
 #include "config.h"
 #include "imap.h"
-#include "proto.h"
 #include "pop3.h"
+#include "proto.h"
 #include "smtp.h"
+#include "stp.h"
 
 const struct stp_proto *stp_proto_of(enum stp_protocol p)
 {
@@ -13,6 +16,19 @@ const struct stp_proto *stp_proto_of(enum stp_protocol p)
     if (p == STP_PROTO_POP3)
         return &stp_proto_pop3;
     return p == STP_PROTO_LMTP ? &stp_proto_lmtp : &stp_proto_smtp;
+}
+
+void stp_proto_illegal_move(const struct stp_proto_actions *ops, void *ctx,
+                            const char *from, const char *to)
+{
+    char d[96];
+    snprintf(d, sizeof(d), "msg=\"illegal phase move\" from=%s to=%s", from,
+             to);
+    if (ops->event)
+        ops->event(ctx, "bug", d);
+#ifndef NDEBUG
+    STP_ASSERT(!"illegal phase move");
+#endif
 }
 
 /* An engine takes what it can and leaves the rest: a partial line, input
