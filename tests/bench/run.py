@@ -30,6 +30,14 @@ by round; --no-stunnel leaves stunnel out.
 
   tests/bench/run.py --quick --baseline /tmp/stp-baseline-build/starttls-proxy --no-stunnel
 
+IMAP (not in the default run): --only imap puts Dovecot's imapd (plaintext,
+unprivileged, one 1 MB message) behind starttls-proxy (protocol = imap),
+stunnel (protocol = imap) and, when installed, nginx's mail proxy (starttls
+only), and prints CPU per session (connect, STARTTLS, LOGIN, SELECT, FETCH 1
+BODY[], LOGOUT; and without the FETCH) and wall times, with ratios:
+
+  tests/bench/run.py --quick --only imap
+
 The admin endpoints' cost: --admin gives starttls-proxy an [admin] section
 and scrapes its /metrics once per second while it runs; --admin-compare runs
 the same binary twice in the same rounds, with --admin ("starttls-proxy")
@@ -1551,16 +1559,20 @@ def main():
             shutil.rmtree(bench.workdir, ignore_errors=True)
     elapsed = time.monotonic() - t0
 
+    names = bench.names if only & SMTP_PARTS else bench.imap_names
     print()
     print("%s, %s run, %.0f s, %d CPUs, median of rounds; "
-          "ratio = starttls-proxy / %s" % (" vs ".join(bench.names),
+          "ratio = starttls-proxy / %s" % (" vs ".join(names),
                                            "quick" if args.quick else "full", elapsed,
-                                           os.cpu_count(), " or ".join(bench.names[1:])))
-    tls = "TLS: %s; starttls-proxy wolfSSL: %s" % (bench.info.get("tls", "?"), wolfssl_of(args.proxy))
+                                           os.cpu_count(), " or ".join(names[1:])))
+    tls = "TLS: %s; starttls-proxy wolfSSL: %s" % (
+        bench.info.get("tls") or bench.info.get("imap_tls", "?"), wolfssl_of(args.proxy))
     if args.baseline:
         tls += "; baseline wolfSSL: %s" % wolfssl_of(args.baseline)
     if not args.no_stunnel:
         tls += "; stunnel: %s" % stunnel_version(args.stunnel)
+    if "imap" in only and bench.nginx[0]:
+        tls += "; %s" % nginx_version(bench.nginx[0])
     print(tls)
     print("load average at start: %.2f, TIME_WAIT sockets %d (other work on the machine "
           "disturbs latency most)" % (load0, tw0))
@@ -1626,6 +1638,17 @@ def proxy_version(binary):
         return "?"
     out = (p.stdout.strip() or p.stderr.strip()).splitlines()
     return out[0] if p.returncode == 0 and out else "no -V"
+
+
+def nginx_version(binary):
+    try:
+        p = subprocess.run([binary, "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "nginx ?"
+    lines = (p.stdout + p.stderr).splitlines()
+    v = [l.split(": ", 1)[-1] for l in lines if l.startswith("nginx version")]
+    ssl = [l.split("with ", 1)[-1] for l in lines if l.startswith("built with")]
+    return (v[0] if v else "nginx ?") + (" (%s)" % ssl[0] if ssl else "")
 
 
 def stunnel_version(binary):
