@@ -30,6 +30,14 @@ by round; --no-stunnel leaves stunnel out.
 
   tests/bench/run.py --quick --baseline /tmp/stp-baseline-build/starttls-proxy --no-stunnel
 
+IMAP (not in the default run): --only imap puts Dovecot's imapd (plaintext,
+unprivileged, one 1 MB message) behind starttls-proxy (protocol = imap),
+stunnel (protocol = imap) and, when installed, nginx's mail proxy (starttls
+only), and prints CPU per session (connect, STARTTLS, LOGIN, SELECT, FETCH 1
+BODY[], LOGOUT; and without the FETCH) and wall times, with ratios:
+
+  tests/bench/run.py --quick --only imap
+
 The admin endpoints' cost: --admin gives starttls-proxy an [admin] section
 and scrapes its /metrics once per second while it runs; --admin-compare runs
 the same binary twice in the same rounds, with --admin ("starttls-proxy")
@@ -70,11 +78,15 @@ PROFILES = {
     # rounds: metrics 1-3; rss_rounds: metric 4; steps: metric 5.
     "quick": dict(rounds=2, full_secs=2.0, full_conc=16, lat_secs=2.0,
                   bulk_bytes=128 << 20, bulk_sessions=2, rss_rounds=1,
-                  rss_sessions=4000, steps=[9000]),
+                  rss_sessions=4000, steps=[9000],
+                  imap_rounds=3, imap_sessions=200, imap_login_sessions=400,
+                  imap_lat_sessions=10),
     "full": dict(rounds=5, full_secs=4.0, full_conc=16, lat_secs=4.0,
                  bulk_bytes=512 << 20, bulk_sessions=2, rss_rounds=3,
                  rss_sessions=4000,
-                 steps=[2000, 5000, 9000, 12000, 15000, 18000]),
+                 steps=[2000, 5000, 9000, 12000, 15000, 18000],
+                 imap_rounds=5, imap_sessions=400, imap_login_sessions=800,
+                 imap_lat_sessions=20),
 }
 
 
@@ -261,8 +273,9 @@ class StarttlsProxy(Daemon):
     _accepted = {}
 
     def __init__(self, workdir, binary, cert, key, upstream_port, workers="1",
-                 name="starttls-proxy", admin=False):
+                 name="starttls-proxy", admin=False, protocol=None):
         super().__init__(workdir)
+        self.protocol = protocol    # None: the default (smtp), no key written
         self.name = name    # "baseline" for --baseline: its log files and errors
         self.binary, self.cert, self.key = binary, cert, key
         self.upstream_port = upstream_port
@@ -319,7 +332,7 @@ workers = %s
 
 [listener bench]
 listen = 127.0.0.1:%d
-tls = starttls
+%stls = starttls
 require_tls = yes
 cert = %s
 key = %s
@@ -330,7 +343,8 @@ timeout_idle = 600s
 [upstream sink]
 address = 127.0.0.1:%d
 tls = none
-%s""" % (self.workers, "\n".join(sect["proxy"]), port, self.cert, self.key,
+%s""" % (self.workers, "\n".join(sect["proxy"]), port,
+       "protocol = %s\n" % self.protocol if self.protocol else "", self.cert, self.key,
        "\n".join(sect["listener"]), self.upstream_port,
        "\n[admin]\nlisten = 127.0.0.1:%d\n" % (self.admin_port or 0) if self.admin else "")
 
@@ -363,10 +377,11 @@ tls = none
 class Stunnel(Daemon):
     name = "stunnel"
 
-    def __init__(self, workdir, binary, cert, key, upstream_port):
+    def __init__(self, workdir, binary, cert, key, upstream_port, protocol="smtp"):
         super().__init__(workdir)
         self.binary, self.cert, self.key = binary, cert, key
         self.upstream_port = upstream_port
+        self.protocol = protocol
 
     def argv(self):
         conf = os.path.join(self.workdir, "stunnel.%d.conf" % self.port)
@@ -378,14 +393,457 @@ debug = 4
 socket = l:TCP_NODELAY=1
 socket = r:TCP_NODELAY=1
 
-[smtp]
+[%s]
 accept = 127.0.0.1:%d
 connect = 127.0.0.1:%d
-protocol = smtp
+protocol = %s
 cert = %s
 key = %s
-""" % (self.port, self.upstream_port, self.cert, self.key))
+%s""" % (self.protocol, self.port, self.upstream_port, self.protocol, self.cert, self.key,
+       # IMAP: the Python client offers OpenSSL's TLS 1.3 suites; pin the
+       # one every server here gets (the SMTP rows' loadgen offers only it).
+       "ciphersuites = TLS_AES_128_GCM_SHA256\n" if self.protocol == "imap" else ""))
         return [self.binary, conf]
+
+
+# ---------------------------------------------------------------------------
+# IMAP (--only imap): Dovecot's imapd as the plaintext upstream, the proxy
+# (protocol = imap), stunnel (protocol = imap) and nginx's mail proxy
+# (starttls only) in front of it, and a Python client (this script run as
+# --imap-client) doing connect, STARTTLS, LOGIN, SELECT, FETCH 1 BODY[], LOGOUT.
+
+IMAP_USER, IMAP_PASS = "bench", "secret"
+IMAP_MSG_SIZE = 1000000     # "a 1 MB message": 10^6 octets as stored and fetched
+
+
+def imap_message(size=IMAP_MSG_SIZE):
+    """A plain-text message of exactly SIZE octets, CRLF line ends (as
+    Dovecot stores and serves it with mail_save_crlf)."""
+    head = (b"From: bench@example.net\r\nTo: bench@example.net\r\n"
+            b"Subject: 1 MB benchmark message\r\nMessage-ID: <imap-bench@example.net>\r\n"
+            b"Date: Sun, 06 Dec 2026 00:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=us-ascii\r\n\r\n")
+    body = bytearray()
+    i = 0
+    while len(head) + len(body) < size:
+        body += b"%07d The quick brown fox jumps over the lazy dog; 0123456789 abcdef.\r\n" % i
+        i += 1
+    msg = bytes(head + body)[:size - 2] + b"\r\n"
+    assert len(msg) == size
+    return msg
+
+
+def cpu_seconds_tree(pid):
+    """cpu_seconds() of PID and all its live descendants (nginx: master and
+    worker)."""
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            total += cpu_seconds(p)
+            for t in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, t)) as f:
+                    todo += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return total
+
+
+class DovecotImapd(Daemon):
+    """Dovecot imapd on 127.0.0.1:PORT, plaintext, unprivileged (as
+    tests/integration/dovecot_util.py's DovecotImap: started as root, master
+    and children run as nobody), one user bench/secret whose INBOX holds one
+    message of IMAP_MSG_SIZE octets. Tuned so that the upstream is not the
+    bottleneck: login processes kept and reused (service_count = 0), imap
+    processes reused, no per-login info log."""
+
+    name = "dovecot"
+
+    def __init__(self, workdir, binary, keep=False):
+        super().__init__(workdir)
+        self.binary, self.keep = binary, keep
+        # Not under the scratch directory: that is mode 0700 root, which
+        # nobody cannot enter (as in dovecot_util.py). Removed at stop().
+        self.dir = tempfile.mkdtemp(prefix="stp-bench-dovecot-", dir="/tmp")
+        os.chmod(self.dir, 0o755)
+        import pwd
+        pw = pwd.getpwnam("nobody") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+        self.user, self.uid, self.gid = pw.pw_name, pw.pw_uid, pw.pw_gid
+        import grp
+        self.group = grp.getgrgid(self.gid).gr_name
+        self.message = imap_message()
+        md = os.path.join(self.dir, "home", IMAP_USER, "Maildir")
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(md, sub))
+        for sub in ("run", "state"):
+            os.mkdir(os.path.join(self.dir, sub))
+        with open(os.path.join(md, "cur", "1700000000.M1P1.bench,S=%d,W=%d:2,S" % (
+                len(self.message), len(self.message))), "wb") as f:
+            f.write(self.message)
+        with open(os.path.join(self.dir, "users"), "w") as f:
+            f.write("%s:{PLAIN}%s:%d:%d::%s/home/%s::\n" % (
+                IMAP_USER, IMAP_PASS, self.uid, self.gid, self.dir, IMAP_USER))
+
+    def argv(self):
+        w = self.dir
+        conf = os.path.join(w, "dovecot.conf")
+        with open(conf, "w") as f:
+            f.write(f"""\
+# written by tests/bench/run.py
+base_dir = {w}/run
+state_dir = {w}/state
+log_path = {w}/dovecot.log
+info_log_path = /dev/null
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+default_internal_user = {self.user}
+default_internal_group = {self.group}
+default_login_user = {self.user}
+first_valid_uid = {self.uid}
+last_valid_uid = {self.uid}
+first_valid_gid = {self.gid}
+last_valid_gid = {self.gid}
+mail_location = maildir:~/Maildir
+mail_save_crlf = yes
+mail_max_userip_connections = 10000
+passdb {{
+  driver = passwd-file
+  args = {w}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {w}/users
+}}
+service imap-login {{
+  chroot =
+  service_count = 0
+  process_min_avail = 1
+  client_limit = 2000
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service imap {{
+  service_count = 0
+  process_min_avail = 2
+  process_limit = 2000
+}}
+service anvil {{
+  chroot =
+}}
+service auth-worker {{
+  user = $default_internal_user
+}}
+""")
+        for root, dirs, files in os.walk(w):
+            for n in [root] + [os.path.join(root, x) for x in files]:
+                os.chown(n, self.uid, self.gid)
+        return [self.binary, "-F", "-c", conf]
+
+    def start(self):
+        # As DovecotImap: the master itself runs unprivileged, in a session
+        # of its own (stop() ends every process of it).
+        self.port = free_port()
+        argv = self.argv()
+        self.log_path = os.path.join(self.dir, "dovecot.log")
+        self.logf = open(os.path.join(self.workdir, "dovecot.stdout.log"), "wb")
+        kw = dict(user=self.uid, group=self.gid, extra_groups=[]) if os.geteuid() == 0 else {}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf,
+                                     stderr=subprocess.STDOUT, cwd=self.dir,
+                                     start_new_session=True, **kw)
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError("dovecot exited at start (status %s):\n%s" % (
+                    self.proc.returncode, self.log_tail()))
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if s.recv(512).startswith(b"* OK"):
+                        s.sendall(b"a LOGOUT\r\n")
+                        s.recv(512)
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BenchError("dovecot not answering on %d after 15 s:\n%s" % (
+                    self.port, self.log_tail()))
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        sid = self.proc.pid
+        super().stop()
+        # Its children (imap, imap-login, auth) may outlive the master a moment.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            left = [p for p in session_pids(sid)]
+            if not left:
+                return
+            time.sleep(0.1)
+        for p in session_pids(sid):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def cleanup(self):
+        self.stop()
+        if self.keep:
+            log("dovecot's directory kept: %s" % self.dir)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def session_pids(sid):
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 3 and fields[0] != b"Z" and int(fields[3]) == sid:
+            out.append(int(name))
+    return out
+
+
+class AuthHttp:
+    """nginx mail's auth_http endpoint: every login is OK and goes to the
+    Dovecot at UPSTREAM_PORT (a thread of this script; its CPU is not counted
+    for nginx, nginx's side of the request is)."""
+
+    def __init__(self, upstream_port):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Auth-Status", "OK")
+                self.send_header("Auth-Server", "127.0.0.1")
+                self.send_header("Auth-Port", str(upstream_port))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class NginxMail(Daemon):
+    """nginx's mail proxy, `protocol imap; starttls only;`, one worker; the
+    CPU counted is the master's and the worker's. nginx logs the client in
+    itself: after STARTTLS and LOGIN it asks auth_http, then logs in to
+    Dovecot with the same credentials and relays from there."""
+
+    name = "nginx"
+
+    def __init__(self, workdir, binary, cert, key, auth_port, module):
+        super().__init__(workdir)
+        self.binary, self.cert, self.key = binary, cert, key
+        self.auth_port, self.module = auth_port, module
+
+    def argv(self):
+        d = os.path.join(self.workdir, "nginx.%d" % self.port)
+        os.makedirs(d, exist_ok=True)
+        conf = os.path.join(d, "nginx.conf")
+        load = "load_module %s;\n" % self.module if self.module else ""
+        with open(conf, "w") as f:
+            f.write(f"""\
+# written by tests/bench/run.py
+{load}daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+mail {{
+    server_name bench.localhost;
+    auth_http 127.0.0.1:{self.auth_port}/auth;
+    ssl_certificate {self.cert};
+    ssl_certificate_key {self.key};
+    ssl_protocols TLSv1.3;
+    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
+    ssl_session_tickets off;
+    server {{
+        listen 127.0.0.1:{self.port};
+        protocol imap;
+        starttls only;
+        imap_auth login plain;
+    }}
+}}
+""")
+        return [self.binary, "-e", os.path.join(d, "error.log"), "-p", d, "-c", conf]
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+
+def nginx_mail_status():
+    """(binary, load_module path or None, None) when nginx with the mail
+    module is there, else (None, None, why not)."""
+    binary = shutil.which("nginx", path="/usr/sbin:/usr/bin:/usr/local/sbin")
+    if not binary:
+        return None, None, "nginx not installed (apt-get install nginx-light libnginx-mod-mail)"
+    try:
+        v = subprocess.run([binary, "-V"], capture_output=True, text=True).stderr
+    except OSError as e:
+        return None, None, "nginx -V: %s" % e
+    if "--with-mail=dynamic" in v:
+        for m in ("/usr/lib/nginx/modules/ngx_mail_module.so",
+                  "/usr/share/nginx/modules/ngx_mail_module.so"):
+            if os.path.exists(m):
+                return binary, m, None
+        return None, None, "nginx's mail module is not installed (apt-get install libnginx-mod-mail)"
+    if "--with-mail" in v:
+        return binary, None, None
+    return None, None, "this nginx is built without the mail module"
+
+
+# -- the client ---------------------------------------------------------------
+
+def imap_client_main(argv):
+    """run.py --imap-client PORT N FETCH(0/1) SIZE [CONC]: N sessions, CONC at
+    a time (threads), each connect, STARTTLS, LOGIN, SELECT INBOX, FETCH 1
+    BODY[] (FETCH=1), LOGOUT; the FETCHed literal must be SIZE octets (the
+    first session also compares the content). Prints one JSON line.
+    Its TLS is Python's ssl (OpenSSL): TLS 1.3 only, the suite from
+    OPENSSL_CONF (run.py pins TLS_AES_128_GCM_SHA256)."""
+    import ssl
+    port, n, fetch, size = int(argv[0]), int(argv[1]), argv[2] == "1", int(argv[3])
+    conc = int(argv[4]) if len(argv) > 4 else 1
+    expect = imap_message(size)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    res = {"ok": 0, "failed": 0, "errors": {}, "wall_ms": [], "fetch_ms": [], "tls": None}
+    lock = threading.Lock()
+    todo = list(range(n))
+
+    def tagged(f, tag):
+        lines = []
+        while True:
+            line = f.readline()
+            if not line:
+                raise OSError("connection closed waiting for %s" % tag)
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                if not line.startswith(tag + b" OK"):
+                    raise OSError("%s: %r" % (tag.decode(), line[:200]))
+                return lines
+
+    def session(k):
+        t0 = time.monotonic()
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        # As stp-loadgen: without it the TLS Finished and the LOGIN after it
+        # meet Nagle and the server's delayed ACK (a 40 ms stall per session).
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            f = s.makefile("rb")
+            if not f.readline().startswith(b"* OK"):
+                raise OSError("greeting")
+            s.sendall(b"a1 STARTTLS\r\n")
+            tagged(f, b"a1")
+            t = ctx.wrap_socket(s, server_hostname="bench.localhost")
+            s = t
+            f = t.makefile("rb", buffering=65536)
+            t.sendall(b"a2 LOGIN %s %s\r\n" % (IMAP_USER.encode(), IMAP_PASS.encode()))
+            tagged(f, b"a2")
+            t.sendall(b"a3 SELECT INBOX\r\n")
+            tagged(f, b"a3")
+            tf = None
+            if fetch:
+                tf0 = time.monotonic()
+                t.sendall(b"a4 FETCH 1 BODY[]\r\n")
+                line = f.readline()
+                if not line.startswith(b"* 1 FETCH") or not line.rstrip().endswith(b"}"):
+                    raise OSError("FETCH: %r" % line[:200])
+                m = int(line.rstrip()[line.rindex(b"{") + 1:-1])
+                body = f.read(m)
+                if m != size or len(body) != size or (k == 0 and body != expect):
+                    raise OSError("FETCH: %d octets, wanted %d%s" % (
+                        len(body), size, "" if len(body) != size else " (different content)"))
+                tagged(f, b"a4")
+                tf = (time.monotonic() - tf0) * 1000
+            t.sendall(b"a5 LOGOUT\r\n")
+            tagged(f, b"a5")
+            with lock:
+                res["ok"] += 1
+                res["wall_ms"].append((time.monotonic() - t0) * 1000)
+                if tf is not None:
+                    res["fetch_ms"].append(tf)
+                res["tls"] = "%s %s" % (t.version(), t.cipher()[0])
+        finally:
+            s.close()
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                k = todo.pop(0)
+            try:
+                session(k)
+            except (OSError, ValueError, ssl.SSLError) as e:
+                with lock:
+                    res["failed"] += 1
+                    key = str(e)[:120]
+                    res["errors"][key] = res["errors"].get(key, 0) + 1
+    t0 = time.monotonic()
+    ths = [threading.Thread(target=worker) for _ in range(conc)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    res["elapsed_s"] = time.monotonic() - t0
+    for key in ("wall_ms", "fetch_ms"):
+        v = sorted(res.pop(key))
+        res[key.replace("_ms", "_p50_ms")] = statistics.median(v) if v else None
+        res[key.replace("_ms", "_max_ms")] = v[-1] if v else None
+    print(json.dumps(res), flush=True)
+    return 0 if res["failed"] == 0 else 1
+
+
+OPENSSL_CLIENT_CONF = """\
+openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MinProtocol = TLSv1.3
+Ciphersuites = TLS_AES_128_GCM_SHA256
+Groups = X25519
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -489,6 +947,11 @@ class Bench:
             self.p["rss_rounds"] = args.rss_rounds
         if args.bulk_mib:
             self.p["bulk_bytes"] = args.bulk_mib << 20
+        if args.imap_rounds:
+            self.p["imap_rounds"] = args.imap_rounds
+        if args.imap_sessions:
+            self.p["imap_sessions"] = args.imap_sessions
+            self.p["imap_login_sessions"] = 2 * args.imap_sessions
         self.workdir = tempfile.mkdtemp(prefix="stp-bench-", dir=args.workdir)
         self.loadgen = Loadgen(args.loadgen, self.workdir)
         self.daemons = []
@@ -502,6 +965,10 @@ class Bench:
             self.names.append("stunnel")
         self.info = {}
         self.errors = []
+        # IMAP (--only imap): the same servers, and nginx's mail proxy when
+        # it is installed (self.nginx: binary, module, or why not).
+        self.nginx = (None, None, "left out (--no-nginx)") if args.no_nginx else nginx_mail_status()
+        self.imap_names = list(self.names) + (["nginx"] if self.nginx[0] else [])
         self.make_cert()
 
     def make_cert(self):
@@ -697,6 +1164,137 @@ class Bench:
             self.add("max_sessions", name, best)
             self.info["max_note_" + name] = note
 
+    # -- IMAP (--only imap): login and a 1 MB FETCH --------------------------
+    def imap_server(self, name, dovecot, auth):
+        if name == "starttls-proxy":
+            return StarttlsProxy(self.workdir, self.args.proxy, self.cert, self.key,
+                                 dovecot.port, self.args.workers, protocol="imap")
+        if name == "baseline":
+            return StarttlsProxy(self.workdir, self.args.baseline, self.cert, self.key,
+                                 dovecot.port, self.args.workers, name="baseline",
+                                 protocol="imap")
+        if name == "stunnel":
+            return Stunnel(self.workdir, self.args.stunnel, self.cert, self.key, dovecot.port,
+                           protocol="imap")
+        return NginxMail(self.workdir, self.nginx[0], self.cert, self.key, auth.port,
+                         self.nginx[1])
+
+    def imap_client(self, port, n, fetch, conc=1):
+        conf = os.path.join(self.workdir, "openssl-client.cnf")
+        if not os.path.exists(conf):
+            with open(conf, "w") as f:
+                f.write(OPENSSL_CLIENT_CONF)
+        env = dict(os.environ, OPENSSL_CONF=conf)
+        argv = [sys.executable, os.path.abspath(__file__), "--imap-client", str(port), str(n),
+                "1" if fetch else "0", str(IMAP_MSG_SIZE), str(conc)]
+        try:
+            p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                               timeout=60 + n * 2)
+        except subprocess.TimeoutExpired:
+            raise BenchError("IMAP client (%d sessions) did not finish" % n)
+        out = p.stdout.decode("utf-8", "replace")
+        res = None
+        for line in out.splitlines():
+            if line.startswith("{"):
+                res = json.loads(line)
+        if p.returncode != 0 or res is None or res["failed"]:
+            raise BenchError("IMAP client on port %d failed (exit %d): %s%s" % (
+                port, p.returncode, res["errors"] if res else out.strip(),
+                p.stderr.decode("utf-8", "replace").strip()[-2000:]))
+        return res
+
+    def run_imap(self):
+        p = self.p
+        names = self.imap_names
+        dovecot = self.start(DovecotImapd(self.workdir, self.args.dovecot, self.args.keep))
+        auth = AuthHttp(dovecot.port) if "nginx" in names else None
+        try:
+            servers = {n: self.start(self.imap_server(n, dovecot, auth)) for n in names}
+            for n, d in servers.items():      # warm-up, not measured
+                self.imap_client(d.port, 10, True)
+            # Per round, each step on every server back to back (the order
+            # rotates by one each round): CPU with the FETCH, CPU without it
+            # (the difference is the FETCH's own cost), both at imap_conc
+            # sessions at a time; then wall times one session at a time.
+            conc = self.args.imap_conc
+            for rnd in range(p["imap_rounds"]):
+                k = rnd % len(names)
+                for step, fetch, count, c in (("imap", True, p["imap_sessions"], conc),
+                                              ("imap_login", False, p["imap_login_sessions"], conc),
+                                              ("imap_c1", True, p["imap_lat_sessions"], 1)):
+                    for name in names[k:] + names[:k]:
+                        d = servers[name]
+                        d.check()
+                        c0 = cpu_seconds_tree(d.pid)
+                        r = self.imap_client(d.port, count, fetch, c)
+                        cpu = cpu_seconds_tree(d.pid) - c0
+                        d.check()
+                        self.add(step + "_cpu", name, cpu * 1000.0 / r["ok"])
+                        self.add(step + "_wall", name, r["wall_p50_ms"])
+                        self.add(step + "_per_s", name, r["ok"] / r["elapsed_s"])
+                        if fetch:
+                            self.add(step + "_fetch_ms", name, r["fetch_p50_ms"])
+                        self.info["imap_tls"] = r["tls"]
+                        log("  round %d %-14s %-9s c=%d %4d sessions, %.2f CPU-s, %.3f ms CPU/session, "
+                            "p50 %.1f ms/session%s" % (
+                                rnd + 1, name, "login" if not fetch else "login+1MB", c, r["ok"], cpu,
+                                cpu * 1000.0 / r["ok"], r["wall_p50_ms"],
+                                ", FETCH p50 %.1f ms" % r["fetch_p50_ms"] if fetch else ""))
+            for d in servers.values():
+                self.stop(d)
+        finally:
+            if auth:
+                auth.stop()
+            self.stop(dovecot)
+            dovecot.cleanup()
+
+    def imap_rows(self):
+        c = self.args.imap_conc
+        return [
+            ("imap_cpu", "CPU per session (login + FETCH 1 MB), ms", "%.3f"),
+            ("imap_login_cpu", "CPU per session without the FETCH, ms", "%.3f"),
+            ("imap_fetch_cpu", "  difference: CPU per 1 MB FETCH, ms", "%.3f"),
+            ("imap_per_s", "  sessions/s with the FETCH, %d at a time (info)" % c, "%.0f"),
+            ("imap_c1_wall", "wall time per session, 1 at a time, p50, ms", "%.1f"),
+            ("imap_c1_fetch_ms", "  of it the FETCH 1 MB, p50, ms", "%.1f"),
+        ]
+
+    def imap_table(self):
+        names = [n for n in self.imap_names if n in self.results.get("imap_cpu", {})]
+        if not names:
+            return "IMAP: no results"
+        # Derived per round: the FETCH's own cost, the two CPU figures' difference.
+        for n in names:
+            a = self.results["imap_cpu"].get(n, [])
+            b = self.results.get("imap_login_cpu", {}).get(n, [])
+            self.results.setdefault("imap_fetch_cpu", {})[n] = [x - y for x, y in zip(a, b)]
+        others = [n for n in names if n != "starttls-proxy"]
+        hdr = ["metric"] + names + ["/ " + o for o in others]
+        out = [tuple(hdr)]
+        for metric, label, fmt in self.imap_rows():
+            row = [label]
+            vals = {n: self.median(metric, n) for n in names}
+            row += [fmt % vals[n] if vals[n] is not None else "-" for n in names]
+            a = vals.get("starttls-proxy")
+            for o in others:
+                b = vals[o]
+                row.append("%.3f" % (a / b) if a is not None and b else "-")
+            out.append(tuple(row))
+        lines = self.layout(out)
+        per = []
+        for o in others:
+            for metric, label in (("imap_cpu", "CPU per session"),
+                                  ("imap_login_cpu", "without FETCH")):
+                r = self.paired_ratios(metric, o)
+                if r:
+                    per.append("%s / %s: %s %.3f (%.3f-%.3f)" % (
+                        "starttls-proxy", o, label, statistics.median(r), min(r), max(r)))
+        lines.append("")
+        lines.append("ratio = starttls-proxy / that server, of the medians over %d rounds; per round "
+                     "(median, range):" % self.p["imap_rounds"])
+        lines += ["  " + x for x in per]
+        return "\n".join(lines)
+
     # -- the table ----------------------------------------------------------
     def median(self, metric, name):
         v = self.results.get(metric, {}).get(name)
@@ -804,11 +1402,16 @@ class Bench:
 
     def run(self):
         p = self.p
-        self.sink = self.start(SmtpSink(self.workdir, self.args.smtp_sink))
-        only = set(self.args.only.split(",")) if self.args.only else {"rounds", "rss", "max"}
+        only = parts_of(self.args)
+        self.sink = None
+        if only & SMTP_PARTS:
+            self.sink = self.start(SmtpSink(self.workdir, self.args.smtp_sink))
         parts = [("rounds", "sessions, latency, bulk (metrics 1-3), %d rounds" % p["rounds"], self.run_rounds),
                  ("rss", "RSS per idle session (metric 4), %d round(s)" % p["rss_rounds"], self.run_rss),
-                 ("max", "max concurrent sessions (metric 5), steps %s" % p["steps"], self.run_max)]
+                 ("max", "max concurrent sessions (metric 5), steps %s" % p["steps"], self.run_max),
+                 ("imap", "IMAP: login + FETCH of 1 MB, %d rounds of %d sessions (and %d without "
+                  "the FETCH), %s" % (p["imap_rounds"], p["imap_sessions"], p["imap_login_sessions"],
+                                     ", ".join(self.imap_names)), self.run_imap)]
         for key, title, fn in parts:
             if key not in only:
                 continue
@@ -820,9 +1423,18 @@ class Bench:
                 self.errors.append("%s: %s" % (key, e))
                 log("FAILED: %s" % e)
             log("   (%.0f s)" % (time.monotonic() - t0))
-            if not self.sink.alive():
+            if self.sink and not self.sink.alive():
                 self.errors.append("smtp-sink died:\n" + self.sink.log_tail())
                 break
+
+
+SMTP_PARTS = {"rounds", "rss", "max"}
+
+
+def parts_of(args):
+    """The parts to run: --only's list, or the SMTP ones (IMAP is asked for:
+    --only imap, or --only rounds,rss,max,imap for everything)."""
+    return set(args.only.split(",")) if args.only else set(SMTP_PARTS)
 
 
 def wolfssl_of(binary):
@@ -862,14 +1474,30 @@ def main():
     ap.add_argument("--bulk-mib", type=int,
                     help="MiB relayed per server and round for metric 3 (quick 128, full 512); "
                          "CPU time comes in 10 ms ticks, so more gives a finer CPU per GB")
-    ap.add_argument("--only", help="comma list of parts: rounds, rss, max")
+    ap.add_argument("--only", help="comma list of parts: rounds, rss, max (the default), imap")
+    ap.add_argument("--dovecot", default=shutil.which("dovecot", path="/usr/sbin:/usr/bin") or "/usr/sbin/dovecot",
+                    help="IMAP: Dovecot's master binary (imapd is the upstream)")
+    ap.add_argument("--no-nginx", action="store_true", help="IMAP: leave nginx's mail proxy out")
+    ap.add_argument("--imap-rounds", type=int, help="IMAP: rounds (quick 3, full 5)")
+    ap.add_argument("--imap-sessions", type=int,
+                    help="IMAP: sessions with the 1 MB FETCH per server and round (quick 200, "
+                         "full 400); twice as many without it")
+    ap.add_argument("--imap-conc", type=int, default=8,
+                    help="IMAP: sessions at a time for the CPU figures (default 8; the wall "
+                         "times are taken one session at a time)")
     ap.add_argument("--max-steps", help="comma list of session counts for metric 5")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--workdir", help="parent of the scratch directory (default: $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     ap.add_argument("--no-wait", action="store_true",
                     help="start at once even with many sockets of an earlier run in TIME_WAIT")
+    if sys.argv[1:2] == ["--imap-client"]:
+        return imap_client_main(sys.argv[2:])
     args = ap.parse_args()
+    only = parts_of(args)
+    unknown = only - SMTP_PARTS - {"imap"}
+    if unknown:
+        ap.error("--only: unknown part(s) %s" % ", ".join(sorted(unknown)))
     if args.admin_compare:
         if args.baseline:
             ap.error("--admin-compare uses the proxy binary as its own baseline")
@@ -882,9 +1510,12 @@ def main():
         args.baseline = os.path.abspath(args.baseline)
         args.proxy = os.path.abspath(args.proxy)
 
-    need = [("starttls-proxy", args.proxy, None), ("stp-loadgen", args.loadgen, None),
-            ("smtp-sink", args.smtp_sink, "postfix"),
+    need = [("starttls-proxy", args.proxy, None),
             ("openssl", shutil.which("openssl") or "openssl", "openssl")]
+    if only & SMTP_PARTS:
+        need += [("stp-loadgen", args.loadgen, None), ("smtp-sink", args.smtp_sink, "postfix")]
+    if "imap" in only:
+        need.append(("dovecot", args.dovecot, "dovecot-imapd"))
     if args.baseline:
         need.append(("baseline starttls-proxy", args.baseline, None))
     if not args.no_stunnel:
@@ -895,7 +1526,8 @@ def main():
         for what, path in missing:
             log("run.py: %s not found at %s" % (what, path))
         log("build: cmake -S . -B build && cmake --build build; "
-            "packages: apt-get install stunnel4 postfix openssl")
+            "packages: apt-get install stunnel4 postfix openssl (IMAP: dovecot-imapd; "
+            "nginx-light libnginx-mod-mail)")
         return 2
 
     # Each session costs the load generator 1 fd and the proxy 2.
@@ -927,16 +1559,20 @@ def main():
             shutil.rmtree(bench.workdir, ignore_errors=True)
     elapsed = time.monotonic() - t0
 
+    names = bench.names if only & SMTP_PARTS else bench.imap_names
     print()
     print("%s, %s run, %.0f s, %d CPUs, median of rounds; "
-          "ratio = starttls-proxy / %s" % (" vs ".join(bench.names),
+          "ratio = starttls-proxy / %s" % (" vs ".join(names),
                                            "quick" if args.quick else "full", elapsed,
-                                           os.cpu_count(), " or ".join(bench.names[1:])))
-    tls = "TLS: %s; starttls-proxy wolfSSL: %s" % (bench.info.get("tls", "?"), wolfssl_of(args.proxy))
+                                           os.cpu_count(), " or ".join(names[1:])))
+    tls = "TLS: %s; starttls-proxy wolfSSL: %s" % (
+        bench.info.get("tls") or bench.info.get("imap_tls", "?"), wolfssl_of(args.proxy))
     if args.baseline:
         tls += "; baseline wolfSSL: %s" % wolfssl_of(args.baseline)
     if not args.no_stunnel:
         tls += "; stunnel: %s" % stunnel_version(args.stunnel)
+    if "imap" in only and bench.nginx[0]:
+        tls += "; %s" % nginx_version(bench.nginx[0])
     print(tls)
     print("load average at start: %.2f, TIME_WAIT sockets %d (other work on the machine "
           "disturbs latency most)" % (load0, tw0))
@@ -949,9 +1585,21 @@ def main():
         if extra:
             print("%s config adds: %s" % (name, ", ".join(
                 "[%s] %s = %s" % (w, k, v) for w, k, v in extra)))
-    if not args.no_stunnel:
+    if not args.no_stunnel and only & SMTP_PARTS:
         print()
         print(bench.table())
+    if "imap" in only:
+        print()
+        print("IMAP: Dovecot imapd (plaintext) behind %s; per session: connect, STARTTLS, "
+              "LOGIN, SELECT INBOX, FETCH 1 BODY[] (%d octets), LOGOUT, %d at a time for CPU; client: "
+              "Python ssl, %s; CPU: the server process's utime + stime%s" % (
+                  ", ".join(bench.imap_names), IMAP_MSG_SIZE, args.imap_conc,
+                  bench.info.get("imap_tls", "?"),
+                  " (nginx: master + worker)" if "nginx" in bench.imap_names else ""))
+        if not bench.nginx[0]:
+            print("nginx mail: not run: %s" % bench.nginx[2])
+        print()
+        print(bench.imap_table())
     if args.admin:
         n = sum(d.scrapes for d in bench.admin_daemons)
         errs = [e for d in bench.admin_daemons for e in d.scrape_errors]
@@ -990,6 +1638,17 @@ def proxy_version(binary):
         return "?"
     out = (p.stdout.strip() or p.stderr.strip()).splitlines()
     return out[0] if p.returncode == 0 and out else "no -V"
+
+
+def nginx_version(binary):
+    try:
+        p = subprocess.run([binary, "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "nginx ?"
+    lines = (p.stdout + p.stderr).splitlines()
+    v = [l.split(": ", 1)[-1] for l in lines if l.startswith("nginx version")]
+    ssl = [l.split("with ", 1)[-1] for l in lines if l.startswith("built with")]
+    return (v[0] if v else "nginx ?") + (" (%s)" % ssl[0] if ssl else "")
 
 
 def stunnel_version(binary):
