@@ -453,7 +453,7 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     bool args = cmd_ok && ce < len;
 
     const char *text = NULL, *why = NULL;
-    bool starttls = false, local_ok = false;
+    bool starttls = false, local_ok = false, id_local = false;
     enum stp_imap_stat st = cmd_ok ? stat_of(cmd, cl) : STP_IS_OTHER;
     /* Dovecot reads "~{n}" as a literal only where APPEND takes a
      * message; elsewhere its octets would be commands to it and data to
@@ -482,6 +482,17 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
         /* The proxy reads the stream: it cannot be compressed. */
         text = "NO [CANNOT] COMPRESS is not available through this proxy.";
         why = "compress";
+    } else if (cl == 2 && strncasecmp(cmd, "ID", 2) == 0) {
+        /* RFC 2971 ID is no identity, but Dovecot takes x-originating-ip
+         * and its kin from a trusted address, which the proxy's is: any
+         * client could name its own. Answered here, never forwarded. */
+        if (lr) {
+            text = "NO ID is answered by this proxy, without literals.";
+            why = "client_identity_command";
+        } else {
+            text = "OK ID completed.";
+            local_ok = id_local = true;
+        }
     } else if (proxy_only(s)) {
         if (st == STP_IS_LOGIN || st == STP_IS_AUTHENTICATE) {
             text = "NO [PRIVACYREQUIRED] Use STARTTLS first: no plaintext "
@@ -521,6 +532,8 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
             say(s, "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n");
         if (st == STP_IS_LOGOUT && local_ok)
             say(s, "* BYE Logging out.\r\n");
+        if (id_local)
+            say(s, "* ID NIL\r\n");
         if (why) {
             refuse(s, q, tag_ok ? tl : 0, text, why);
         } else {

@@ -204,9 +204,11 @@ static void parse_line(const char *line, size_t len, struct p3_line *out)
     while (i < len && !blank(line[i]))
         i++;
     out->verb_len = i - v;
-    out->has_arg = i < len;
     out->arg = i < len ? line + i + 1 : line + len;
     out->arg_len = i < len ? len - i - 1 : 0;
+    /* "LIST " is LIST to Dovecot (an empty argument is none), and so a
+     * listing follows: the same here, and forwarded as "LIST". */
+    out->has_arg = out->arg_len > 0;
     out->cmd = &unknown_cmd;
     for (size_t k = 0; k < STP_ARRAY_LEN(cmds); k++) {
         if (strlen(cmds[k].verb) == out->verb_len &&

@@ -216,6 +216,37 @@ def test_commands_pipelined_after_starttls_are_discarded(make_proxy, dovecot_ima
     assert "user=<alice>" not in dovecot_imap.log_text()
 
 
+def test_id_is_answered_by_the_proxy_never_an_address_for_dovecot(make_proxy, tmp_path,
+                                                                   tls_files):
+    """Dovecot takes x-originating-ip from a trusted address, which the
+    proxy's is: a client's ID must never reach it (found by an outside
+    attack: Dovecot logged rip=203.0.113.66)."""
+    d = DovecotImap(tmp_path, ssl_pair=tls_files,
+                    extra_conf="login_trusted_networks = 127.0.0.0/8\n")
+    try:
+        d.start()
+        proxy = imap_proxy(make_proxy, d)
+        c = Imap(proxy.port)
+        try:
+            c.line()
+            assert c.cmd("t", "STARTTLS")[-1].startswith(b"t OK")
+            c.sock = h.client_tls_context().wrap_socket(c.sock)
+            r = c.cmd("i", 'ID ("x-originating-ip" "203.0.113.66" '
+                           '"x-session-id" "spoofed")')
+            assert r == [b"* ID NIL\r\n", b"i OK ID completed.\r\n"], r
+            r = c.cmd("j", "ID {5}")
+            assert r[-1].startswith(b"j NO"), r
+            assert c.cmd("l", "LOGIN alice secret")[-1].startswith(b"l OK")
+        finally:
+            c.close()
+        time.sleep(0.3)
+        log = d.log_text()
+        assert "user=<alice>" in log
+        assert "203.0.113.66" not in log and "spoofed" not in log, log[-2000:]
+    finally:
+        d.cleanup()
+
+
 def test_literal_with_protocol_lines_is_data(make_proxy, dovecot_imap):
     """APPEND with a synchronizing literal whose content holds command
     lines; both kinds of literal; FETCH brings the same bytes back, with

@@ -308,6 +308,13 @@ static const struct scen scens[] = {
      "RETR 9\r\nLIST 1\r\nNOOP\r\n",
      UGREET "-ERR no such message\r\n+OK 1 120\r\n+OK\r\n", NO_CLOSE, 0,
      false, false, "list=1 retr=0/1 noop=1 body_bytes=0"},
+    {"LIST and UIDL with an empty argument are listings, as Dovecot reads "
+     "them", CFG_IMPLICIT,
+     {U(UGREET), C("LIST \r\nUIDL \r\n"),
+      U("+OK 1 messages:\r\n1 120\r\n.\r\n+OK\r\n1 abc\r\n.\r\n")},
+     "LIST\r\nUIDL\r\n",
+     UGREET "+OK 1 messages:\r\n1 120\r\n.\r\n+OK\r\n1 abc\r\n.\r\n",
+     NO_CLOSE, 0, false, false, NULL},
     {"AUTH exchange: challenge, response, +OK", CFG_IMPLICIT,
      {U(UGREET), C("AUTH LOGIN\r\ndXNlcg==\r\n"), U("+ VXNlcm5hbWU6\r\n"),
       U("+ UGFzc3dvcmQ6\r\n"), C("cGFzcw==\r\n"), U("+OK Logged in.\r\n")},
