@@ -52,6 +52,9 @@ struct stp_imap {
                             would carry it into TLS: refused */
     bool bye_sent;       /* the client already got a "* BYE" */
     bool in_idle;        /* IDLE accepted, DONE not yet sent */
+    bool quiet;          /* TLS began, no command forwarded since: what the
+                            upstream sends was sent before it (dropped) */
+    bool dropping;       /* ... a response of it, up to its end */
     bool logout;         /* LOGOUT forwarded: its tag closes */
     bool in_append;      /* the command under way is an APPEND */
     bool held;           /* a "{n+}" went upstream as "{n}": the client's

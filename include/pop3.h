@@ -73,6 +73,8 @@ struct stp_pop3 {
     enum stp_pop3_phase phase;
     bool tls;          /* the client leg is TLS */
     bool local;        /* the proxy alone speaks (require_tls, before TLS) */
+    bool quiet;        /* TLS began, no command forwarded since: what the
+                          upstream sends was sent before it (dropped) */
     bool authed;       /* a login succeeded: TRANSACTION state */
     bool waiting;      /* an AUTH step is answered before the next line */
     bool partial;      /* the client is part-way through a line */

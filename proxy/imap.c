@@ -560,6 +560,7 @@ static bool client_line(struct stp_imap *s, const char *q, size_t len,
     s->errors = 0;
     s->sent[st]++;
     s->pending++;
+    s->quiet = false;
     if (!s->tls && st != STP_IS_CAPABILITY &&
         !(cl == 4 && strncasecmp(cmd, "NOOP", 4) == 0))
         s->plain_state = true;
@@ -783,7 +784,7 @@ long stp_imap_upstream_input(struct stp_imap *s, const char *p, size_t n)
         size_t left = n - off;
         if (s->up_lit) {
             size_t k = (size_t)STP_MIN((uint64_t)left, s->up_lit);
-            if (!proxy_only(s))
+            if (!proxy_only(s) && !s->dropping)
                 s->ops->to_client(s->ctx, q, k);
             s->up_lit -= k;
             off += k;
@@ -806,8 +807,11 @@ long stp_imap_upstream_input(struct stp_imap *s, const char *p, size_t n)
         long rc;
         if (s->up_cont) {
             /* The rest of a response after a literal: relayed as it is. */
-            if (!proxy_only(s))
+            if (!proxy_only(s) && !s->dropping)
                 s->ops->to_client(s->ctx, q, used);
+            rc = 0;
+        } else if (s->quiet && s->pending == 0) {
+            s->dropping = true; /* with the literals it announces */
             rc = 0;
         } else if (lr && len > 0 && q[0] == '+') {
             /* A continuation request is text, never data: a client may
@@ -824,6 +828,8 @@ long stp_imap_upstream_input(struct stp_imap *s, const char *p, size_t n)
             return rc;
         s->up_cont = lr == 1;
         s->up_lit = lr == 1 ? lit : 0;
+        if (!s->up_cont)
+            s->dropping = false; /* the response ended */
     }
     return (long)off;
 }
@@ -833,6 +839,10 @@ void stp_imap_tls_started(struct stp_imap *s)
     STP_ASSERT(s->phase == STP_IM_STARTTLS || s->phase == STP_IM_CLOSED);
     if (s->phase == STP_IM_CLOSED)
         return;
+    /* Nothing was asked of the upstream before TLS: what it sent by now
+     * was sent before it, and is never read inside it (the NO STARTTLS
+     * paper's response injection). */
+    s->quiet = proxy_only(s);
     s->tls = true;
     s->cont = s->partial = s->discard = s->held = false;
     s->errors = 0;

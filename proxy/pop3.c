@@ -234,6 +234,7 @@ static void forward(struct stp_pop3 *s, const struct p3_line *pl)
     }
     enum stp_p3_pend kind = pl->has_arg ? pl->cmd->with_arg : pl->cmd->bare;
     s->ops->to_upstream(s->ctx, STP_FWD_LINE, buf, n);
+    s->quiet = false;
     pend_push(s, kind, pl->cmd->stat);
     s->sent[pl->cmd->stat]++;
     if (kind == STP_P3P_AUTH)
@@ -647,6 +648,10 @@ long stp_pop3_upstream_input(struct stp_pop3 *s, const char *p, size_t n)
             body_line(s, line, len);
             continue;
         }
+        /* Nothing asked since TLS began: injected before it, never to be
+         * read inside it (the NO STARTTLS paper's response injection). */
+        if (s->quiet && s->pend_count == 0)
+            continue;
         long r = status_line(s, line, len);
         if (r < 0)
             return r;
@@ -663,6 +668,7 @@ void stp_pop3_tls_started(struct stp_pop3 *s)
      * The upstream heard nothing (require_tls) or no login (STLS is only
      * accepted in AUTHORIZATION state). */
     s->tls = true;
+    s->quiet = s->local;
     s->local = false;
     s->errors = 0;
     enter(s, STP_P3_COMMAND);
