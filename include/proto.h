@@ -155,6 +155,20 @@ struct stp_proto {
     void (*prelude_free)(void *pre);
 };
 
+/* For an engine without a prelude (IMAP, POP3): no prelude is made, and a
+ * hop that would need one (STARTTLS spoken to the upstream, in-band
+ * identity, a login; -t refuses them first) fails with -EINVAL rather than
+ * going on without it. */
+int stp_proto_no_prelude(const struct stp_prelude_cfg *cfg,
+                         const struct stp_up_ops *ops, void *ctx, void **out);
+size_t stp_proto_no_prelude_input(void *pre, const char *p, size_t n);
+void stp_proto_no_prelude_tls_done(void *pre);
+#define STP_PROTO_NO_PRELUDE                                                   \
+    .prelude_new = stp_proto_no_prelude,                                       \
+    .prelude_input = stp_proto_no_prelude_input,                               \
+    .prelude_tls_done = stp_proto_no_prelude_tls_done,                         \
+    .prelude_free = stp_proto_no_prelude_tls_done
+
 /* A phase move an engine's own table does not allow: a bug, reported as an
  * event "bug" (debug builds stop); the engine stays where it is. */
 void stp_proto_illegal_move(const struct stp_proto_actions *ops, void *ctx,

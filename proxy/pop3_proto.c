@@ -44,31 +44,6 @@ static void summary(const void *e, char *buf, size_t cap)
     stp_pop3_summary(e, buf, cap);
 }
 
-/* Never carry on with a hop the engine cannot speak to: the configuration
- * check should have refused it. */
-static int prelude_new(const struct stp_prelude_cfg *cfg,
-                       const struct stp_up_ops *ops, void *ctx, void **out)
-{
-    (void)ops;
-    (void)ctx;
-    *out = NULL;
-    if (cfg->starttls || cfg->identity || cfg->auth)
-        return -EINVAL;
-    return 0;
-}
-
-static size_t prelude_input(void *pre, const char *p, size_t n)
-{
-    (void)pre;
-    (void)p;
-    (void)n;
-    return 0;
-}
-
-static void prelude_tls_done(void *pre) { (void)pre; }
-
-static void prelude_free(void *pre) { (void)pre; }
-
 const struct stp_proto stp_proto_pop3 = {
     .name = "pop3",
     .size = sizeof(struct stp_pop3),
@@ -81,8 +56,5 @@ const struct stp_proto stp_proto_pop3 = {
     .status = status,
     .client_eof = client_eof,
     .summary = summary,
-    .prelude_new = prelude_new,
-    .prelude_input = prelude_input,
-    .prelude_tls_done = prelude_tls_done,
-    .prelude_free = prelude_free,
+    STP_PROTO_NO_PRELUDE,
 };

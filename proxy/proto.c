@@ -1,5 +1,6 @@
 /* The relay's side of the protocol seam: which engine a listener runs, and
  * the loop that offers buffered input to it. */
+#include <errno.h>
 #include <stdio.h>
 
 #include "config.h"
@@ -16,6 +17,29 @@ const struct stp_proto *stp_proto_of(enum stp_protocol p)
     if (p == STP_PROTO_POP3)
         return &stp_proto_pop3;
     return p == STP_PROTO_LMTP ? &stp_proto_lmtp : &stp_proto_smtp;
+}
+
+int stp_proto_no_prelude(const struct stp_prelude_cfg *cfg,
+                         const struct stp_up_ops *ops, void *ctx, void **out)
+{
+    (void)ops;
+    (void)ctx;
+    *out = NULL;
+    return cfg->starttls || cfg->identity || cfg->auth ? -EINVAL : 0;
+}
+
+/* Never called: there is never a prelude to feed, finish or free. */
+size_t stp_proto_no_prelude_input(void *pre, const char *p, size_t n)
+{
+    (void)pre;
+    (void)p;
+    (void)n;
+    return 0;
+}
+
+void stp_proto_no_prelude_tls_done(void *pre)
+{
+    (void)pre;
 }
 
 void stp_proto_illegal_move(const struct stp_proto_actions *ops, void *ctx,
