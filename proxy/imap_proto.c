@@ -2,7 +2,6 @@
  * the upstream's greeting reaches the engine, which decides what the client
  * sees of it. In-band STARTTLS, XCLIENT and AUTH towards the upstream are
  * SMTP's; configuration refuses them for an imap listener (config_keys.c). */
-#include <errno.h>
 
 #include "imap.h"
 

@@ -3,7 +3,6 @@
  * hop (the configuration refuses tls = starttls, opportunistic, xclient and
  * auth for a pop3 listener's upstream), so its greeting reaches the engine
  * directly; PROXY headers and implicit TLS are the hop's, as for SMTP. */
-#include <errno.h>
 
 #include "pop3.h"
 
